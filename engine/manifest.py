@@ -1,0 +1,175 @@
+"""The bundle manifest: what a bundle holds and every model constant the runtime needs, written once at export.
+
+The exporter builds a `Manifest` and calls `write`; the runtime calls `read_manifest` and `verify_files`. Every
+file of the bundle is listed with its size and sha256, so a missing, truncated or tampered file is caught at load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sdrt.engine.errors import BundleError
+from sdrt.engine.specs import Component
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_HASH_CHUNK_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # ints for axes fixed by the checkpoint, axis names for dynamic ones
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentEntry:
+    file: str  # the .onnx file, relative to the bundle; its external data (if any) is listed in Manifest.files
+    inputs: tuple[TensorEntry, ...]
+    outputs: tuple[TensorEntry, ...]
+    opset: int
+    export_max_abs_diff: float  # onnxruntime vs torch on a probe input at export time
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Constants read from the checkpoint's own configs."""
+
+    latent_channels: int
+    vae_scale_factor: int
+    vae_scaling_factor: float
+    sample_size: int  # the U-Net's default latent size; default image side = sample_size * vae_scale_factor
+    text_hidden_size: int
+    max_image_size: int  # largest height or width in pixels the bundle accepts
+
+    @property
+    def default_image_size(self) -> int:
+        return self.sample_size * self.vae_scale_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    directory: str
+    model_max_length: int
+    pad_token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    sdrt_version: str
+    source_checkpoint: str
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    scheduler_config_file: str
+    components: dict[Component, ComponentEntry]
+    files: dict[str, FileEntry]  # every file of the bundle but the manifest itself
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["components"] = {c.value: entry for c, entry in data["components"].items()}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def write(self, bundle_dir: Path) -> None:
+        (Path(bundle_dir) / MANIFEST_NAME).write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(bundle_dir: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file under `bundle_dir` except the manifest, keyed by POSIX relative path."""
+    bundle_dir = Path(bundle_dir)
+    return {
+        path.relative_to(bundle_dir).as_posix(): FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
+        for path in sorted(bundle_dir.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def _tensor(data: dict[str, Any]) -> TensorEntry:
+    return TensorEntry(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+def _component(data: dict[str, Any]) -> ComponentEntry:
+    return ComponentEntry(
+        file=data["file"],
+        inputs=tuple(_tensor(t) for t in data["inputs"]),
+        outputs=tuple(_tensor(t) for t in data["outputs"]),
+        opset=int(data["opset"]),
+        export_max_abs_diff=float(data["export_max_abs_diff"]),
+    )
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
+    """Parse `bundle_dir/manifest.json`; raise BundleError if it is absent, malformed or of another format version."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: not an sdrt bundle (create one with `sdrt export CHECKPOINT OUT_DIR`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has manifest format version {version!r}; this sdrt reads version {FORMAT_VERSION}: "
+            "re-export the bundle with this version of sdrt"
+        )
+    try:
+        components = {}
+        for name, entry in data["components"].items():
+            try:
+                component = Component(name)
+            except ValueError:
+                raise BundleError(f"{path} lists an unknown component {name!r}") from None
+            components[component] = _component(entry)
+        return Manifest(
+            format_version=version,
+            sdrt_version=data["sdrt_version"],
+            source_checkpoint=data["source_checkpoint"],
+            model=ModelConfig(**data["model"]),
+            tokenizer=TokenizerConfig(**data["tokenizer"]),
+            scheduler_config_file=data["scheduler_config_file"],
+            components=components,
+            files={name: FileEntry(**entry) for name, entry in data["files"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{path} is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Check every listed file exists with its recorded size and sha256; raise BundleError naming the first that does not."""
+    bundle_dir = Path(bundle_dir)
+    for name, expected in manifest.files.items():
+        path = bundle_dir / name
+        if not path.is_file():
+            raise BundleError(f"bundle file {path} is missing")
+        size = path.stat().st_size
+        if size != expected.bytes:
+            raise BundleError(f"bundle file {path} is {size} bytes, the manifest says {expected.bytes}: truncated or replaced")
+        if sha256_file(path) != expected.sha256:
+            raise BundleError(f"bundle file {path} does not match its sha256 in the manifest: it was modified")
+    for component, entry in manifest.components.items():
+        if entry.file not in manifest.files:
+            raise BundleError(f"manifest names {entry.file} for {component.value} but does not list it among its files")

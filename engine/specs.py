@@ -1,0 +1,78 @@
+"""One spec per exported component: tensor names, dtypes and axes, shared by the exporter and the runtime.
+
+Axis names in DYNAMIC_AXES may change per request (they are dynamic in the ONNX graphs); every other axis is fixed
+by the checkpoint (sequence length, hidden size, channels) and its size is recorded in the bundle's manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Component(str, enum.Enum):
+    """The models a bundle holds, in the order the pipeline uses them."""
+
+    TEXT_ENCODER = "text_encoder"
+    UNET = "unet"
+    VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
+
+
+DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    axes: tuple[str, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index -> symbolic name for the axes that vary per request."""
+        return {i: axis for i, axis in enumerate(self.axes) if axis in DYNAMIC_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    component: Component
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.component.value}/model.onnx"
+
+
+_LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
+_IMAGE = ("batch", "rgb", "height", "width")
+
+SPECS: dict[Component, ComponentSpec] = {
+    Component.TEXT_ENCODER: ComponentSpec(
+        Component.TEXT_ENCODER,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden")),),
+    ),
+    Component.UNET: ComponentSpec(
+        Component.UNET,
+        inputs=(
+            TensorSpec("sample", "float32", _LATENT),
+            # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", "hidden")),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
+    ),
+    Component.VAE_DECODER: ComponentSpec(
+        Component.VAE_DECODER,
+        inputs=(TensorSpec("latent_sample", "float32", _LATENT),),
+        outputs=(TensorSpec("sample", "float32", _IMAGE),),
+    ),
+    Component.VAE_ENCODER: ComponentSpec(
+        Component.VAE_ENCODER,
+        inputs=(TensorSpec("sample", "float32", _IMAGE),),
+        # Mean and log-variance of the latent distribution, concatenated on channels: the runtime samples from it
+        # with the request's own seed.
+        outputs=(TensorSpec("latent_moments", "float32", ("batch", "latent_moments", "latent_height", "latent_width")),),
+    ),
+}

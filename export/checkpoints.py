@@ -1,0 +1,185 @@
+"""Random-weight diffusers checkpoints with Stable Diffusion's architecture.
+
+Model hubs are unreachable from our machines, and compute does not depend on weight values, so tests, the embedded
+default model and benchmarks run on checkpoints built here. They are laid out exactly like real SD checkpoints
+(`model_index.json`, one folder per component, `tokenizer/vocab.json` + `merges.txt` with the real CLIP vocabulary),
+so the exporter and runtime never see anything a real checkpoint would not give them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdrt.engine.atomic import atomic_directory
+from sdrt.export.clip_vocab import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, clip_vocab, clip_merges, write_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CLIP_VOCAB_SIZE = 49408
+# The scheduler every SD 1.x checkpoint ships (runwayml/stable-diffusion-v1-5 scheduler_config.json).
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointArch:
+    """The shape of a Stable Diffusion checkpoint: every size the exporter and runtime must read, not assume."""
+
+    unet_block_out_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    unet_attention_head_dim: int
+    unet_sample_size: int
+    unet_use_linear_projection: bool
+    latent_channels: int
+    vae_block_out_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_scaling_factor: float
+    text_hidden_size: int
+    text_layers: int
+    text_heads: int
+    text_intermediate_size: int
+    norm_num_groups: int
+    pad_token: str
+
+
+ARCHES: dict[str, CheckpointArch] = {
+    # SD 1.x layout scaled down: 3 VAE downsamples (scale factor 8), cross-attention in all but the last block.
+    "tiny": CheckpointArch(
+        unet_block_out_channels=(32, 64),
+        unet_layers_per_block=1,
+        unet_attention_head_dim=8,
+        unet_sample_size=32,
+        unet_use_linear_projection=False,
+        latent_channels=4,
+        vae_block_out_channels=(32, 32, 32, 32),
+        vae_layers_per_block=1,
+        vae_scaling_factor=0.18215,
+        text_hidden_size=32,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate_size=37,
+        norm_num_groups=16,
+        pad_token=EOS_TOKEN,
+    ),
+    # Deliberately different everywhere a hard-coded SD 1.5 size could hide: three U-Net blocks, other head dims,
+    # a 2-downsample VAE (scale factor 4), 8 latent channels, another scaling factor, SD 2's "!" pad token and
+    # linear attention projections.
+    "tiny-alt": CheckpointArch(
+        unet_block_out_channels=(16, 32, 48),
+        unet_layers_per_block=2,
+        unet_attention_head_dim=4,
+        unet_sample_size=16,
+        unet_use_linear_projection=True,
+        latent_channels=8,
+        vae_block_out_channels=(16, 32, 32),
+        vae_layers_per_block=2,
+        vae_scaling_factor=0.5,
+        text_hidden_size=48,
+        text_layers=3,
+        text_heads=6,
+        text_intermediate_size=64,
+        norm_num_groups=8,
+        pad_token="!",
+    ),
+}
+
+
+def _unet(arch: CheckpointArch) -> UNet2DConditionModel:
+    depth = len(arch.unet_block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=arch.unet_sample_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        block_out_channels=arch.unet_block_out_channels,
+        layers_per_block=arch.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (depth - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (depth - 1),
+        cross_attention_dim=arch.text_hidden_size,
+        attention_head_dim=arch.unet_attention_head_dim,
+        use_linear_projection=arch.unet_use_linear_projection,
+        norm_num_groups=arch.norm_num_groups,
+    )
+
+
+def _vae(arch: CheckpointArch) -> AutoencoderKL:
+    depth = len(arch.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * depth,
+        up_block_types=("UpDecoderBlock2D",) * depth,
+        block_out_channels=arch.vae_block_out_channels,
+        layers_per_block=arch.vae_layers_per_block,
+        latent_channels=arch.latent_channels,
+        norm_num_groups=arch.norm_num_groups,
+        sample_size=arch.unet_sample_size * 2 ** (depth - 1),
+        scaling_factor=arch.vae_scaling_factor,
+    )
+
+
+def _text_encoder(arch: CheckpointArch) -> CLIPTextModel:
+    vocab = clip_vocab(clip_merges())
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=arch.text_hidden_size,
+        intermediate_size=arch.text_intermediate_size,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        projection_dim=arch.text_hidden_size,
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def make_random_checkpoint(out_dir: str | Path, arch: str | CheckpointArch = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight diffusers StableDiffusionPipeline checkpoint (fp32 safetensors) to `out_dir`.
+
+    The directory appears whole or not at all. Returns its path.
+    """
+    spec = ARCHES[arch] if isinstance(arch, str) else arch
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(spec).eval(),
+        text_encoder=_text_encoder(spec).eval(),
+        tokenizer=None,
+        unet=_unet(spec).eval(),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_directory(out_dir) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # transformers 5 would save only tokenizer.json; real SD checkpoints ship vocab.json + merges.txt.
+        shutil.rmtree(staging / "tokenizer", ignore_errors=True)
+        write_clip_tokenizer(staging / "tokenizer", pad_token=spec.pad_token)
+        _declare_tokenizer(staging / "model_index.json")
+    logger.info("wrote random-weight checkpoint to %s", out_dir)
+    return out_dir
+
+
+def _declare_tokenizer(model_index_path: Path) -> None:
+    index = json.loads(model_index_path.read_text())
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    model_index_path.write_text(json.dumps(index, indent=2))
