@@ -1,0 +1,23 @@
+"""sdrt.engine — the lean runtime: numpy plus an inference backend, no torch, diffusers or transformers.
+
+    pipe = sdrt.engine.load("bundle/")
+    out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=50, seed=0)
+    out.images[0].save("astronaut.png")
+"""
+from sdrt.engine.default_model import default_bundle_dir
+from sdrt.engine.errors import BackendUnavailableError, BundleError, InvalidArgumentError, SdrtError
+from sdrt.engine.loading import load
+from sdrt.engine.pipeline import PipelineOutput, StableDiffusionPipeline
+from sdrt.engine.version import SDRT_VERSION as __version__
+
+__all__ = [
+    "load",
+    "default_bundle_dir",
+    "StableDiffusionPipeline",
+    "PipelineOutput",
+    "SdrtError",
+    "InvalidArgumentError",
+    "BundleError",
+    "BackendUnavailableError",
+    "__version__",
+]

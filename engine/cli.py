@@ -1,0 +1,158 @@
+"""The `sdrt` command: `generate` runs on the lean runtime; `export` needs the export extra and imports it lazily.
+
+Every failure a user can cause prints one line `sdrt: error: ...` and exits with status 2, leaving no output file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+from sdrt.engine.errors import SdrtError
+from sdrt.engine.version import SDRT_VERSION
+
+logger = logging.getLogger("sdrt")
+
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    """`out.png` for one image; `out-0.png`, `out-1.png`, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sdrt.engine import default_bundle_dir, load
+
+    if len(args.positional) > 2:
+        raise _UsageError("generate takes [BUNDLE] PROMPT: quote a prompt that contains spaces")
+    bundle, prompt = (args.positional if len(args.positional) == 2 else [None, args.positional[0]])
+    if args.output.suffix.lower() != ".png":
+        raise _UsageError(f"--output must name a .png file, got {args.output}")
+    latents = None
+    if args.latents is not None:
+        try:
+            latents = np.load(args.latents, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise _UsageError(f"--latents: cannot read {args.latents} as a .npy array: {exc}") from exc
+    seed = args.seed if args.seed is not None or latents is not None else secrets.randbelow(2**32)
+
+    bundle_dir = Path(bundle) if bundle is not None else default_bundle_dir()
+    pipe = load(bundle_dir, backend=args.backend, safety_checker=not args.no_safety_checker)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    out = pipe(
+        prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        num_images_per_prompt=args.num_images_per_prompt,
+        height=args.height,
+        width=args.width,
+        seed=seed,
+        latents=latents,
+    )
+    from sdrt.engine.images import save_png
+
+    parameters = {
+        "prompt": prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "height": out.images[0].height,
+        "width": out.images[0].width,
+        "seed": seed,
+        "latents": str(args.latents) if args.latents is not None else None,
+        "bundle": str(bundle_dir),
+        "backend": out.backend,
+        "sdrt_version": SDRT_VERSION,
+    }
+    for index, (image, path) in enumerate(zip(out.images, _output_paths(args.output, len(out.images)))):
+        save_png(image, path, {**parameters, "image_index": index})
+        print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from sdrt.export import export_bundle
+    except ImportError as exc:
+        raise SdrtError(
+            f"sdrt export needs the export extra ({exc.name} is missing): pip install torch==2.13.0 && pip install 'sdrt[export]'"
+        ) from exc
+    print(export_bundle(args.checkpoint, args.out_dir, force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine")
+    parser.add_argument("--version", action="version", version=f"sdrt {SDRT_VERSION}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+
+    generate = commands.add_parser("generate", help="text to image", description=(
+        "Generate images from a prompt. BUNDLE defaults to the embedded default model."))
+    generate.add_argument("positional", nargs="+", metavar="[BUNDLE] PROMPT")
+    generate.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="PNG path (numbered when -n > 1)")
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("-s", "--num-inference-steps", type=int, default=50)
+    generate.add_argument("-g", "--guidance-scale", type=float, default=7.5)
+    generate.add_argument("-n", "--num-images-per-prompt", type=int, default=1)
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=None, help="random if omitted (and recorded in the PNG)")
+    generate.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
+    generate.add_argument("--backend", default="auto")
+    generate.add_argument("--no-safety-checker", action="store_true")
+    generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.set_defaults(handler=_generate)
+
+    export = commands.add_parser("export", help="diffusers checkpoint -> sdrt bundle (export extra)")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    # SystemExit unwinds like any exception, so atomic writers remove their temporary files.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return args.handler(args)
+    except _UsageError as exc:
+        print(f"sdrt: error: {exc}", file=sys.stderr)
+    except (SdrtError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"sdrt: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Text-to-image over a bundle: tokenize -> encode -> latents -> denoising loop -> decode -> (safety check) -> images.
+
+Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sdrt.engine.backends import Backend
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.images import decoded_to_unit_range, to_pil
+from sdrt.engine.manifest import Manifest
+from sdrt.engine.schedulers import Scheduler
+from sdrt.engine.specs import Component
+from sdrt.engine.tokenizer import CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+OutputType = Literal["pil", "np", "latent"]
+_OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOutput:
+    """`images`: PIL images, or a float32 (N, H, W, 3) array in [0, 1] for output_type="np", or the final latents
+    (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
+    checker ran. `backend`: the backend that ran."""
+
+    images: list[Image.Image] | np.ndarray
+    nsfw_content_detected: list[bool] | None
+    backend: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A validated call: everything the denoising loop needs, nothing left to check."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None
+    num_inference_steps: int
+    guidance_scale: float
+    num_images_per_prompt: int
+    height: int
+    width: int
+    seed: int | None
+    latents: np.ndarray | None
+    output_type: OutputType
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # diffusers runs the unconditional pass only when guidance strengthens the prompt
+        return self.guidance_scale > 1.0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and value and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise InvalidArgumentError(name, f"must be a string or a non-empty list of strings, got {type(value).__name__}: {value!r:.80}")
+
+
+class StableDiffusionPipeline:
+    """A loaded bundle, ready to generate. Create it with `sdrt.engine.load`; call it like diffusers' pipeline."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, tokenizer: CLIPTokenizer, scheduler: Scheduler) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self._empty_prompt_embedding: np.ndarray | None = None
+        self._progress_bar_config: dict[str, Any] = {}
+
+    # ---- configuration -------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.manifest.model.vae_scale_factor
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the denoising progress bar, passed to tqdm (e.g. `disable=True`), as in diffusers."""
+        self._progress_bar_config = dict(kwargs)
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def _validate_size(self, name: str, value: Any) -> int:
+        if value is None:
+            return self.manifest.model.default_image_size
+        factor, largest = self.vae_scale_factor, self.manifest.model.max_image_size
+        if not _is_int(value) or not factor <= value <= largest or value % factor:
+            raise InvalidArgumentError(name, f"must be a multiple of {factor} between {factor} and {largest}, got {value!r}")
+        return int(value)
+
+    def _validate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                  height, width, seed, latents, output_type) -> _Request:
+        prompts = _as_prompt_list("prompt", prompt)
+        negative_prompts = None
+        if negative_prompt is not None:
+            negative_prompts = _as_prompt_list("negative_prompt", negative_prompt)
+            if len(negative_prompts) == 1 and len(prompts) > 1 and isinstance(negative_prompt, str):
+                negative_prompts = negative_prompts * len(prompts)
+            if len(negative_prompts) != len(prompts):
+                raise InvalidArgumentError(
+                    "negative_prompt", f"has {len(negative_prompts)} entries but prompt has {len(prompts)}: give one per prompt"
+                )
+        max_steps = self.scheduler.num_train_timesteps
+        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= max_steps:
+            raise InvalidArgumentError("num_inference_steps", f"must be an integer from 1 to {max_steps}, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
+            raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
+        height, width = self._validate_size("height", height), self._validate_size("width", width)
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
+        if output_type not in _OUTPUT_TYPES:
+            raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+        request = _Request(prompts, negative_prompts, int(num_inference_steps), float(guidance_scale), int(num_images_per_prompt),
+                           height, width, seed, None, output_type)
+        if latents is not None:
+            expected = self._latent_shape(request)
+            if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != expected:
+                got = f"{latents.dtype} array of shape {latents.shape}" if isinstance(latents, np.ndarray) else type(latents).__name__
+                raise InvalidArgumentError("latents", f"must be a float32 numpy array of shape {expected}, got {got}")
+            if not np.isfinite(latents).all():
+                raise InvalidArgumentError("latents", "contains NaN or infinity")
+            request = dataclasses.replace(request, latents=latents)
+        return request
+
+    def _latent_shape(self, request: _Request) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return (request.num_images, self.manifest.model.latent_channels, request.height // f, request.width // f)
+
+    # ---- the chapter's steps -------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """Tokenize and run the text encoder: (B, sequence, hidden) embeddings."""
+        input_ids = self.tokenizer(list(prompts)).astype(np.int32)  # (B, 77)
+        return self.backend.run(Component.TEXT_ENCODER, {"input_ids": input_ids})[0]  # (B, 77, D)
+
+    def empty_prompt_embedding(self) -> np.ndarray:
+        """The embedding of "" (the unconditional input of guidance), computed once per pipeline."""
+        if self._empty_prompt_embedding is None:
+            self._empty_prompt_embedding = self.encode_prompts([""])  # (1, 77, D)
+        return self._empty_prompt_embedding
+
+    def _text_context(self, request: _Request) -> np.ndarray:
+        """U-Net conditioning: [unconditional; conditional] when guiding, each prompt repeated per image."""
+        cond = self.encode_prompts(request.prompts)  # (B, 77, D)
+        if request.do_classifier_free_guidance:
+            if request.negative_prompts is None:
+                uncond = np.broadcast_to(self.empty_prompt_embedding(), cond.shape)  # (B, 77, D)
+            else:
+                uncond = self.encode_prompts(request.negative_prompts)  # (B, 77, D)
+            cond = np.concatenate([uncond, cond])  # (2B, 77, D)
+        return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, 77, D), images of a prompt adjacent
+
+    def _initial_latents(self, request: _Request) -> np.ndarray:
+        if request.latents is not None:
+            latents = request.latents
+        else:
+            latents = np.random.default_rng(request.seed).standard_normal(self._latent_shape(request), dtype=np.float32)
+        return (latents * np.float32(self.scheduler.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
+
+    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray) -> np.ndarray:
+        state = self.scheduler.start(request.num_inference_steps)
+        guided = request.do_classifier_free_guidance
+        for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
+            # Same batch order as the context: [uncond; cond].
+            model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
+            model_input = self.scheduler.scale_model_input(state, model_input, step_index)
+            timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
+            noise_pred = self.backend.run(
+                Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
+            )[0]  # (2BN or BN, C, h, w)
+            if guided:
+                noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
+                noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
+            latents, state = self.scheduler.step(state, noise_pred, step_index, latents)
+        return latents
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """VAE-decode latents to float32 (N, H, W, 3) images in [0, 1]."""
+        scaled = (latents / np.float32(self.manifest.model.vae_scaling_factor)).astype(np.float32)  # (N, C, h, w)
+        decoded = self.backend.run(Component.VAE_DECODER, {"latent_sample": scaled})[0]  # (N, 3, H, W)
+        return decoded_to_unit_range(decoded)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        output_type: OutputType = "pil",
+    ) -> PipelineOutput:
+        """Generate images for `prompt`, with diffusers' argument meanings and defaults.
+
+        `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
+        latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
+        Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
+        """
+        request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                 height, width, seed, latents, output_type)
+        context = self._text_context(request)
+        latents = self._denoise(request, context, self._initial_latents(request))
+        if request.output_type == "latent":
+            return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name)
+        images = self.decode(latents)
+        return PipelineOutput(
+            images=to_pil(images) if request.output_type == "pil" else images,
+            nsfw_content_detected=None,
+            backend=self.backend.name,
+        )
+

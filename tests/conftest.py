@@ -1,0 +1,47 @@
+"""Session fixtures: small random-weight SD checkpoints (built like real ones) and their exported bundles.
+
+Building and exporting takes a few seconds per architecture, so each is done once per test session.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from sdrt.export import export_bundle
+from sdrt.export.checkpoints import make_random_checkpoint
+
+ARCHES = ("tiny", "tiny-alt")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: make_random_checkpoint(root / arch, arch, seed=1234) for arch in ARCHES}
+
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    logging.getLogger("sdrt").setLevel(logging.WARNING)
+    return {arch: export_bundle(path, root / arch) for arch, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoints: dict[str, Path]) -> Path:
+    return checkpoints["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(bundles: dict[str, Path]) -> Path:
+    return bundles["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_bundle: Path):
+    import sdrt.engine
+
+    pipe = sdrt.engine.load(tiny_bundle, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
