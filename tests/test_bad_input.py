@@ -1,0 +1,94 @@
+"""Bad requests raise InvalidArgumentError (a ValueError) naming the parameter and its allowed range, before any work."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdrt.engine import InvalidArgumentError
+
+OK = dict(prompt="a cat", num_inference_steps=1, height=64, width=64)
+
+BAD = [
+    ("num_inference_steps", dict(num_inference_steps=0), "from 1 to 1000"),
+    ("num_inference_steps", dict(num_inference_steps=1001), "from 1 to 1000"),
+    ("num_inference_steps", dict(num_inference_steps=2.5), "from 1 to 1000"),
+    ("height", dict(height=60), "multiple of 8"),
+    ("width", dict(width=0), "multiple of 8"),
+    ("width", dict(width=-64), "multiple of 8"),
+    ("height", dict(height=4096), "between 8 and 2048"),
+    ("guidance_scale", dict(guidance_scale=float("nan")), "finite"),
+    ("guidance_scale", dict(guidance_scale=float("inf")), "finite"),
+    ("guidance_scale", dict(guidance_scale="7.5"), "finite"),
+    ("negative_prompt", dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "has 3 entries but prompt has 2"),
+    ("num_images_per_prompt", dict(num_images_per_prompt=0), ">= 1"),
+    ("prompt", dict(prompt=42), "string"),
+    ("prompt", dict(prompt=["ok", None]), "string"),
+    ("prompt", dict(prompt=[]), "non-empty"),
+    ("seed", dict(seed=-1), "non-negative"),
+    ("output_type", dict(output_type="jpeg"), "one of"),
+    ("latents", dict(latents=np.zeros((1, 4, 4, 4), np.float32)), "shape (1, 4, 8, 8)"),
+    ("latents", dict(latents=np.zeros((1, 4, 8, 8), np.float64)), "float32"),
+    ("latents", dict(latents=[[0.0]]), "float32 numpy array"),
+    ("latents", dict(latents=np.full((1, 4, 8, 8), np.nan, np.float32)), "NaN"),
+]
+
+
+@pytest.mark.parametrize("parameter, override, fragment", BAD, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD)])
+def test_bad_argument_is_named(tiny_pipe, parameter: str, override: dict, fragment: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        tiny_pipe(**{**OK, **override})
+    assert info.value.parameter == parameter
+    assert str(info.value).startswith(f"{parameter}:")
+    assert fragment in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_defaults_follow_the_model(tiny_pipe) -> None:
+    # height/width default to sample_size * vae_scale_factor, read from the checkpoint (tiny: 32 * 8).
+    out = tiny_pipe("a cat", num_inference_steps=1, output_type="np")
+    assert out.images.shape == (1, 256, 256, 3)
+
+
+def test_seed_is_reproducible_and_matters(tiny_pipe) -> None:
+    run = lambda seed: tiny_pipe("a cat", num_inference_steps=2, height=64, width=64, seed=seed, output_type="np").images
+    np.testing.assert_array_equal(run(3), run(3))
+    assert np.abs(run(3) - run(4)).max() > 1e-3
+
+
+def test_string_negative_prompt_applies_to_every_prompt(tiny_pipe) -> None:
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    run = lambda negative: tiny_pipe(["a", "b"], negative_prompt=negative, num_inference_steps=2, height=64, width=64,
+                                     latents=latents, output_type="np").images
+    np.testing.assert_array_equal(run("blur"), run(["blur", "blur"]))
+
+
+def test_pil_output_is_rgb_of_requested_size(tiny_pipe) -> None:
+    out = tiny_pipe("a cat", num_inference_steps=1, height=64, width=96, num_images_per_prompt=2, seed=0)
+    assert [(image.mode, image.size) for image in out.images] == [("RGB", (96, 64))] * 2
+    assert out.nsfw_content_detected is None
+    assert out.backend == "onnxruntime-cpu"
+
+
+def test_latent_output_skips_decoding(tiny_pipe) -> None:
+    out = tiny_pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0, output_type="latent")
+    assert out.images.shape == (1, 4, 8, 8)
+
+
+def test_empty_prompt_embedding_is_computed_once(tiny_pipe, monkeypatch) -> None:
+    tiny_pipe("warm-up", num_inference_steps=1, height=64, width=64, seed=0)
+    calls = []
+    original = tiny_pipe.encode_prompts
+    monkeypatch.setattr(tiny_pipe, "encode_prompts", lambda prompts: calls.append(list(prompts)) or original(prompts))
+    tiny_pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0)
+    assert calls == [["a cat"]]
+
+
+def test_guidance_at_most_one_runs_a_single_unet_batch(tiny_pipe, monkeypatch) -> None:
+    batches = []
+    original = tiny_pipe.backend.run
+    monkeypatch.setattr(tiny_pipe.backend, "run", lambda c, feeds: batches.append((c.value, len(next(iter(feeds.values()))))) or original(c, feeds))
+    tiny_pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0, guidance_scale=1.0, num_images_per_prompt=2)
+    assert ("unet", 2) in batches and ("unet", 4) not in batches
+    batches.clear()
+    tiny_pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0, guidance_scale=7.5, num_images_per_prompt=2)
+    assert ("unet", 4) in batches

@@ -1,0 +1,69 @@
+"""A missing, truncated or tampered bundle file, or an unknown manifest version, is refused at load with its name."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import sdrt.engine
+from sdrt.engine import BundleError
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+def test_intact_bundle_loads(bundle_copy: Path) -> None:
+    assert sdrt.engine.load(bundle_copy, safety_checker=False).manifest.model.latent_channels == 4
+
+
+def test_missing_file(bundle_copy: Path) -> None:
+    (bundle_copy / "unet/model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"unet/model.onnx is missing"):
+        sdrt.engine.load(bundle_copy)
+
+
+def test_truncated_file(bundle_copy: Path) -> None:
+    path = bundle_copy / "vae_decoder/model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(BundleError, match=r"vae_decoder/model.onnx is 1000 bytes.*truncated"):
+        sdrt.engine.load(bundle_copy)
+
+
+def test_tampered_file_same_size(bundle_copy: Path) -> None:
+    path = bundle_copy / "tokenizer/merges.txt"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):
+        sdrt.engine.load(bundle_copy)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_unknown_manifest_version(bundle_copy: Path, version) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"format version .* reads version 1"):
+        sdrt.engine.load(bundle_copy)
+
+
+def test_malformed_manifest(bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        sdrt.engine.load(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        sdrt.engine.load(tmp_path)
+    with pytest.raises(BundleError, match="does not exist"):
+        sdrt.engine.load(tmp_path / "nowhere")
+
+
+def test_unknown_backend(tiny_bundle: Path) -> None:
+    with pytest.raises(sdrt.engine.BackendUnavailableError, match="unknown backend 'tpu'"):
+        sdrt.engine.load(tiny_bundle, backend="tpu")
