@@ -10,7 +10,8 @@ class InvalidArgumentError(SdrtError, ValueError):
     """A request argument is outside what the pipeline accepts; the message names it and the allowed range."""
 
     def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
+        # Messages passed up from lower layers may already start with the parameter's name.
+        super().__init__(message if message.startswith(parameter) else f"{parameter}: {message}")
         self.parameter = parameter
 
 

@@ -20,7 +20,7 @@ from sdrt.engine.backends import Backend
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.images import decoded_to_unit_range, to_pil
 from sdrt.engine.manifest import Manifest
-from sdrt.engine.schedulers import Scheduler
+from sdrt.engine.schedulers import Scheduler, SchedulerState
 from sdrt.engine.specs import Component
 from sdrt.engine.tokenizer import CLIPTokenizer
 
@@ -47,7 +47,7 @@ class _Request:
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...] | None
-    num_inference_steps: int
+    schedule: SchedulerState  # the planned run of num_inference_steps steps
     guidance_scale: float
     num_images_per_prompt: int
     height: int
@@ -120,9 +120,11 @@ class StableDiffusionPipeline:
                 raise InvalidArgumentError(
                     "negative_prompt", f"has {len(negative_prompts)} entries but prompt has {len(prompts)}: give one per prompt"
                 )
-        max_steps = self.scheduler.num_train_timesteps
-        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= max_steps:
-            raise InvalidArgumentError("num_inference_steps", f"must be an integer from 1 to {max_steps}, got {num_inference_steps!r}")
+        try:
+            # The scheduler knows its limits (training steps, warm-up length, steps_offset): planning the run checks them.
+            schedule = self.scheduler.start(num_inference_steps)
+        except ValueError as exc:
+            raise InvalidArgumentError("num_inference_steps", str(exc)) from None
         if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
             raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
@@ -132,7 +134,7 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
         if output_type not in _OUTPUT_TYPES:
             raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-        request = _Request(prompts, negative_prompts, int(num_inference_steps), float(guidance_scale), int(num_images_per_prompt),
+        request = _Request(prompts, negative_prompts, schedule, float(guidance_scale), int(num_images_per_prompt),
                            height, width, seed, None, output_type)
         if latents is not None:
             expected = self._latent_shape(request)
@@ -179,7 +181,7 @@ class StableDiffusionPipeline:
         return (latents * np.float32(self.scheduler.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
 
     def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray) -> np.ndarray:
-        state = self.scheduler.start(request.num_inference_steps)
+        state = request.schedule
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             # Same batch order as the context: [uncond; cond].

@@ -53,7 +53,7 @@ def test_latents_file(tiny_bundle: Path, tmp_path: Path) -> None:
 
 
 BAD = [
-    (["-s", "0"], "num_inference_steps: must be an integer from 1 to 1000"),
+    (["-s", "0"], "num_inference_steps must be an integer in 1..1000"),
     (["-s", "5000"], "num_inference_steps"),
     (["--height", "65"], "height: must be a multiple of 8"),
     (["--width", "99999"], "width: must be a multiple of 8 between 8 and 2048"),

@@ -99,3 +99,28 @@ def test_not_a_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         export_bundle(tmp_path / "nowhere", tmp_path / "bundle")
     assert _leftovers(tmp_path) == ["ckpt"]
+
+
+def test_large_models_use_one_external_data_file(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    # A full-size U-Net (3.4 GB in fp32) exceeds protobuf's 2 GB; shrink the limit so the tiny models take that path.
+    import sdrt.engine
+    from sdrt.export import graph_cleanup
+
+    monkeypatch.setattr(graph_cleanup, "PROTOBUF_LIMIT_BYTES", 200_000)
+    out = export_bundle(tiny_checkpoint, tmp_path / "bundle")
+    manifest = read_manifest(out)
+    assert "unet/model.onnx.data" in manifest.files
+    assert (out / "unet/model.onnx").stat().st_size < (out / "unet/model.onnx.data").stat().st_size
+    onnx.checker.check_model(str(out / "unet/model.onnx"), full_check=True)
+
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    images = []
+    for bundle in (out, tiny_bundle):
+        pipe = sdrt.engine.load(bundle, safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe("a cat", num_inference_steps=2, height=64, width=64, latents=latents, output_type="np").images)
+    np.testing.assert_array_equal(images[0], images[1])
+
+    (out / "unet/model.onnx.data").write_bytes(b"")
+    with pytest.raises(sdrt.engine.BundleError, match="model.onnx.data is 0 bytes"):
+        sdrt.engine.load(out)
