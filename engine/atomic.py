@@ -9,6 +9,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """Give a staged path the mode a plain mkdir/open would have: mkdtemp/mkstemp make them owner-only."""
+    umask = _umask()
+    if directory:
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory beside `target`; on success it is renamed to `target`.
@@ -24,6 +42,7 @@ def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield staging
+        _publish_mode(staging, directory=True)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, retired / target.name)
@@ -46,6 +65,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     staging = Path(staging_name)
     try:
         yield staging
+        _publish_mode(staging, directory=False)
         os.replace(staging, target)
     except BaseException:
         staging.unlink(missing_ok=True)
