@@ -60,6 +60,12 @@ class TokenizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SafetyCheckerConfig:
+    concepts_file: str  # .npz: concept and special-care embeddings and their thresholds
+    preprocessor_config_file: str  # the checkpoint's feature_extractor/preprocessor_config.json
+
+
+@dataclasses.dataclass(frozen=True)
 class FileEntry:
     bytes: int
     sha256: str
@@ -73,6 +79,7 @@ class Manifest:
     model: ModelConfig
     tokenizer: TokenizerConfig
     scheduler_config_file: str
+    safety_checker: SafetyCheckerConfig | None  # None: exported from a checkpoint without one
     components: dict[Component, ComponentEntry]
     files: dict[str, FileEntry]  # every file of the bundle but the manifest itself
 
@@ -149,6 +156,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             model=ModelConfig(**data["model"]),
             tokenizer=TokenizerConfig(**data["tokenizer"]),
             scheduler_config_file=data["scheduler_config_file"],
+            safety_checker=SafetyCheckerConfig(**data["safety_checker"]) if data["safety_checker"] is not None else None,
             components=components,
             files={name: FileEntry(**entry) for name, entry in data["files"].items()},
         )

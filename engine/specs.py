@@ -16,6 +16,7 @@ class Component(str, enum.Enum):
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
+    SAFETY_CHECKER = "safety_checker"
 
 
 DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width"})
@@ -74,5 +75,11 @@ SPECS: dict[Component, ComponentSpec] = {
         # Mean and log-variance of the latent distribution, concatenated on channels: the runtime samples from it
         # with the request's own seed.
         outputs=(TensorSpec("latent_moments", "float32", ("batch", "latent_moments", "latent_height", "latent_width")),),
+    ),
+    Component.SAFETY_CHECKER: ComponentSpec(
+        Component.SAFETY_CHECKER,
+        # CLIP-preprocessed images (crop size fixed by the feature extractor); the concept scoring runs in numpy.
+        inputs=(TensorSpec("clip_input", "float32", ("batch", "rgb", "clip_height", "clip_width")),),
+        outputs=(TensorSpec("image_embeds", "float32", ("batch", "projection")),),
     ),
 }

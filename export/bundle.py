@@ -1,38 +1,57 @@
 """Export a diffusers checkpoint to a self-contained sdrt bundle: ONNX models, tokenizer, scheduler, manifest."""
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from tqdm.auto import tqdm
 
 from sdrt.engine.atomic import atomic_directory
-from sdrt.engine.manifest import FORMAT_VERSION, ComponentEntry, Manifest, ModelConfig, TensorEntry, TokenizerConfig, describe_files
+from sdrt.engine.manifest import (
+    FORMAT_VERSION,
+    ComponentEntry,
+    Manifest,
+    ModelConfig,
+    SafetyCheckerConfig,
+    TensorEntry,
+    TokenizerConfig,
+    describe_files,
+)
 from sdrt.engine.specs import SPECS, Component
 from sdrt.engine.version import SDRT_VERSION
-from sdrt.export.checkpoint import OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES, SourceCheckpoint, load_checkpoint
+from sdrt.export.checkpoint import (
+    OPTIONAL_TOKENIZER_FILES,
+    PREPROCESSOR_CONFIG_FILE,
+    SCHEDULER_CONFIG_FILE,
+    TOKENIZER_FILES,
+    SourceCheckpoint,
+    load_checkpoint,
+)
 from sdrt.export.errors import ExportError
 from sdrt.export.graph_cleanup import clean_onnx
-from sdrt.export.onnx_export import OPSET, export_component, torch_reference, validation_inputs
+from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
 
 logger = logging.getLogger(__name__)
 
-EXPORTED_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
 DEFAULT_MAX_IMAGE_SIZE = 2048
 # ORT vs torch on the probe input, relative to the output's magnitude: fp32 kernels differ by ~1e-6.
 _VALIDATION_RTOL = 1e-3
-SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
+SAFETY_CONCEPTS_FILE = "safety_checker/concepts.npz"
 
 
-def _validate(checkpoint: SourceCheckpoint, component: Component, onnx_path: Path) -> float:
-    """Run the exported graph at a shape other than the traced one and compare it with torch."""
-    inputs = validation_inputs(checkpoint, component)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, inputs)[0]
-    expected = torch_reference(checkpoint, component, inputs)
+def _onnxruntime_output(onnx_path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+
+
+def _compare(component: Component, actual: np.ndarray, expected: np.ndarray) -> float:
+    """Max |ONNX - torch| at the validation shape; raise ExportError if the graph does not reproduce torch."""
     if actual.shape != expected.shape:
         raise ExportError(f"{component.value}: ONNX output shape {actual.shape} differs from torch's {expected.shape}")
     max_abs_diff = float(np.max(np.abs(actual - expected)))
@@ -43,48 +62,82 @@ def _validate(checkpoint: SourceCheckpoint, component: Component, onnx_path: Pat
     return max_abs_diff
 
 
-def _shape_entries(checkpoint: SourceCheckpoint, component: Component, onnx_path: Path) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+def _shape_entries(component: Component, onnx_path: Path) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
     """Spec names and dtypes with the shapes the exported graph declares (ints fixed, names dynamic)."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
     spec = SPECS[component]
 
     def entries(declared, specs) -> tuple[TensorEntry, ...]:
-        by_name = {d.name: d for d in declared}
-        missing = [t.name for t in specs if t.name not in by_name]
+        dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in declared}
+        missing = [t.name for t in specs if t.name not in dims]
         if missing:
             raise ExportError(f"{component.value}: exported graph lacks tensors {missing}")
         return tuple(
-            TensorEntry(name=t.name, dtype=t.dtype, shape=tuple(axis if axis in t.dynamic_axes.values() else dim for axis, dim in zip(t.axes, by_name[t.name].shape)))
+            TensorEntry(name=t.name, dtype=t.dtype, shape=tuple(axis if axis in t.dynamic_axes.values() else dim for axis, dim in zip(t.axes, dims[t.name])))
             for t in specs
         )
 
-    return entries(session.get_inputs(), spec.inputs), entries(session.get_outputs(), spec.outputs)
+    return entries(graph.input, spec.inputs), entries(graph.output, spec.outputs)
 
 
-def _model_config(checkpoint: SourceCheckpoint, max_image_size: int) -> ModelConfig:
+def _write_safety_concepts(safety_checker: torch.nn.Module, path: Path) -> None:
+    """The checker's concept data as plain arrays: the runtime scores images against them in numpy."""
+    arrays = {
+        "concept_embeds": safety_checker.concept_embeds,  # (17, P)
+        "concept_thresholds": safety_checker.concept_embeds_weights,  # (17,)
+        "special_care_embeds": safety_checker.special_care_embeds,  # (3, P)
+        "special_care_thresholds": safety_checker.special_care_embeds_weights,  # (3,)
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{name: tensor.detach().numpy().astype(np.float32) for name, tensor in arrays.items()})
+
+
+def _export_one(source: SourceCheckpoint, component: Component, staging: Path, opset: int) -> ComponentEntry:
+    """Trace, clean and validate one component, keeping only its own torch model in memory meanwhile."""
+    spec = SPECS[component]
+    raw_path = staging / "_traced" / spec.filename
+    onnx_path = staging / spec.filename
+    model = traceable_model(source, component)
+    check_inputs = validation_inputs(source, component)
+    reference = run_torch(model, check_inputs)
+    export_component(source, component, model, raw_path, opset=opset)
+    if component is Component.SAFETY_CHECKER:
+        _write_safety_concepts(model.model, staging / SAFETY_CONCEPTS_FILE)
+    del model  # a full-size U-Net is 3.4 GB: free it before the graph is loaded for cleaning
+    gc.collect()
+    clean_onnx(raw_path, onnx_path)
+    shutil.rmtree(staging / "_traced")
+    inputs, outputs = _shape_entries(component, onnx_path)
+    max_abs_diff = _compare(component, _onnxruntime_output(onnx_path, check_inputs), reference)
+    return ComponentEntry(file=spec.filename, inputs=inputs, outputs=outputs, opset=opset, export_max_abs_diff=max_abs_diff)
+
+
+def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
     return ModelConfig(
-        latent_channels=checkpoint.latent_channels,
-        vae_scale_factor=checkpoint.vae_scale_factor,
-        vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
-        sample_size=int(checkpoint.unet.config.sample_size),
-        text_hidden_size=int(checkpoint.text_encoder.config.hidden_size),
+        latent_channels=source.latent_channels,
+        vae_scale_factor=source.vae_scale_factor,
+        vae_scaling_factor=float(source.vae_config.get("scaling_factor", 0.18215)),
+        sample_size=int(source.unet_config["sample_size"]),
+        text_hidden_size=source.text_hidden_size,
         max_image_size=max_image_size,
     )
 
 
-def _copy_tokenizer_and_scheduler(checkpoint: SourceCheckpoint, staging: Path) -> TokenizerConfig:
-    tokenizer_dir = staging / "tokenizer"
-    tokenizer_dir.mkdir()
-    for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
-        if (checkpoint.tokenizer_dir / name).is_file():
-            shutil.copy2(checkpoint.tokenizer_dir / name, tokenizer_dir / name)
-    (staging / SCHEDULER_CONFIG_FILE).parent.mkdir()
-    shutil.copy2(checkpoint.path / SCHEDULER_CONFIG_FILE, staging / SCHEDULER_CONFIG_FILE)
-    config = checkpoint.tokenizer_config
-    pad_token = config.get("pad_token", "<|endoftext|>")
+def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
+    """Tokenizer files, scheduler config and feature-extractor config, as the checkpoint ships them."""
+    names = [f"tokenizer/{name}" for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES] + [SCHEDULER_CONFIG_FILE]
+    if source.safety_checker_config is not None:
+        names.append(PREPROCESSOR_CONFIG_FILE)
+    for name in names:
+        if (source.path / name).is_file():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source.path / name, staging / name)
+    pad_token = source.tokenizer_config.get("pad_token", "<|endoftext|>")
     if isinstance(pad_token, dict):  # some configs store AddedToken objects
         pad_token = pad_token["content"]
-    return TokenizerConfig(directory="tokenizer", model_max_length=int(config.get("model_max_length", 77)), pad_token=pad_token)
+    return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token)
 
 
 def export_bundle(
@@ -105,23 +158,17 @@ def export_bundle(
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it")
     source = load_checkpoint(checkpoint)
+    if source.safety_checker_config is None:
+        logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source.path)
     with atomic_directory(out_dir, replace=force) as staging:
-        raw_dir = staging / "_traced"
-        components: dict[Component, ComponentEntry] = {}
-        for component in tqdm(EXPORTED_COMPONENTS, desc="export", unit="model"):
-            spec = SPECS[component]
-            raw_path = raw_dir / spec.filename
-            onnx_path = staging / spec.filename
-            export_component(source, component, raw_path, opset=opset)
-            clean_onnx(raw_path, onnx_path)
-            shutil.rmtree(raw_path.parent)
-            inputs, outputs = _shape_entries(source, component, onnx_path)
-            components[component] = ComponentEntry(
-                file=spec.filename, inputs=inputs, outputs=outputs, opset=opset,
-                export_max_abs_diff=_validate(source, component, onnx_path),
-            )
-        raw_dir.rmdir()
-        tokenizer = _copy_tokenizer_and_scheduler(source, staging)
+        components = {
+            component: _export_one(source, component, staging, opset)
+            for component in tqdm(source.components, desc="export", unit="model")
+        }
+        tokenizer = _copy_configs(source, staging)
+        safety = None
+        if source.safety_checker_config is not None:
+            safety = SafetyCheckerConfig(concepts_file=SAFETY_CONCEPTS_FILE, preprocessor_config_file=PREPROCESSOR_CONFIG_FILE)
         Manifest(
             format_version=FORMAT_VERSION,
             sdrt_version=SDRT_VERSION,
@@ -129,6 +176,7 @@ def export_bundle(
             model=_model_config(source, max_image_size),
             tokenizer=tokenizer,
             scheduler_config_file=SCHEDULER_CONFIG_FILE,
+            safety_checker=safety,
             components=components,
             files=describe_files(staging),
         ).write(staging)

@@ -1,4 +1,8 @@
-"""Read a diffusers-format Stable Diffusion 1.x/2.x checkpoint directory into torch modules and plain configs."""
+"""Read a diffusers-format Stable Diffusion 1.x/2.x checkpoint directory: its configs up front, its models on demand.
+
+Models are loaded one at a time (`load_model`) so that exporting a full-size checkpoint keeps a single torch model
+in memory next to its ONNX graph.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,31 +12,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
 
+from sdrt.engine.specs import Component
 from sdrt.export.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json",)
+PREPROCESSOR_CONFIG_FILE = "feature_extractor/preprocessor_config.json"
+SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
 _REQUIRED = (
     "model_index.json",
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
-    "scheduler/scheduler_config.json",
+    SCHEDULER_CONFIG_FILE,
     *(f"tokenizer/{name}" for name in TOKENIZER_FILES),
 )
+_MODEL_FOLDERS = {
+    Component.TEXT_ENCODER: "text_encoder",
+    Component.UNET: "unet",
+    Component.VAE_DECODER: "vae",
+    Component.VAE_ENCODER: "vae",
+    Component.SAFETY_CHECKER: "safety_checker",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceCheckpoint:
     path: Path
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    text_encoder_config: dict[str, Any]
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    safety_checker_config: dict[str, Any] | None  # None: the checkpoint has no (complete) safety checker
     scheduler_config: dict[str, Any]
     tokenizer_config: dict[str, Any]
 
@@ -43,11 +56,44 @@ class SourceCheckpoint:
     @property
     def vae_scale_factor(self) -> int:
         # Each VAE block but the last halves the resolution (diffusers computes it the same way).
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
+        return int(self.vae_config.get("latent_channels", 4))
+
+    @property
+    def text_hidden_size(self) -> int:
+        return int(self.text_encoder_config["hidden_size"])
+
+    @property
+    def text_max_length(self) -> int:
+        return int(self.tokenizer_config.get("model_max_length", self.text_encoder_config.get("max_position_embeddings", 77)))
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The components this checkpoint can export, in pipeline order."""
+        models = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
+        return models + ((Component.SAFETY_CHECKER,) if self.safety_checker_config is not None else ())
+
+    def load_model(self, component: Component) -> torch.nn.Module:
+        """The fp32 torch model behind `component`, freshly loaded on CPU in eval mode."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPTextModel
+
+        model_class = {
+            Component.TEXT_ENCODER: CLIPTextModel,
+            Component.UNET: UNet2DConditionModel,
+            Component.VAE_DECODER: AutoencoderKL,
+            Component.VAE_ENCODER: AutoencoderKL,
+            Component.SAFETY_CHECKER: StableDiffusionSafetyChecker,
+        }[component]
+        folder = self.path / _MODEL_FOLDERS[component]
+        try:
+            return model_class.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load {folder}: {exc}") from exc
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -57,8 +103,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
 
+def _safety_checker_config(path: Path) -> dict[str, Any] | None:
+    has_checker = (path / "safety_checker/config.json").is_file()
+    has_extractor = (path / PREPROCESSOR_CONFIG_FILE).is_file()
+    if has_checker != has_extractor:
+        present, absent = ("safety_checker/", "feature_extractor/") if has_checker else ("feature_extractor/", "safety_checker/")
+        raise CheckpointError(f"{path} has {present} but no {absent}: the safety checker needs both")
+    return _read_json(path / "safety_checker/config.json") if has_checker else None
+
+
 def load_checkpoint(path: str | Path) -> SourceCheckpoint:
-    """Load the text encoder, U-Net and VAE in fp32 on CPU, in eval mode, plus the scheduler and tokenizer configs."""
+    """Read and check the configs of the checkpoint at `path`; raise CheckpointError saying what is wrong."""
     path = Path(path).resolve()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -68,24 +123,19 @@ def load_checkpoint(path: str | Path) -> SourceCheckpoint:
             f"{path} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)} "
             "(a real SD checkpoint ships tokenizer/vocab.json and tokenizer/merges.txt)"
         )
-    logger.info("loading checkpoint %s", path)
-    try:
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the models of {path}: {exc}") from exc
     checkpoint = SourceCheckpoint(
         path=path,
-        text_encoder=text_encoder.eval(),
-        unet=unet.eval(),
-        vae=vae.eval(),
-        scheduler_config=_read_json(path / "scheduler/scheduler_config.json"),
+        text_encoder_config=_read_json(path / "text_encoder/config.json"),
+        unet_config=_read_json(path / "unet/config.json"),
+        vae_config=_read_json(path / "vae/config.json"),
+        safety_checker_config=_safety_checker_config(path),
+        scheduler_config=_read_json(path / SCHEDULER_CONFIG_FILE),
         tokenizer_config=_read_json(path / "tokenizer/tokenizer_config.json"),
     )
-    if checkpoint.unet.config.cross_attention_dim != checkpoint.text_encoder.config.hidden_size:
+    cross_attention_dim = checkpoint.unet_config.get("cross_attention_dim")
+    if cross_attention_dim != checkpoint.text_hidden_size:
         raise CheckpointError(
-            f"{path}: the U-Net's cross_attention_dim ({checkpoint.unet.config.cross_attention_dim}) differs from the "
-            f"text encoder's hidden_size ({checkpoint.text_encoder.config.hidden_size})"
+            f"{path}: the U-Net's cross_attention_dim ({cross_attention_dim}) differs from the text encoder's "
+            f"hidden_size ({checkpoint.text_hidden_size})"
         )
     return checkpoint

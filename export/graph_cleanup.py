@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from polygraphy.backend.onnx import fold_constants
 from polygraphy.logger import G_LOGGER
 
@@ -25,7 +26,10 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 def clean_onnx(raw_path: Path, out_path: Path) -> None:
     """Read the traced model at `raw_path`, fold and sanitize it, and write it to `out_path` (+ `.data` if large)."""
-    G_LOGGER.module_severity = G_LOGGER.WARNING  # our own log says what folding did, once per model
+    # Our own log says what folding did, once per model; Polygraphy's and onnxruntime's chatter says nothing actionable.
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    ort.set_default_logger_severity(3)
+    # Only one reference to each intermediate model is held, so a full-size U-Net's weights exist at most twice.
     model = onnx.load(str(raw_path), load_external_data=True)
     nodes_before = len(model.graph.node)
     try:
@@ -33,8 +37,10 @@ def clean_onnx(raw_path: Path, out_path: Path) -> None:
     except Exception as exc:  # Polygraphy raises plain exceptions from onnxruntime or graphsurgeon
         raise ExportError(f"constant folding of {raw_path.name} failed: {exc}") from exc
     graph = gs.import_onnx(model)
+    del model
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
+    del graph
     logger.info("%s: %d nodes after folding and cleanup (%d before)", out_path.parent.name, len(model.graph.node), nodes_before)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 
 from sdrt.engine.specs import SPECS, Component, ComponentSpec
 from sdrt.export.checkpoint import SourceCheckpoint
+from sdrt.export.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -26,39 +27,51 @@ _CHECK_LATENT_HW = (8, 16)
 
 
 class _TextEncoder(torch.nn.Module):
-    def __init__(self, checkpoint: SourceCheckpoint) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = checkpoint.text_encoder
+        self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, return_dict=False)[0]
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, checkpoint: SourceCheckpoint) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = checkpoint.unet
+        self.model = model
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
-    def __init__(self, checkpoint: SourceCheckpoint) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = checkpoint.vae
+        self.model = model
 
     def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
         return self.model.decode(latent_sample, return_dict=False)[0]
 
 
 class _VaeEncoder(torch.nn.Module):
-    def __init__(self, checkpoint: SourceCheckpoint) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = checkpoint.vae
+        self.model = model
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.model.encode(sample).latent_dist.parameters
+
+
+class _SafetyChecker(torch.nn.Module):
+    """The checker's CLIP vision tower and projection; its concept arrays are exported as data, not graph."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, clip_input: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.vision_model(clip_input)[1]  # (B, hidden)
+        return self.model.visual_projection(pooled)  # (B, projection)
 
 
 _WRAPPERS = {
@@ -66,42 +79,51 @@ _WRAPPERS = {
     Component.UNET: _UNet,
     Component.VAE_DECODER: _VaeDecoder,
     Component.VAE_ENCODER: _VaeEncoder,
+    Component.SAFETY_CHECKER: _SafetyChecker,
 }
+
+
+def traceable_model(checkpoint: SourceCheckpoint, component: Component) -> torch.nn.Module:
+    """Load `component`'s torch model, wrapped to take and return exactly its spec's tensors."""
+    return _WRAPPERS[component](checkpoint.load_model(component)).eval()
 
 
 def probe_inputs(checkpoint: SourceCheckpoint, component: Component, batch: int, latent_hw: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of the component's spec at the given batch and latent size."""
     rng = np.random.default_rng(seed)
     latent_h, latent_w = latent_hw
-    factor = checkpoint.vae_scale_factor
-    sequence = int(checkpoint.tokenizer_config.get("model_max_length", checkpoint.text_encoder.config.max_position_embeddings))
-    hidden = int(checkpoint.text_encoder.config.hidden_size)
+    latent_shape = (batch, checkpoint.latent_channels, latent_h, latent_w)
     if component is Component.TEXT_ENCODER:
-        vocab = int(checkpoint.text_encoder.config.vocab_size)
-        return {"input_ids": rng.integers(0, vocab, size=(batch, sequence), dtype=np.int32)}  # (B, 77)
+        vocab = int(checkpoint.text_encoder_config["vocab_size"])
+        return {"input_ids": rng.integers(0, vocab, size=(batch, checkpoint.text_max_length), dtype=np.int32)}  # (B, 77)
     if component is Component.UNET:
         return {
-            "sample": rng.standard_normal((batch, checkpoint.latent_channels, latent_h, latent_w), dtype=np.float32),
+            "sample": rng.standard_normal(latent_shape, dtype=np.float32),  # (B, C, h, w)
             "timestep": rng.integers(0, 1000, size=(batch,)).astype(np.float32),  # (B,)
-            "encoder_hidden_states": rng.standard_normal((batch, sequence, hidden), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32),
         }
     if component is Component.VAE_DECODER:
-        return {"latent_sample": rng.standard_normal((batch, checkpoint.latent_channels, latent_h, latent_w), dtype=np.float32)}
-    image = rng.uniform(-1.0, 1.0, size=(batch, 3, latent_h * factor, latent_w * factor)).astype(np.float32)
-    return {"sample": image}  # (B, 3, H, W)
+        return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
+    if component is Component.VAE_ENCODER:
+        image_hw = (latent_h * checkpoint.vae_scale_factor, latent_w * checkpoint.vae_scale_factor)
+        return {"sample": rng.uniform(-1.0, 1.0, size=(batch, 3, *image_hw)).astype(np.float32)}  # (B, 3, H, W)
+    size = int(checkpoint.safety_checker_config["vision_config"].get("image_size", 224))
+    return {"clip_input": rng.standard_normal((batch, 3, size, size), dtype=np.float32)}  # (B, 3, 224, 224)
 
 
-def torch_reference(checkpoint: SourceCheckpoint, component: Component, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The component's output computed by torch, for validating the exported graph."""
-    module = _WRAPPERS[component](checkpoint).eval()
+def validation_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str, np.ndarray]:
+    return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, seed=1)
+
+
+def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The wrapped model's output, the reference the exported graph is validated against."""
     with torch.inference_mode():
-        return module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+        return model(*(torch.from_numpy(v) for v in inputs.values())).numpy()
 
 
-def export_component(checkpoint: SourceCheckpoint, component: Component, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
-    """Trace one component to `onnx_path` (external data beside it when the model exceeds 2 GB)."""
+def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
+    """Trace the wrapped `model` of `component` to `onnx_path`."""
     spec = SPECS[component]
-    module = _WRAPPERS[component](checkpoint).eval()
     inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)
@@ -109,20 +131,22 @@ def export_component(checkpoint: SourceCheckpoint, component: Component, onnx_pa
         # The tracer warns about every Python-level shape check in diffusers/transformers; the export is validated
         # numerically at another shape afterwards, which is the check that matters.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            tuple(torch.from_numpy(v) for v in inputs.values()),
-            str(onnx_path),
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            dynamic_axes={t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs) if t.dynamic_axes},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            _trace(model, inputs, onnx_path, spec, opset)
+        except Exception as exc:  # torch raises many unrelated types from deep inside tracing
+            raise ExportError(f"tracing {component.value} to ONNX failed: {type(exc).__name__}: {exc}") from exc
     return spec
 
 
-def validation_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str, np.ndarray]:
-    return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, seed=1)
-
+def _trace(model: torch.nn.Module, inputs: dict[str, np.ndarray], onnx_path: Path, spec: ComponentSpec, opset: int) -> None:
+    torch.onnx.export(
+        model,
+        tuple(torch.from_numpy(v) for v in inputs.values()),
+        str(onnx_path),
+        input_names=[t.name for t in spec.inputs],
+        output_names=[t.name for t in spec.outputs],
+        dynamic_axes={t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs) if t.dynamic_axes},
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )

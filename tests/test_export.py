@@ -84,8 +84,8 @@ def test_failed_or_interrupted_export_leaves_nothing(tiny_checkpoint: Path, tmp_
             raise failure
         return real_validate(*args, **kwargs)
 
-    real_validate = bundle_module._validate
-    monkeypatch.setattr(bundle_module, "_validate", fail_on_second_model)
+    real_validate = bundle_module._compare
+    monkeypatch.setattr(bundle_module, "_compare", fail_on_second_model)
     with pytest.raises(type(failure)):
         export_bundle(tiny_checkpoint, tmp_path / "bundle")
     assert _leftovers(tmp_path) == []
