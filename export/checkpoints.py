@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.export.clip_vocab import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, clip_vocab, clip_merges, write_clip_tokenizer
@@ -37,6 +38,39 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 
+# feature_extractor/preprocessor_config.json exactly as SD 1.x checkpoints ship it (CLIP ViT-L/14 preprocessing).
+SD_PREPROCESSOR_CONFIG = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+CLIP_IMAGE_SIZE = 224
+NUM_CONCEPTS = 17
+NUM_SPECIAL_CARE_CONCEPTS = 3
+# Random images sit far below this cosine similarity to random concepts, so a random checker flags nothing unless a
+# test sets its thresholds.
+RANDOM_CHECKER_THRESHOLD = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyCheckerArch:
+    """The CLIP vision tower and projection of diffusers' StableDiffusionSafetyChecker."""
+
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate_size: int
+    patch_size: int
+    projection_dim: int
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointArch:
     """The shape of a Stable Diffusion checkpoint: every size the exporter and runtime must read, not assume."""
@@ -56,9 +90,30 @@ class CheckpointArch:
     text_intermediate_size: int
     norm_num_groups: int
     pad_token: str
+    safety_checker: SafetyCheckerArch | None
 
 
 ARCHES: dict[str, CheckpointArch] = {
+    # Stable Diffusion 1.5's exact architecture: U-Net 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text encoder 123.1 M.
+    "sd15": CheckpointArch(
+        unet_block_out_channels=(320, 640, 1280, 1280),
+        unet_layers_per_block=2,
+        unet_attention_head_dim=8,
+        unet_sample_size=64,
+        unet_use_linear_projection=False,
+        latent_channels=4,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_scaling_factor=0.18215,
+        text_hidden_size=768,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate_size=3072,
+        norm_num_groups=32,
+        pad_token=EOS_TOKEN,
+        # CLIP ViT-L/14 vision tower: ~304 M parameters.
+        safety_checker=SafetyCheckerArch(hidden_size=1024, layers=24, heads=16, intermediate_size=4096, patch_size=14, projection_dim=768),
+    ),
     # SD 1.x layout scaled down: 3 VAE downsamples (scale factor 8), cross-attention in all but the last block.
     "tiny": CheckpointArch(
         unet_block_out_channels=(32, 64),
@@ -76,6 +131,7 @@ ARCHES: dict[str, CheckpointArch] = {
         text_intermediate_size=37,
         norm_num_groups=16,
         pad_token=EOS_TOKEN,
+        safety_checker=SafetyCheckerArch(hidden_size=32, layers=2, heads=4, intermediate_size=37, patch_size=32, projection_dim=16),
     ),
     # Deliberately different everywhere a hard-coded SD 1.5 size could hide: three U-Net blocks, other head dims,
     # a 2-downsample VAE (scale factor 4), 8 latent channels, another scaling factor, SD 2's "!" pad token and
@@ -96,6 +152,7 @@ ARCHES: dict[str, CheckpointArch] = {
         text_intermediate_size=64,
         norm_num_groups=8,
         pad_token="!",
+        safety_checker=SafetyCheckerArch(hidden_size=48, layers=1, heads=4, intermediate_size=64, patch_size=28, projection_dim=24),
     ),
 }
 
@@ -151,35 +208,67 @@ def _text_encoder(arch: CheckpointArch) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def make_random_checkpoint(out_dir: str | Path, arch: str | CheckpointArch = "tiny", seed: int = 0) -> Path:
+def _safety_checker(arch: SafetyCheckerArch) -> StableDiffusionSafetyChecker:
+    vision = CLIPVisionConfig(
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=arch.patch_size,
+        hidden_act="quick_gelu",
+        projection_dim=arch.projection_dim,
+    )
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision.to_dict(), projection_dim=arch.projection_dim))
+    with torch.no_grad():
+        # diffusers initialises every concept embedding to ones; random ones make the similarities informative.
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        checker.concept_embeds_weights.fill_(RANDOM_CHECKER_THRESHOLD)
+        checker.special_care_embeds_weights.fill_(RANDOM_CHECKER_THRESHOLD)
+    return checker.eval()
+
+
+def make_random_checkpoint(
+    out_dir: str | Path, arch: str | CheckpointArch = "tiny", seed: int = 0, with_safety_checker: bool = True
+) -> Path:
     """Write a random-weight diffusers StableDiffusionPipeline checkpoint (fp32 safetensors) to `out_dir`.
 
-    The directory appears whole or not at all. Returns its path.
+    With `with_safety_checker` (and an arch that has one), it includes `safety_checker/` and `feature_extractor/`
+    as SD 1.x checkpoints do. The directory appears whole or not at all. Returns its path.
     """
     spec = ARCHES[arch] if isinstance(arch, str) else arch
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    checker = _safety_checker(spec.safety_checker) if with_safety_checker and spec.safety_checker else None
     pipe = StableDiffusionPipeline(
         vae=_vae(spec).eval(),
         text_encoder=_text_encoder(spec).eval(),
         tokenizer=None,
         unet=_unet(spec).eval(),
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        feature_extractor=CLIPImageProcessor() if checker is not None else None,
+        requires_safety_checker=checker is not None,
     )
     with atomic_directory(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        # transformers 5 would save only tokenizer.json; real SD checkpoints ship vocab.json + merges.txt.
+        # transformers 5 would save only tokenizer.json (and its feature extractor as CLIPImageProcessorPil); real SD
+        # checkpoints ship vocab.json + merges.txt and a CLIPFeatureExtractor preprocessor_config.json.
         shutil.rmtree(staging / "tokenizer", ignore_errors=True)
         write_clip_tokenizer(staging / "tokenizer", pad_token=spec.pad_token)
-        _declare_tokenizer(staging / "model_index.json")
+        if checker is not None:
+            (staging / "feature_extractor").mkdir(exist_ok=True)
+            (staging / "feature_extractor/preprocessor_config.json").write_text(json.dumps(SD_PREPROCESSOR_CONFIG, indent=2))
+        _declare_components(staging / "model_index.json", with_safety_checker=checker is not None)
     logger.info("wrote random-weight checkpoint to %s", out_dir)
     return out_dir
 
 
-def _declare_tokenizer(model_index_path: Path) -> None:
+def _declare_components(model_index_path: Path, with_safety_checker: bool) -> None:
     index = json.loads(model_index_path.read_text())
     index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    if with_safety_checker:
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
     model_index_path.write_text(json.dumps(index, indent=2))
