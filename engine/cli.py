@@ -16,11 +16,14 @@ from typing import NoReturn
 import numpy as np
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.version import SDRT_VERSION
 
 logger = logging.getLogger("sdrt")
 
 EXIT_USAGE = 2
+# Generation finished but the safety checker blocked at least one image, which was therefore not written.
+EXIT_BLOCKED = 3
 
 
 class _UsageError(Exception):
@@ -56,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None or latents is not None else secrets.randbelow(2**32)
 
     bundle_dir = Path(bundle) if bundle is not None else default_bundle_dir()
-    pipe = load(bundle_dir, backend=args.backend, safety_checker=not args.no_safety_checker)
+    pipe = load(bundle_dir, backend=args.backend, safety_checker=args.safety_checker)
     pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
         prompt,
@@ -84,10 +87,19 @@ def _generate(args: argparse.Namespace) -> int:
         "backend": out.backend,
         "sdrt_version": SDRT_VERSION,
     }
-    for index, (image, path) in enumerate(zip(out.images, _output_paths(args.output, len(out.images)))):
-        save_png(image, path, {**parameters, "image_index": index})
+    flags = out.nsfw_content_detected or [None] * len(out.images)
+    blocked = 0
+    for index, (image, path, nsfw) in enumerate(zip(out.images, _output_paths(args.output, len(out.images)), flags)):
+        if nsfw and pipe.safety_policy is SafetyPolicy.BLOCK:
+            # A black PNG would pass for a result; name the image instead and leave no file behind.
+            print(f"sdrt: {path} blocked by the safety checker (NSFW concept detected): not written", file=sys.stderr)
+            blocked += 1
+            continue
+        save_png(image, path, {**parameters, "image_index": index, "nsfw_content_detected": nsfw})
+        if nsfw:
+            print(f"sdrt: {path} flagged by the safety checker (NSFW concept detected)", file=sys.stderr)
         print(path)
-    return 0
+    return EXIT_BLOCKED if blocked else 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -120,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None, help="random if omitted (and recorded in the PNG)")
     generate.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
     generate.add_argument("--backend", default="auto")
-    generate.add_argument("--no-safety-checker", action="store_true")
+    generate.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=SafetyPolicy.BLOCK.value,
+                          help="block: flagged images are not written (exit status 3); flag: written and named; off")
+    generate.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=SafetyPolicy.OFF.value,
+                          help="same as --safety-checker off")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(handler=_generate)
 

@@ -9,30 +9,40 @@ from pathlib import Path
 from sdrt.engine.backends import backend_class
 from sdrt.engine.manifest import read_manifest, verify_files
 from sdrt.engine.pipeline import StableDiffusionPipeline
+from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy
 from sdrt.engine.schedulers import scheduler_from_config
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def load(bundle_dir: str | os.PathLike, backend: str = "auto", safety_checker: bool = True) -> StableDiffusionPipeline:
+def load(bundle_dir: str | os.PathLike, backend: str = "auto", safety_checker: bool | str = True) -> StableDiffusionPipeline:
     """Load the bundle at `bundle_dir` for inference.
 
     `backend`: "auto" (the fastest available) or a backend name, e.g. "onnxruntime-cpu".
-    `safety_checker`: run the bundle's NSFW checker on every image (bundles without one report None).
+    `safety_checker`: True or "block" (default) checks every image with the bundle's NSFW checker and replaces
+    flagged ones with black images; "flag" returns flagged images unchanged with their flag; False or "off" skips
+    the checker. Bundles exported without a checker report nsfw_content_detected = None.
     Every bundle file is checked against its size and sha256 in the manifest first: a missing, truncated or
     modified file raises BundleError (a ValueError) naming it.
     """
+    policy = SafetyPolicy.from_argument(safety_checker)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
     backend_type = backend_class(backend)
     chosen = backend_type(bundle_dir, {component: entry.file for component, entry in manifest.components.items()})
     logger.info("loaded bundle %s with backend %s", bundle_dir, chosen.name)
-    if safety_checker:
+    checker = None
+    if policy is SafetyPolicy.OFF:
+        logger.warning("safety checker disabled at load: images are not checked for NSFW content")
+    elif manifest.safety_checker is None:
         logger.warning("bundle %s has no safety checker: nsfw_content_detected will be None", bundle_dir)
     else:
-        logger.info("safety checker disabled at load")
+        checker = SafetyChecker.from_bundle(
+            chosen, bundle_dir, manifest.safety_checker.concepts_file, manifest.safety_checker.preprocessor_config_file
+        )
+        logger.info("safety checker on, policy %s", policy.value)
     scheduler_config = json.loads((bundle_dir / manifest.scheduler_config_file).read_text(encoding="utf-8"))
     return StableDiffusionPipeline(
         bundle_dir=bundle_dir,
@@ -40,4 +50,6 @@ def load(bundle_dir: str | os.PathLike, backend: str = "auto", safety_checker: b
         backend=chosen,
         tokenizer=CLIPTokenizer.from_directory(bundle_dir / manifest.tokenizer.directory),
         scheduler=scheduler_from_config(scheduler_config),
+        safety_checker=checker,
+        safety_policy=policy,
     )

@@ -4,10 +4,12 @@ Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import numbers
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,7 @@ from sdrt.engine.backends import Backend
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.images import decoded_to_unit_range, to_pil
 from sdrt.engine.manifest import Manifest
+from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import Scheduler, SchedulerState
 from sdrt.engine.specs import Component
 from sdrt.engine.tokenizer import CLIPTokenizer
@@ -34,11 +37,15 @@ _OUTPUT_TYPES = ("pil", "np", "latent")
 class PipelineOutput:
     """`images`: PIL images, or a float32 (N, H, W, 3) array in [0, 1] for output_type="np", or the final latents
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
-    checker ran. `backend`: the backend that ran."""
+    checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
+    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (text_encode, denoise, decode,
+    safety_check)."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
     backend: str
+    safety_scores: list[SafetyScores] | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +88,23 @@ def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
 class StableDiffusionPipeline:
     """A loaded bundle, ready to generate. Create it with `sdrt.engine.load`; call it like diffusers' pipeline."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, tokenizer: CLIPTokenizer, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        backend: Backend,
+        tokenizer: CLIPTokenizer,
+        scheduler: Scheduler,
+        safety_checker: SafetyChecker | None,
+        safety_policy: SafetyPolicy,
+    ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler = scheduler
+        self.safety_checker = safety_checker if safety_policy is not SafetyPolicy.OFF else None
+        self.safety_policy = safety_policy
         self._empty_prompt_embedding: np.ndarray | None = None
         self._progress_bar_config: dict[str, Any] = {}
 
@@ -215,23 +233,60 @@ class StableDiffusionPipeline:
         seed: int | None = None,
         latents: np.ndarray | None = None,
         output_type: OutputType = "pil",
+        return_safety_scores: bool = False,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
+        `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                                  height, width, seed, latents, output_type)
-        context = self._text_context(request)
-        latents = self._denoise(request, context, self._initial_latents(request))
+        timings: dict[str, float] = {}
+        with _timed(timings, "text_encode"):
+            context = self._text_context(request)
+        with _timed(timings, "denoise"):
+            latents = self._denoise(request, context, self._initial_latents(request))
         if request.output_type == "latent":
-            return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name)
-        images = self.decode(latents)
+            # As diffusers: latents are not images, so nothing is checked.
+            return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings)
+        with _timed(timings, "decode"):
+            images = self.decode(latents)  # (N, H, W, 3)
+        # The checker sees the 8-bit images, as diffusers' feature extractor does.
+        pil_images = to_pil(images) if request.output_type == "pil" or self.safety_checker is not None else []
+        scores = None
+        if self.safety_checker is not None:
+            with _timed(timings, "safety_check"):
+                scores = self.safety_checker.check(pil_images)
+            images, pil_images = self._apply_safety_policy(scores, images, pil_images)
         return PipelineOutput(
-            images=to_pil(images) if request.output_type == "pil" else images,
-            nsfw_content_detected=None,
+            images=pil_images if request.output_type == "pil" else images,
+            nsfw_content_detected=[s.nsfw for s in scores] if scores is not None else None,
             backend=self.backend.name,
+            safety_scores=scores if return_safety_scores else None,
+            timings=timings,
         )
 
+    def _apply_safety_policy(
+        self, scores: list[SafetyScores], images: np.ndarray, pil_images: list[Image.Image]
+    ) -> tuple[np.ndarray, list[Image.Image]]:
+        flagged = [i for i, s in enumerate(scores) if s.nsfw]
+        if not flagged:
+            return images, pil_images
+        if self.safety_policy is SafetyPolicy.FLAG:
+            logger.warning("Potential NSFW content was detected in image(s) %s; returned with their flag.", flagged)
+            return images, pil_images
+        logger.warning("Potential NSFW content was detected in image(s) %s; black images are returned instead.", flagged)
+        images = images.copy()
+        images[flagged] = 0.0  # (N, H, W, 3), flagged ones black
+        pil_images = [Image.new("RGB", image.size) if i in flagged else image for i, image in enumerate(pil_images)]
+        return images, pil_images
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - start
