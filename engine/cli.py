@@ -21,6 +21,8 @@ from sdrt.engine.version import SDRT_VERSION
 
 logger = logging.getLogger("sdrt")
 
+# The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt")
 EXIT_USAGE = 2
 # Generation finished but the safety checker blocked at least one image, which was therefore not written.
 EXIT_BLOCKED = 3
@@ -102,14 +104,27 @@ def _generate(args: argparse.Namespace) -> int:
     return EXIT_BLOCKED if blocked else 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _import_export_extra(command: str):
     try:
-        from sdrt.export import export_bundle
+        import sdrt.export.checkpoints
+        import sdrt.export
     except ImportError as exc:
         raise SdrtError(
-            f"sdrt export needs the export extra ({exc.name} is missing): pip install torch==2.13.0 && pip install 'sdrt[export]'"
+            f"sdrt {command} needs the export extra ({exc.name} is missing): pip install torch==2.13.0 && pip install 'sdrt[export]'"
         ) from exc
-    print(export_bundle(args.checkpoint, args.out_dir, force=args.force))
+    return sdrt.export
+
+
+def _export(args: argparse.Namespace) -> int:
+    print(_import_export_extra("export").export_bundle(args.checkpoint, args.out_dir, force=args.force))
+    return 0
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    checkpoints = _import_export_extra("make-checkpoint").checkpoints
+    if args.out_dir.exists():
+        raise FileExistsError(f"{args.out_dir} already exists")
+    print(checkpoints.make_random_checkpoint(args.out_dir, args.arch, seed=args.seed, with_safety_checker=not args.no_safety_checker))
     return 0
 
 
@@ -144,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path)
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     export.set_defaults(handler=_export)
+
+    make = commands.add_parser("make-checkpoint", help="random-weight SD checkpoint of a given architecture (export extra)",
+                               description="Write a random-weight diffusers checkpoint: compute does not depend on weight "
+                               "values, so it measures like the real model. sd15 is Stable Diffusion 1.5's exact architecture.")
+    make.add_argument("out_dir", type=Path)
+    make.add_argument("--arch", choices=ARCH_NAMES, default="sd15")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--no-safety-checker", action="store_true")
+    make.set_defaults(handler=_make_checkpoint)
     return parser
 
 

@@ -96,3 +96,17 @@ def test_export_command(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["export", str(tiny_checkpoint), str(out)]) == 2
     assert "already exists; pass force=True (CLI: --force)" in capsys.readouterr().err
+
+
+def test_make_checkpoint_command(tmp_path: Path, capsys) -> None:
+    from sdrt.engine.cli import ARCH_NAMES
+    from sdrt.export.checkpoints import ARCHES
+
+    assert set(ARCH_NAMES) == set(ARCHES)
+    out = tmp_path / "ckpt"
+    assert main(["make-checkpoint", str(out), "--arch", "tiny", "--no-safety-checker"]) == 0
+    assert (out / "model_index.json").is_file() and (out / "tokenizer/merges.txt").is_file()
+    assert not (out / "safety_checker").exists()
+    capsys.readouterr()
+    assert main(["make-checkpoint", str(out), "--arch", "tiny"]) == 2
+    assert "already exists" in capsys.readouterr().err
