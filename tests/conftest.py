@@ -42,6 +42,6 @@ def tiny_bundle(bundles: dict[str, Path]) -> Path:
 def tiny_pipe(tiny_bundle: Path):
     import sdrt.engine
 
-    pipe = sdrt.engine.load(tiny_bundle, safety_checker=False)
+    pipe = sdrt.engine.load(tiny_bundle, backend="onnxruntime-cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,18 +9,22 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import sdrt.engine
+from sdrt.engine.backends import BACKENDS
 from tests.conftest import ARCHES
 
 MAX_PIXEL_DIFF = 5e-3
 LONG_PROMPT = " ".join(["a watercolour painting of a lighthouse on a cliff at dusk with seagulls"] * 8)
 
 
-@pytest.fixture(scope="module", params=ARCHES)
+EXACT_BACKENDS = [b.name for b in BACKENDS if b.exact]
+
+
+@pytest.fixture(scope="module", params=[(a, b) for a in ARCHES for b in EXACT_BACKENDS], ids="-".join)
 def pipes(request, checkpoints: dict[str, Path], bundles: dict[str, Path]):
-    arch = request.param
+    arch, backend = request.param
     reference = StableDiffusionPipeline.from_pretrained(checkpoints[arch], safety_checker=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
-    ours = sdrt.engine.load(bundles[arch], safety_checker=False)
+    ours = sdrt.engine.load(bundles[arch], backend=backend, safety_checker=False)
     ours.set_progress_bar_config(disable=True)
     return reference, ours
 

@@ -73,7 +73,7 @@ def calibrated(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _ours(bundle: Path, policy="block"):
-    pipe = sdrt.engine.load(bundle, safety_checker=policy)
+    pipe = sdrt.engine.load(bundle, backend="exact", safety_checker=policy)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -177,7 +177,7 @@ def test_bad_policy(tiny_bundle: Path) -> None:
 
 
 def _cli(bundle: Path, out: Path, *extra: str) -> int:
-    return main(["generate", str(bundle), PROMPT, "-o", str(out), "-n", "8", "-s", str(STEPS), "--height", str(SIZE),
+    return main(["generate", str(bundle), PROMPT, "-o", str(out), "--backend", "exact", "-n", "8", "-s", str(STEPS), "--height", str(SIZE),
                  "--width", str(SIZE), "--latents", str(out.parent / "noise.npy"), "-q", *extra])
 
 

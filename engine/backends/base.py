@@ -15,6 +15,8 @@ class Backend(abc.ABC):
 
     #: the name users pass as `backend=` and that results report
     name: str
+    #: fp32 throughout, at pixel parity with diffusers; False for reduced-precision (fast) backends
+    exact: bool
 
     @classmethod
     @abc.abstractmethod

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 class OnnxRuntimeCPUBackend(Backend):
     name = "onnxruntime-cpu"
+    exact = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

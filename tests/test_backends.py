@@ -1,0 +1,75 @@
+"""Backend choice ("auto" fastest, "exact" fastest fp32), the bf16 fast mode's accuracy, and OpenVINO's cache."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sdrt.engine
+from sdrt.engine.backends import BACKENDS, backend_class
+from sdrt.engine.backends.openvino_cpu import CACHE_SUBDIR, OpenVINOBF16Backend, OpenVINOFP32Backend
+
+needs_openvino = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
+needs_bf16 = pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not None, reason="no OpenVINO bf16 on this CPU")
+
+
+def _available(exact_only: bool) -> list[str]:
+    return [b.name for b in BACKENDS if b.unavailable_reason() is None and (b.exact or not exact_only)]
+
+
+def test_auto_is_the_first_available_and_exact_the_first_fp32() -> None:
+    assert backend_class("auto").name == _available(exact_only=False)[0]
+    assert backend_class("exact").name == _available(exact_only=True)[0]
+    assert backend_class("exact").exact
+
+
+def test_result_reports_the_backend_that_ran(tiny_bundle: Path) -> None:
+    pipe = sdrt.engine.load(tiny_bundle, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0).backend == backend_class("auto").name
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
+
+
+@needs_bf16
+def test_bf16_fast_mode_stays_close_to_fp32(tiny_bundle: Path) -> None:
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    images = {}
+    for backend in ("openvino-bf16", "onnxruntime-cpu"):
+        pipe = sdrt.engine.load(tiny_bundle, backend=backend, safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        images[backend] = pipe(["a cat", "a dog"], num_inference_steps=10, height=64, width=64, latents=latents, output_type="np").images
+    difference = np.abs(images["openvino-bf16"] - images["onnxruntime-cpu"]).max()
+    assert difference > 0  # it really ran in reduced precision
+    assert _psnr(images["openvino-bf16"], images["onnxruntime-cpu"]) > 30
+
+
+def _run_openvino_fp32(bundle: Path) -> None:
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0)
+
+
+@needs_openvino
+def test_compiled_models_are_cached_in_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    _run_openvino_fp32(bundle)
+    assert any((bundle / CACHE_SUBDIR).iterdir())
+    sdrt.engine.load(bundle, backend="openvino-fp32")  # the cache is not a bundle file: verification still passes
+
+
+@needs_openvino
+def test_read_only_bundle_compiles_without_a_cache(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    # Root ignores file modes, so make the bundle read-only the way the backend sees it.
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    from sdrt.engine.backends import openvino_cpu
+
+    real_access = os.access
+    monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
+    _run_openvino_fp32(bundle)
+    assert not (bundle / CACHE_SUBDIR).exists()
