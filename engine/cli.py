@@ -15,6 +15,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from sdrt.engine.atomic import atomic_file
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.version import SDRT_VERSION
@@ -128,6 +129,27 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from sdrt.benchmarks.bench import BenchPlan, run_bench
+    from sdrt.benchmarks.report import markdown
+    from sdrt.benchmarks.worker import ENGINES
+
+    unknown = [e for e in args.engines if e not in ENGINES]
+    if unknown:
+        raise _UsageError(f"--engines: unknown {unknown}; choose from {list(ENGINES)}")
+    plan = BenchPlan(
+        checkpoint=args.checkpoint, bundle=args.bundle, engines=tuple(args.engines), runs=args.runs, sizes=tuple(args.sizes),
+        batches=tuple(args.batches), prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        seed=args.seed, optimum_python=args.optimum_python, optimum_model=args.optimum_model, out_dir=args.out,
+    )
+    results = run_bench(plan, ["sdrt", *args.argv])
+    print(markdown(results))
+    if args.results is not None:
+        with atomic_file(args.results) as staging:
+            staging.write_text(markdown(results) + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine")
     parser.add_argument("--version", action="version", version=f"sdrt {SDRT_VERSION}")
@@ -168,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--no-safety-checker", action="store_true")
     make.set_defaults(handler=_make_checkpoint)
+
+    bench = commands.add_parser("bench", help="sdrt against diffusers (and optimum-onnxruntime) side by side",
+                                description="Each engine runs in a fresh process, interleaved; reports medians and p95, "
+                                "a per-stage breakdown, load, cold start, peak RSS, PSNR against fp32, and ratios.")
+    bench.add_argument("bundle", type=Path)
+    bench.add_argument("--checkpoint", type=Path, default=None, help="the diffusers checkpoint the bundle came from")
+    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-exact", "diffusers-fp32", "diffusers-bf16", "optimum-ort"])
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--sizes", type=int, nargs="+", default=[512])
+    bench.add_argument("--batches", type=int, nargs="+", default=[1])
+    bench.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    bench.add_argument("-s", "--num-inference-steps", type=int, default=20)
+    bench.add_argument("-g", "--guidance-scale", type=float, default=7.5)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--optimum-python", type=Path, default=None, help="python of a venv with optimum-onnx")
+    bench.add_argument("--optimum-model", type=Path, default=None, help="the checkpoint exported with optimum")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="results.json, results.md, chart.png")
+    bench.add_argument("--results", type=Path, default=None, help="also write the markdown here (benchmarks/RESULTS.md)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -180,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
+        args.argv = argv  # recorded by `bench` so results say how to reproduce them
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return args.handler(args)
     except _UsageError as exc:

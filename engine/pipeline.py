@@ -38,8 +38,8 @@ class PipelineOutput:
     """`images`: PIL images, or a float32 (N, H, W, 3) array in [0, 1] for output_type="np", or the final latents
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
-    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (text_encode, denoise, decode,
-    safety_check)."""
+    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, denoise =
+    unet + guidance_and_scheduler, decode, safety_check) and the number of U-Net calls (unet_calls)."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
@@ -169,10 +169,13 @@ class StableDiffusionPipeline:
         return (request.num_images, self.manifest.model.latent_channels, request.height // f, request.width // f)
 
     # ---- the chapter's steps -------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+    def encode_prompts(self, prompts: Sequence[str], timings: dict[str, float] | None = None) -> np.ndarray:
         """Tokenize and run the text encoder: (B, sequence, hidden) embeddings."""
-        input_ids = self.tokenizer(list(prompts)).astype(np.int32)  # (B, 77)
-        return self.backend.run(Component.TEXT_ENCODER, {"input_ids": input_ids})[0]  # (B, 77, D)
+        timings = {} if timings is None else timings
+        with _timed(timings, "tokenize"):
+            input_ids = self.tokenizer(list(prompts)).astype(np.int32)  # (B, 77)
+        with _timed(timings, "text_encode"):
+            return self.backend.run(Component.TEXT_ENCODER, {"input_ids": input_ids})[0]  # (B, 77, D)
 
     def empty_prompt_embedding(self) -> np.ndarray:
         """The embedding of "" (the unconditional input of guidance), computed once per pipeline."""
@@ -180,14 +183,14 @@ class StableDiffusionPipeline:
             self._empty_prompt_embedding = self.encode_prompts([""])  # (1, 77, D)
         return self._empty_prompt_embedding
 
-    def _text_context(self, request: _Request) -> np.ndarray:
+    def _text_context(self, request: _Request, timings: dict[str, float]) -> np.ndarray:
         """U-Net conditioning: [unconditional; conditional] when guiding, each prompt repeated per image."""
-        cond = self.encode_prompts(request.prompts)  # (B, 77, D)
+        cond = self.encode_prompts(request.prompts, timings)  # (B, 77, D)
         if request.do_classifier_free_guidance:
             if request.negative_prompts is None:
                 uncond = np.broadcast_to(self.empty_prompt_embedding(), cond.shape)  # (B, 77, D)
             else:
-                uncond = self.encode_prompts(request.negative_prompts)  # (B, 77, D)
+                uncond = self.encode_prompts(request.negative_prompts, timings)  # (B, 77, D)
             cond = np.concatenate([uncond, cond])  # (2B, 77, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, 77, D), images of a prompt adjacent
 
@@ -198,7 +201,7 @@ class StableDiffusionPipeline:
             latents = np.random.default_rng(request.seed).standard_normal(self._latent_shape(request), dtype=np.float32)
         return (latents * np.float32(self.scheduler.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
 
-    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, timings: dict[str, float]) -> np.ndarray:
         state = request.schedule
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
@@ -206,9 +209,10 @@ class StableDiffusionPipeline:
             model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
             model_input = self.scheduler.scale_model_input(state, model_input, step_index)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
-            noise_pred = self.backend.run(
-                Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
-            )[0]  # (2BN or BN, C, h, w)
+            with _timed(timings, "unet"):
+                noise_pred = self.backend.run(
+                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
+                )[0]  # (2BN or BN, C, h, w)
             if guided:
                 noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
                 noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
@@ -245,10 +249,11 @@ class StableDiffusionPipeline:
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                                  height, width, seed, latents, output_type)
         timings: dict[str, float] = {}
-        with _timed(timings, "text_encode"):
-            context = self._text_context(request)
+        context = self._text_context(request, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, self._initial_latents(request))
+            latents = self._denoise(request, context, self._initial_latents(request), timings)
+        timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
+        timings["unet_calls"] = len(request.schedule.timesteps)
         if request.output_type == "latent":
             # As diffusers: latents are not images, so nothing is checked.
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings)
@@ -287,6 +292,7 @@ class StableDiffusionPipeline:
 
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], stage: str):
+    """Add the block's wall time to `timings[stage]` (stages such as the U-Net accumulate over calls)."""
     start = time.perf_counter()
     yield
-    timings[stage] = time.perf_counter() - start
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

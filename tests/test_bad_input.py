@@ -80,7 +80,7 @@ def test_empty_prompt_embedding_is_computed_once(tiny_pipe, monkeypatch) -> None
     tiny_pipe("warm-up", num_inference_steps=1, height=64, width=64, seed=0)
     calls = []
     original = tiny_pipe.encode_prompts
-    monkeypatch.setattr(tiny_pipe, "encode_prompts", lambda prompts: calls.append(list(prompts)) or original(prompts))
+    monkeypatch.setattr(tiny_pipe, "encode_prompts", lambda prompts, *rest: calls.append(list(prompts)) or original(prompts, *rest))
     tiny_pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0)
     assert calls == [["a cat"]]
 
