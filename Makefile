@@ -18,3 +18,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Regenerates benchmarks/RESULTS.md: SD 1.5-architecture random checkpoint (built once), its bundle, then sdrt bench.
+BENCH_DIR ?= bench-data
+BENCH_ARGS ?= --runs 3 --sizes 512 -s 20
+.PHONY: bench
+bench: $(VENV)/.installed
+	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
+	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
+	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 $(BENCH_ARGS) \
+	    --out $(BENCH_DIR)/out --results benchmarks/RESULTS.md

@@ -1,0 +1,176 @@
+"""`sdrt bench`: sdrt and its peers on the same checkpoint, each run in a fresh process, interleaved (A B A B ...).
+
+Interleaving makes machine drift (thermal, noisy neighbours) hit every engine alike, so the ratios taken in one
+bench are meaningful even where absolute times on a shared 2-core machine are not. Nothing here gates CI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdrt.benchmarks.report import write_chart, write_markdown
+from sdrt.benchmarks.worker import RunConfig
+from sdrt.engine.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_ENGINE = "sdrt-exact"  # fp32: the accuracy reference for PSNR
+SDRT_ENGINES = ("sdrt", "sdrt-exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+    checkpoint: Path | None  # diffusers peers run from the checkpoint; None skips them
+    bundle: Path
+    engines: tuple[str, ...]
+    runs: int
+    sizes: tuple[int, ...]
+    batches: tuple[int, ...]
+    prompt: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    optimum_python: Path | None  # a python of a venv with optimum-onnx (it needs transformers 4.x)
+    optimum_model: Path | None  # the checkpoint exported by optimum
+    out_dir: Path
+
+
+def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
+    if engine.startswith("diffusers"):
+        if plan.checkpoint is None:
+            return "no --checkpoint given"
+        if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
+            return "torch/diffusers not installed (pip install 'sdrt[export]')"
+    if engine == "optimum-ort" and (plan.optimum_python is None or plan.optimum_model is None):
+        return "needs --optimum-python and --optimum-model (optimum-onnx runs in its own venv: transformers 4.x)"
+    return None
+
+
+def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path) -> dict[str, Any]:
+    python = str(plan.optimum_python) if engine == "optimum-ort" else sys.executable
+    model = {"optimum-ort": plan.optimum_model, "sdrt": plan.bundle, "sdrt-exact": plan.bundle}.get(engine, plan.checkpoint)
+    command = [python, "-m", "sdrt.benchmarks.worker", "--engine", engine, "--model", str(model),
+               "--config", json.dumps(dataclasses.asdict(config)), "--images-out", str(images_out)]
+    launched_at = time.time()
+    result = subprocess.run([*command, "--launched-at", repr(launched_at)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{engine} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    mse = float(np.mean((images.astype(np.float64) - reference) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
+
+    stages = sorted({k for r in runs for k, v in r["timings"].items() if k != "unet_calls"})
+    unet_calls = runs[0]["timings"].get("unet_calls") or 0
+    summary = {
+        "backend": runs[0].get("backend"),
+        "runs": len(runs),
+        "e2e_s": stat([r["e2e_s"] for r in runs]),
+        "images_per_s": stat([r["images_per_s"] for r in runs]),
+        "load_s": stat([r["load_s"] for r in runs]),
+        "cold_start_s": stat([r["cold_start_s"] for r in runs]),
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+        "stages_s": {stage: float(np.median([r["timings"].get(stage, 0.0) for r in runs])) for stage in stages},
+        "unet_calls": unet_calls,
+    }
+    if unet_calls and "unet" in summary["stages_s"]:
+        summary["unet_per_call_s"] = summary["stages_s"]["unet"] / unet_calls
+    return summary
+
+
+def _ratios(engines: dict[str, dict[str, Any]], metric: str) -> dict[str, dict[str, float]]:
+    """ratio[a][b] = median metric of sdrt engine a / that of peer b (< 1: a is faster or smaller)."""
+    def value(summary):
+        entry = summary[metric]
+        return entry["median"] if isinstance(entry, dict) else entry
+
+    return {
+        ours: {peer: value(engines[ours]) / value(engines[peer]) for peer in engines if peer not in SDRT_ENGINES}
+        for ours in SDRT_ENGINES if ours in engines
+    }
+
+
+def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path) -> dict[str, Any]:
+    manifest = read_manifest(plan.bundle)
+    f = manifest.model.vae_scale_factor
+    latents = np.random.default_rng(plan.seed).standard_normal((batch, manifest.model.latent_channels, size // f, size // f), dtype=np.float32)
+    latents_file = work / f"latents-{size}-{batch}.npy"
+    np.save(latents_file, latents)
+    config = RunConfig(plan.prompt, plan.steps, plan.guidance_scale, size, size, batch, str(latents_file))
+    engines = [e for e in plan.engines if _skip_reason(e, plan) is None]
+    skipped = {e: _skip_reason(e, plan) for e in plan.engines if e not in engines}
+    for engine, reason in skipped.items():
+        logger.warning("skipping %s: %s", engine, reason)
+    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    images: dict[str, np.ndarray] = {}
+    for round_index in range(plan.runs):
+        for engine in engines:  # interleaved: A B A B ...
+            logger.info("%dx%d batch %d: %s run %d/%d", size, size, batch, engine, round_index + 1, plan.runs)
+            images_file = work / f"{engine}-{size}-{batch}.npy"
+            runs[engine].append(_run_once(engine, plan, config, images_file))
+            images[engine] = np.load(images_file)
+    summaries = {e: _summary(r) for e, r in runs.items()}
+    if REFERENCE_ENGINE in images:
+        for engine, summary in summaries.items():
+            summary["psnr_vs_fp32_db"] = _psnr(images[engine], images[REFERENCE_ENGINE].astype(np.float64))
+            summary["max_abs_diff_vs_fp32"] = float(np.abs(images[engine] - images[REFERENCE_ENGINE]).max())
+    return {
+        "size": size, "batch": batch, "engines": summaries, "skipped": skipped,
+        "ratios": {metric: _ratios(summaries, metric) for metric in ("e2e_s", "peak_rss_gb", "cold_start_s", "load_s")},
+    }
+
+
+def _machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    memory_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    versions = {}
+    for package in ("sdrt", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kb / 1e6, 1), "avx512_bf16": "avx512_bf16" in flags,
+            "python": platform.python_version(), "versions": versions}
+
+
+def run_bench(plan: BenchPlan, command_line: Sequence[str]) -> dict[str, Any]:
+    """Run every engine at every (size, batch) point; write results.json, results.md and chart.png to plan.out_dir."""
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with tempfile.TemporaryDirectory(prefix="sdrt-bench-") as work:
+        points = [_bench_point(plan, size, batch, Path(work)) for size in plan.sizes for batch in plan.batches]
+    results = {
+        "started_utc": started.isoformat(timespec="seconds"),
+        "command": shlex.join(command_line),
+        "machine": _machine(),
+        "plan": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(plan).items()},
+        "points": points,
+    }
+    (plan.out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, plan.out_dir / "results.md")
+    write_chart(results, plan.out_dir / "chart.png")
+    return results

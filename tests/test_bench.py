@@ -1,0 +1,41 @@
+"""`sdrt bench` runs each engine in a fresh process and reports comparable figures (not a timing gate)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from sdrt.engine.cli import main
+
+
+def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    results_md = tmp_path / "RESULTS.md"
+    code = main(["bench", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--engines", "sdrt-exact", "diffusers-fp32",
+                 "optimum-ort", "--runs", "2", "--sizes", "64", "-s", "2", "--out", str(out), "--results", str(results_md)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    point = results["points"][0]
+    assert set(point["engines"]) == {"sdrt-exact", "diffusers-fp32"}
+    assert "optimum-ort" in point["skipped"]
+    for summary in point["engines"].values():
+        assert summary["runs"] == 2 and summary["unet_calls"] == 3  # PNDM: N + 1 calls
+        assert 0 < summary["stages_s"]["unet"] < summary["e2e_s"]["median"]
+        assert summary["cold_start_s"]["median"] > summary["load_s"]["median"] > 0
+        assert summary["peak_rss_gb"] > 0
+    # Same latents in both engines: diffusers fp32 and sdrt's exact engine agree to parity (PSNR far above 40 dB).
+    assert point["engines"]["diffusers-fp32"]["psnr_vs_fp32_db"] > 60
+    ratio = point["ratios"]["e2e_s"]["sdrt-exact"]["diffusers-fp32"]
+    assert ratio == point["engines"]["sdrt-exact"]["e2e_s"]["median"] / point["engines"]["diffusers-fp32"]["e2e_s"]["median"]
+    assert results["command"].startswith("sdrt bench ") and results["machine"]["versions"]["sdrt"]
+    markdown = results_md.read_text()
+    assert markdown == (out / "results.md").read_text() and "| sdrt-exact |" in markdown and "optimum-ort skipped" in markdown
+    assert "| sdrt-exact |" in capsys.readouterr().out
+    with Image.open(out / "chart.png") as chart:
+        assert chart.format == "PNG" and chart.width > 400
+
+
+def test_bench_rejects_unknown_engine(tiny_bundle: Path, capsys) -> None:
+    assert main(["bench", str(tiny_bundle), "--engines", "tensorflow"]) == 2
+    assert "unknown ['tensorflow']" in capsys.readouterr().err
