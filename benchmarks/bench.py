@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.benchmarks import worker
 from sdrt.benchmarks.report import write_chart, write_markdown
 from sdrt.benchmarks.worker import RunConfig
 from sdrt.engine.manifest import read_manifest
@@ -63,9 +64,13 @@ def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
 
 
 def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path) -> dict[str, Any]:
-    python = str(plan.optimum_python) if engine == "optimum-ort" else sys.executable
+    if engine == "optimum-ort":
+        # Its venv does not have sdrt installed: run the worker by path (it imports nothing from sdrt at module level).
+        launcher = [str(plan.optimum_python), worker.__file__]
+    else:
+        launcher = [sys.executable, "-m", "sdrt.benchmarks.worker"]
     model = {"optimum-ort": plan.optimum_model, "sdrt": plan.bundle, "sdrt-exact": plan.bundle}.get(engine, plan.checkpoint)
-    command = [python, "-m", "sdrt.benchmarks.worker", "--engine", engine, "--model", str(model),
+    command = [*launcher, "--engine", engine, "--model", str(model),
                "--config", json.dumps(dataclasses.asdict(config)), "--images-out", str(images_out)]
     launched_at = time.time()
     result = subprocess.run([*command, "--launched-at", repr(launched_at)], capture_output=True, text=True)
@@ -127,12 +132,17 @@ def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path) -> dict[str
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     images: dict[str, np.ndarray] = {}
     for round_index in range(plan.runs):
-        for engine in engines:  # interleaved: A B A B ...
+        for engine in [e for e in engines if e not in skipped]:  # interleaved: A B A B ...
             logger.info("%dx%d batch %d: %s run %d/%d", size, size, batch, engine, round_index + 1, plan.runs)
             images_file = work / f"{engine}-{size}-{batch}.npy"
-            runs[engine].append(_run_once(engine, plan, config, images_file))
+            try:
+                runs[engine].append(_run_once(engine, plan, config, images_file))
+            except RuntimeError as exc:  # one broken peer must not cost the whole (long) bench
+                logger.error("%s", exc)
+                skipped[engine] = f"failed: {str(exc).splitlines()[-1][:300]}"
+                continue
             images[engine] = np.load(images_file)
-    summaries = {e: _summary(r) for e, r in runs.items()}
+    summaries = {e: _summary(r) for e, r in runs.items() if e not in skipped}
     if REFERENCE_ENGINE in images:
         for engine, summary in summaries.items():
             summary["psnr_vs_fp32_db"] = _psnr(images[engine], images[REFERENCE_ENGINE].astype(np.float64))
