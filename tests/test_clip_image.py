@@ -19,22 +19,12 @@ from sdrt.engine.clip_image import (
     clip_pixel_values,
 )
 from sdrt.engine.errors import BundleError
+from sdrt.export.checkpoints import SD_PREPROCESSOR_CONFIG
 
 transformers = pytest.importorskip("transformers")
 
-# feature_extractor/preprocessor_config.json of runwayml/stable-diffusion-v1-5 (old feature-extractor spelling)
-SD15_CONFIG = {
-    "crop_size": 224,
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor",
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3,
-    "size": 224,
-}
+# feature_extractor/preprocessor_config.json of SD 1.5 checkpoints (old feature-extractor spelling)
+SD15_CONFIG = SD_PREPROCESSOR_CONFIG
 # the same settings as newer checkpoints (and transformers' save_pretrained) write them
 NEW_STYLE_CONFIG = {
     "crop_size": {"height": 224, "width": 224},

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from sdrt.export.checkpoints import SD15_SCHEDULER_CONFIG
 from sdrt.engine.schedulers import (
     PNDMScheduler,
     PNDMState,
@@ -24,19 +25,8 @@ from sdrt.engine.schedulers import (
     scheduler_from_config,
 )
 
-SD15_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
+# scheduler/scheduler_config.json of SD 1.5, as real checkpoints ship it (with the class metadata diffusers adds).
+SD15_CONFIG = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **SD15_SCHEDULER_CONFIG}
 
 # Each variant is SD 1.5's config with these keys changed.
 VARIANTS = {
