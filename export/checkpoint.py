@@ -50,10 +50,6 @@ class SourceCheckpoint:
     tokenizer_config: dict[str, Any]
 
     @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
-
-    @property
     def vae_scale_factor(self) -> int:
         # Each VAE block but the last halves the resolution (diffusers computes it the same way).
         return 2 ** (len(self.vae_config["block_out_channels"]) - 1)

@@ -52,8 +52,6 @@ SD_PREPROCESSOR_CONFIG = {
     "size": 224,
 }
 CLIP_IMAGE_SIZE = 224
-NUM_CONCEPTS = 17
-NUM_SPECIAL_CARE_CONCEPTS = 3
 # Random images sit far below this cosine similarity to random concepts, so a random checker flags nothing unless a
 # test sets its thresholds.
 RANDOM_CHECKER_THRESHOLD = 1.0
