@@ -19,12 +19,25 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-# Regenerates benchmarks/RESULTS.md: SD 1.5-architecture random checkpoint (built once), its bundle, then sdrt bench.
+# Regenerates benchmarks/RESULTS.md: SD 1.5-architecture random checkpoint (built once), its sdrt bundle, the optimum
+# peer (its own venv: optimum-onnx needs transformers 4.x) with its own export, then sdrt bench. Takes about an hour
+# on 2 cores; nothing here gates CI.
 BENCH_DIR ?= bench-data
 BENCH_ARGS ?= --runs 3 --sizes 512 -s 20
+OPTIMUM_VENV ?= .venv-optimum
 .PHONY: bench
-bench: $(VENV)/.installed
+
+$(OPTIMUM_VENV)/.installed:
+	python3 -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install --quiet 'optimum-onnx[onnxruntime]' 'transformers<5' diffusers
+	touch $@
+
+bench: $(VENV)/.installed $(OPTIMUM_VENV)/.installed
 	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
 	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
+	test -d $(BENCH_DIR)/sd15-optimum || $(OPTIMUM_VENV)/bin/optimum-cli export onnx --model $(BENCH_DIR)/sd15 \
+	    --task text-to-image $(BENCH_DIR)/sd15-optimum
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 $(BENCH_ARGS) \
+	    --optimum-python $(OPTIMUM_VENV)/bin/python --optimum-model $(BENCH_DIR)/sd15-optimum \
 	    --out $(BENCH_DIR)/out --results benchmarks/RESULTS.md
