@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdrt.engine.checks import is_finite_number, is_int
 from sdrt.engine.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class CLIPImageProcessorConfig:
     def __post_init__(self) -> None:
         self._check_flags()
         self._check_sizes()
-        if not _is_int(self.resample) or self.resample not in PIL_RESAMPLE_FILTERS:
+        if not is_int(self.resample) or self.resample not in PIL_RESAMPLE_FILTERS:
             raise CLIPImageConfigError("resample", f"must be one of {PIL_RESAMPLE_FILTERS}, got {self.resample!r}")
         _check_positive_number("rescale_factor", self.rescale_factor)
         self._check_mean_std()
@@ -286,7 +286,7 @@ def _parse_resize_size(size: Any, default_to_square: Any) -> tuple[int | None, t
     A bare int means the shortest edge for CLIP (its default_to_square is False), or a square if the config says
     default_to_square; a [height, width] list or {"height", "width"} dict means an exact size.
     """
-    if _is_int(size):
+    if is_int(size):
         return (None, (size, size)) if default_to_square is True else (size, None)
     if isinstance(size, Mapping) and set(size) == {"shortest_edge"}:
         return size["shortest_edge"], None
@@ -295,7 +295,7 @@ def _parse_resize_size(size: Any, default_to_square: Any) -> tuple[int | None, t
 
 def _parse_crop_size(crop_size: Any) -> tuple[int, int]:
     """`crop_size` as an int (square), [height, width] or {"height", "width"} -> (height, width)."""
-    if _is_int(crop_size):
+    if is_int(crop_size):
         return crop_size, crop_size
     return _parse_height_width("crop_size", crop_size)
 
@@ -322,12 +322,8 @@ def _parse_number(key: str, value: Any) -> float:
     return float(value)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_pixel_count(key: str, value: Any) -> None:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise CLIPImageConfigError(key, f"sizes must be positive integers, got {value!r}")
 
 
@@ -339,7 +335,7 @@ def _check_height_width(key: str, value: Any) -> None:
 
 
 def _check_finite_number(key: str, value: Any) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise CLIPImageConfigError(key, f"must be a finite number, got {value!r}")
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ from sdrt.engine.manifest import Manifest
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import Scheduler, SchedulerState
 from sdrt.engine.specs import Component
+from sdrt.engine.checks import is_finite_number, is_int
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,10 +72,6 @@ class _Request:
         return self.guidance_scale > 1.0
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
@@ -122,7 +117,7 @@ class StableDiffusionPipeline:
         if value is None:
             return self.manifest.model.default_image_size
         factor, largest = self.vae_scale_factor, self.manifest.model.max_image_size
-        if not _is_int(value) or not factor <= value <= largest or value % factor:
+        if not is_int(value) or not factor <= value <= largest or value % factor:
             raise InvalidArgumentError(name, f"must be a multiple of {factor} between {factor} and {largest}, got {value!r}")
         return int(value)
 
@@ -143,12 +138,12 @@ class StableDiffusionPipeline:
             schedule = self.scheduler.start(num_inference_steps)
         except ValueError as exc:
             raise InvalidArgumentError("num_inference_steps", str(exc)) from None
-        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
+        if not is_finite_number(guidance_scale):
             raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
-        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
         height, width = self._validate_size("height", height), self._validate_size("width", width)
-        if seed is not None and (not _is_int(seed) or seed < 0):
+        if seed is not None and (not is_int(seed) or seed < 0):
             raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
         if output_type not in _OUTPUT_TYPES:
             raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+
+from sdrt.engine.checks import is_finite_number, is_int
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -109,8 +110,7 @@ class NoiseScheduleConfig:
 def read_int(config: Mapping[str, Any], key: str, default: int, minimum: int | None = None) -> int:
     """``config[key]`` as an int (``default`` when absent); SchedulerConfigError if not an int >= minimum."""
     value = config.get(key, default)
-    # bool is an Integral too, but `"steps_offset": true` is a broken config, not 1.
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if not is_int(value):
         raise SchedulerConfigError(f"scheduler config {key!r} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise SchedulerConfigError(f"scheduler config {key!r} must be >= {minimum}, got {value!r}")
@@ -120,7 +120,7 @@ def read_int(config: Mapping[str, Any], key: str, default: int, minimum: int | N
 def read_float(config: Mapping[str, Any], key: str, default: float) -> float:
     """``config[key]`` as a finite float (``default`` when absent); SchedulerConfigError otherwise."""
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise SchedulerConfigError(f"scheduler config {key!r} must be a finite number, got {value!r}")
     return float(value)
 
@@ -242,11 +242,7 @@ def cosine_betas(num_train_timesteps: int) -> np.ndarray:
 
 def check_num_inference_steps(num_inference_steps: object, num_train_timesteps: int, minimum: int = 1) -> int:
     """``num_inference_steps`` as an int in minimum..num_train_timesteps; ValueError naming it otherwise."""
-    in_range = (
-        isinstance(num_inference_steps, Integral)
-        and not isinstance(num_inference_steps, bool)
-        and minimum <= num_inference_steps <= num_train_timesteps
-    )
+    in_range = is_int(num_inference_steps) and minimum <= num_inference_steps <= num_train_timesteps
     if not in_range:
         raise ValueError(
             f"num_inference_steps must be an integer in {minimum}..{num_train_timesteps}, got {num_inference_steps!r}"
