@@ -6,6 +6,7 @@ later process skips most of the compilation.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -31,16 +32,25 @@ def _openvino() -> Any | None:
     return openvino
 
 
+@functools.cache
+def _cpu_capabilities() -> frozenset[str] | None:
+    """OpenVINO's optimisation capabilities of this CPU, or None without a CPU device; asked once per process
+    (each query costs tens of milliseconds, and backend selection asks on every load)."""
+    core = _openvino().Core()
+    if "CPU" not in core.available_devices:
+        return None
+    return frozenset(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
 class _OpenVINOBackend(Backend):
     #: OpenVINO's INFERENCE_PRECISION_HINT
     precision: ClassVar[str]
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        openvino = _openvino()
-        if openvino is None:
+        if _openvino() is None:
             return "openvino is not installed (pip install 'sdrt[openvino]')"
-        if "CPU" not in openvino.Core().available_devices:
+        if _cpu_capabilities() is None:
             return "OpenVINO finds no CPU device"
         return None
 
@@ -77,7 +87,7 @@ class OpenVINOBF16Backend(_OpenVINOBackend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         reason = super().unavailable_reason()
-        if reason is None and "BF16" not in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if reason is None and "BF16" not in _cpu_capabilities():
             return "this CPU has no bf16 support (AVX-512 BF16 or AMX)"
         return reason
 
