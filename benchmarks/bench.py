@@ -32,7 +32,7 @@ from sdrt.engine.manifest import read_manifest
 logger = logging.getLogger(__name__)
 
 REFERENCE_ENGINE = "sdrt-exact"  # fp32: the accuracy reference for PSNR
-SDRT_ENGINES = ("sdrt", "sdrt-exact")
+SDRT_ENGINES = tuple(worker.SDRT_ENGINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path)
         launcher = [str(plan.optimum_python), worker.__file__]
     else:
         launcher = [sys.executable, "-m", "sdrt.benchmarks.worker"]
-    model = {"optimum-ort": plan.optimum_model, "sdrt": plan.bundle, "sdrt-exact": plan.bundle}.get(engine, plan.checkpoint)
+    model = plan.optimum_model if engine == "optimum-ort" else plan.bundle if engine in SDRT_ENGINES else plan.checkpoint
     command = [*launcher, "--engine", engine, "--model", str(model),
                "--config", json.dumps(dataclasses.asdict(config)), "--images-out", str(images_out)]
     launched_at = time.time()

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-ENGINES = ("sdrt", "sdrt-exact", "diffusers-fp32", "diffusers-bf16", "optimum-ort")
+# sdrt engine -> (backend, memory policy) for sdrt.engine.load; strings, as this module imports nothing from sdrt
+SDRT_ENGINES = {
+    "sdrt": ("auto", "keep-loaded"),
+    "sdrt-exact": ("exact", "keep-loaded"),
+    "sdrt-low-memory": ("auto", "one-at-a-time"),
+    "sdrt-exact-low-memory": ("exact", "one-at-a-time"),
+}
+ENGINES = (*SDRT_ENGINES, "diffusers-fp32", "diffusers-bf16", "optimum-ort")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +60,11 @@ class _StageClock:
         return timed
 
 
-def _run_sdrt(config: RunConfig, bundle: str, backend: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
+def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
     import sdrt.engine
 
-    pipe = sdrt.engine.load(bundle, backend=backend)
+    backend, memory = SDRT_ENGINES[engine]
+    pipe = sdrt.engine.load(bundle, backend=backend, memory=memory)
     pipe.set_progress_bar_config(disable=True)
     latents = np.load(config.latents_file)
 
@@ -65,7 +73,7 @@ def _run_sdrt(config: RunConfig, bundle: str, backend: str) -> tuple[Callable[[i
                    width=config.width, num_images_per_prompt=config.batch, latents=latents, output_type="np")
         return out.images, dict(out.timings)
 
-    return generate, {"backend": pipe.backend.name}
+    return generate, {"backend": pipe.backend.name + ("" if memory == "keep-loaded" else f", {memory}")}
 
 
 def _diffusers_style(pipe: Any, config: RunConfig, latents: Any) -> Callable[[int], Any]:
@@ -132,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(**json.loads(args.config))
 
     load_start = time.perf_counter()
-    if args.engine.startswith("sdrt"):
-        generate, info = _run_sdrt(config, args.model, "auto" if args.engine == "sdrt" else "exact")
+    if args.engine in SDRT_ENGINES:
+        generate, info = _run_sdrt(config, args.model, args.engine)
     elif args.engine.startswith("diffusers"):
         generate, info = _run_diffusers(config, args.model, args.engine.split("-")[1])
     else:

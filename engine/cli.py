@@ -16,6 +16,7 @@ from typing import NoReturn
 import numpy as np
 
 from sdrt.engine.atomic import atomic_file
+from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.version import SDRT_VERSION
@@ -62,7 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None or latents is not None else secrets.randbelow(2**32)
 
     bundle_dir = Path(bundle) if bundle is not None else default_bundle_dir()
-    pipe = load(bundle_dir, backend=args.backend, safety_checker=args.safety_checker)
+    pipe = load(bundle_dir, backend=args.backend, safety_checker=args.safety_checker, memory=args.memory)
     pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
         prompt,
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None, help="random if omitted (and recorded in the PNG)")
     generate.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
     generate.add_argument("--backend", default="auto")
+    generate.add_argument("--memory", choices=[m.value for m in MemoryPolicy], default=MemoryPolicy.KEEP_LOADED.value,
+                          help="one-at-a-time keeps only the model in use loaded: lowest peak memory")
     generate.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=SafetyPolicy.BLOCK.value,
                           help="block: flagged images are not written (exit status 3); flag: written and named; off")
     generate.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=SafetyPolicy.OFF.value,
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "a per-stage breakdown, load, cold start, peak RSS, PSNR against fp32, and ratios.")
     bench.add_argument("bundle", type=Path)
     bench.add_argument("--checkpoint", type=Path, default=None, help="the diffusers checkpoint the bundle came from")
-    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-exact", "diffusers-fp32", "diffusers-bf16", "optimum-ort"])
+    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-exact", "sdrt-low-memory", "diffusers-fp32", "diffusers-bf16", "optimum-ort"])
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--sizes", type=int, nargs="+", default=[512])
     bench.add_argument("--batches", type=int, nargs="+", default=[1])

@@ -6,7 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from sdrt.engine.backends import backend_class
+from sdrt.engine.backends import ComponentFile, MemoryPolicy, backend_class
+from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.manifest import read_manifest, verify_files
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy
@@ -16,23 +17,36 @@ from sdrt.engine.tokenizer import CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 
-def load(bundle_dir: str | os.PathLike, backend: str = "auto", safety_checker: bool | str = True) -> StableDiffusionPipeline:
+def load(
+    bundle_dir: str | os.PathLike,
+    backend: str = "auto",
+    safety_checker: bool | str = True,
+    memory: str | MemoryPolicy = MemoryPolicy.KEEP_LOADED,
+) -> StableDiffusionPipeline:
     """Load the bundle at `bundle_dir` for inference.
 
     `backend`: "auto" (the fastest available) or a backend name, e.g. "onnxruntime-cpu".
     `safety_checker`: True or "block" (default) checks every image with the bundle's NSFW checker and replaces
     flagged ones with black images; "flag" returns flagged images unchanged with their flag; False or "off" skips
     the checker. Bundles exported without a checker report nsfw_content_detected = None.
+    `memory`: "keep-loaded" (default) keeps each component loaded after first use; "one-at-a-time" keeps only the
+    component in use, for the lowest peak memory at the cost of reloading each stage's model per request.
     Every bundle file is checked against its size and sha256 in the manifest first: a missing, truncated or
-    modified file raises BundleError (a ValueError) naming it.
+    modified file raises BundleError (a ValueError) naming it. Hashes are recorded in the bundle's cache, so a
+    later load re-hashes only files whose size, modification or change time differ.
     """
+    memory_policy = _memory_policy(memory)
     policy = SafetyPolicy.from_argument(safety_checker)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
     backend_type = backend_class(backend)
-    chosen = backend_type(bundle_dir, {component: entry.file for component, entry in manifest.components.items()})
-    logger.info("loaded bundle %s with backend %s", bundle_dir, chosen.name)
+    components = {
+        component: ComponentFile(bundle_dir / entry.file, manifest.files[entry.file].sha256)
+        for component, entry in manifest.components.items()
+    }
+    chosen = backend_type(bundle_dir, components, memory_policy)
+    logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
     checker = None
     if policy is SafetyPolicy.OFF:
         logger.warning("safety checker disabled at load: images are not checked for NSFW content")
@@ -53,3 +67,10 @@ def load(bundle_dir: str | os.PathLike, backend: str = "auto", safety_checker: b
         safety_checker=checker,
         safety_policy=policy,
     )
+
+
+def _memory_policy(value: str | MemoryPolicy) -> MemoryPolicy:
+    try:
+        return MemoryPolicy(value)
+    except ValueError:
+        raise InvalidArgumentError("memory", f"must be one of {[m.value for m in MemoryPolicy]}, got {value!r}") from None

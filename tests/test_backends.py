@@ -73,3 +73,26 @@ def test_read_only_bundle_compiles_without_a_cache(tiny_bundle: Path, tmp_path: 
     monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
     _run_openvino_fp32(bundle)
     assert not (bundle / CACHE_SUBDIR).exists()
+
+
+@needs_bf16
+def test_fast_mode_compiles_an_fp16_copy_converted_once(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    pipe = sdrt.engine.load(bundle, backend="openvino-bf16", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    first = pipe("a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="np").images
+    converted = sorted((bundle / CACHE_SUBDIR / "ir").iterdir())
+    assert [d.name.split("-")[0] for d in converted] == ["text_encoder", "unet", "vae_decoder"]
+    unet_ir = next(d for d in converted if d.name.startswith("unet"))
+    onnx_bytes = sum(f.stat().st_size for f in (bundle / "unet").iterdir())
+    assert (unet_ir / "model.bin").stat().st_size < 0.6 * onnx_bytes  # fp16 weights: about half
+
+    from sdrt.engine.backends import openvino_cpu
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(openvino_cpu._openvino(), "save_model", no_conversion)
+    again = sdrt.engine.load(bundle, backend="openvino-bf16", safety_checker=False)
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(again("a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="np").images, first)

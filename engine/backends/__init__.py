@@ -5,7 +5,7 @@ results); `backend="exact"` the fastest fp32 one, at pixel parity with diffusers
 """
 from __future__ import annotations
 
-from sdrt.engine.backends.base import Backend
+from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.backends.onnxruntime_cpu import OnnxRuntimeCPUBackend
 from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend
 from sdrt.engine.errors import BackendUnavailableError
@@ -33,4 +33,4 @@ def backend_class(name: str) -> type[Backend]:
     return by_name[name]
 
 
-__all__ = ["Backend", "BACKENDS", "backend_class", "OnnxRuntimeCPUBackend", "OpenVINOBF16Backend", "OpenVINOFP32Backend"]
+__all__ = ["Backend", "ComponentFile", "MemoryPolicy", "BACKENDS", "backend_class", "OnnxRuntimeCPUBackend", "OpenVINOBF16Backend", "OpenVINOFP32Backend"]

@@ -1,22 +1,59 @@
-"""The one small interface every inference backend implements."""
+"""The one small interface every inference backend implements, and the memory policy they all share."""
 from __future__ import annotations
 
 import abc
+import dataclasses
+import enum
+import gc
+import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sdrt.engine.specs import Component
 
+logger = logging.getLogger(__name__)
+
+
+class MemoryPolicy(enum.Enum):
+    """What stays loaded between calls.
+
+    KEEP_LOADED: each component is loaded on first use and kept; repeated requests pay no load time.
+    ONE_AT_A_TIME: only the component in use is resident; the peak is the largest component, not their sum, and
+    each stage of a request reloads its component (from the backend's compiled-model cache where it has one).
+    """
+
+    KEEP_LOADED = "keep-loaded"
+    ONE_AT_A_TIME = "one-at-a-time"
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentFile:
+    """A component's model file and its sha256 from the manifest (a key for caches derived from it)."""
+
+    path: Path
+    sha256: str
+
 
 class Backend(abc.ABC):
-    """Runs the bundle's components. Sessions are created on first use, so unused components cost no memory."""
+    """Runs the bundle's components. Models are loaded on first use, so unused components cost no memory."""
 
     #: the name users pass as `backend=` and that results report
     name: str
     #: fp32 throughout, at pixel parity with diffusers; False for reduced-precision (fast) backends
     exact: bool
+
+    def __init__(
+        self, bundle_dir: Path, components: Mapping[Component, ComponentFile], memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.components = dict(components)
+        self.memory = memory
+        self._loaded: dict[Component, Any] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     @abc.abstractmethod
@@ -24,9 +61,25 @@ class Backend(abc.ABC):
         """None if this backend can run on this machine, else what is missing (one sentence)."""
 
     @abc.abstractmethod
-    def __init__(self, bundle_dir: Path, component_files: Mapping[Component, str]) -> None:
-        """`component_files` maps each component to its model file, relative to `bundle_dir`."""
+    def _load(self, component: Component) -> Any:
+        """Load `component` into whatever `_infer` runs (a session, a compiled model)."""
 
     @abc.abstractmethod
+    def _infer(self, model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run a loaded model; outputs in spec order, owned by the caller."""
+
+    @property
+    def loaded_components(self) -> frozenset[Component]:
+        """The components whose models are loaded now."""
+        return frozenset(self._loaded)
+
     def run(self, component: Component, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run one component on named inputs; return its outputs in spec order."""
+        with self._lock:  # one request at a time per backend: loaded models and their buffers are shared
+            if component not in self._loaded:
+                if self.memory is MemoryPolicy.ONE_AT_A_TIME and self._loaded:
+                    self._loaded.clear()
+                    gc.collect()  # free the previous model before the next one allocates
+                logger.debug("%s: loading %s", self.name, component.value)
+                self._loaded[component] = self._load(component)
+            return self._infer(self._loaded[component], feeds)
