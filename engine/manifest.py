@@ -8,15 +8,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from sdrt.engine.atomic import atomic_file
 from sdrt.engine.errors import BundleError
 from sdrt.engine.specs import Component
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+VERIFIED_STAMPS_FILE = ".cache/verified.json"  # not a bundle file: the manifest never lists .cache
 _HASH_CHUNK_BYTES = 16 << 20
 
 
@@ -166,18 +171,49 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
         raise BundleError(f"{path} is malformed ({type(exc).__name__}: {exc})") from exc
 
 
+def _stat_stamp(stat: os.stat_result) -> list[int]:
+    # Rewriting a file always moves its ctime, which no user call can set back: a matching stamp means unmodified.
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def _read_stamps(bundle_dir: Path) -> dict[str, Any]:
+    try:
+        stamps = json.loads((bundle_dir / VERIFIED_STAMPS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_stamps(bundle_dir: Path, stamps: dict[str, Any]) -> None:
+    try:
+        with atomic_file(bundle_dir / VERIFIED_STAMPS_FILE) as staging:
+            staging.write_text(json.dumps(stamps, sort_keys=True), encoding="utf-8")
+    except OSError as exc:  # a read-only bundle is verified in full on every load
+        logger.debug("cannot record verified hashes in %s: %s", bundle_dir, exc)
+
+
 def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
-    """Check every listed file exists with its recorded size and sha256; raise BundleError naming the first that does not."""
+    """Check every listed file exists with its recorded size and sha256; raise BundleError naming the first that does not.
+
+    Hashing gigabytes of weights dominated load time, so each verified file's stat (size, mtime, ctime, inode) is
+    recorded in the bundle's cache with its hash; a later load hashes again only files whose stat changed.
+    """
     bundle_dir = Path(bundle_dir)
+    stamps = _read_stamps(bundle_dir)
+    verified: dict[str, Any] = {}
     for name, expected in manifest.files.items():
         path = bundle_dir / name
         if not path.is_file():
             raise BundleError(f"bundle file {path} is missing")
-        size = path.stat().st_size
-        if size != expected.bytes:
-            raise BundleError(f"bundle file {path} is {size} bytes, the manifest says {expected.bytes}: truncated or replaced")
-        if sha256_file(path) != expected.sha256:
+        stat = path.stat()
+        if stat.st_size != expected.bytes:
+            raise BundleError(f"bundle file {path} is {stat.st_size} bytes, the manifest says {expected.bytes}: truncated or replaced")
+        stamp = {"stat": _stat_stamp(stat), "sha256": expected.sha256}
+        if stamps.get(name) != stamp and sha256_file(path) != expected.sha256:
             raise BundleError(f"bundle file {path} does not match its sha256 in the manifest: it was modified")
+        verified[name] = stamp
+    if verified != stamps:
+        _write_stamps(bundle_dir, verified)
     for component, entry in manifest.components.items():
         if entry.file not in manifest.files:
             raise BundleError(f"manifest names {entry.file} for {component.value} but does not list it among its files")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -67,3 +68,40 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 def test_unknown_backend(tiny_bundle: Path) -> None:
     with pytest.raises(sdrt.engine.BackendUnavailableError, match="unknown backend 'tpu'"):
         sdrt.engine.load(tiny_bundle, backend="tpu")
+
+
+def test_verified_files_are_not_hashed_again(bundle_copy: Path, monkeypatch) -> None:
+    from sdrt.engine import manifest
+
+    sdrt.engine.load(bundle_copy, safety_checker=False)
+    hashed: list[Path] = []
+    real_sha256 = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(path) or real_sha256(path))
+    sdrt.engine.load(bundle_copy, safety_checker=False)
+    assert hashed == []
+    (bundle_copy / "tokenizer/merges.txt").touch()  # a new mtime: that one file is hashed again, and still passes
+    sdrt.engine.load(bundle_copy, safety_checker=False)
+    assert [p.name for p in hashed] == ["merges.txt"]
+
+
+def test_file_modified_after_verification_is_caught(bundle_copy: Path) -> None:
+    sdrt.engine.load(bundle_copy, safety_checker=False)
+    path = bundle_copy / "tokenizer/merges.txt"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):
+        sdrt.engine.load(bundle_copy)
+
+
+def test_forged_verification_record_is_ignored_for_a_rewritten_file(bundle_copy: Path) -> None:
+    sdrt.engine.load(bundle_copy, safety_checker=False)
+    path = bundle_copy / "tokenizer/merges.txt"
+    record = json.loads((bundle_copy / ".cache/verified.json").read_text())
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    # Restoring mtime (which any user can do) is not enough: the change time moved and cannot be set back.
+    os.utime(path, ns=(record["tokenizer/merges.txt"]["stat"][1],) * 2)
+    with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):
+        sdrt.engine.load(bundle_copy)
