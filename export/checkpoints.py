@@ -131,6 +131,27 @@ ARCHES: dict[str, CheckpointArch] = {
         pad_token=EOS_TOKEN,
         safety_checker=SafetyCheckerArch(hidden_size=32, layers=2, heads=4, intermediate_size=37, patch_size=32, projection_dim=16),
     ),
+    # The embedded demo model (sdrt.demo.train): 64x64 px images through a 2-downsample VAE (scale factor 4) to 16x16
+    # latents, cross-attention at 16x16 and 8x8, a 2-layer CLIP text encoder over the real vocabulary. Its VAE scaling
+    # factor is measured on the training latents; the value here only serves random checkpoints of this shape.
+    "demo": CheckpointArch(
+        unet_block_out_channels=(64, 128, 128),
+        unet_layers_per_block=1,
+        unet_attention_head_dim=4,
+        unet_sample_size=16,
+        unet_use_linear_projection=False,
+        latent_channels=4,
+        vae_block_out_channels=(32, 64, 64),
+        vae_layers_per_block=1,
+        vae_scaling_factor=1.0,
+        text_hidden_size=64,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate_size=256,
+        norm_num_groups=32,
+        pad_token=EOS_TOKEN,
+        safety_checker=None,
+    ),
     # Deliberately different everywhere a hard-coded SD 1.5 size could hide: three U-Net blocks, other head dims,
     # a 2-downsample VAE (scale factor 4), 8 latent channels, another scaling factor, SD 2's "!" pad token and
     # linear attention projections.
@@ -236,30 +257,62 @@ def make_random_checkpoint(
     as SD 1.x checkpoints do. The directory appears whole or not at all. Returns its path.
     """
     spec = ARCHES[arch] if isinstance(arch, str) else arch
-    out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    models = build_models(spec)
     checker = _safety_checker(spec.safety_checker) if with_safety_checker and spec.safety_checker else None
+    save_checkpoint(out_dir, models, pad_token=spec.pad_token, safety_checker=checker)
+    logger.info("wrote random-weight checkpoint to %s", out_dir)
+    return Path(out_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The three trainable models of a Stable Diffusion checkpoint."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+
+
+def build_models(arch: CheckpointArch) -> Models:
+    """Freshly initialised (random) VAE, text encoder and U-Net with `arch`'s shapes, from torch's current seed."""
+    return Models(vae=_vae(arch).eval(), text_encoder=_text_encoder(arch).eval(), unet=_unet(arch).eval())
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    models: Models,
+    pad_token: str = EOS_TOKEN,
+    safety_checker: StableDiffusionSafetyChecker | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save `models` as a diffusers checkpoint laid out like a real SD 1.x one (safetensors in `dtype`, PNDM
+    scheduler, vocab.json + merges.txt tokenizer, the safety checker and its feature extractor when given).
+
+    The directory appears whole or not at all.
+    """
     pipe = StableDiffusionPipeline(
-        vae=_vae(spec).eval(),
-        text_encoder=_text_encoder(spec).eval(),
+        vae=models.vae,
+        text_encoder=models.text_encoder,
         tokenizer=None,
-        unet=_unet(spec).eval(),
+        unet=models.unet,
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=checker,
-        feature_extractor=CLIPImageProcessor() if checker is not None else None,
-        requires_safety_checker=checker is not None,
-    )
+        safety_checker=safety_checker,
+        feature_extractor=CLIPImageProcessor() if safety_checker is not None else None,
+        requires_safety_checker=safety_checker is not None,
+    ).to(dtype)
+    out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         # transformers 5 would save only tokenizer.json (and its feature extractor as CLIPImageProcessorPil); real SD
         # checkpoints ship vocab.json + merges.txt and a CLIPFeatureExtractor preprocessor_config.json.
         shutil.rmtree(staging / "tokenizer", ignore_errors=True)
-        write_clip_tokenizer(staging / "tokenizer", pad_token=spec.pad_token)
-        if checker is not None:
+        write_clip_tokenizer(staging / "tokenizer", pad_token=pad_token)
+        if safety_checker is not None:
             (staging / "feature_extractor").mkdir(exist_ok=True)
             (staging / "feature_extractor/preprocessor_config.json").write_text(json.dumps(SD_PREPROCESSOR_CONFIG, indent=2))
-        _declare_components(staging / "model_index.json", with_safety_checker=checker is not None)
-    logger.info("wrote random-weight checkpoint to %s", out_dir)
+        _declare_components(staging / "model_index.json", with_safety_checker=safety_checker is not None)
+    pipe.to(torch.float32)
     return out_dir
 
 
