@@ -24,7 +24,7 @@ from sdrt.engine.version import SDRT_VERSION
 logger = logging.getLogger("sdrt")
 
 # The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
-ARCH_NAMES = ("sd15", "tiny", "tiny-alt")
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo")
 EXIT_USAGE = 2
 # Generation finished but the safety checker blocked at least one image, which was therefore not written.
 EXIT_BLOCKED = 3
@@ -151,6 +151,48 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """`--size`: "64" for 64x64, or "HEIGHTxWIDTH"."""
+    try:
+        sides = [int(side) for side in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or HEIGHTxWIDTH, got {text!r}")
+    return (sides[0], sides[-1])
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from tqdm import tqdm
+
+    from sdrt.demo import sweep
+    from sdrt.engine import default_bundle_dir, load
+
+    names = list(sweep.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    for option, value, parameter in (("--steps", args.steps, "num_inference_steps"), ("--size", args.size, "size")):
+        if value is not None and all(sweep.EXPERIMENTS[name].parameter == parameter for name in names):
+            raise _UsageError(f"{option}: the {names[0]} experiment sweeps {parameter} itself")
+    bundle_dir = args.bundle if args.bundle is not None else default_bundle_dir()
+    pipe = load(bundle_dir, backend=args.backend, safety_checker=SafetyPolicy.OFF.value)
+    pipe.set_progress_bar_config(disable=True)
+    runs = []
+    for name in names:  # every experiment planned (and so checked) before any runs
+        experiment = sweep.EXPERIMENTS[name]
+        options = {"sample_prompts": args.prompts,
+                   "steps": None if experiment.parameter == "num_inference_steps" else args.steps,
+                   "size": None if experiment.parameter == "size" else args.size}
+        runs.append((experiment, options, sum(call.num_images for call in sweep.plan(pipe, experiment, **options))))
+    command_line = shlex.join(["sdrt", *args.argv])
+    with tqdm(total=sum(count for *_, count in runs), unit="image", desc="sweep", disable=args.quiet) as bar:
+        for experiment, options, _ in runs:
+            result = sweep.run(pipe, experiment, seed=args.seed, progress=bar.update, **options)
+            for line in [*sweep.write(result, args.out, command_line), result.summary()]:
+                bar.write(str(line), file=sys.stdout)  # above the bar, which stays on stderr
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="sdrt", description="Stable Diffusion inference engine")
     parser.add_argument("--version", action="version", version=f"sdrt {SDRT_VERSION}")
@@ -212,6 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="results.json, results.md, chart.png")
     bench.add_argument("--results", type=Path, default=None, help="also write the markdown here (benchmarks/RESULTS.md)")
     bench.set_defaults(handler=_bench)
+
+    sweep = commands.add_parser("sweep", help="the chapter's experiments on the demo model: contact sheets, curves, JSON",
+                                description="Sweep one pipeline argument (guidance, steps, negative prompt, size, images per "
+                                "prompt, the empty prompt) over the chapter's values from one seed, score every image with "
+                                "the demo scorer, and write <experiment>.png (contact sheet), <experiment>-curve.png (the "
+                                "metric) and <experiment>.json (every number and this command line). BUNDLE defaults to the "
+                                "embedded default model. The safety checker is off: the demo model draws geometric shapes.")
+    sweep.add_argument("bundle", nargs="?", type=Path, default=None, metavar="BUNDLE")
+    # The names of sdrt.demo.sweep.EXPERIMENTS, spelled out so `sdrt --help` loads no demo code.
+    sweep.add_argument("--experiment", required=True, choices=[
+        "guidance", "steps", "negative-prompt", "sizes", "images-per-prompt", "empty-prompt", "all"])
+    sweep.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output directory")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--prompts", type=int, default=None,
+                       help="sampled prompts per column (per part for negative-prompt); default 24 (12)")
+    sweep.add_argument("--steps", type=int, default=None, help="override the fixed 50 steps, for quick runs (not for steps)")
+    sweep.add_argument("--size", type=_size, default=None, metavar="N|HxW",
+                       help="override the fixed image size (the model's default), for quick runs (not for sizes)")
+    sweep.add_argument("--backend", default="auto")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 
