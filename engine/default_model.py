@@ -1,14 +1,16 @@
-"""The embedded default model: a bundle built on first use and cached, so `sdrt generate "prompt"` needs nothing else.
+"""The embedded default model: the demo checkpoint shipped in `sdrt.demo`, exported to a bundle on first use and
+cached, so `sdrt generate "a red circle on a blue background"` needs nothing else.
 
-Until the project ships a trained demo model, the default is a small random-weight checkpoint with SD 1.x's layout
-and the real CLIP vocabulary: it exercises the whole engine, but its images are noise. Building it needs the
-`export` extra (torch, diffusers); using the cached bundle afterwards does not.
+The demo model is small and trained here on procedural scenes (see demo/model/README.md): it draws coloured shapes
+on coloured backgrounds, nothing else. Building the bundle needs the `export` extra (torch, diffusers); using the
+cached bundle afterwards does not.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import tempfile
+from importlib import resources
 from pathlib import Path
 
 from sdrt.engine.errors import SdrtError
@@ -16,8 +18,7 @@ from sdrt.engine.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "tiny"
-DEFAULT_SEED = 0
+DEMO_CHECKPOINT = "model"  # folder of the sdrt.demo package
 
 
 def cache_dir() -> Path:
@@ -27,24 +28,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt"
 
 
+def demo_checkpoint_dir() -> Path:
+    """The shipped demo checkpoint (diffusers format)."""
+    return Path(str(resources.files("sdrt.demo").joinpath(DEMO_CHECKPOINT)))
+
+
+def _checkpoint_digest(checkpoint: Path) -> str:
+    """A short hash of every checkpoint file, so a retrained model never reuses a stale cached bundle."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != "README.md"):
+        digest.update(path.relative_to(checkpoint).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def default_bundle_dir() -> Path:
     """The default model's bundle, building it on first use."""
-    bundle = cache_dir() / f"default-{DEFAULT_ARCH}-bundle"
+    checkpoint = demo_checkpoint_dir()
+    if not (checkpoint / "model_index.json").is_file():
+        raise SdrtError(f"the demo checkpoint is missing from this installation ({checkpoint}): reinstall sdrt")
+    bundle = cache_dir() / f"demo-{_checkpoint_digest(checkpoint)}-bundle"
     if (bundle / MANIFEST_NAME).is_file():
         return bundle
     try:
         from sdrt.export import export_bundle
-        from sdrt.export.checkpoints import make_random_checkpoint
     except ImportError as exc:
         raise SdrtError(
             f"the default model is built on first use and that needs the export extra ({exc.name} is missing): "
             "pip install torch==2.13.0 && pip install 'sdrt[export]'"
         ) from exc
-    logger.warning("building the default model (random weights, SD 1.x layout) into %s: first use only", bundle)
-    with tempfile.TemporaryDirectory(prefix="sdrt-default-") as scratch:
-        checkpoint = make_random_checkpoint(Path(scratch) / "checkpoint", DEFAULT_ARCH, seed=DEFAULT_SEED)
-        try:
-            export_bundle(checkpoint, bundle, force=bundle.exists())
-        except FileExistsError:
-            logger.info("another process finished building %s first", bundle)
+    logger.warning("building the default model's bundle into %s: first use only", bundle)
+    try:
+        export_bundle(checkpoint, bundle)
+    except FileExistsError:
+        logger.info("another process finished building %s first", bundle)
     return bundle
