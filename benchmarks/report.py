@@ -44,7 +44,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Versions: Python {machine['python']}, {versions}",
         f"- Workload: \"{plan['prompt']}\", {plan['steps']} steps, guidance {plan['guidance_scale']}, {plan['runs']} run(s) per "
         "engine in fresh processes, interleaved; medians (p95 beside). Times in seconds.",
-        "- Cold start = process launch to first image (a 1-step generation at the benchmark's size). PSNR: final images "
+        "- Cold start = process launch to first image (a 1-step generation at the benchmark's size), on a bundle whose caches "
+        "were filled by one unmeasured run at the smallest size, as after a deployment's first load. PSNR: final images "
         "against sdrt's fp32 engine (sdrt-exact) on the same initial latents.",
         "",
     ]
@@ -96,4 +97,4 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         draw.rectangle([legend_x, y, legend_x + 12, y + 12], fill=STAGE_COLOURS[stage])
         draw.text((legend_x + 16, y), stage, fill="black")
         legend_x += 30 + 7 * len(stage)
-    image.save(path)
+    image.save(path, format="PNG")

@@ -132,7 +132,7 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from sdrt.benchmarks.bench import BenchPlan, run_bench
-    from sdrt.benchmarks.report import markdown
+    from sdrt.benchmarks.report import markdown, write_chart
     from sdrt.benchmarks.worker import ENGINES
 
     unknown = [e for e in args.engines if e not in ENGINES]
@@ -145,9 +145,12 @@ def _bench(args: argparse.Namespace) -> int:
     )
     results = run_bench(plan, ["sdrt", *args.argv])
     print(markdown(results))
-    if args.results is not None:
+    if args.results is not None:  # the markdown and its chart beside it, e.g. RESULTS.md + RESULTS-chart.png
+        chart = args.results.with_name(f"{args.results.stem}-chart.png")
+        with atomic_file(chart) as staging:
+            write_chart(results, staging)
         with atomic_file(args.results) as staging:
-            staging.write_text(markdown(results) + "\n", encoding="utf-8")
+            staging.write_text(f"{markdown(results)}\n\n![stage breakdown per engine]({chart.name})\n", encoding="utf-8")
     return 0
 
 
