@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sdrt.demo import plots
-from sdrt.demo.scenes import COLOURS, POSITIONS, SHAPES, Attribute, Scene, held_out_scenes, parse_caption
+from sdrt.demo.scenes import ALL_ATTRIBUTES, COLOURS, POSITIONS, SHAPES, Attribute, Scene, held_out_scenes, parse_caption
 from sdrt.demo.scorer import MIN_SIDE, Reading, Score, read_image, score
 from sdrt.engine.atomic import atomic_file
 from sdrt.engine.checks import is_finite_number, is_int
@@ -64,8 +64,6 @@ SHEET_ROWS = 6
 IMAGES_PER_PROMPT = 8
 
 _COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
-_NO_COLOUR = frozenset({Attribute.SHAPE, Attribute.BACKGROUND, Attribute.POSITION})
-_NO_SHAPE = frozenset({Attribute.COLOUR, Attribute.BACKGROUND, Attribute.POSITION})
 
 
 class Metric(enum.Enum):
@@ -128,31 +126,22 @@ def sample_scenes(count: int) -> list[Scene]:
     return scenes
 
 
-def no_colour_captions(count: int) -> list[str]:
-    """`count` distinct captions naming shape, background and position but no colour ("a circle on a blue
-    background, top left"): shape k mod 3, background k mod 4, position k mod 5, so at most 60."""
-    if not is_int(count) or not 1 <= count <= 60:
-        raise InvalidArgumentError("sample_prompts", f"must be between 1 and 60 for the negative prompt, got {count!r}")
-    captions = []
-    for k in range(count):
-        background = k % len(_COLOUR_NAMES)
-        colour = _COLOUR_NAMES[(background + 1) % len(_COLOUR_NAMES)]  # any other colour: the caption does not name it
-        scene = Scene(SHAPES[k % len(SHAPES)], colour, _COLOUR_NAMES[background], POSITIONS[k % len(POSITIONS)])
-        captions.append(scene.caption(_NO_COLOUR))
-    return captions
+MAX_PARTIAL_CAPTIONS = 60
 
 
-def no_shape_captions(count: int) -> list[str]:
-    """`count` distinct captions naming colour, background and position but no shape ("a red shape on a blue
-    background, top left"): colour k mod 4, position k mod 5, background 1 + k mod 3 steps from the colour; at most 60."""
-    if not is_int(count) or not 1 <= count <= 60:
-        raise InvalidArgumentError("sample_prompts", f"must be between 1 and 60 for the negative prompt, got {count!r}")
+def captions_without(omitted: Attribute, count: int) -> list[str]:
+    """`count` distinct captions naming every attribute but `omitted` ("a circle on a blue background, top left"
+    without colour): shape k mod 3, colour k mod 4, background 1 + k mod 3 steps round the palette from the colour,
+    position k mod 5, so at most MAX_PARTIAL_CAPTIONS."""
+    if not is_int(count) or not 1 <= count <= MAX_PARTIAL_CAPTIONS:
+        raise InvalidArgumentError(
+            "sample_prompts", f"must be between 1 and {MAX_PARTIAL_CAPTIONS} for the negative prompt, got {count!r}")
     captions = []
     for k in range(count):
         colour = k % len(_COLOUR_NAMES)
         background = (colour + 1 + k % 3) % len(_COLOUR_NAMES)
-        scene = Scene(SHAPES[0], _COLOUR_NAMES[colour], _COLOUR_NAMES[background], POSITIONS[k % len(POSITIONS)])
-        captions.append(scene.caption(_NO_SHAPE))
+        scene = Scene(SHAPES[k % len(SHAPES)], _COLOUR_NAMES[colour], _COLOUR_NAMES[background], POSITIONS[k % len(POSITIONS)])
+        captions.append(scene.caption(ALL_ATTRIBUTES - {omitted}))
     return captions
 
 
@@ -348,7 +337,8 @@ def plan(pipe: StableDiffusionPipeline, experiment: Experiment, sample_prompts: 
                 height=height, width=width, num_images_per_prompt=experiment.num_images_per_prompt)
 
     if experiment.prompts is Prompts.NEGATION:
-        parts = {"colour": (tuple(no_colour_captions(count)), _COLOUR_NAMES), "shape": (tuple(no_shape_captions(count)), SHAPES)}
+        parts = {"colour": (tuple(captions_without(Attribute.COLOUR, count)), _COLOUR_NAMES),
+                 "shape": (tuple(captions_without(Attribute.SHAPE, count)), SHAPES)}
         calls = []
         for part, (prompts, negatable) in parts.items():
             for value in experiment.values:

@@ -17,6 +17,13 @@ def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
 
 
+def _flip_a_bit(path: Path) -> None:
+    """Modify a file without changing its size."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def test_intact_bundle_loads(bundle_copy: Path) -> None:
     assert sdrt.engine.load(bundle_copy, safety_checker=False).manifest.model.latent_channels == 4
 
@@ -36,9 +43,7 @@ def test_truncated_file(bundle_copy: Path) -> None:
 
 def test_tampered_file_same_size(bundle_copy: Path) -> None:
     path = bundle_copy / "tokenizer/merges.txt"
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_a_bit(path)
     with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):
         sdrt.engine.load(bundle_copy)
 
@@ -87,9 +92,7 @@ def test_verified_files_are_not_hashed_again(bundle_copy: Path, monkeypatch) -> 
 def test_file_modified_after_verification_is_caught(bundle_copy: Path) -> None:
     sdrt.engine.load(bundle_copy, safety_checker=False)
     path = bundle_copy / "tokenizer/merges.txt"
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_a_bit(path)
     with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):
         sdrt.engine.load(bundle_copy)
 
@@ -98,9 +101,7 @@ def test_forged_verification_record_is_ignored_for_a_rewritten_file(bundle_copy:
     sdrt.engine.load(bundle_copy, safety_checker=False)
     path = bundle_copy / "tokenizer/merges.txt"
     record = json.loads((bundle_copy / ".cache/verified.json").read_text())
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_a_bit(path)
     # Restoring mtime (which any user can do) is not enough: the change time moved and cannot be set back.
     os.utime(path, ns=(record["tokenizer/merges.txt"]["stat"][1],) * 2)
     with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):

@@ -113,7 +113,7 @@ def test_guidance_cell_is_the_direct_call_upscaled(tiny_pipe, written) -> None:
 
 def test_negative_prompt_cell_is_the_direct_call_upscaled(tiny_pipe, written) -> None:
     # Rows 0-2: captions without the colour; rows 3-5: captions without the shape. Column "square" negates a shape.
-    prompts = sweep.no_shape_captions(PROMPTS)
+    prompts = sweep.captions_without(Attribute.SHAPE, PROMPTS)
     column = sweep.EXPERIMENTS["negative-prompt"].values.index("square")
     expected = _direct(tiny_pipe, prompts, negative_prompt="square")[0]
     with Image.open(written["negative-prompt"][0]) as sheet:
@@ -292,7 +292,7 @@ def test_samples_cover_every_value() -> None:
     for attribute in Attribute:
         counts = collections.Counter(getattr(scene, attribute.value) for scene in scenes[:24])
         assert max(counts.values()) - min(counts.values()) <= 3, (attribute, counts)
-    for captions, missing in ((sweep.no_colour_captions(60), Attribute.COLOUR), (sweep.no_shape_captions(60), Attribute.SHAPE)):
+    for captions, missing in ((sweep.captions_without(Attribute.COLOUR, 60), Attribute.COLOUR), (sweep.captions_without(Attribute.SHAPE, 60), Attribute.SHAPE)):
         assert len(set(captions)) == 60
         assert all(set(parse_caption(c)) == set(Attribute) - {missing} for c in captions)
 
