@@ -7,6 +7,7 @@ so the exporter and runtime never see anything a real checkpoint would not give 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -289,8 +290,10 @@ def save_checkpoint(
     """Save `models` as a diffusers checkpoint laid out like a real SD 1.x one (safetensors in `dtype`, PNDM
     scheduler, vocab.json + merges.txt tokenizer, the safety checker and its feature extractor when given).
 
-    The directory appears whole or not at all.
+    The directory appears whole or not at all. The caller's models are left as they were.
     """
+    if dtype != torch.float32:
+        models = Models(*(copy.deepcopy(m).to(dtype) for m in (models.vae, models.text_encoder, models.unet)))
     pipe = StableDiffusionPipeline(
         vae=models.vae,
         text_encoder=models.text_encoder,
@@ -300,7 +303,7 @@ def save_checkpoint(
         safety_checker=safety_checker,
         feature_extractor=CLIPImageProcessor() if safety_checker is not None else None,
         requires_safety_checker=safety_checker is not None,
-    ).to(dtype)
+    )
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -312,7 +315,6 @@ def save_checkpoint(
             (staging / "feature_extractor").mkdir(exist_ok=True)
             (staging / "feature_extractor/preprocessor_config.json").write_text(json.dumps(SD_PREPROCESSOR_CONFIG, indent=2))
         _declare_components(staging / "model_index.json", with_safety_checker=safety_checker is not None)
-    pipe.to(torch.float32)
     return out_dir
 
 
