@@ -1,4 +1,5 @@
-"""The `sdrt` command: `generate` runs on the lean runtime; `export` needs the export extra and imports it lazily.
+"""The `sdrt` command: `generate` runs on the lean runtime; `export` needs the export extra and `build-engines` the gpu
+extra, each imported lazily.
 
 Every failure a user can cause prints one line `sdrt: error: ...` and exits with status 2, leaving no output file.
 """
@@ -19,6 +20,7 @@ from sdrt.engine.atomic import atomic_file
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.safety_checker import SafetyPolicy
+from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision
 from sdrt.engine.version import SDRT_VERSION
 
 logger = logging.getLogger("sdrt")
@@ -108,6 +110,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _import_export_extra(command: str):
     try:
+        import sdrt.export.bundle
         import sdrt.export.checkpoints
         import sdrt.export
     except ImportError as exc:
@@ -119,6 +122,26 @@ def _import_export_extra(command: str):
 
 def _export(args: argparse.Namespace) -> int:
     print(_import_export_extra("export").export_bundle(args.checkpoint, args.out_dir, force=args.force))
+    return 0
+
+
+def _axis_range(text: str) -> AxisRange:
+    """`--batch/--height/--width`: "MIN:OPT:MAX", or "N" for one size."""
+    try:
+        return AxisRange.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:OPT:MAX, got {text!r}") from None
+
+
+def _build_engines(args: argparse.Namespace) -> int:
+    from sdrt.engine.manifest import read_manifest
+    from sdrt.engine.tensorrt.profile import default_profile
+    from sdrt.export.tensorrt_build import build_engines
+
+    default = default_profile(read_manifest(args.bundle).model)
+    axes = {name: getattr(args, name) or getattr(default, name) for name in PROFILE_AXES}
+    profile = EngineProfile.static(*(axes[name].opt for name in PROFILE_AXES)) if args.static else EngineProfile(**axes)
+    print(build_engines(args.bundle, profile, Precision(args.precision), refittable=args.refittable))
     return 0
 
 
@@ -229,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path)
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     export.set_defaults(handler=_export)
+
+    engines = commands.add_parser("build-engines", help="TensorRT engines for a bundle, on this GPU (gpu extra)",
+                                  description="Build TensorRT engines for every component of BUNDLE on this machine's GPU "
+                                  "and store them in the bundle (.cache/tensorrt), for --backend tensorrt. Engines run "
+                                  "requests within the profile: images per request (prompts x images per prompt), height "
+                                  "and width, each MIN:OPT:MAX (N for one size); TensorRT tunes for OPT. Defaults: batch "
+                                  "1:1:4, sides from half to twice the model's default image size (SD 1.5: 256:512:1024). "
+                                  "Engines already built for the same model files, GPU, TensorRT, profile and precision "
+                                  "are reused.")
+    engines.add_argument("bundle", type=Path)
+    engines.add_argument("--batch", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
+    engines.add_argument("--height", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
+    engines.add_argument("--width", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
+    engines.add_argument("--static", action="store_true", help="build for the OPT sizes only: fastest, one size")
+    engines.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.FP16.value,
+                         help="fp16 (default; a VAE that overflows in fp16 is kept in fp32), bf16, or fp32 (TF32 off)")
+    engines.add_argument("--refittable", action="store_true", help="engines whose weights can be replaced without a rebuild")
+    engines.set_defaults(handler=_build_engines)
 
     make = commands.add_parser("make-checkpoint", help="random-weight SD checkpoint of a given architecture (export extra)",
                                description="Write a random-weight diffusers checkpoint: compute does not depend on weight "

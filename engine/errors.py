@@ -21,3 +21,17 @@ class BundleError(SdrtError, ValueError):
 
 class BackendUnavailableError(SdrtError, RuntimeError):
     """The requested inference backend cannot run here; the message says what is missing."""
+
+
+class EnginesNotBuiltError(BackendUnavailableError):
+    """The bundle has no TensorRT engines for this GPU, TensorRT version and bundle content (none built, built for
+    another GPU or TensorRT, or built from ONNX that has since changed); the message names `sdrt build-engines`."""
+
+
+class ProfileMismatchError(InvalidArgumentError):
+    """A request's batch, height or width is outside the range its TensorRT engines were built for; the message
+    names that range and the `sdrt build-engines` command that rebuilds them to cover the request."""
+
+
+class GpuError(SdrtError, RuntimeError):
+    """A CUDA or TensorRT call failed on the device; the message names the call and its error."""

@@ -25,7 +25,9 @@ def load(
 ) -> StableDiffusionPipeline:
     """Load the bundle at `bundle_dir` for inference.
 
-    `backend`: "auto" (the fastest available) or a backend name, e.g. "onnxruntime-cpu".
+    `backend`: "auto" (the fastest available: "tensorrt" where `sdrt build-engines` built engines of this bundle
+    for this GPU, then "cuda", then the CPU backends), "exact" (the fastest fp32 one) or a backend name, e.g.
+    "onnxruntime-cpu".
     `safety_checker`: True or "block" (default) checks every image with the bundle's NSFW checker and replaces
     flagged ones with black images; "flag" returns flagged images unchanged with their flag; False or "off" skips
     the checker. Bundles exported without a checker report nsfw_content_detected = None.
@@ -40,11 +42,11 @@ def load(
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
-    backend_type = backend_class(backend)
     components = {
-        component: ComponentFile(bundle_dir / entry.file, manifest.files[entry.file].sha256)
+        component: ComponentFile(bundle_dir / entry.file, manifest.component_digest(component))
         for component, entry in manifest.components.items()
     }
+    backend_type = backend_class(backend, bundle_dir, components)
     chosen = backend_type(bundle_dir, components, memory_policy)
     logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
     checker = None

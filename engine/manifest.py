@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,17 @@ class Manifest:
 
     def write(self, bundle_dir: Path) -> None:
         (Path(bundle_dir) / MANIFEST_NAME).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    def component_digest(self, component: Component) -> str:
+        """A sha256 over the recorded hashes of every file in `component`'s directory: its ONNX and its external
+        weights (`model.onnx.data`), since new weights alone can leave the .onnx file byte-identical. Caches derived
+        from a model (OpenVINO's converted models, TensorRT engines) are keyed on it."""
+        directory = posixpath.dirname(self.components[component].file)
+        digest = hashlib.sha256()
+        for name in sorted(self.files):
+            if posixpath.dirname(name) == directory:
+                digest.update(f"{name} {self.files[name].sha256}\n".encode())
+        return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

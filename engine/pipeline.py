@@ -149,6 +149,7 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
         request = _Request(prompts, negative_prompts, schedule, float(guidance_scale), int(num_images_per_prompt),
                            height, width, seed, None, output_type)
+        self.backend.check_request(request.num_images, height, width)  # e.g. a size TensorRT's engines were not built for
         if latents is not None:
             expected = self._latent_shape(request)
             if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != expected:

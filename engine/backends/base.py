@@ -32,10 +32,11 @@ class MemoryPolicy(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class ComponentFile:
-    """A component's model file and its sha256 from the manifest (a key for caches derived from it)."""
+    """A component's model file and the digest of its files in the manifest (`Manifest.component_digest`: the key
+    of caches derived from it)."""
 
     path: Path
-    sha256: str
+    digest: str
 
 
 class Backend(abc.ABC):
@@ -59,6 +60,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def unavailable_reason(cls) -> str | None:
         """None if this backend can run on this machine, else what is missing (one sentence)."""
+
+    @classmethod
+    def bundle_unavailable_reason(cls, bundle_dir: Path, components: Mapping[Component, ComponentFile]) -> str | None:
+        """None if this backend can run this bundle (given `unavailable_reason()` is None), else why not (one
+        sentence naming the command that fixes it). Most backends run any bundle; TensorRT needs engines built for it."""
+        return None
+
+    def check_request(self, num_images: int, height: int, width: int) -> None:
+        """Raise InvalidArgumentError if this backend cannot run a request of `num_images` images of height x width
+        pixels; called before any model runs. Most backends take any size the bundle accepts."""
 
     @abc.abstractmethod
     def _load(self, component: Component) -> Any:

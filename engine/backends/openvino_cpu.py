@@ -74,7 +74,7 @@ class _OpenVINOBackend(Backend):
         source = self.components[component]
         if not self.fp16_weights or self._cache_dir is None:
             return str(source.path)
-        ir_dir = self._cache_dir / "ir" / f"{component.value}-{source.sha256[:16]}"
+        ir_dir = self._cache_dir / "ir" / f"{component.value}-{source.digest[:16]}"
         if not (ir_dir / IR_FILE).is_file():
             logger.info("converting %s to fp16 weights for OpenVINO (first load only)", component.value)
             try:

@@ -1,0 +1,64 @@
+"""TensorRT on an NVIDIA GPU, from engines `sdrt build-engines` stored in the bundle.
+
+Engines are looked up under this GPU's and TensorRT's environment and checked against the bundle's model files: a
+missing, stale or foreign engine is refused with the command that rebuilds it, and a request outside the profile
+the engines were built for fails before any model runs. All engines run on one CUDA stream; the U-Net, called with
+the same shapes at every step, replays a CUDA graph per shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.cuda_device import cuda_device_unavailable_reason
+from sdrt.engine.errors import EnginesNotBuiltError, GpuError
+from sdrt.engine.specs import Component
+from sdrt.engine.tensorrt.compatibility import check_request, resolve_engines
+from sdrt.engine.tensorrt.cuda import Stream
+from sdrt.engine.tensorrt.library import current_environment, libraries_unavailable_reason
+from sdrt.engine.tensorrt.runner import EngineRunner
+
+#: components whose calls are captured in CUDA graphs: the U-Net runs at every step with the same shapes, so a
+#: replay saves its many kernel launches each time; the others run once per request, where a capture costs more
+GRAPH_CAPTURED = frozenset({Component.UNET})
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    exact = False  # engines are fp16 by default, and their precision is chosen at build time
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return cuda_device_unavailable_reason() or libraries_unavailable_reason()
+
+    @classmethod
+    def bundle_unavailable_reason(cls, bundle_dir: Path, components: Mapping[Component, ComponentFile]) -> str | None:
+        try:
+            resolve_engines(bundle_dir, _digests(components), current_environment())
+        except (EnginesNotBuiltError, GpuError) as exc:  # GpuError: the device could not even be identified
+            return str(exc)
+        return None
+
+    def __init__(
+        self, bundle_dir: Path, components: Mapping[Component, ComponentFile], memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED
+    ) -> None:
+        super().__init__(bundle_dir, components, memory)
+        self._store, self._index = resolve_engines(self.bundle_dir, _digests(self.components), current_environment())
+        self._stream = Stream()
+
+    def check_request(self, num_images: int, height: int, width: int) -> None:
+        check_request(self._index, self.bundle_dir, num_images, height, width)
+
+    def _load(self, component: Component) -> EngineRunner:
+        plan = self._store.engine_path(self._index.engines[component]).read_bytes()
+        return EngineRunner(plan, self._stream, capture_graphs=component in GRAPH_CAPTURED)
+
+    def _infer(self, model: EngineRunner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return model.run(feeds)
+
+
+def _digests(components: Mapping[Component, ComponentFile]) -> dict[Component, str]:
+    return {component: source.digest for component, source in components.items()}

@@ -1,0 +1,184 @@
+"""Which requests TensorRT engines are built for (an EngineProfile: images per request x height x width, each as
+min/opt/max), and the shapes of every input of every component's engine that follow from it.
+
+Shapes come from the bundle manifest (fixed sizes as ints, dynamic axes by the names in sdrt.engine.specs) and its
+model constants (the VAE scale factor, the default image size): nothing here knows SD 1.5's sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from sdrt.engine.checks import is_int
+from sdrt.engine.errors import BundleError, InvalidArgumentError
+from sdrt.engine.manifest import ComponentEntry, ModelConfig
+from sdrt.engine.specs import Component
+
+#: images per request of the default profile: tuned for one, up to four
+DEFAULT_BATCH = (1, 1, 4)
+#: the default profile's sides span the model's default image side halved to doubled (SD 1.5: 256, opt 512, 1024)
+DEFAULT_SIZE_SPAN = 2
+PROFILE_AXES = ("batch", "height", "width")
+
+
+class Precision(str, enum.Enum):
+    """What TensorRT may compute in. FP16 and BF16 let it pick reduced-precision kernels wherever they are faster;
+    FP32 also turns TF32 off, so that results compare with the CPU's fp32 backends."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisRange:
+    """The smallest, the tuned-for (opt) and the largest size of one axis."""
+
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def fixed(cls, size: int) -> AxisRange:
+        return cls(size, size, size)
+
+    @classmethod
+    def parse(cls, text: str) -> AxisRange:
+        """The command line's syntax: "MIN:OPT:MAX", or "N" for a fixed size; raise ValueError otherwise."""
+        sizes = [int(part) for part in text.split(":")]
+        if len(sizes) == 1:
+            return cls.fixed(sizes[0])
+        if len(sizes) != 3:
+            raise ValueError(f"expected N or MIN:OPT:MAX, got {text!r}")
+        return cls(*sizes)
+
+    def contains(self, size: int) -> bool:
+        return self.min <= size <= self.max
+
+    def covering(self, size: int) -> AxisRange:
+        """This range widened just enough to hold `size`."""
+        return AxisRange(min(self.min, size), self.opt, max(self.max, size))
+
+    def describe(self) -> str:
+        return str(self.min) if self.min == self.max else f"{self.min}-{self.max} (opt {self.opt})"
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineProfile:
+    """The requests engines accept: `batch` images per request (prompts x num_images_per_prompt), images of
+    `height` x `width` pixels. TensorRT tunes its kernels for the opt sizes and runs anything in between."""
+
+    batch: AxisRange
+    height: AxisRange
+    width: AxisRange
+
+    def __post_init__(self) -> None:
+        for name in PROFILE_AXES:
+            axis = getattr(self, name)
+            if not all(is_int(size) for size in (axis.min, axis.opt, axis.max)) or not 1 <= axis.min <= axis.opt <= axis.max:
+                raise InvalidArgumentError(name, f"must be integers with 1 <= min <= opt <= max, got min {axis.min}, opt {axis.opt}, max {axis.max}")
+
+    @classmethod
+    def static(cls, batch: int, height: int, width: int) -> EngineProfile:
+        """One size only: TensorRT specialises every kernel for it (the U-Net's batch still spans guided and not)."""
+        return cls(AxisRange.fixed(batch), AxisRange.fixed(height), AxisRange.fixed(width))
+
+    def validate_for(self, model: ModelConfig) -> None:
+        """Raise InvalidArgumentError unless every height and width is a size the model's pipeline accepts."""
+        factor = model.vae_scale_factor
+        for name in ("height", "width"):
+            axis = getattr(self, name)
+            if any(size % factor or size > model.max_image_size for size in (axis.min, axis.opt, axis.max)):
+                raise InvalidArgumentError(
+                    name, f"min, opt and max must be multiples of {factor} between {factor} and {model.max_image_size}, got {axis}"
+                )
+
+    def covering(self, batch: int, height: int, width: int) -> EngineProfile:
+        """This profile widened just enough to hold a request of `batch` images of `height` x `width`."""
+        return EngineProfile(self.batch.covering(batch), self.height.covering(height), self.width.covering(width))
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {getattr(self, name).describe()}" for name in PROFILE_AXES)
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {name: [getattr(self, name).min, getattr(self, name).opt, getattr(self, name).max] for name in PROFILE_AXES}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EngineProfile:
+        return cls(**{name: AxisRange(*data[name]) for name in PROFILE_AXES})
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRange:
+    """One input tensor's min, opt and max shapes: an entry of a TensorRT optimization profile."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShapeRange:
+        return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
+
+
+def default_profile(model: ModelConfig) -> EngineProfile:
+    """Batch 1 to 4 (opt 1), sides from half to twice the model's default image side (opt: the default)."""
+    side, factor = model.default_image_size, model.vae_scale_factor
+    low = max(factor, side // DEFAULT_SIZE_SPAN // factor * factor)
+    high = min(model.max_image_size // factor * factor, side * DEFAULT_SIZE_SPAN)
+    size = AxisRange(low, side, high)
+    return EngineProfile(AxisRange(*DEFAULT_BATCH), size, size)
+
+
+def component_batch(component: Component, images: AxisRange) -> AxisRange:
+    """The batch `component`'s engine sees when requests make `images` images (as the pipeline calls it)."""
+    if component is Component.UNET:
+        # [unconditional; conditional] doubles the batch when guidance_scale > 1, the default; <= 1 runs it alone
+        return AxisRange(images.min, 2 * images.opt, 2 * images.max)
+    if component is Component.TEXT_ENCODER:
+        # one row per prompt (at most one per image), and the empty prompt of guidance on its own
+        return AxisRange(1, images.opt, images.max)
+    return images
+
+
+def axis_ranges(component: Component, model: ModelConfig, profile: EngineProfile) -> dict[str, AxisRange]:
+    """The range of every dynamic axis (sdrt.engine.specs.DYNAMIC_AXES) of `component`'s tensors."""
+    factor = model.vae_scale_factor
+
+    def latent(axis: AxisRange) -> AxisRange:
+        return AxisRange(axis.min // factor, axis.opt // factor, axis.max // factor)
+
+    return {
+        "batch": component_batch(component, profile.batch),
+        "height": profile.height,
+        "width": profile.width,
+        "latent_height": latent(profile.height),
+        "latent_width": latent(profile.width),
+    }
+
+
+def component_shapes(component: Component, entry: ComponentEntry, model: ModelConfig, profile: EngineProfile) -> dict[str, ShapeRange]:
+    """Input name -> its min/opt/max shapes, from the manifest's declared shapes and `profile`."""
+    axes = axis_ranges(component, model, profile)
+    shapes = {}
+    for tensor in entry.inputs:
+        dims = []
+        for dim in tensor.shape:
+            if isinstance(dim, int):
+                dims.append(AxisRange.fixed(dim))
+            elif dim in axes:
+                dims.append(axes[dim])
+            else:
+                raise BundleError(
+                    f"{component.value} input {tensor.name} has a dynamic axis {dim!r} that TensorRT engines cannot size: "
+                    "re-export the bundle with this version of sdrt"
+                )
+        shapes[tensor.name] = ShapeRange(tuple(d.min for d in dims), tuple(d.opt for d in dims), tuple(d.max for d in dims))
+    return shapes

@@ -1,0 +1,160 @@
+"""`sdrt build-engines`: TensorRT engines for every component of a bundle, built from its ONNX on this machine's GPU
+and stored in the bundle (sdrt.engine.tensorrt.store), for the TensorRT backend.
+
+Each engine is stored under its key (sdrt.engine.tensorrt.identity.EngineKey): a build reuses an engine whose key it
+already holds and builds the others, each written atomically, then publishes the index the runtime reads, so an
+interrupted build leaves the previous one in use and a rerun builds only what is missing. TensorRT's timing cache
+is kept beside the engines across builds. In fp16, each VAE engine first runs once on a sample input: if that
+yields NaN or infinity (some VAEs overflow fp16's range), it is built in fp32 instead, and the finding is recorded
+so that later builds skip the fp16 attempt.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from sdrt.engine.atomic import atomic_file
+from sdrt.engine.manifest import ModelConfig, read_manifest, verify_files
+from sdrt.engine.specs import Component
+from sdrt.engine.tensorrt.cuda import Stream
+from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey
+from sdrt.engine.tensorrt.library import current_environment, tensorrt, trt_logger
+from sdrt.engine.tensorrt.profile import EngineProfile, Precision, ShapeRange, component_shapes, default_profile
+from sdrt.engine.tensorrt.runner import EngineRunner
+from sdrt.engine.tensorrt.store import CACHE_SUBDIR, EngineIndex, EngineStore
+from sdrt.export.errors import EngineBuildError
+
+logger = logging.getLogger(__name__)
+
+_Probe = Callable[[np.random.Generator, tuple[int, ...], ModelConfig], np.ndarray]
+#: the components whose fp16 engines are checked for overflow, and how each draws its sample input
+OVERFLOW_PROBES: dict[Component, _Probe] = {
+    # denoised latents as the pipeline hands them to the decoder: unit variance, divided by the scaling factor
+    Component.VAE_DECODER: lambda rng, shape, model: (rng.standard_normal(shape) / model.vae_scaling_factor).astype(np.float32),
+    # images in [-1, 1]
+    Component.VAE_ENCODER: lambda rng, shape, model: rng.uniform(-1.0, 1.0, shape).astype(np.float32),
+}
+PROBE_SEED = 0
+#: the builder flag each reduced precision sets (fp32 sets none, and clears TF32)
+_PRECISION_FLAGS = {Precision.FP16: "FP16", Precision.BF16: "BF16"}
+
+
+class EngineCompiler(Protocol):
+    """Builds and runs engines in one environment: TensorRTCompiler on a GPU; fakes in tests."""
+
+    environment: BuildEnvironment
+
+    def compile(self, onnx_path: Path, shapes: Mapping[str, ShapeRange], precision: Precision, refittable: bool, timing_cache: Path) -> Any:
+        """A serialised engine (bytes or a buffer) for the ONNX at `onnx_path`, updating the timing cache file."""
+
+    def run(self, plan: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run a serialised engine once on `feeds`."""
+
+
+class TensorRTCompiler:
+    """EngineCompiler with TensorRT on the current GPU; raise BackendUnavailableError if tensorrt, cuda-python or
+    the GPU is missing."""
+
+    def __init__(self) -> None:
+        self._trt = tensorrt()
+        self.environment = current_environment()
+
+    def compile(self, onnx_path: Path, shapes: Mapping[str, ShapeRange], precision: Precision, refittable: bool, timing_cache: Path) -> Any:
+        trt = self._trt
+        builder = trt.Builder(trt_logger())
+        network = builder.create_network(0)  # explicit batch: TensorRT 10's only mode
+        parser = trt.OnnxParser(network, trt_logger())
+        # From the path, not bytes: the parser finds external weights (model.onnx.data) beside the file.
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        if precision in _PRECISION_FLAGS:
+            config.set_flag(getattr(trt.BuilderFlag, _PRECISION_FLAGS[precision]))
+        else:
+            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: comparable with the CPU backends
+        if refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)  # weights can be swapped later (LoRA) without a rebuild
+        profile = builder.create_optimization_profile()
+        for name, shape in shapes.items():
+            profile.set_shape(name, shape.min, shape.opt, shape.max)
+        config.add_optimization_profile(profile)
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path} (see the sdrt.engine.tensorrt.trt log)")
+        with atomic_file(timing_cache) as staging:
+            staging.write_bytes(config.get_timing_cache().serialize())
+        return plan
+
+    def run(self, plan: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return EngineRunner(plan, Stream(), capture_graphs=False).run(feeds)
+
+
+def build_engines(
+    bundle_dir: str | os.PathLike,
+    profile: EngineProfile | None = None,
+    precision: Precision = Precision.FP16,
+    refittable: bool = False,
+    compiler: EngineCompiler | None = None,
+) -> Path:
+    """Build (or reuse) an engine for every component of the bundle at `bundle_dir`, for requests within `profile`
+    (None: sdrt.engine.tensorrt.profile.default_profile of the bundle's model) in `precision`; `refittable` lets
+    their weights be replaced later without a rebuild. Return the directory holding them.
+
+    Raise BundleError if the bundle is missing or modified, InvalidArgumentError if `profile` does not suit its
+    model, EngineBuildError if TensorRT fails or the bundle is read-only, BackendUnavailableError without a GPU and
+    the gpu extra.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    verify_files(bundle_dir, manifest)  # minutes of building deserve a bundle known to be intact
+    profile = profile if profile is not None else default_profile(manifest.model)
+    profile.validate_for(manifest.model)
+    if not os.access(bundle_dir, os.W_OK):
+        raise EngineBuildError(f"{bundle_dir} is read-only: TensorRT engines are stored in the bundle, under {CACHE_SUBDIR}")
+    compiler = compiler if compiler is not None else TensorRTCompiler()
+    store = EngineStore(bundle_dir, compiler.environment)
+    logger.info("building TensorRT engines for %s: %s, %s%s, on %s", bundle_dir, profile.describe(), precision.value,
+                ", refittable" if refittable else "", compiler.environment.describe())
+    engines = {}
+    for component, entry in manifest.components.items():
+        shapes = component_shapes(component, entry, manifest.model, profile)
+        key = EngineKey(component, manifest.component_digest(component), compiler.environment, profile,
+                        tuple(sorted(shapes.items())), precision, refittable)
+        engines[component] = _build_engine(store, compiler, key, bundle_dir / entry.file, manifest.model)
+    store.write_index(EngineIndex(compiler.environment, profile, precision, refittable, engines))
+    return store.directory
+
+
+def _build_engine(store: EngineStore, compiler: EngineCompiler, key: EngineKey, onnx_path: Path, model: ModelConfig) -> EngineKey:
+    """Store an engine for `key`, or for its fp32 variant when fp16 overflows; return the key stored."""
+    name = key.component.value
+    checked = key.precision is Precision.FP16 and key.component in OVERFLOW_PROBES
+    if checked and store.fp16_overflowed(key):
+        logger.info("%s: kept in fp32 (its fp16 engine overflowed on a sample input when first built)", name)
+        return _build_engine(store, compiler, key.with_precision(Precision.FP32), onnx_path, model)
+    if store.has_engine(key):
+        logger.info("%s: engine up to date (%s)", name, store.engine_path(key).name)
+        return key
+    logger.info("%s: building the %s engine", name, key.precision.value)
+    started = time.perf_counter()
+    shapes = dict(key.shapes)
+    plan = compiler.compile(onnx_path, shapes, key.precision, key.refittable, store.timing_cache_path)
+    logger.info("%s: built in %.0f s", name, time.perf_counter() - started)
+    if checked:
+        rng = np.random.default_rng(PROBE_SEED)
+        feeds = {input_name: OVERFLOW_PROBES[key.component](rng, shape.opt, model) for input_name, shape in shapes.items()}
+        if not all(np.isfinite(output).all() for output in compiler.run(plan, feeds)):
+            logger.warning("%s: the fp16 engine returns NaN or infinity on a sample input (fp16 overflow): building it in fp32", name)
+            store.mark_fp16_overflow(key)
+            return _build_engine(store, compiler, key.with_precision(Precision.FP32), onnx_path, model)
+    store.write_engine(key, plan)
+    return key
