@@ -6,10 +6,11 @@ Three stages, each a fixed number of steps from a fixed seed so the run is repro
 1. the KL VAE learns to reconstruct 64x64 renders (MSE + a small KL term, as a plain autoencoder would);
 2. every training image is encoded once; the VAE scaling factor is measured as 1 / std of the latents, as SD's
    0.18215 was;
-3. the U-Net and the CLIP text encoder learn to predict the noise (epsilon) under the same scaled-linear DDPM
-   schedule the PNDM scheduler samples with. Captions name a random subset of the scene's attributes, and 10 % are
-   empty, so the model follows partial prompts, negative prompts and classifier-free guidance. The U-Net runs in
-   bf16 autocast (twice as fast on AVX-512 BF16 CPUs); the weights saved are an exponential moving average.
+3. the U-Net and the CLIP text encoder learn v-prediction under DDPM's linear noise schedule, the one the saved
+   PNDM scheduler config names (DEMO_SCHEDULER_CONFIG says why not SD 1.5's epsilon and scaled-linear). Captions
+   name a random subset of the scene's attributes, and 10 % are empty, so the model follows partial prompts,
+   negative prompts and classifier-free guidance. The U-Net runs in bf16 autocast (twice as fast on AVX-512 BF16
+   CPUs); the weights saved are an exponential moving average.
 
 Needs the export extra (torch, diffusers, transformers). Writes a diffusers checkpoint with fp16 safetensors.
 """
@@ -37,6 +38,17 @@ from sdrt.export.clip_vocab import clip_merges, clip_vocab
 logger = logging.getLogger(__name__)
 
 DEMO_ARCH = ARCHES["demo"]
+# Where the object goes is decided in the noisiest steps. v-prediction (SD 2's choice) makes the loss there an error on
+# the image itself; epsilon prediction weighs it by alpha_bar / (1 - alpha_bar), next to nothing, and the v1 model
+# trained that way read the position from the noise and ignored the position words. DDPM's own linear schedule ends at
+# alpha_bar 4e-5, where SD's scaled-linear one (0.0047) still leaves enough image in x_T to betray the position.
+DEMO_SCHEDULER_CONFIG = {
+    **SD15_SCHEDULER_CONFIG,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "v_prediction",
+}
 IMAGE_SIZE = 64
 
 
@@ -46,11 +58,11 @@ class TrainConfig:
 
     seed: int = 0
     num_images: int = 12288  # jittered renders of the training scenes, encoded once
-    vae_steps: int = 500
+    vae_steps: int = 400
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 2000
+    unet_steps: int = 1800
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_encoder_lr: float = 5e-4
@@ -146,9 +158,9 @@ def train_denoiser(
     config: TrainConfig,
     generator: torch.Generator,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Train the U-Net and text encoder on epsilon prediction; returns their exponential moving averages."""
+    """Train the U-Net and text encoder on v-prediction; returns their exponential moving averages."""
     unet, text_encoder = models.unet.train(), models.text_encoder.train()
-    noise_schedule = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    noise_schedule = DDPMScheduler.from_config(DEMO_SCHEDULER_CONFIG)
     alphas_cumprod = noise_schedule.alphas_cumprod  # (T,)
     optimizer = torch.optim.AdamW(
         [
@@ -173,7 +185,7 @@ def train_denoiser(
         with torch.autocast("cpu", dtype=torch.bfloat16):
             text = text_encoder(ids).last_hidden_state  # (b, 77, D)
             prediction = unet(noisy, timesteps, text).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        loss = F.mse_loss(prediction.float(), noise_schedule.get_velocity(clean, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip)
@@ -204,7 +216,8 @@ def train(out_dir: Path, config: TrainConfig = TrainConfig()) -> Path:
     merges = clip_merges()
     tokenizer = CLIPTokenizer(clip_vocab(merges), [tuple(m.split(" ")) for m in merges], pad_token=DEMO_ARCH.pad_token)
     text_encoder, unet = train_denoiser(models, (means, stds), scenes, CaptionSampler(tokenizer, config, rng), config, generator)
-    save_checkpoint(out_dir, Models(vae=models.vae, text_encoder=text_encoder, unet=unet), DEMO_ARCH.pad_token, dtype=torch.float16)
+    trained = Models(vae=models.vae, text_encoder=text_encoder, unet=unet)
+    save_checkpoint(out_dir, trained, DEMO_ARCH.pad_token, dtype=torch.float16, scheduler_config=DEMO_SCHEDULER_CONFIG)
     logger.info("trained the demo model in %.1f min -> %s", (time.perf_counter() - started) / 60, out_dir)
     return out_dir
 

@@ -133,10 +133,11 @@ ARCHES: dict[str, CheckpointArch] = {
         safety_checker=SafetyCheckerArch(hidden_size=32, layers=2, heads=4, intermediate_size=37, patch_size=32, projection_dim=16),
     ),
     # The embedded demo model (sdrt.demo.train): 64x64 px images through a 2-downsample VAE (scale factor 4) to 16x16
-    # latents, cross-attention at 16x16 and 8x8, a 2-layer CLIP text encoder over the real vocabulary. Its VAE scaling
-    # factor is measured on the training latents; the value here only serves random checkpoints of this shape.
+    # latents, cross-attention at 16x16, 8x8 and 4x4, a 2-layer CLIP text encoder over the real vocabulary. The U-Net
+    # goes down to 2x2, one cell per quadrant of the image, where "top left" has a place to attend from. Its VAE
+    # scaling factor is measured on the training latents; the value here only serves random checkpoints of this shape.
     "demo": CheckpointArch(
-        unet_block_out_channels=(64, 128, 128),
+        unet_block_out_channels=(64, 128, 128, 96),
         unet_layers_per_block=1,
         unet_attention_head_dim=4,
         unet_sample_size=16,
@@ -286,9 +287,11 @@ def save_checkpoint(
     pad_token: str = EOS_TOKEN,
     safety_checker: StableDiffusionSafetyChecker | None = None,
     dtype: torch.dtype = torch.float32,
+    scheduler_config: dict | None = None,
 ) -> Path:
     """Save `models` as a diffusers checkpoint laid out like a real SD 1.x one (safetensors in `dtype`, PNDM
-    scheduler, vocab.json + merges.txt tokenizer, the safety checker and its feature extractor when given).
+    scheduler with `scheduler_config` (default SD 1.5's), vocab.json + merges.txt tokenizer, the safety checker and
+    its feature extractor when given).
 
     The directory appears whole or not at all. The caller's models are left as they were.
     """
@@ -299,7 +302,7 @@ def save_checkpoint(
         text_encoder=models.text_encoder,
         tokenizer=None,
         unet=models.unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler.from_config(scheduler_config or SD15_SCHEDULER_CONFIG),
         safety_checker=safety_checker,
         feature_extractor=CLIPImageProcessor() if safety_checker is not None else None,
         requires_safety_checker=safety_checker is not None,
