@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 from sdrt.benchmarks import worker
 from sdrt.benchmarks.report import write_chart, write_markdown
 from sdrt.benchmarks.worker import RunConfig
+from sdrt.engine.diagnostics import package_versions
 from sdrt.engine.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,12 @@ class BenchPlan:
 
 
 def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
-    if engine.startswith("diffusers"):
+    if engine in worker.DIFFUSERS_ENGINES:
         if plan.checkpoint is None:
             return "no --checkpoint given"
         if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
             return "torch/diffusers not installed (pip install 'sdrt[export]')"
+        return worker.diffusers_unavailable_reason(engine)
     if engine == "optimum-ort" and (plan.optimum_python is None or plan.optimum_model is None):
         return "needs --optimum-python and --optimum-model (optimum-onnx runs in its own venv: transformers 4.x)"
     return None
@@ -66,10 +67,16 @@ def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
 def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path) -> dict[str, Any]:
     if engine == "optimum-ort":
         # Its venv does not have sdrt installed: run the worker by path (it imports nothing from sdrt at module level).
-        launcher = [str(plan.optimum_python), worker.__file__]
-    else:
-        launcher = [sys.executable, "-m", "sdrt.benchmarks.worker"]
-    model = plan.optimum_model if engine == "optimum-ort" else plan.bundle if engine in SDRT_ENGINES else plan.checkpoint
+        return run_worker(engine, plan.optimum_model, config, images_out, launcher=(str(plan.optimum_python), worker.__file__))
+    return run_worker(engine, plan.bundle if engine in SDRT_ENGINES else plan.checkpoint, config, images_out)
+
+
+def run_worker(
+    engine: str, model: Path, config: RunConfig, images_out: Path, launcher: Sequence[str] = (sys.executable, "-m", "sdrt.benchmarks.worker")
+) -> dict[str, Any]:
+    """Run `engine` once on `model` (a bundle for sdrt engines, else the checkpoint) in a fresh process started by
+    `launcher`; return the worker's figures (sdrt.benchmarks.worker) and leave its final images in `images_out`.
+    Raise RuntimeError with the end of its stderr if it fails."""
     command = [*launcher, "--engine", engine, "--model", str(model),
                "--config", json.dumps(dataclasses.asdict(config)), "--images-out", str(images_out)]
     launched_at = time.time()
@@ -79,12 +86,15 @@ def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _psnr(images: np.ndarray, reference: np.ndarray) -> float:
+def psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] against `reference` (infinite when equal)."""
     mse = float(np.mean((images.astype(np.float64) - reference) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians and p95 of an engine's worker runs, per-stage medians, and its U-Net time per call."""
+
     def stat(values: list[float]) -> dict[str, float]:
         return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
 
@@ -142,10 +152,10 @@ def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path) -> dict[str
                 skipped[engine] = f"failed: {str(exc).splitlines()[-1][:300]}"
                 continue
             images[engine] = np.load(images_file)
-    summaries = {e: _summary(r) for e, r in runs.items() if e not in skipped}
+    summaries = {e: summarize(r) for e, r in runs.items() if e not in skipped}
     if REFERENCE_ENGINE in images:
         for engine, summary in summaries.items():
-            summary["psnr_vs_fp32_db"] = _psnr(images[engine], images[REFERENCE_ENGINE].astype(np.float64))
+            summary["psnr_vs_fp32_db"] = psnr(images[engine], images[REFERENCE_ENGINE].astype(np.float64))
             summary["max_abs_diff_vs_fp32"] = float(np.abs(images[engine] - images[REFERENCE_ENGINE]).max())
     return {
         "size": size, "batch": batch, "engines": summaries, "skipped": skipped,
@@ -157,12 +167,7 @@ def _machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     memory_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
-    versions = {}
-    for package in ("sdrt", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    versions = package_versions(("sdrt", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers"))
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kb / 1e6, 1), "avx512_bf16": "avx512_bf16" in flags,
             "python": platform.python_version(), "versions": versions}
 

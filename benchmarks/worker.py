@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
@@ -17,14 +18,50 @@ from typing import Any
 
 import numpy as np
 
-# sdrt engine -> (backend, memory policy) for sdrt.engine.load; strings, as this module imports nothing from sdrt
+
+@dataclasses.dataclass(frozen=True)
+class SdrtEngine:
+    """How an sdrt engine loads its bundle: sdrt.engine.load's backend and memory policy (strings, as this module
+    imports nothing from sdrt at module level), and whether TensorRT may use CUDA graphs."""
+
+    backend: str
+    memory: str = "keep-loaded"
+    cuda_graphs: bool = True
+
+
 SDRT_ENGINES = {
-    "sdrt": ("auto", "keep-loaded"),
-    "sdrt-exact": ("exact", "keep-loaded"),
-    "sdrt-low-memory": ("auto", "one-at-a-time"),
-    "sdrt-exact-low-memory": ("exact", "one-at-a-time"),
+    "sdrt": SdrtEngine("auto"),
+    "sdrt-exact": SdrtEngine("exact"),
+    "sdrt-low-memory": SdrtEngine("auto", "one-at-a-time"),
+    "sdrt-exact-low-memory": SdrtEngine("exact", "one-at-a-time"),
+    # one backend each, for the GPU validation (sdrt.benchmarks.gpu_validate); "exact" would take cuda on a GPU
+    "sdrt-onnxruntime-cpu": SdrtEngine("onnxruntime-cpu"),
+    "sdrt-tensorrt": SdrtEngine("tensorrt"),
+    "sdrt-tensorrt-no-graphs": SdrtEngine("tensorrt", cuda_graphs=False),
+    "sdrt-cuda": SdrtEngine("cuda"),
+    "sdrt-cuda-fp16": SdrtEngine("cuda-fp16"),
 }
-ENGINES = (*SDRT_ENGINES, "diffusers-fp32", "diffusers-bf16", "optimum-ort")
+# diffusers engine -> (torch dtype, device)
+DIFFUSERS_ENGINES = {
+    "diffusers-fp32": ("fp32", "cpu"),
+    "diffusers-bf16": ("bf16", "cpu"),
+    "diffusers-fp16-cuda": ("fp16", "cuda"),
+}
+ENGINES = (*SDRT_ENGINES, *DIFFUSERS_ENGINES, "optimum-ort")
+
+
+def diffusers_unavailable_reason(engine: str) -> str | None:
+    """None if the diffusers engine's device is usable from torch here, else why not (torch is imported for CUDA)."""
+    _, device = DIFFUSERS_ENGINES[engine]
+    if device != "cuda":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} has no CUDA device (a CPU-only build, or no GPU)"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +80,13 @@ def _peak_rss_gb() -> float:
 
 
 class _StageClock:
-    """Accumulates wall time per stage by wrapping callables (diffusers' modules have no timings of their own)."""
+    """Accumulates wall time per stage by wrapping callables (diffusers' modules have no timings of their own).
+    `synchronize` waits for the device: CUDA kernels run asynchronously, so a stage ends when its work is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self._synchronize = synchronize
 
     def wrap(self, stage: str, function: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -55,6 +94,8 @@ class _StageClock:
             try:
                 return function(*args, **kwargs)
             finally:
+                if self._synchronize is not None:
+                    self._synchronize()
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
                 self.calls[stage] = self.calls.get(stage, 0) + 1
         return timed
@@ -62,9 +103,12 @@ class _StageClock:
 
 def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
     import sdrt.engine
+    from sdrt.engine.backends.tensorrt import CUDA_GRAPHS_ENV
 
-    backend, memory = SDRT_ENGINES[engine]
-    pipe = sdrt.engine.load(bundle, backend=backend, memory=memory)
+    spec = SDRT_ENGINES[engine]
+    if not spec.cuda_graphs:
+        os.environ[CUDA_GRAPHS_ENV] = "0"  # read when the backend is made; this process runs one engine
+    pipe = sdrt.engine.load(bundle, backend=spec.backend, memory=spec.memory)
     pipe.set_progress_bar_config(disable=True)
     latents = np.load(config.latents_file)
 
@@ -73,16 +117,18 @@ def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[in
                    width=config.width, num_images_per_prompt=config.batch, latents=latents, output_type="np")
         return out.images, dict(out.timings)
 
-    return generate, {"backend": pipe.backend.name + ("" if memory == "keep-loaded" else f", {memory}")}
+    notes = [spec.memory] if spec.memory != "keep-loaded" else []
+    notes += [] if spec.cuda_graphs else ["no CUDA graphs"]
+    return generate, {"backend": ", ".join([pipe.backend.name, *notes])}
 
 
-def _diffusers_style(pipe: Any, config: RunConfig, latents: Any) -> Callable[[int], Any]:
+def _diffusers_style(pipe: Any, config: RunConfig, latents: Any, synchronize: Callable[[], None] | None = None) -> Callable[[int], Any]:
     """generate(steps) for diffusers' pipeline and the pipelines built on it (optimum's), with stage timings from
-    hooks on the methods every such pipeline calls."""
+    hooks on the methods every such pipeline calls (`synchronize`: waits for a GPU at the end of each stage)."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
-    clock = _StageClock()
+    clock = _StageClock(synchronize)
     # The tokenizer's __call__ cannot be wrapped per instance: here text_encode includes tokenization.
     pipe.encode_prompt = clock.wrap("text_encode", pipe.encode_prompt)
     pipe.unet.forward = clock.wrap("unet", pipe.unet.forward)
@@ -107,15 +153,17 @@ def _diffusers_style(pipe: Any, config: RunConfig, latents: Any) -> Callable[[in
     return generate
 
 
-def _run_diffusers(config: RunConfig, checkpoint: str, dtype_name: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
+def _run_diffusers(config: RunConfig, checkpoint: str, engine: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=dtype)
-    latents = torch.from_numpy(np.load(config.latents_file)).to(dtype)
-    info = {"backend": f"torch {torch.__version__} {dtype_name}", "threads": torch.get_num_threads()}
-    return _diffusers_style(pipe, config, latents), info
+    dtype_name, device = DIFFUSERS_ENGINES[engine]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=dtype).to(device)
+    latents = torch.from_numpy(np.load(config.latents_file)).to(device=device, dtype=dtype)
+    info = {"backend": f"torch {torch.__version__} {dtype_name} on {device}", "threads": torch.get_num_threads()}
+    synchronize = torch.cuda.synchronize if device == "cuda" else None
+    return _diffusers_style(pipe, config, latents, synchronize), info
 
 
 def _run_optimum(config: RunConfig, onnx_dir: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
@@ -142,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = time.perf_counter()
     if args.engine in SDRT_ENGINES:
         generate, info = _run_sdrt(config, args.model, args.engine)
-    elif args.engine.startswith("diffusers"):
-        generate, info = _run_diffusers(config, args.model, args.engine.split("-")[1])
+    elif args.engine in DIFFUSERS_ENGINES:
+        generate, info = _run_diffusers(config, args.model, args.engine)
     else:
         generate, info = _run_optimum(config, args.model)
     load_s = time.perf_counter() - load_start

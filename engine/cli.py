@@ -1,5 +1,5 @@
-"""The `sdrt` command: `generate` runs on the lean runtime; `export` needs the export extra and `build-engines` the gpu
-extra, each imported lazily.
+"""The `sdrt` command: `generate` and `doctor` run on the lean runtime; `export` needs the export extra and
+`build-engines` (and `export --tensorrt`) the gpu extra, each imported lazily.
 
 Every failure a user can cause prints one line `sdrt: error: ...` and exits with status 2, leaving no output file.
 """
@@ -18,8 +18,9 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_file
 from sdrt.engine.backends.base import MemoryPolicy
-from sdrt.engine.errors import SdrtError
+from sdrt.engine.errors import BackendUnavailableError, SdrtError
 from sdrt.engine.safety_checker import SafetyPolicy
+from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
 from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision
 from sdrt.engine.version import SDRT_VERSION
 
@@ -121,8 +122,31 @@ def _import_export_extra(command: str):
 
 
 def _export(args: argparse.Namespace) -> int:
-    print(_import_export_extra("export").export_bundle(args.checkpoint, args.out_dir, force=args.force))
+    export = _import_export_extra("export")
+    if args.tensorrt:
+        from sdrt.export.tensorrt_build import builder_unavailable_reason
+
+        reason = builder_unavailable_reason()  # now, not after minutes of exporting
+        if reason is not None:
+            raise BackendUnavailableError(f"--tensorrt: {reason}")
+    else:
+        given = [flag for flag, value in _engine_flags(args).items() if value]
+        if given:
+            raise _UsageError(f"{', '.join(given)}: engine options need --tensorrt")
+    bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or ())
+    print(bundle)
+    if args.tensorrt:
+        print(_build_engines_for(bundle, args))
     return 0
+
+
+def _fp16_components(text: str) -> tuple[Component, ...]:
+    """`--fp16-onnx=COMPONENTS`: comma-separated component names."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in {c.value for c in Component}]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown component(s) {unknown}; choose from {','.join(c.value for c in Component)}")
+    return tuple(Component(name) for name in names)
 
 
 def _axis_range(text: str) -> AxisRange:
@@ -134,15 +158,37 @@ def _axis_range(text: str) -> AxisRange:
 
 
 def _build_engines(args: argparse.Namespace) -> int:
+    print(_build_engines_for(args.bundle, args))
+    return 0
+
+
+def _build_engines_for(bundle: Path, args: argparse.Namespace) -> Path:
+    """Build the engines `args`' engine options (_add_engine_arguments) ask for; return their directory."""
     from sdrt.engine.manifest import read_manifest
     from sdrt.engine.tensorrt.profile import default_profile
     from sdrt.export.tensorrt_build import build_engines
 
-    default = default_profile(read_manifest(args.bundle).model)
+    default = default_profile(read_manifest(bundle).model)
     axes = {name: getattr(args, name) or getattr(default, name) for name in PROFILE_AXES}
     profile = EngineProfile.static(*(axes[name].opt for name in PROFILE_AXES)) if args.static else EngineProfile(**axes)
-    print(build_engines(args.bundle, profile, Precision(args.precision), refittable=args.refittable))
-    return 0
+    return build_engines(bundle, profile, Precision(args.precision or Precision.FP16.value), refittable=args.refittable)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options of a TensorRT build: `build-engines`, and `export --tensorrt`."""
+    parser.add_argument("--batch", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
+    parser.add_argument("--height", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
+    parser.add_argument("--width", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
+    parser.add_argument("--static", action="store_true", help="build for the OPT sizes only: fastest, one size")
+    # No default value here: `export` tells a precision given without --tensorrt from none.
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default=None,
+                        help="fp16 (default; a VAE that overflows in fp16 is kept in fp32), bf16, or fp32 (TF32 off)")
+    parser.add_argument("--refittable", action="store_true", help="engines whose weights can be replaced without a rebuild")
+
+
+def _engine_flags(args: argparse.Namespace) -> dict[str, object]:
+    """Each engine option's flag and its value (None or False when not given)."""
+    return {f"--{name}": getattr(args, name) for name in (*PROFILE_AXES, "static", "precision", "refittable")}
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
@@ -175,6 +221,28 @@ def _bench(args: argparse.Namespace) -> int:
         with atomic_file(args.results) as staging:
             staging.write_text(f"{markdown(results)}\n\n![stage breakdown per engine]({chart.name})\n", encoding="utf-8")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    if not args.gpu:
+        given = [flag for flag, value in (("OUT_DIR", args.out_dir), ("--full/--no-full", args.full), ("--steps", args.steps),
+                                          ("--runs", args.runs)) if value is not None]
+        if given:
+            raise _UsageError(f"{', '.join(given)}: validation options need --gpu")
+        from sdrt.engine.diagnostics import describe, environment
+
+        print("\n".join(describe(environment())))
+        print("validate the GPU path end to end: sdrt doctor --gpu [OUT_DIR]")
+        return 0
+    from sdrt.benchmarks import gpu_validate
+
+    return gpu_validate.validate_command(
+        Path(gpu_validate.DEFAULT_OUT_DIR) if args.out_dir is None else args.out_dir,
+        full=args.full,
+        steps=gpu_validate.DEFAULT_STEPS if args.steps is None else args.steps,
+        runs=gpu_validate.DEFAULT_RUNS if args.runs is None else args.runs,
+        command=["sdrt", *args.argv],
+    )
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -251,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out_dir", type=Path)
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    export.add_argument("--fp16-onnx", nargs="?", type=_fp16_components, const=FP16_DEFAULT_COMPONENTS, default=None,
+                        metavar="COMPONENTS", help="also write fp16 variants (fp32 inputs and outputs) for --backend "
+                        f"cuda-fp16: of {' and '.join(c.value for c in FP16_DEFAULT_COMPONENTS)}, or of the "
+                        "comma-separated COMPONENTS (--fp16-onnx=unet,vae_decoder); SD 1.x's VAE overflows in fp16")
+    export.add_argument("--tensorrt", action="store_true",
+                        help="then build TensorRT engines for it on this GPU (gpu extra), as build-engines does with "
+                        "the options below; checked before exporting")
+    _add_engine_arguments(export.add_argument_group("TensorRT engines, with --tensorrt (see sdrt build-engines --help)"))
     export.set_defaults(handler=_export)
 
     engines = commands.add_parser("build-engines", help="TensorRT engines for a bundle, on this GPU (gpu extra)",
@@ -262,13 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "Engines already built for the same model files, GPU, TensorRT, profile and precision "
                                   "are reused.")
     engines.add_argument("bundle", type=Path)
-    engines.add_argument("--batch", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
-    engines.add_argument("--height", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
-    engines.add_argument("--width", type=_axis_range, default=None, metavar="MIN:OPT:MAX")
-    engines.add_argument("--static", action="store_true", help="build for the OPT sizes only: fastest, one size")
-    engines.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.FP16.value,
-                         help="fp16 (default; a VAE that overflows in fp16 is kept in fp32), bf16, or fp32 (TF32 off)")
-    engines.add_argument("--refittable", action="store_true", help="engines whose weights can be replaced without a rebuild")
+    _add_engine_arguments(engines)
     engines.set_defaults(handler=_build_engines)
 
     make = commands.add_parser("make-checkpoint", help="random-weight SD checkpoint of a given architecture (export extra)",
@@ -298,6 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="results.json, results.md, chart.png")
     bench.add_argument("--results", type=Path, default=None, help="also write the markdown here (benchmarks/RESULTS.md)")
     bench.set_defaults(handler=_bench)
+
+    doctor = commands.add_parser("doctor", help="what this machine can run: packages, CUDA device, backends; --gpu validates the GPU path",
+                                 description="Print the installed packages, the CUDA device and every backend's "
+                                 "availability (with the reason when unavailable). With --gpu, validate the NVIDIA path end "
+                                 "to end instead (same as python -m sdrt.benchmarks.gpu_validate OUT_DIR): random "
+                                 "checkpoints, export, TensorRT engines, parity against the CPU fp32 backend, timings; "
+                                 "report.json and report.md in OUT_DIR; exit status 1 if a check failed, 2 without a GPU.")
+    doctor.add_argument("--gpu", action="store_true", help="validate the GPU path end to end")
+    # The validation's options default to None and get their defaults in _doctor, so that an option given without
+    # --gpu is refused rather than ignored.
+    from sdrt.benchmarks.gpu_validate import DEFAULT_OUT_DIR, DEFAULT_RUNS, DEFAULT_STEPS
+
+    doctor.add_argument("out_dir", nargs="?", type=Path, default=None, metavar="OUT_DIR",
+                        help=f"with --gpu: where the report, checkpoints, bundles and engines go (default {DEFAULT_OUT_DIR})")
+    doctor.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --gpu: also validate Stable Diffusion 1.5's full-size architecture (default: on GPUs "
+                        "with 16 GB or more)")
+    doctor.add_argument("--steps", type=int, default=None, help=f"with --gpu: denoising steps per image (default {DEFAULT_STEPS})")
+    doctor.add_argument("--runs", type=int, default=None,
+                        help=f"with --gpu: timed runs per engine, each in a fresh process (default {DEFAULT_RUNS})")
+    doctor.set_defaults(handler=_doctor)
 
     sweep = commands.add_parser("sweep", help="the chapter's experiments on the demo model: contact sheets, curves, JSON",
                                 description="Sweep one pipeline argument (guidance, steps, negative prompt, size, images per "

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from sdrt.engine.backends import ComponentFile, MemoryPolicy, backend_class
 from sdrt.engine.errors import InvalidArgumentError
-from sdrt.engine.manifest import read_manifest, verify_files
+from sdrt.engine.manifest import Manifest, read_manifest, verify_files
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy
 from sdrt.engine.schedulers import scheduler_from_config
+from sdrt.engine.specs import Component
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ def load(
     """Load the bundle at `bundle_dir` for inference.
 
     `backend`: "auto" (the fastest available: "tensorrt" where `sdrt build-engines` built engines of this bundle
-    for this GPU, then "cuda", then the CPU backends), "exact" (the fastest fp32 one) or a backend name, e.g.
-    "onnxruntime-cpu".
+    for this GPU, then "cuda-fp16" where the bundle has fp16 variants (`sdrt export --fp16-onnx`), then "cuda",
+    then the CPU backends), "exact" (the fastest fp32 one) or a backend name, e.g. "onnxruntime-cpu".
     `safety_checker`: True or "block" (default) checks every image with the bundle's NSFW checker and replaces
     flagged ones with black images; "flag" returns flagged images unchanged with their flag; False or "off" skips
     the checker. Bundles exported without a checker report nsfw_content_detected = None.
@@ -42,10 +43,7 @@ def load(
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
-    components = {
-        component: ComponentFile(bundle_dir / entry.file, manifest.component_digest(component))
-        for component, entry in manifest.components.items()
-    }
+    components = component_files(bundle_dir, manifest)
     backend_type = backend_class(backend, bundle_dir, components)
     chosen = backend_type(bundle_dir, components, memory_policy)
     logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
@@ -69,6 +67,16 @@ def load(
         safety_checker=checker,
         safety_policy=policy,
     )
+
+
+def component_files(bundle_dir: Path, manifest: Manifest) -> dict[Component, ComponentFile]:
+    """What the backends are given of each component: its files in the bundle and their digest."""
+    return {
+        component: ComponentFile(
+            bundle_dir / entry.file, manifest.component_digest(component), bundle_dir / entry.fp16.file if entry.fp16 else None
+        )
+        for component, entry in manifest.components.items()
+    }
 
 
 def _memory_policy(value: str | MemoryPolicy) -> MemoryPolicy:

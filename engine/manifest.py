@@ -34,12 +34,22 @@ class TensorEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fp16Entry:
+    """A component's fp16 variant for the GPU backends (`sdrt export --fp16-onnx`): fp16 weights and arithmetic,
+    fp32 inputs and outputs, so it is fed exactly like the fp32 model."""
+
+    file: str  # relative to the bundle, like ComponentEntry.file
+    max_abs_diff: float  # |fp16 - fp32 model| on the export's probe input (onnxruntime on the CPU)
+
+
+@dataclasses.dataclass(frozen=True)
 class ComponentEntry:
     file: str  # the .onnx file, relative to the bundle; its external data (if any) is listed in Manifest.files
     inputs: tuple[TensorEntry, ...]
     outputs: tuple[TensorEntry, ...]
     opset: int
     export_max_abs_diff: float  # onnxruntime vs torch on a probe input at export time
+    fp16: Fp16Entry | None = None  # None: exported without an fp16 variant of this component
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +148,8 @@ def _component(data: dict[str, Any]) -> ComponentEntry:
         outputs=tuple(_tensor(t) for t in data["outputs"]),
         opset=int(data["opset"]),
         export_max_abs_diff=float(data["export_max_abs_diff"]),
+        # absent from bundles exported before fp16 variants existed: the same format, without variants
+        fp16=Fp16Entry(**data["fp16"]) if data.get("fp16") is not None else None,
     )
 
 
@@ -227,5 +239,6 @@ def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
     if verified != stamps:
         _write_stamps(bundle_dir, verified)
     for component, entry in manifest.components.items():
-        if entry.file not in manifest.files:
-            raise BundleError(f"manifest names {entry.file} for {component.value} but does not list it among its files")
+        for name in (entry.file, *([entry.fp16.file] if entry.fp16 is not None else [])):
+            if name not in manifest.files:
+                raise BundleError(f"manifest names {name} for {component.value} but does not list it among its files")

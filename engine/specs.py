@@ -44,6 +44,16 @@ class ComponentSpec:
     def filename(self) -> str:
         return f"{self.component.value}/model.onnx"
 
+    @property
+    def fp16_filename(self) -> str:
+        """The fp16 variant's file (`sdrt export --fp16-onnx`). In a subdirectory: a component's digest covers the
+        files directly in its directory only, so adding a variant leaves the caches keyed on the fp32 model valid."""
+        return f"{self.component.value}/fp16/model.onnx"
+
+
+#: the components `sdrt export --fp16-onnx` converts unless told otherwise: SD 1.x's VAE overflows fp16's range
+#: (its decoder's activations pass 65504), and the safety checker runs once per request, so both stay fp32
+FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
 _LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
 _IMAGE = ("batch", "rgb", "height", "width")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sdrt.engine.atomic import atomic_directory
+from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.manifest import (
     FORMAT_VERSION,
     ComponentEntry,
+    Fp16Entry,
     Manifest,
     ModelConfig,
     SafetyCheckerConfig,
@@ -33,6 +36,7 @@ from sdrt.export.checkpoint import (
     load_checkpoint,
 )
 from sdrt.export.errors import ExportError
+from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx
 from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
 
@@ -50,15 +54,21 @@ def _onnxruntime_output(onnx_path: Path, inputs: dict[str, np.ndarray]) -> np.nd
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
 
 
-def _compare(component: Component, actual: np.ndarray, expected: np.ndarray) -> float:
-    """Max |ONNX - torch| at the validation shape; raise ExportError if the graph does not reproduce torch."""
-    if actual.shape != expected.shape:
-        raise ExportError(f"{component.value}: ONNX output shape {actual.shape} differs from torch's {expected.shape}")
+def _compare(
+    component: Component, actual: np.ndarray, expected: np.ndarray, rtol: float = _VALIDATION_RTOL, what: tuple[str, str] = ("ONNX", "torch")
+) -> float:
+    """Max |actual - expected| at the validation shape, where `what` names the two (by default the exported graph
+    and torch); raise ExportError if they differ in shape or dtype, or by more than `rtol` of the output's magnitude."""
+    name, reference = what
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        raise ExportError(
+            f"{component.value}: {name} output {actual.dtype} {actual.shape} differs from {reference}'s {expected.dtype} {expected.shape}"
+        )
     max_abs_diff = float(np.max(np.abs(actual - expected)))
-    tolerance = _VALIDATION_RTOL * max(1.0, float(np.max(np.abs(expected))))
-    if not max_abs_diff <= tolerance:
-        raise ExportError(f"{component.value}: ONNX output differs from torch by {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
-    logger.info("%s validated: max |onnxruntime - torch| = %.3g", component.value, max_abs_diff)
+    tolerance = rtol * max(1.0, float(np.max(np.abs(expected))))
+    if not max_abs_diff <= tolerance:  # NaN fails too
+        raise ExportError(f"{component.value}: {name} output differs from {reference}'s by {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+    logger.info("%s validated: max |%s - %s| = %.3g", component.value, name, reference, max_abs_diff)
     return max_abs_diff
 
 
@@ -94,8 +104,9 @@ def _write_safety_concepts(safety_checker: torch.nn.Module, path: Path) -> None:
     np.savez(path, **{name: tensor.detach().numpy().astype(np.float32) for name, tensor in arrays.items()})
 
 
-def _export_one(source: SourceCheckpoint, component: Component, staging: Path, opset: int) -> ComponentEntry:
-    """Trace, clean and validate one component, keeping only its own torch model in memory meanwhile."""
+def _export_one(source: SourceCheckpoint, component: Component, staging: Path, opset: int, fp16: bool) -> ComponentEntry:
+    """Trace, clean and validate one component (and its fp16 variant if `fp16`), keeping only its own torch model in
+    memory meanwhile."""
     spec = SPECS[component]
     raw_path = staging / "_traced" / spec.filename
     onnx_path = staging / spec.filename
@@ -110,8 +121,16 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
     clean_onnx(raw_path, onnx_path)
     shutil.rmtree(staging / "_traced")
     inputs, outputs = _shape_entries(component, onnx_path)
-    max_abs_diff = _compare(component, _onnxruntime_output(onnx_path, check_inputs), reference)
-    return ComponentEntry(file=spec.filename, inputs=inputs, outputs=outputs, opset=opset, export_max_abs_diff=max_abs_diff)
+    onnx_output = _onnxruntime_output(onnx_path, check_inputs)
+    max_abs_diff = _compare(component, onnx_output, reference)
+    fp16_entry = None
+    if fp16:
+        convert_to_fp16(onnx_path, staging / spec.fp16_filename)
+        fp16_output = _onnxruntime_output(staging / spec.fp16_filename, check_inputs)
+        fp16_diff = _compare(component, fp16_output, onnx_output, FP16_VALIDATION_RTOL, ("fp16 variant", "fp32 model"))
+        fp16_entry = Fp16Entry(file=spec.fp16_filename, max_abs_diff=fp16_diff)
+    return ComponentEntry(file=spec.filename, inputs=inputs, outputs=outputs, opset=opset, export_max_abs_diff=max_abs_diff,
+                          fp16=fp16_entry)
 
 
 def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
@@ -147,8 +166,13 @@ def export_bundle(
     force: bool = False,
     opset: int = OPSET,
     max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
+    fp16_components: Collection[Component | str] = (),
 ) -> Path:
     """Export the diffusers checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
+
+    `fp16_components` (e.g. sdrt.engine.specs.FP16_DEFAULT_COMPONENTS: text encoder and U-Net) also get an fp16
+    variant with fp32 inputs and outputs, for the "cuda-fp16" backend, validated against the fp32 model and recorded
+    in the manifest. Raise InvalidArgumentError if one is not a component of this checkpoint.
 
     The bundle is built in a temporary directory beside `out_dir` and renamed into place only when complete and
     validated, so a failed or interrupted export leaves no partial bundle. An existing `out_dir` is refused unless
@@ -158,11 +182,12 @@ def export_bundle(
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it")
     source = load_checkpoint(checkpoint)
+    fp16 = _fp16_components(fp16_components, source.components)
     if source.safety_checker_config is None:
         logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source.path)
     with atomic_directory(out_dir, replace=force) as staging:
         components = {
-            component: _export_one(source, component, staging, opset)
+            component: _export_one(source, component, staging, opset, fp16=component in fp16)
             for component in tqdm(source.components, desc="export", unit="model")
         }
         tokenizer = _copy_configs(source, staging)
@@ -182,3 +207,18 @@ def export_bundle(
         ).write(staging)
     logger.info("bundle written to %s", out_dir)
     return out_dir
+
+
+def _fp16_components(requested: Collection[Component | str], available: tuple[Component, ...]) -> frozenset[Component]:
+    """The requested components (names or Components), each checked to be one the checkpoint exports."""
+    names = [c.value for c in available]
+    chosen = set()
+    for value in requested:
+        try:
+            component = Component(value)
+        except ValueError:
+            component = None
+        if component not in available:
+            raise InvalidArgumentError("fp16_components", f"{value!r} is not a component of this checkpoint; choose from {names}")
+        chosen.add(component)
+    return frozenset(chosen)

@@ -1,4 +1,5 @@
-"""Clean an exported ONNX graph with Polygraphy (constant folding, sanitize) and validate it with onnx.checker."""
+"""Clean an exported ONNX graph with Polygraphy (constant folding, sanitize); save graphs (external weights when
+large) and validate them with onnx.checker."""
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,12 @@ def clean_onnx(raw_path: Path, out_path: Path) -> None:
     model = gs.export_onnx(graph)
     del graph
     logger.info("%s: %d nodes after folding and cleanup (%d before)", out_path.parent.name, len(model.graph.node), nodes_before)
+    save_onnx(model, out_path)
 
+
+def save_onnx(model: onnx.ModelProto, out_path: Path) -> None:
+    """Write `model` to `out_path`, its weights in one `out_path.name + ".data"` file beside it when large, and
+    check the written model with onnx.checker; raise ExportError if it fails."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if _initializer_bytes(model) > PROTOBUF_LIMIT_BYTES // 2:
         onnx.save_model(

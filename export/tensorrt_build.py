@@ -20,11 +20,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from sdrt.engine.atomic import atomic_file
+from sdrt.engine.cuda_device import cuda_device_unavailable_reason
+from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.manifest import ModelConfig, read_manifest, verify_files
 from sdrt.engine.specs import Component
 from sdrt.engine.tensorrt.cuda import Stream
 from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey
-from sdrt.engine.tensorrt.library import current_environment, tensorrt, trt_logger
+from sdrt.engine.tensorrt.library import current_environment, libraries_unavailable_reason, tensorrt, trt_logger
 from sdrt.engine.tensorrt.profile import EngineProfile, Precision, ShapeRange, component_shapes, default_profile
 from sdrt.engine.tensorrt.runner import EngineRunner
 from sdrt.engine.tensorrt.store import CACHE_SUBDIR, EngineIndex, EngineStore
@@ -57,11 +59,20 @@ class EngineCompiler(Protocol):
         """Run a serialised engine once on `feeds`."""
 
 
+def builder_unavailable_reason() -> str | None:
+    """None if engines can be built on this machine, else what is missing (one sentence): tensorrt or cuda-python
+    (with the command that installs them), or a CUDA device. Cheap: asked before minutes of export or building."""
+    return libraries_unavailable_reason() or cuda_device_unavailable_reason()
+
+
 class TensorRTCompiler:
     """EngineCompiler with TensorRT on the current GPU; raise BackendUnavailableError if tensorrt, cuda-python or
     the GPU is missing."""
 
     def __init__(self) -> None:
+        reason = builder_unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(reason)
         self._trt = tensorrt()
         self.environment = current_environment()
 

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 import sdrt.engine.cuda_device as cuda_device
-from sdrt.engine.backends import BACKENDS, ComponentFile, OnnxRuntimeCUDABackend, TensorRTBackend, backend_class
+from sdrt.engine.backends import (
+    BACKENDS,
+    ComponentFile,
+    OnnxRuntimeCUDABackend,
+    OnnxRuntimeCUDAFP16Backend,
+    TensorRTBackend,
+    backend_class,
+)
 from sdrt.engine.backends import tensorrt as tensorrt_backend
 from sdrt.engine.cli import main
 from sdrt.engine.errors import (
@@ -43,7 +50,7 @@ from sdrt.engine.manifest import (
 )
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyPolicy
-from sdrt.engine.specs import DYNAMIC_AXES, SPECS, Component
+from sdrt.engine.specs import DYNAMIC_AXES, FP16_DEFAULT_COMPONENTS, SPECS, Component
 from sdrt.engine.tensorrt import cuda as cuda_module
 from sdrt.engine.tensorrt import runner as runner_module
 from sdrt.engine.tensorrt.compatibility import build_command, check_request, resolve_engines
@@ -502,6 +509,40 @@ def test_cli_build_engines_without_tensorrt_says_what_to_install(tmp_path: Path,
     assert capsys.readouterr().err == "sdrt: error: tensorrt is not installed (pip install 'sdrt[gpu]')\n"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_cli_export_tensorrt_without_tensorrt_fails_before_exporting(tmp_path: Path, capsys) -> None:
+    # A checkpoint that does not exist: exporting first would fail on it instead.
+    assert main(["export", str(tmp_path / "no-checkpoint"), str(tmp_path / "bundle"), "--tensorrt"]) == 2
+    assert capsys.readouterr().err == "sdrt: error: --tensorrt: tensorrt is not installed (pip install 'sdrt[gpu]')\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_tensorrt_exports_then_builds_with_the_engine_flags(tmp_path: Path, monkeypatch, capsys) -> None:
+    import sdrt.export.bundle
+
+    calls = []
+
+    def export_bundle(checkpoint, out_dir, **options):
+        calls.append(("export", checkpoint, options))
+        return _fake_bundle(out_dir.parent)
+
+    monkeypatch.setattr(tensorrt_build, "builder_unavailable_reason", lambda: None)
+    monkeypatch.setattr(sdrt.export.bundle, "export_bundle", export_bundle)
+    monkeypatch.setattr(tensorrt_build, "build_engines", lambda *args, **kwargs: calls.append(("build", args, kwargs)) or "engines")
+    bundle = tmp_path / "bundle"
+    assert main(["export", "ckpt", str(bundle), "--fp16-onnx", "--tensorrt", "--batch", "1:2:4", "--precision", "fp32", "--refittable"]) == 0
+    assert calls == [
+        ("export", Path("ckpt"), {"force": False, "fp16_components": FP16_DEFAULT_COMPONENTS}),
+        ("build", (bundle, EngineProfile(AxisRange(1, 2, 4), SD15_PROFILE.height, SD15_PROFILE.width), Precision.FP32), {"refittable": True}),
+    ]
+    assert capsys.readouterr().out == f"{bundle}\nengines\n"
+
+
+def test_cli_export_engine_flags_need_tensorrt(tmp_path: Path, capsys) -> None:
+    assert main(["export", "ckpt", str(tmp_path / "bundle"), "--static", "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err == "sdrt: error: --static, --precision: engine options need --tensorrt\n"
+
+
 # ---- the per-shape LRU --------------------------------------------------------------------------------------------
 def test_lru_evicts_the_least_recently_used_shape() -> None:
     created, released = [], []
@@ -754,10 +795,29 @@ def test_tensorrt_backend_runs_stored_engines_and_captures_only_the_unet(tmp_pat
         TensorRTBackend(bundle, _component_files(bundle))
 
 
+@pytest.mark.parametrize(("setting", "graphs"), [("0", 0), ("1", 1)])
+def test_cuda_graphs_can_be_turned_off_for_the_process(tmp_path: Path, fake_gpu, monkeypatch, setting, graphs) -> None:
+    cudart, context = fake_gpu
+    monkeypatch.setattr(tensorrt_backend, "current_environment", lambda: H100)
+    monkeypatch.setenv(tensorrt_backend.CUDA_GRAPHS_ENV, setting)
+    bundle = _fake_bundle(tmp_path)
+    build_engines(bundle, precision=Precision.FP32, compiler=FakeCompiler(plan=b"plan"))
+    backend = TensorRTBackend(bundle, _component_files(bundle))
+    for step in range(3):
+        (y,) = backend.run(Component.UNET, {"x": _x(2, step)})
+        assert (y == 2 * step + 1).all()
+    assert cudart.graphs_instantiated == graphs
+    assert context.launches == (3 if graphs == 0 else 4)  # with a graph: one launch before the capture, then replays
+    monkeypatch.setenv(tensorrt_backend.CUDA_GRAPHS_ENV, "off")
+    with pytest.raises(InvalidArgumentError, match=r"SDRT_TENSORRT_CUDA_GRAPHS: must be 0 \(no CUDA graphs\) or 1 \(the default\), got 'off'"):
+        TensorRTBackend(bundle, _component_files(bundle))
+
+
 # ---- backend choice -----------------------------------------------------------------------------------------------
 def test_gpu_backends_come_first() -> None:
-    assert BACKENDS[:2] == (TensorRTBackend, OnnxRuntimeCUDABackend)
+    assert BACKENDS[:3] == (TensorRTBackend, OnnxRuntimeCUDAFP16Backend, OnnxRuntimeCUDABackend)
     assert not TensorRTBackend.exact and OnnxRuntimeCUDABackend.exact  # exact mode may use the CUDA backend
+    assert not OnnxRuntimeCUDAFP16Backend.exact
 
 
 class _FakeDriver:

@@ -1,7 +1,7 @@
 """Inference backends behind one interface, and the choice among them.
 
 `backend="auto"` takes the fastest available backend: TensorRT where this GPU has engines built for the bundle, then
-onnxruntime on CUDA, then the CPU backends (bf16 where the CPU supports it: see PSNR in the benchmark results);
+onnxruntime on CUDA (its fp16 variants where the bundle has them, else fp32), then the CPU backends (bf16 where the CPU supports it: see PSNR in the benchmark results);
 `backend="exact"` the fastest fp32 one, at pixel parity with diffusers.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.backends.onnxruntime_cpu import OnnxRuntimeCPUBackend
-from sdrt.engine.backends.onnxruntime_cuda import OnnxRuntimeCUDABackend
+from sdrt.engine.backends.onnxruntime_cuda import OnnxRuntimeCUDABackend, OnnxRuntimeCUDAFP16Backend
 from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend
 from sdrt.engine.backends.tensorrt import TensorRTBackend
 from sdrt.engine.errors import BackendUnavailableError
@@ -20,10 +20,12 @@ from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
 
-#: fastest first: GPU before CPU; on the CPU, measured on the SD 1.5 U-Net at 512x512, 2 AVX-512 BF16 cores
+#: fastest first: GPU before CPU; on the GPU in the order their precision and fusion suggest (not yet measured:
+#: `sdrt doctor --gpu` times them); on the CPU, measured on the SD 1.5 U-Net at 512x512, 2 AVX-512 BF16 cores
 #: (benchmarks/RESULTS.md)
 BACKENDS: tuple[type[Backend], ...] = (
-    TensorRTBackend, OnnxRuntimeCUDABackend, OpenVINOBF16Backend, OpenVINOFP32Backend, OnnxRuntimeCPUBackend
+    TensorRTBackend, OnnxRuntimeCUDAFP16Backend, OnnxRuntimeCUDABackend, OpenVINOBF16Backend, OpenVINOFP32Backend,
+    OnnxRuntimeCPUBackend,
 )
 AUTO, EXACT = "auto", "exact"
 
@@ -68,5 +70,5 @@ def backend_class(
 
 __all__ = [
     "Backend", "ComponentFile", "MemoryPolicy", "BACKENDS", "backend_class", "OnnxRuntimeCPUBackend", "OnnxRuntimeCUDABackend",
-    "OpenVINOBF16Backend", "OpenVINOFP32Backend", "TensorRTBackend",
+    "OnnxRuntimeCUDAFP16Backend", "OpenVINOBF16Backend", "OpenVINOFP32Backend", "TensorRTBackend",
 ]

@@ -33,10 +33,11 @@ class MemoryPolicy(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class ComponentFile:
     """A component's model file and the digest of its files in the manifest (`Manifest.component_digest`: the key
-    of caches derived from it)."""
+    of caches derived from it), and its fp16 variant's file where the bundle has one (`sdrt export --fp16-onnx`)."""
 
     path: Path
     digest: str
+    fp16_path: Path | None = None
 
 
 class Backend(abc.ABC):

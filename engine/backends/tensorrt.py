@@ -3,10 +3,11 @@
 Engines are looked up under this GPU's and TensorRT's environment and checked against the bundle's model files: a
 missing, stale or foreign engine is refused with the command that rebuilds it, and a request outside the profile
 the engines were built for fails before any model runs. All engines run on one CUDA stream; the U-Net, called with
-the same shapes at every step, replays a CUDA graph per shape.
+the same shapes at every step, replays a CUDA graph per shape (unless SDRT_TENSORRT_CUDA_GRAPHS=0).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.cuda_device import cuda_device_unavailable_reason
-from sdrt.engine.errors import EnginesNotBuiltError, GpuError
+from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError
 from sdrt.engine.specs import Component
 from sdrt.engine.tensorrt.compatibility import check_request, resolve_engines
 from sdrt.engine.tensorrt.cuda import Stream
@@ -24,6 +25,19 @@ from sdrt.engine.tensorrt.runner import EngineRunner
 #: components whose calls are captured in CUDA graphs: the U-Net runs at every step with the same shapes, so a
 #: replay saves its many kernel launches each time; the others run once per request, where a capture costs more
 GRAPH_CAPTURED = frozenset({Component.UNET})
+#: "0" runs every engine without CUDA graphs, "1" (the default) captures GRAPH_CAPTURED: set per process, to measure
+#: what the graphs save (`sdrt doctor --gpu` times both) or to rule them out when debugging
+CUDA_GRAPHS_ENV = "SDRT_TENSORRT_CUDA_GRAPHS"
+_CUDA_GRAPHS_SETTINGS = {"1": GRAPH_CAPTURED, "0": frozenset()}
+
+
+def graph_captured_components() -> frozenset[Component]:
+    """The components whose calls are captured in CUDA graphs in this process, from CUDA_GRAPHS_ENV; raise
+    InvalidArgumentError naming the variable if it is set to anything but 0 or 1."""
+    setting = os.environ.get(CUDA_GRAPHS_ENV, "1")
+    if setting not in _CUDA_GRAPHS_SETTINGS:
+        raise InvalidArgumentError(CUDA_GRAPHS_ENV, f"must be 0 (no CUDA graphs) or 1 (the default), got {setting!r}")
+    return _CUDA_GRAPHS_SETTINGS[setting]
 
 
 class TensorRTBackend(Backend):
@@ -47,6 +61,7 @@ class TensorRTBackend(Backend):
     ) -> None:
         super().__init__(bundle_dir, components, memory)
         self._store, self._index = resolve_engines(self.bundle_dir, _digests(self.components), current_environment())
+        self._graph_captured = graph_captured_components()
         self._stream = Stream()
 
     def check_request(self, num_images: int, height: int, width: int) -> None:
@@ -54,7 +69,7 @@ class TensorRTBackend(Backend):
 
     def _load(self, component: Component) -> EngineRunner:
         plan = self._store.engine_path(self._index.engines[component]).read_bytes()
-        return EngineRunner(plan, self._stream, capture_graphs=component in GRAPH_CAPTURED)
+        return EngineRunner(plan, self._stream, capture_graphs=component in self._graph_captured)
 
     def _infer(self, model: EngineRunner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return model.run(feeds)
