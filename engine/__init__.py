@@ -5,7 +5,16 @@
     out.images[0].save("astronaut.png")
 """
 from sdrt.engine.default_model import default_bundle_dir
-from sdrt.engine.errors import BackendUnavailableError, BundleError, InvalidArgumentError, SdrtError
+from sdrt.engine.errors import (
+    BackendUnavailableError,
+    BundleError,
+    InvalidArgumentError,
+    LoraError,
+    NoRefitMapError,
+    SdrtError,
+    UnknownLoraKeysError,
+    WeightsNotReplaceableError,
+)
 from sdrt.engine.loading import load
 from sdrt.engine.pipeline import PipelineOutput, StableDiffusionPipeline
 from sdrt.engine.version import SDRT_VERSION as __version__
@@ -19,5 +28,9 @@ __all__ = [
     "InvalidArgumentError",
     "BundleError",
     "BackendUnavailableError",
+    "LoraError",
+    "UnknownLoraKeysError",
+    "NoRefitMapError",
+    "WeightsNotReplaceableError",
     "__version__",
 ]

@@ -35,3 +35,28 @@ class ProfileMismatchError(InvalidArgumentError):
 
 class GpuError(SdrtError, RuntimeError):
     """A CUDA or TensorRT call failed on the device; the message names the call and its error."""
+
+
+class LoraError(SdrtError, ValueError):
+    """A LoRA file cannot be applied to this bundle: unreadable, malformed, or naming weights the model lacks."""
+
+
+class UnknownLoraKeysError(LoraError):
+    """A LoRA file names modules that match no weight of the bundle's U-Net or text encoder; `.keys` lists them."""
+
+    def __init__(self, path: str, keys: list[str]) -> None:
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        super().__init__(
+            f"{path}: {len(keys)} LoRA keys match no U-Net or text-encoder weight of this bundle ({shown}); "
+            "the LoRA was made for another model architecture, or uses a key format sdrt does not read "
+            "(diffusers/PEFT `unet.<module>.lora_A.weight` and kohya `lora_unet_<module>.lora_down.weight` are read)"
+        )
+        self.keys = keys
+
+
+class NoRefitMapError(BundleError):
+    """The bundle was exported before weight maps were recorded: LoRA cannot find the weights to replace."""
+
+
+class WeightsNotReplaceableError(SdrtError, RuntimeError):
+    """The backend (or its engines) cannot replace model weights after loading; the message names the fix."""

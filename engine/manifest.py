@@ -50,6 +50,9 @@ class ComponentEntry:
     opset: int
     export_max_abs_diff: float  # onnxruntime vs torch on a probe input at export time
     fp16: Fp16Entry | None = None  # None: exported without an fp16 variant of this component
+    # the refit map (engine/refit_map.py) of the components LoRA patches; None for the others, and in bundles
+    # exported before maps were recorded (load_lora then asks for a re-export)
+    refit_map: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +153,7 @@ def _component(data: dict[str, Any]) -> ComponentEntry:
         export_max_abs_diff=float(data["export_max_abs_diff"]),
         # absent from bundles exported before fp16 variants existed: the same format, without variants
         fp16=Fp16Entry(**data["fp16"]) if data.get("fp16") is not None else None,
+        refit_map=data.get("refit_map"),  # absent from bundles exported before refit maps: the same format
     )
 
 
@@ -239,6 +243,7 @@ def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
     if verified != stamps:
         _write_stamps(bundle_dir, verified)
     for component, entry in manifest.components.items():
-        for name in (entry.file, *([entry.fp16.file] if entry.fp16 is not None else [])):
+        named = (entry.file, *([entry.fp16.file] if entry.fp16 is not None else []), *([entry.refit_map] if entry.refit_map else []))
+        for name in named:
             if name not in manifest.files:
                 raise BundleError(f"manifest names {name} for {component.value} but does not list it among its files")

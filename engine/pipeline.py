@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from sdrt.engine.backends import Backend
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.images import decoded_to_unit_range, to_pil
+from sdrt.engine.lora_weights import LoraWeights
 from sdrt.engine.manifest import Manifest
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import Scheduler, SchedulerState
@@ -102,6 +104,7 @@ class StableDiffusionPipeline:
         self.safety_policy = safety_policy
         self._empty_prompt_embedding: np.ndarray | None = None
         self._progress_bar_config: dict[str, Any] = {}
+        self._lora = LoraWeights(bundle_dir, manifest, backend)
 
     # ---- configuration -------------------------------------------------------------------------------------------
     @property
@@ -111,6 +114,25 @@ class StableDiffusionPipeline:
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the denoising progress bar, passed to tqdm (e.g. `disable=True`), as in diffusers."""
         self._progress_bar_config = dict(kwargs)
+
+    # ---- LoRA ------------------------------------------------------------------------------------------------------
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> None:
+        """Apply the LoRA .safetensors file at `path` to the U-Net and text encoder, its deltas times `scale`,
+        replacing any LoRA loaded before (one LoRA at a time, always on the bundle's own weights; scale 0 gives the
+        base weights). Both diffusers/PEFT (`unet.<module>.lora_A.weight`) and kohya (`lora_unet_<module>.lora_down.weight`)
+        keys are read. Backends: onnxruntime-cpu (its sessions are re-created) and tensorrt (engines refitted in place;
+        they must be built with `sdrt build-engines --refittable`); others raise WeightsNotReplaceableError.
+        Raise UnknownLoraKeysError for keys naming no weight of this model, LoraError for an unreadable or malformed
+        file, NoRefitMapError for a bundle exported before refit maps were recorded (re-export it)."""
+        if not is_finite_number(scale):
+            raise InvalidArgumentError("scale", f"must be a finite number, got {scale!r}")
+        self._lora.apply(path, float(scale))
+        self._empty_prompt_embedding = None  # computed with the text encoder's previous weights
+
+    def unload_lora(self) -> None:
+        """Restore the bundle's own weights after `load_lora`."""
+        self._lora.apply(None, 0.0)
+        self._empty_prompt_embedding = None
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def _validate_size(self, name: str, value: Any) -> int:

@@ -25,6 +25,7 @@ from sdrt.engine.manifest import (
     TokenizerConfig,
     describe_files,
 )
+from sdrt.engine.refit_map import REFITTABLE_COMPONENTS, refit_map_file, write_refit_map
 from sdrt.engine.specs import SPECS, Component
 from sdrt.engine.version import SDRT_VERSION
 from sdrt.export.checkpoint import (
@@ -39,6 +40,7 @@ from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx
 from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
+from sdrt.export.refit_map import match_refit_map, parameter_fingerprints
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +118,16 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
     export_component(source, component, model, raw_path, opset=opset)
     if component is Component.SAFETY_CHECKER:
         _write_safety_concepts(model.model, staging / SAFETY_CONCEPTS_FILE)
+    # names as diffusers (and so LoRA files) give them: the wrapper's `model` prefix left out
+    fingerprints = parameter_fingerprints(model.model) if component in REFITTABLE_COMPONENTS else None
     del model  # a full-size U-Net is 3.4 GB: free it before the graph is loaded for cleaning
     gc.collect()
     clean_onnx(raw_path, onnx_path)
     shutil.rmtree(staging / "_traced")
+    refit_map = None
+    if fingerprints is not None:
+        refit_map = refit_map_file(component)
+        write_refit_map(staging / refit_map, match_refit_map(fingerprints, onnx_path))
     inputs, outputs = _shape_entries(component, onnx_path)
     onnx_output = _onnxruntime_output(onnx_path, check_inputs)
     max_abs_diff = _compare(component, onnx_output, reference)
@@ -130,7 +138,7 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
         fp16_diff = _compare(component, fp16_output, onnx_output, FP16_VALIDATION_RTOL, ("fp16 variant", "fp32 model"))
         fp16_entry = Fp16Entry(file=spec.fp16_filename, max_abs_diff=fp16_diff)
     return ComponentEntry(file=spec.filename, inputs=inputs, outputs=outputs, opset=opset, export_max_abs_diff=max_abs_diff,
-                          fp16=fp16_entry)
+                          fp16=fp16_entry, refit_map=refit_map)
 
 
 def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.engine.errors import WeightsNotReplaceableError
 from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,16 @@ class Backend(abc.ABC):
     def check_request(self, num_images: int, height: int, width: int) -> None:
         """Raise InvalidArgumentError if this backend cannot run a request of `num_images` images of height x width
         pixels; called before any model runs. Most backends take any size the bundle accepts."""
+
+    def set_weights(self, component: Component, weights: Mapping[str, np.ndarray]) -> None:
+        """From the next call on, run `component` with the initializers named in `weights` holding those values
+        (float32, in the initializers' shapes) and every other initializer the bundle's value: each call replaces
+        the previous one's overrides, and an empty mapping restores the bundle's model. LoRA uses it
+        (`StableDiffusionPipeline.load_lora`). Raise WeightsNotReplaceableError where this backend cannot."""
+        raise WeightsNotReplaceableError(
+            f"backend {self.name} cannot replace weights (LoRA); use backend=\"onnxruntime-cpu\", or \"tensorrt\" with "
+            "engines built by `sdrt build-engines --refittable`"
+        )
 
     @abc.abstractmethod
     def _load(self, component: Component) -> Any:

@@ -15,9 +15,10 @@ import numpy as np
 
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.cuda_device import cuda_device_unavailable_reason
-from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError
+from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError, WeightsNotReplaceableError
+from sdrt.engine.onnx_weights import read_initializers
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.compatibility import check_request, resolve_engines
+from sdrt.engine.tensorrt.compatibility import build_command, check_request, resolve_engines
 from sdrt.engine.tensorrt.cuda import Stream
 from sdrt.engine.tensorrt.library import current_environment, libraries_unavailable_reason
 from sdrt.engine.tensorrt.runner import EngineRunner
@@ -63,13 +64,33 @@ class TensorRTBackend(Backend):
         self._store, self._index = resolve_engines(self.bundle_dir, _digests(self.components), current_environment())
         self._graph_captured = graph_captured_components()
         self._stream = Stream()
+        # weights replaced since load (LoRA), applied again to an engine loaded later (memory="one-at-a-time")
+        self._weights: dict[Component, dict[str, np.ndarray]] = {}
 
     def check_request(self, num_images: int, height: int, width: int) -> None:
         check_request(self._index, self.bundle_dir, num_images, height, width)
 
     def _load(self, component: Component) -> EngineRunner:
         plan = self._store.engine_path(self._index.engines[component]).read_bytes()
-        return EngineRunner(plan, self._stream, capture_graphs=component in self._graph_captured)
+        runner = EngineRunner(plan, self._stream, capture_graphs=component in self._graph_captured)
+        if self._weights.get(component):
+            runner.refit(self._weights[component])
+        return runner
+
+    def set_weights(self, component: Component, weights: Mapping[str, np.ndarray]) -> None:
+        if not self._index.refittable:
+            command = build_command(self.bundle_dir, self._index.profile, self._index.precision, refittable=True)
+            raise WeightsNotReplaceableError(
+                f"the TensorRT engines of {self.bundle_dir} were built without --refittable, so their weights cannot "
+                f"be replaced (LoRA): rebuild them with `{command}`"
+            )
+        previous = self._weights.get(component, {})
+        # an engine holds whatever was last refitted: weights overridden before and not now get the bundle's values
+        restored = read_initializers(self.components[component].path, previous.keys() - weights.keys()) if previous else {}
+        with self._lock:
+            if component in self._loaded:
+                self._loaded[component].refit({**restored, **weights})
+            self._weights[component] = dict(weights)  # only once TensorRT has taken them
 
     def _infer(self, model: EngineRunner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return model.run(feeds)

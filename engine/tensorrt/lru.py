@@ -34,6 +34,12 @@ class LRUCache(Generic[K, V]):
         self._values[key] = value
         return value
 
+    def clear(self) -> None:
+        """Release every value."""
+        while self._values:
+            _, value = self._values.popitem(last=False)
+            self._release(value)
+
     def keys(self) -> list[K]:
         """The cached keys, least recently used first."""
         return list(self._values)

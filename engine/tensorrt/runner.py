@@ -83,6 +83,24 @@ class EngineRunner:
         self._stream.synchronize()
         return outputs
 
+    def refit(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace the named weights (ONNX initializer names) with these values; the engine must have been built
+        refittable. Raise GpuError naming a weight TensorRT refuses."""
+        trt = tensorrt()
+        refitter = trt.Refitter(self._engine, trt_logger())
+        # kept referenced until refit_cuda_engine has copied them: trt.Weights only points at the array's memory
+        arrays = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in weights.items()}
+        for name, array in arrays.items():
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise GpuError(f"TensorRT refused new weights for {name} {array.shape}: not a refittable weight of this engine, or of another shape")
+        if not refitter.refit_cuda_engine():
+            raise GpuError("TensorRT refit_cuda_engine failed (see the sdrt.engine.tensorrt.trt log)")
+        # A captured graph replays kernels with the weight addresses of its capture. TensorRT refits in place, so
+        # they should still hold, but that is not a documented guarantee: drop every shape's graph (and its
+        # buffers), to be captured again on next use, rather than risk replaying stale weights.
+        self._slots.clear()
+        self._bound = None
+
     def _set_input_shapes(self, key: _ShapeKey) -> None:
         for name, shape in key:
             if not self._context.set_input_shape(name, shape):
