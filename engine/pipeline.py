@@ -217,7 +217,7 @@ class StableDiffusionPipeline:
             latents = request.latents
         else:
             latents = np.random.default_rng(request.seed).standard_normal(self._latent_shape(request), dtype=np.float32)
-        return (latents * np.float32(self.scheduler.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
+        return (latents * np.float32(request.schedule.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
 
     def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, timings: dict[str, float]) -> np.ndarray:
         state = request.schedule

@@ -283,7 +283,9 @@ def test_steps_offset_past_last_timestep_raises() -> None:
 
 def test_scheduler_contract() -> None:
     scheduler = PNDMScheduler(SD15_CONFIG)
-    assert scheduler.init_noise_sigma == 1.0
+    assert scheduler.start(10).init_noise_sigma == _diffusers_pndm(SD15_CONFIG).init_noise_sigma == 1.0
+    assert scheduler.order == _diffusers_pndm(SD15_CONFIG).order
+    assert not scheduler.needs_noise
     assert scheduler.num_train_timesteps == 1000
     assert isinstance(scheduler, Scheduler)
     assert isinstance(scheduler.start(10), SchedulerState)
@@ -331,3 +333,52 @@ def test_scheduler_from_config_falls_back_to_pndm(caplog: pytest.LogCaptureFixtu
     assert isinstance(scheduler, PNDMScheduler)
     assert "DDIMScheduler" in caplog.text
     np.testing.assert_array_equal(scheduler.alphas_cumprod, PNDMScheduler(SD15_CONFIG).alphas_cumprod)
+
+
+# --- starting part-way (image to image) and add_noise --------------------------------------------
+
+PARTWAY_VARIANTS = ["sd15", "trailing", "v_prediction"]
+
+
+@pytest.mark.parametrize("variant", PARTWAY_VARIANTS)
+@pytest.mark.parametrize(("num_steps", "begin_index"), [(10, 1), (10, 2), (10, 5), (10, 10), (50, 25), (3, 3)])
+def test_a_run_started_part_way_matches_diffusers_sliced_run(variant: str, num_steps: int, begin_index: int) -> None:
+    """diffusers' img2img runs `timesteps[t_start * order:]` through a freshly set scheduler (call counter at 0)."""
+    torch = pytest.importorskip("torch")
+    reference = _diffusers_pndm(_config(variant))
+    reference.set_timesteps(num_steps)
+    timesteps = reference.timesteps[begin_index:]
+    rng = np.random.default_rng(begin_index)
+    sample = rng.standard_normal(SHAPE, dtype=np.float32)  # (B, C, H, W)
+    scheduler = PNDMScheduler(_config(variant))
+    state = scheduler.start(num_steps, begin_index=begin_index)
+    np.testing.assert_array_equal(state.timesteps, timesteps.numpy())
+    expected = torch.from_numpy(sample.copy())
+    for call, timestep in enumerate(timesteps):
+        model_output = rng.standard_normal(SHAPE, dtype=np.float32)  # (B, C, H, W)
+        expected = reference.step(torch.from_numpy(model_output.copy()), timestep, expected).prev_sample
+        sample, state = scheduler.step(state, model_output, call, sample)
+        _assert_close(sample, expected.numpy(), RUN_RTOL, RUN_ATOL, f"call {call} at t={int(timestep)}")
+
+
+def test_begin_index_out_of_range_and_runge_kutta_part_way_are_refused() -> None:
+    scheduler = PNDMScheduler(SD15_CONFIG)
+    with pytest.raises(ValueError, match=r"begin_index must be in 0\.\.10"):
+        scheduler.start(10, begin_index=11)
+    with pytest.raises(ValueError, match="Runge-Kutta"):
+        PNDMScheduler(_config("prk_warmup")).start(10, begin_index=1)
+
+
+@pytest.mark.parametrize("variant", ["sd15", "cosine", "trailing"])
+@pytest.mark.parametrize("step_index", [0, 3, 10])
+def test_add_noise_matches_diffusers_at_the_calls_timestep(variant: str, step_index: int) -> None:
+    torch = pytest.importorskip("torch")
+    reference = _diffusers_pndm(_config(variant))
+    reference.set_timesteps(10)
+    rng = np.random.default_rng(step_index)
+    original, noise = rng.standard_normal((2, *SHAPE), dtype=np.float32)  # (B, C, H, W) each
+    expected = reference.add_noise(torch.from_numpy(original), torch.from_numpy(noise), reference.timesteps[step_index:step_index + 1])
+    scheduler = PNDMScheduler(_config(variant))
+    actual = scheduler.add_noise(scheduler.start(10), original, noise, step_index)
+    np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(actual, original)  # noise was added

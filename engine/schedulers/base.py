@@ -32,10 +32,15 @@ class SchedulerConfigError(ValueError):
 
 @runtime_checkable
 class SchedulerState(Protocol):
-    """What every scheduler state exposes: the U-Net timesteps of the whole run, in call order."""
+    """What every scheduler state exposes: the U-Net timesteps of the run, in call order, and the scale of the
+    initial noise (it depends on the planned run for sigma-based samplers)."""
 
     @property
     def timesteps(self) -> np.ndarray:  # (num_calls,) int64
+        ...
+
+    @property
+    def init_noise_sigma(self) -> float:
         ...
 
 
@@ -46,31 +51,57 @@ StateT = TypeVar("StateT", bound=SchedulerState)
 class Scheduler(Protocol[StateT]):
     """A sampler over explicit, immutable state.
 
-    Usage::
+    Text to image::
 
         state = scheduler.start(num_inference_steps)
-        latents = noise * scheduler.init_noise_sigma
+        latents = noise * state.init_noise_sigma
         for i, t in enumerate(state.timesteps):
             model_output = unet(scheduler.scale_model_input(state, latents, i), t)
-            latents, state = scheduler.step(state, model_output, i, latents)
+            step_noise = rng.standard_normal(latents.shape) if scheduler.needs_noise else None
+            latents, state = scheduler.step(state, model_output, i, latents, step_noise)
+
+    Image to image starts part-way (diffusers' `timesteps[t_start * order:]` with `set_begin_index`)::
+
+        state = scheduler.start(num_inference_steps, begin_index=t_start * scheduler.order)
+        latents = scheduler.add_noise(state, image_latents, noise, 0)
     """
 
-    init_noise_sigma: float
     num_train_timesteps: int
+    #: diffusers' `scheduler.order`: U-Net calls per step for multi-call solvers (Heun), 1 for the others
+    order: int
+    #: True for stochastic samplers (ancestral): `step()` needs fresh standard-normal noise shaped like the sample,
+    #: which the caller draws from the request's seed so results are reproducible
+    needs_noise: bool
 
-    def start(self, num_inference_steps: int) -> StateT:
-        """Plan a run of ``num_inference_steps`` denoising steps; raises ValueError if out of range."""
+    def start(self, num_inference_steps: int, begin_index: int = 0) -> StateT:
+        """Plan a run of ``num_inference_steps`` steps, from call ``begin_index`` of the full run on (as diffusers
+        runs after ``set_begin_index``); raises ValueError if out of range."""
         ...
 
     def scale_model_input(self, state: StateT, sample: np.ndarray, step_index: int) -> np.ndarray:
         """The U-Net input for call ``step_index`` given the current sample."""
         ...
 
-    def step(
-        self, state: StateT, model_output: np.ndarray, step_index: int, sample: np.ndarray
-    ) -> tuple[np.ndarray, StateT]:
-        """Apply U-Net call ``step_index``'s output; returns (prev_sample, new_state), never mutating ``state``."""
+    def add_noise(self, state: StateT, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """``original`` noised to the level of U-Net call ``step_index``'s input, as diffusers' ``add_noise`` does at
+        ``timesteps[step_index]`` (image to image, and inpainting's blend of the known region)."""
         ...
+
+    def step(
+        self, state: StateT, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> tuple[np.ndarray, StateT]:
+        """Apply U-Net call ``step_index``'s output; returns (prev_sample, new_state), never mutating ``state``.
+        ``noise`` is required when ``needs_noise`` and ignored otherwise."""
+        ...
+
+
+def add_noise_at_alpha_prod(original: np.ndarray, noise: np.ndarray, alpha_prod: np.float32) -> np.ndarray:
+    """The forward process x_t = sqrt(a) x_0 + sqrt(1 - a) eps at alpha-bar ``a``, in float32 as diffusers'
+    DDPM-family ``add_noise`` computes it."""
+    alpha_prod = np.float32(alpha_prod)
+    sqrt_alpha_prod = alpha_prod ** np.float32(0.5)
+    sqrt_one_minus_alpha_prod = (np.float32(1) - alpha_prod) ** np.float32(0.5)
+    return (sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise).astype(np.float32)  # like original
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .base import (
     NoiseScheduleConfig,
+    add_noise_at_alpha_prod,
     alphas_cumprod_from_betas,
     betas_from_config,
     check_num_inference_steps,
@@ -100,11 +101,17 @@ class PNDMState:
         """Number of U-Net calls in the whole run."""
         return len(self.updates)
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """PNDM starts from unit-variance noise."""
+        return 1.0
+
 
 class PNDMScheduler:
     """diffusers' PNDMScheduler in numpy over explicit :class:`PNDMState` (implements ``Scheduler``)."""
 
-    init_noise_sigma: float = 1.0
+    order = 1  # diffusers' PNDMScheduler.order, though its warm-up repeats one timestep
+    needs_noise = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         """Build from a scheduler_config.json dict; raises SchedulerConfigError for bad values."""
@@ -114,12 +121,17 @@ class PNDMScheduler:
         # alpha-bar "before" timestep 0, where the last update lands.
         self.final_alpha_cumprod = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def start(self, num_inference_steps: int) -> PNDMState:
-        """Plan a run of ``num_inference_steps`` steps.
+    def start(self, num_inference_steps: int, begin_index: int = 0) -> PNDMState:
+        """Plan a run of ``num_inference_steps`` steps, from U-Net call ``begin_index`` of the full run on.
+
+        Starting part-way (image to image) is diffusers' run over ``timesteps[begin_index:]``: its
+        call counter starts again at 0, so the first two of the remaining calls are the Euler step
+        and its Heun redo, whatever timesteps they fall on. Only the PLMS warm-up can start part-way
+        (diffusers fails with the Runge-Kutta one).
 
         Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps
-        (4..num_train_timesteps with the Runge-Kutta warm-up), or if steps_offset pushes a timestep
-        past the last training timestep.
+        (4..num_train_timesteps with the Runge-Kutta warm-up), if ``begin_index`` leaves no call,
+        or if steps_offset pushes a timestep past the last training timestep.
         """
         minimum = 1 if self.config.skip_prk_steps else _RUNGE_KUTTA_STEPS + 1
         num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps, minimum)
@@ -127,7 +139,14 @@ class PNDMScheduler:
         # diffusers moves by num_train // N per step whatever the spacing, and so do we.
         stride = self.num_train_timesteps // num_steps
         if self.config.skip_prk_steps:
-            calls = _plms_warmup_plan(descending, stride)
+            # The first step's timestep, then each following one; the second is visited twice (Heun redo, PLMS).
+            call_timesteps = [int(t) for t in (*descending[:2], *descending[1:])] if num_steps > 1 else [int(descending[0])]
+            if not 0 <= begin_index < len(call_timesteps):
+                raise ValueError(f"begin_index must be in 0..{len(call_timesteps) - 1} for {num_steps} steps, got {begin_index!r}")
+            calls = _plms_warmup_plan(call_timesteps[begin_index:], stride)
+        elif begin_index:
+            raise ValueError("PNDM with the Runge-Kutta warm-up (skip_prk_steps false) cannot start part-way (image to "
+                             "image, inpainting); use a checkpoint config with skip_prk_steps true or another scheduler")
         else:
             calls = _runge_kutta_warmup_plan(descending, stride)
         timesteps, updates, from_timesteps, to_timesteps = zip(*calls)
@@ -144,13 +163,23 @@ class PNDMScheduler:
         _check_step_index(state, step_index)
         return sample
 
+    def add_noise(self, state: PNDMState, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """``original`` noised to alpha-bar at call ``step_index``'s timestep (diffusers' DDPM ``add_noise``)."""
+        _check_step_index(state, step_index)
+        return add_noise_at_alpha_prod(original, noise, self.alphas_cumprod[state.timesteps[step_index]])
+
     def step(
-        self, state: PNDMState, model_output: np.ndarray, step_index: int, sample: np.ndarray
+        self,
+        state: PNDMState,
+        model_output: np.ndarray,
+        step_index: int,
+        sample: np.ndarray,
+        noise: np.ndarray | None = None,
     ) -> tuple[np.ndarray, PNDMState]:
         """Apply U-Net call ``step_index``: returns (prev_sample float32, new state); ``state`` is untouched.
 
-        ``model_output`` is epsilon or v as configured by prediction_type, shaped like ``sample``.
-        Calls must come in order: ``step_index`` must equal ``state.steps_taken``.
+        ``model_output`` is epsilon or v as configured by prediction_type, shaped like ``sample``;
+        PNDM is deterministic and ignores ``noise``. Calls must come in order: ``step_index`` must equal ``state.steps_taken``.
         """
         _check_step_index(state, step_index)
         if step_index != state.steps_taken:
@@ -194,17 +223,18 @@ class PNDMScheduler:
 _Call = tuple[int, PNDMUpdate, int, int]
 
 
-def _plms_warmup_plan(descending: np.ndarray, stride: int) -> list[_Call]:
-    """skip_prk_steps: Euler at the first timestep, the same step again as Heun, then PLMS."""
-    first = int(descending[0])
+def _plms_warmup_plan(call_timesteps: list[int], stride: int) -> list[_Call]:
+    """skip_prk_steps, over the timestep of each call: Euler at the first, the same step again as
+    Heun at the second, then PLMS."""
+    first = call_timesteps[0]
     calls: list[_Call] = [(first, PNDMUpdate.PLMS_FIRST, first, first - stride)]
-    if len(descending) == 1:
+    if len(call_timesteps) == 1:
         return calls
     # The Heun redo is evaluated where the Euler step landed and restarts one stride above it —
     # the first timestep only with "leading" spacing, as in diffusers.
-    second = int(descending[1])
+    second = call_timesteps[1]
     calls.append((second, PNDMUpdate.PLMS_HEUN, second + stride, second))
-    calls.extend((int(t), PNDMUpdate.PLMS, int(t), int(t) - stride) for t in descending[1:])
+    calls.extend((t, PNDMUpdate.PLMS, t, t - stride) for t in call_timesteps[2:])
     return calls
 
 
