@@ -439,7 +439,19 @@ def _ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
     speedup = e2e(NO_GRAPHS_ENGINE) / e2e(GRAPHS_ENGINE) if {GRAPHS_ENGINE, NO_GRAPHS_ENGINE} <= summaries.keys() else None
     versus = {e: e2e(e) / e2e(DIFFUSERS_PEER) for e in summaries if e in SDRT_ENGINES} if DIFFUSERS_PEER in summaries else {}
-    return {"cuda_graph_speedup": speedup, "vs_diffusers_fp16": versus}
+    return {"cuda_graph_speedup": speedup, "vs_diffusers_fp16": versus, "host_share_of_denoise": _host_shares(summaries)}
+
+
+def _host_shares(summaries: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each sdrt engine's share of the denoising loop spent on the host (numpy guidance and scheduler update, the
+    latents' copies to and from the device), the rest being U-Net calls: the figure that decides whether guidance
+    and the scheduler update should move onto the device and into the captured graph."""
+    shares = {}
+    for engine, summary in summaries.items():
+        stages = summary.get("stages_s", {})
+        if engine in SDRT_ENGINES and {"unet", "guidance_and_scheduler"} <= stages.keys():
+            shares[engine] = stages["guidance_and_scheduler"] / (stages["guidance_and_scheduler"] + stages["unet"])
+    return shares
 
 
 def validation_steps(plan: ValidationPlan, actions: Actions) -> list[Step]:
@@ -544,6 +556,10 @@ def _timing_lines(details: dict[str, Any]) -> list[str]:
     if details["vs_diffusers_fp16"]:
         lines += ["", "sdrt ÷ diffusers fp16 on this GPU, end to end (below 1: sdrt is faster): "
                   + ", ".join(f"{e} {ratio:.2f}×" for e, ratio in details["vs_diffusers_fp16"].items())]
+    if details.get("host_share_of_denoise"):
+        lines += ["", "Share of the denoising loop on the host (guidance + scheduler in numpy, latents to and from the "
+                  "device; above ~10 %, they belong on the device): "
+                  + ", ".join(f"{e} {share:.1%}" for e, share in details["host_share_of_denoise"].items())]
     lines += [f"- {engine} skipped: {reason}" for engine, reason in details["skipped"].items()]
     lines += [f"- {engine} failed: {error}" for engine, error in details["failed"].items()]
     return lines

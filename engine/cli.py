@@ -18,10 +18,10 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_file
 from sdrt.engine.backends.base import MemoryPolicy
-from sdrt.engine.errors import BackendUnavailableError, SdrtError
+from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
-from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision
+from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes
 from sdrt.engine.version import SDRT_VERSION
 
 logger = logging.getLogger("sdrt")
@@ -158,20 +158,55 @@ def _axis_range(text: str) -> AxisRange:
 
 
 def _build_engines(args: argparse.Namespace) -> int:
+    if args.compare_layers is not None:
+        return _compare_layers(args.bundle, Component(args.compare_layers), args)
     print(_build_engines_for(args.bundle, args))
     return 0
 
 
+def _compare_layers(bundle: Path, component: Component, args: argparse.Namespace) -> int:
+    """Polygraphy's layer-by-layer comparison of `component`'s TensorRT build against onnxruntime; 1 if a tensor diverges."""
+    from sdrt.engine.manifest import read_manifest
+    from sdrt.engine.tokenizer import CLIPTokenizer
+    from sdrt.export.layer_compare import LayerTolerance, compare_layers, probe_feeds, tensorrt_runner
+    from sdrt.export.tensorrt_build import builder_unavailable_reason
+
+    reason = builder_unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+    manifest = read_manifest(bundle)
+    if component not in manifest.components:
+        raise InvalidArgumentError("--compare-layers", f"the bundle has no {component.value}; it has {', '.join(c.value for c in manifest.components)}")
+    entry, profile = manifest.components[component], _engine_profile(bundle, args)
+    precision = Precision(args.precision or Precision.FP16.value)
+    token_ids = CLIPTokenizer.from_directory(bundle / manifest.tokenizer.directory)(["a photograph of an astronaut riding a horse"])[0]
+    feeds = probe_feeds(component, entry, manifest.model, profile, token_ids)
+    shapes = {name: feed.shape for name, feed in feeds.items()}
+    divergence, compared = compare_layers(
+        bundle / entry.file, feeds, tensorrt_runner(component_shapes(component, entry, manifest.model, profile), precision),
+        LayerTolerance.for_precision(precision),
+    )
+    print(f"{component.value}, TensorRT {precision.value} against onnxruntime fp32 on inputs {shapes}: "
+          + (divergence.describe() if divergence else f"all {compared} tensors agree"))
+    return 0 if divergence is None else 1
+
+
 def _build_engines_for(bundle: Path, args: argparse.Namespace) -> Path:
     """Build the engines `args`' engine options (_add_engine_arguments) ask for; return their directory."""
+    from sdrt.export.tensorrt_build import build_engines
+
+    return build_engines(bundle, _engine_profile(bundle, args), Precision(args.precision or Precision.FP16.value),
+                         refittable=args.refittable)
+
+
+def _engine_profile(bundle: Path, args: argparse.Namespace) -> EngineProfile:
+    """The profile `args`' engine options give, the bundle's default profile filling in what they leave out."""
     from sdrt.engine.manifest import read_manifest
     from sdrt.engine.tensorrt.profile import default_profile
-    from sdrt.export.tensorrt_build import build_engines
 
     default = default_profile(read_manifest(bundle).model)
     axes = {name: getattr(args, name) or getattr(default, name) for name in PROFILE_AXES}
-    profile = EngineProfile.static(*(axes[name].opt for name in PROFILE_AXES)) if args.static else EngineProfile(**axes)
-    return build_engines(bundle, profile, Precision(args.precision or Precision.FP16.value), refittable=args.refittable)
+    return EngineProfile.static(*(axes[name].opt for name in PROFILE_AXES)) if args.static else EngineProfile(**axes)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -339,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "are reused.")
     engines.add_argument("bundle", type=Path)
     _add_engine_arguments(engines)
+    engines.add_argument("--compare-layers", choices=[c.value for c in Component], default=None, metavar="COMPONENT",
+                         help="build nothing: when engines misbehave (NaN, images off), compare every tensor of "
+                         "COMPONENT's graph built in TensorRT (this --precision, the profile's OPT shapes) against "
+                         "onnxruntime fp32 with Polygraphy, and name the first that diverges (exit 1 if one does)")
     engines.set_defaults(handler=_build_engines)
 
     make = commands.add_parser("make-checkpoint", help="random-weight SD checkpoint of a given architecture (export extra)",

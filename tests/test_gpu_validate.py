@@ -87,7 +87,7 @@ class FakeActions:
         offset = self.offsets[self.selected] if engine.startswith("sdrt-tensorrt") else self.offsets.get(engine, 0.0)
         np.save(images_out, reference + np.float32(offset))
         return {"engine": engine, "backend": engine.removeprefix("sdrt-"), "load_s": 0.1, "cold_start_s": 0.5,
-                "e2e_s": self.E2E_S.get(engine, 9.0), "images_per_s": 1.0, "timings": {"unet": 0.5, "unet_calls": config.steps + 1},
+                "e2e_s": self.E2E_S.get(engine, 9.0), "images_per_s": 1.0, "timings": {"unet": 0.5, "guidance_and_scheduler": 0.125, "unet_calls": config.steps + 1},
                 "peak_rss_gb": 1.0}
 
     def engine_unavailable_reason(self, engine):
@@ -171,6 +171,8 @@ def test_a_passing_validation_reports_parity_and_timings_and_exits_0(tmp_path: P
     assert timing["cuda_graph_speedup"] == pytest.approx(1.5) and timing["engines"]["sdrt-tensorrt"]["runs"] == 2
     assert "| tensorrt-fp16 | tensorrt | 0.01 | 40 | PSNR >= 30 dB | passed |" in md
     assert "CUDA graphs: TensorRT end to end without them ÷ with them = 1.50×" in md
+    assert timing["host_share_of_denoise"]["sdrt-tensorrt"] == pytest.approx(0.2)  # 0.125 / (0.125 + 0.5)
+    assert "sdrt-tensorrt 20.0%" in md
     assert "- diffusers-fp16-cuda skipped: torch 2.13.0+cpu has no CUDA device" in md
     assert f"GPU: {H100.name}, 80.0 GiB" in md and "Result: 10 passed, 0 failed, 0 skipped (exit status 0)" in md
     assert capsys.readouterr().out == f"{tmp_path / 'out' / 'report.md'}: 10 passed, 0 failed, 0 skipped\n"
