@@ -23,9 +23,9 @@ from .base import (
     refuse_unsupported,
     spaced_timesteps,
 )
-from .euler import UNSUPPORTED_SIGMA_OPTIONS
 from .sigmas import (
     SIGMA_SCHEDULE_DEFAULTS,
+    UNSUPPORTED_SIGMA_OPTIONS,
     SigmaConfig,
     SigmaState,
     check_call,

@@ -13,6 +13,7 @@ import numpy as np
 from .base import alphas_cumprod, check_num_inference_steps, refuse_unsupported
 from .sigmas import (
     SIGMA_SCHEDULE_DEFAULTS,
+    UNSUPPORTED_SIGMA_OPTIONS,
     SigmaConfig,
     SigmaState,
     add_noise_at_sigma,
@@ -31,12 +32,6 @@ from .sigmas import (
     with_final_sigma,
 )
 
-# Options of diffusers' sigma samplers this engine does not implement, and the values it runs.
-UNSUPPORTED_SIGMA_OPTIONS: Mapping[str, tuple[Any, ...]] = {
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
-    "rescale_betas_zero_snr": (False,),
-}
 _EULER_OPTIONS: Mapping[str, tuple[Any, ...]] = {
     **UNSUPPORTED_SIGMA_OPTIONS,
     "interpolation_type": ("linear",),

@@ -13,9 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .base import NoiseScheduleConfig, check_num_inference_steps, refuse_unsupported
-from .euler import UNSUPPORTED_SIGMA_OPTIONS, plan_discrete_sigmas
+from .euler import plan_discrete_sigmas
 from .sigmas import (
     SIGMA_SCHEDULE_DEFAULTS,
+    UNSUPPORTED_SIGMA_OPTIONS,
     SigmaConfig,
     SigmaState,
     add_noise_at_sigma,

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .base import check_num_inference_steps, read_only, refuse_unsupported
-from .euler import UNSUPPORTED_SIGMA_OPTIONS, plan_discrete_sigmas
+from .euler import plan_discrete_sigmas
 from .sigmas import (
     SIGMA_SCHEDULE_DEFAULTS,
+    UNSUPPORTED_SIGMA_OPTIONS,
     SigmaConfig,
     SigmaState,
     add_noise_at_sigma,

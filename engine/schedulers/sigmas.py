@@ -20,6 +20,12 @@ from .base import NoiseScheduleConfig, read_bool, read_choice, read_optional_flo
 KARRAS_RHO = 7.0
 # The sigma a run ends at: 0 (a clean sample) or the smallest training sigma.
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# Options of diffusers' sigma samplers this engine does not implement, and the values it runs.
+UNSUPPORTED_SIGMA_OPTIONS: Mapping[str, tuple[Any, ...]] = {
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "rescale_betas_zero_snr": (False,),
+}
 # diffusers clamps sigma before taking its log when mapping a sigma back to a timestep.
 _MIN_LOG_SIGMA_ARGUMENT = 1e-10
 
