@@ -49,6 +49,7 @@ __all__ = [
     "SigmaState",
     "PREDICTION_TYPES",
     "TIMESTEP_SPACINGS",
+    "check_scheduler_name",
     "NoiseScheduleConfig",
     "PNDMConfig",
     "PNDMScheduler",
@@ -98,6 +99,12 @@ _NAMED: Mapping[str, tuple[str, Mapping[str, Any]]] = {
 SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT_SCHEDULER, *_NAMED)
 
 
+def check_scheduler_name(name: object) -> None:
+    """InvalidArgumentError("scheduler", ...) listing SCHEDULER_NAMES unless ``name`` is one of them."""
+    if not isinstance(name, str) or name not in SCHEDULER_NAMES:
+        raise InvalidArgumentError("scheduler", f"must be one of {', '.join(SCHEDULER_NAMES)}; got {name!r}")
+
+
 def scheduler_by_name(name: str, config: Mapping[str, Any]) -> Scheduler[Any]:
     """The sampler called ``name`` (one of SCHEDULER_NAMES) over the checkpoint's scheduler_config.json ``config``.
 
@@ -106,10 +113,9 @@ def scheduler_by_name(name: str, config: Mapping[str, Any]) -> Scheduler[Any]:
     Raises InvalidArgumentError("scheduler", ...) for an unknown name, SchedulerConfigError for config values the
     sampler cannot run.
     """
+    check_scheduler_name(name)
     if name == DEFAULT_SCHEDULER:
         return scheduler_from_config(config)
-    if not isinstance(name, str) or name not in _NAMED:
-        raise InvalidArgumentError("scheduler", f"must be one of {', '.join(SCHEDULER_NAMES)}; got {name!r}")
     class_name, fixed = _NAMED[name]
     return SCHEDULERS[class_name]({**config, **fixed})
 
