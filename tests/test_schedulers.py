@@ -446,6 +446,24 @@ def test_pipeline_pixels_match_diffusers_with_that_scheduler(reference_pipe, tin
     assert actual.std() > 1e-3
 
 
+def test_ancestral_step_noise_continues_the_seeds_generator(reference_pipe, tiny_pipe) -> None:
+    """From `seed` alone, one numpy Generator draws the initial latents and then each step's noise."""
+    args = dict(prompt="a red circle", num_inference_steps=3, height=64, width=64, guidance_scale=7.5)
+    shape = (1, tiny_pipe.manifest.model.latent_channels, 64 // tiny_pipe.vae_scale_factor, 64 // tiny_pipe.vae_scale_factor)
+    seed = 23
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal(shape, dtype=np.float32)
+    original = reference_pipe.scheduler
+    reference_pipe.scheduler = _reference_scheduler(reference_pipe, "euler_a")
+    try:
+        with _diffusers_noise(rng.standard_normal(shape, dtype=np.float32) for _ in itertools.count()):
+            expected = reference_pipe(**args, latents=torch.from_numpy(latents), output_type="np").images
+    finally:
+        reference_pipe.scheduler = original
+    actual = tiny_pipe(**args, seed=seed, output_type="np", scheduler="euler_a").images
+    assert np.abs(actual - expected).max() <= MAX_PIXEL_DIFF
+
+
 @pytest.mark.parametrize("name", ["euler_a", "dpm++2m-karras"])
 def test_same_seed_same_image(tiny_pipe, name: str) -> None:
     args = dict(prompt="a boat", num_inference_steps=3, height=64, width=64, output_type="np", scheduler=name)
