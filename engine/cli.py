@@ -20,6 +20,7 @@ from sdrt.engine.atomic import atomic_file
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
 from sdrt.engine.safety_checker import SafetyPolicy
+from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
 from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes
 from sdrt.engine.version import SDRT_VERSION
@@ -78,6 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         seed=seed,
         latents=latents,
+        scheduler=args.scheduler,
     )
     from sdrt.engine.images import save_png
 
@@ -89,6 +91,7 @@ def _generate(args: argparse.Namespace) -> int:
         "height": out.images[0].height,
         "width": out.images[0].width,
         "seed": seed,
+        "scheduler": args.scheduler,
         "latents": str(args.latents) if args.latents is not None else None,
         "bundle": str(bundle_dir),
         "backend": out.backend,
@@ -340,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--seed", type=int, default=None, help="random if omitted (and recorded in the PNG)")
     generate.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
+    generate.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=DEFAULT_SCHEDULER,
+                          help="sampler; default: the checkpoint's own (stochastic ones take their noise from --seed)")
     generate.add_argument("--backend", default="auto")
     generate.add_argument("--memory", choices=[m.value for m in MemoryPolicy], default=MemoryPolicy.KEEP_LOADED.value,
                           help="one-at-a-time keeps only the model in use loaded: lowest peak memory")

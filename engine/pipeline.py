@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -23,7 +24,14 @@ from sdrt.engine.images import decoded_to_unit_range, to_pil
 from sdrt.engine.lora_weights import LoraWeights
 from sdrt.engine.manifest import Manifest
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
-from sdrt.engine.schedulers import Scheduler, SchedulerState
+from sdrt.engine.schedulers import (
+    DEFAULT_SCHEDULER,
+    Scheduler,
+    SchedulerConfigError,
+    SchedulerState,
+    check_scheduler_name,
+    scheduler_by_name,
+)
 from sdrt.engine.specs import Component
 from sdrt.engine.checks import is_finite_number, is_int
 from sdrt.engine.tokenizer import CLIPTokenizer
@@ -55,6 +63,7 @@ class _Request:
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...] | None
+    scheduler: Scheduler  # the sampler this call runs
     schedule: SchedulerState  # the planned run of num_inference_steps steps
     guidance_scale: float
     num_images_per_prompt: int
@@ -105,6 +114,7 @@ class StableDiffusionPipeline:
         self._empty_prompt_embedding: np.ndarray | None = None
         self._progress_bar_config: dict[str, Any] = {}
         self._lora = LoraWeights(bundle_dir, manifest, backend)
+        self._named_schedulers: dict[str, Scheduler] = {}
 
     # ---- configuration -------------------------------------------------------------------------------------------
     @property
@@ -134,6 +144,22 @@ class StableDiffusionPipeline:
         self._lora.apply(None, 0.0)
         self._empty_prompt_embedding = None
 
+    # ---- schedulers ------------------------------------------------------------------------------------------------
+    def _scheduler_named(self, name: str | None) -> Scheduler:
+        """The sampler a call asked for: `self.scheduler` for None or "default", else one built by name over the
+        bundle's scheduler config (kept for later calls)."""
+        if name is None or name == DEFAULT_SCHEDULER:
+            return self.scheduler
+        check_scheduler_name(name)
+        if name not in self._named_schedulers:
+            config_file = self.bundle_dir / self.manifest.scheduler_config_file
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            try:
+                self._named_schedulers[name] = scheduler_by_name(name, config)
+            except SchedulerConfigError as exc:
+                raise InvalidArgumentError("scheduler", f"{name!r} cannot run this checkpoint's noise schedule: {exc}") from None
+        return self._named_schedulers[name]
+
     # ---- validation ----------------------------------------------------------------------------------------------
     def _validate_size(self, name: str, value: Any) -> int:
         if value is None:
@@ -144,7 +170,7 @@ class StableDiffusionPipeline:
         return int(value)
 
     def _validate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                  height, width, seed, latents, output_type) -> _Request:
+                  height, width, seed, latents, output_type, scheduler=None) -> _Request:
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = None
         if negative_prompt is not None:
@@ -155,9 +181,10 @@ class StableDiffusionPipeline:
                 raise InvalidArgumentError(
                     "negative_prompt", f"has {len(negative_prompts)} entries but prompt has {len(prompts)}: give one per prompt"
                 )
+        sampler = self._scheduler_named(scheduler)
         try:
             # The scheduler knows its limits (training steps, warm-up length, steps_offset): planning the run checks them.
-            schedule = self.scheduler.start(num_inference_steps)
+            schedule = sampler.start(num_inference_steps)
         except ValueError as exc:
             raise InvalidArgumentError("num_inference_steps", str(exc)) from None
         if not is_finite_number(guidance_scale):
@@ -169,7 +196,7 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
         if output_type not in _OUTPUT_TYPES:
             raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-        request = _Request(prompts, negative_prompts, schedule, float(guidance_scale), int(num_images_per_prompt),
+        request = _Request(prompts, negative_prompts, sampler, schedule, float(guidance_scale), int(num_images_per_prompt),
                            height, width, seed, None, output_type)
         self.backend.check_request(request.num_images, height, width)  # e.g. a size TensorRT's engines were not built for
         if latents is not None:
@@ -212,20 +239,21 @@ class StableDiffusionPipeline:
             cond = np.concatenate([uncond, cond])  # (2B, 77, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, 77, D), images of a prompt adjacent
 
-    def _initial_latents(self, request: _Request) -> np.ndarray:
+    def _initial_latents(self, request: _Request, rng: np.random.Generator) -> np.ndarray:
         if request.latents is not None:
             latents = request.latents
         else:
-            latents = np.random.default_rng(request.seed).standard_normal(self._latent_shape(request), dtype=np.float32)
+            latents = rng.standard_normal(self._latent_shape(request), dtype=np.float32)
         return (latents * np.float32(request.schedule.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
 
-    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, timings: dict[str, float]) -> np.ndarray:
-        state = request.schedule
+    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, rng: np.random.Generator,
+                 timings: dict[str, float]) -> np.ndarray:
+        state, scheduler = request.schedule, request.scheduler
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             # Same batch order as the context: [uncond; cond].
             model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
-            model_input = self.scheduler.scale_model_input(state, model_input, step_index)
+            model_input = scheduler.scale_model_input(state, model_input, step_index)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
                 noise_pred = self.backend.run(
@@ -234,7 +262,9 @@ class StableDiffusionPipeline:
             if guided:
                 noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
                 noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
-            latents, state = self.scheduler.step(state, noise_pred, step_index, latents)
+            # Stochastic samplers draw their step noise from the request's generator, after the initial latents.
+            step_noise = rng.standard_normal(latents.shape, dtype=np.float32) if scheduler.needs_noise else None
+            latents, state = scheduler.step(state, noise_pred, step_index, latents, step_noise)
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -256,20 +286,26 @@ class StableDiffusionPipeline:
         latents: np.ndarray | None = None,
         output_type: OutputType = "pil",
         return_safety_scores: bool = False,
+        scheduler: str | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
+        `scheduler` names the sampler (one of sdrt.engine.schedulers.SCHEDULER_NAMES: "pndm", "ddim", "euler",
+        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", ...); None or "default" runs the checkpoint's own. Stochastic
+        samplers (euler_a) draw their step noise from the same numpy Generator seeded with `seed`, after the initial
+        latents (or first, when `latents` is given): the same seed gives the same image.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 height, width, seed, latents, output_type)
+                                 height, width, seed, latents, output_type, scheduler)
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
+        rng = np.random.default_rng(request.seed)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, self._initial_latents(request), timings)
+            latents = self._denoise(request, context, self._initial_latents(request, rng), rng, timings)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         timings["unet_calls"] = len(request.schedule.timesteps)
         if request.output_type == "latent":

@@ -327,11 +327,11 @@ def test_scheduler_from_config_picks_pndm(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_scheduler_from_config_falls_back_to_pndm(caplog: pytest.LogCaptureFixture) -> None:
-    ddim_config = {**SD15_CONFIG, "_class_name": "DDIMScheduler", "clip_sample_range": 1.0}
+    heun_config = {**SD15_CONFIG, "_class_name": "HeunDiscreteScheduler", "use_karras_sigmas": False}
     with caplog.at_level(logging.WARNING):
-        scheduler = scheduler_from_config(ddim_config)
+        scheduler = scheduler_from_config(heun_config)
     assert isinstance(scheduler, PNDMScheduler)
-    assert "DDIMScheduler" in caplog.text
+    assert "HeunDiscreteScheduler" in caplog.text
     np.testing.assert_array_equal(scheduler.alphas_cumprod, PNDMScheduler(SD15_CONFIG).alphas_cumprod)
 
 

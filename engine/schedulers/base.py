@@ -33,10 +33,13 @@ class SchedulerConfigError(ValueError):
 @runtime_checkable
 class SchedulerState(Protocol):
     """What every scheduler state exposes: the U-Net timesteps of the run, in call order, and the scale of the
-    initial noise (it depends on the planned run for sigma-based samplers)."""
+    initial noise (it depends on the planned run for sigma-based samplers).
+
+    Timesteps are int64, or float32 for samplers that visit fractional timesteps as diffusers does (Euler, LMS).
+    """
 
     @property
-    def timesteps(self) -> np.ndarray:  # (num_calls,) int64
+    def timesteps(self) -> np.ndarray:  # (num_calls,) int64 or float32
         ...
 
     @property
@@ -118,9 +121,13 @@ class NoiseScheduleConfig:
     steps_offset: int = 0
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> NoiseScheduleConfig:
-        """Read the shared fields from a scheduler_config.json dict; unknown keys are ignored."""
-        defaults = cls()
+    def from_dict(cls, config: Mapping[str, Any], defaults: NoiseScheduleConfig | None = None) -> NoiseScheduleConfig:
+        """Read the shared fields from a scheduler_config.json dict; unknown keys are ignored.
+
+        ``defaults`` holds the values of absent keys: diffusers' defaults differ per class (Euler, LMS and
+        DPM-Solver space timesteps with "linspace", PNDM and DDIM with "leading").
+        """
+        defaults = cls() if defaults is None else defaults
         num_train_timesteps = read_int(config, "num_train_timesteps", defaults.num_train_timesteps, minimum=1)
         trained_betas = _read_trained_betas(config, num_train_timesteps)
         return cls(
@@ -162,6 +169,33 @@ def read_bool(config: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise SchedulerConfigError(f"scheduler config {key!r} must be true or false, got {value!r}")
     return bool(value)
+
+
+def read_optional_float(config: Mapping[str, Any], key: str) -> float | None:
+    """``config[key]`` as a finite positive float, or None when absent or JSON null; SchedulerConfigError otherwise."""
+    value = config.get(key)
+    if value is None:
+        return None
+    if not is_finite_number(value) or value <= 0:
+        raise SchedulerConfigError(f"scheduler config {key!r} must be a positive number or null, got {value!r}")
+    return float(value)
+
+
+def refuse_unsupported(config: Mapping[str, Any], class_name: str, supported: Mapping[str, tuple[Any, ...]]) -> None:
+    """SchedulerConfigError if a key of ``supported`` is present with a value outside its tuple: diffusers options
+    this engine does not implement (thresholding, zero-SNR rescaling, ...), refused rather than silently ignored."""
+    for key, values in supported.items():
+        if key in config and not any(config[key] == value and type(config[key]) is type(value) for value in values):
+            allowed = ", ".join(repr(value) for value in values)
+            raise SchedulerConfigError(
+                f"scheduler config {key!r} = {config[key]!r} is not supported by {class_name} here (supported: {allowed})"
+            )
+
+
+def read_only(array: np.ndarray) -> np.ndarray:
+    """``array``, made read-only so a state can hold it without copies being taken defensively."""
+    array.setflags(write=False)
+    return array
 
 
 def read_choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:

@@ -1,0 +1,107 @@
+"""Linear multistep sampling in sigma (Karras et al. 2022; k-diffusion's ``sample_lms``).
+
+numpy port of diffusers' ``LMSDiscreteScheduler`` over explicit :class:`SigmaState`. Each call turns the model
+output into the ODE derivative d = (x - x_0) / sigma and moves the sample by the integral, from this call's sigma
+to the next, of the polynomial through the last (up to 4) derivatives. diffusers integrates each Lagrange basis
+polynomial numerically with scipy; here it is integrated exactly (it is a polynomial), which agrees to float32
+rounding and needs no scipy at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import check_num_inference_steps, read_only, refuse_unsupported
+from .euler import plan_discrete_sigmas
+from .sigmas import (
+    SIGMA_SCHEDULE_DEFAULTS,
+    UNSUPPORTED_SIGMA_OPTIONS,
+    SigmaConfig,
+    SigmaState,
+    add_noise_at_sigma,
+    check_call,
+    check_step,
+    init_noise_sigma,
+    predicted_original,
+    scale_by_sigma,
+    start_sigma_run,
+)
+
+# diffusers' default `order` of LMSDiscreteScheduler.step: the polynomial goes through up to 4 derivatives.
+LMS_ORDER = 4
+
+
+def lms_coefficients(sigmas: np.ndarray, run_index: int, order: int) -> tuple[float, ...]:
+    """The weights of the last ``order`` derivatives (newest first) for the step from ``sigmas[run_index]`` to
+    ``sigmas[run_index + 1]``: the integral over that interval of each Lagrange basis polynomial on the sigmas of
+    those derivatives' steps (float64)."""
+    nodes = np.asarray(sigmas[run_index - order + 1 : run_index + 1][::-1], dtype=np.float64)  # (order,) newest first
+    lower, upper = float(sigmas[run_index]), float(sigmas[run_index + 1])
+    weights = []
+    for j, node in enumerate(nodes):
+        others = np.delete(nodes, j)  # (order-1,)
+        basis = np.atleast_1d(np.poly(others)) / np.prod(node - others)  # coefficients, highest power first
+        antiderivative = np.polyint(basis)
+        weights.append(float(np.polyval(antiderivative, upper) - np.polyval(antiderivative, lower)))
+    return tuple(weights)
+
+
+class LMSDiscreteScheduler:
+    """diffusers' LMSDiscreteScheduler in numpy over explicit :class:`SigmaState` (implements ``Scheduler``)."""
+
+    order = 1
+    needs_noise = False
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        """Build from a scheduler_config.json dict; raises SchedulerConfigError for bad or unsupported values.
+
+        diffusers' LMS reads no sigma_min / sigma_max / final_sigmas_type: with Karras sigmas the run's own ends
+        bound the schedule, and it ends at sigma 0.
+        """
+        refuse_unsupported(config, type(self).__name__, UNSUPPORTED_SIGMA_OPTIONS)
+        full = SigmaConfig.from_dict(config, SIGMA_SCHEDULE_DEFAULTS)
+        self.config = SigmaConfig(full.schedule, use_karras_sigmas=full.use_karras_sigmas)
+        self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
+
+    def start(self, num_inference_steps: int, begin_index: int = 0) -> SigmaState:
+        """Plan a run of ``num_inference_steps`` steps from step ``begin_index`` on (diffusers' ``set_begin_index``).
+
+        Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps or ``begin_index`` is
+        not in 0..num_inference_steps-1.
+        """
+        num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        plan = plan_discrete_sigmas(self.config, num_steps, karras_bounds_from_config=False)
+        noise_sigma = init_noise_sigma(plan.sigmas, self.config.schedule.timestep_spacing)
+        return start_sigma_run(plan.timesteps, plan.sigmas, begin_index, noise_sigma)
+
+    def scale_model_input(self, state: SigmaState, sample: np.ndarray, step_index: int) -> np.ndarray:
+        """x / sqrt(sigma^2 + 1) at call ``step_index``'s sigma."""
+        check_call(state, step_index)
+        return scale_by_sigma(sample, state.sigma(step_index))
+
+    def add_noise(self, state: SigmaState, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """``original`` + sigma * ``noise`` at call ``step_index``'s sigma."""
+        check_call(state, step_index)
+        return add_noise_at_sigma(original, noise, state.sigma(step_index))
+
+    def step(
+        self, state: SigmaState, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> tuple[np.ndarray, SigmaState]:
+        """One linear multistep update from call ``step_index``'s sigma to the next; deterministic, ``noise`` is ignored.
+
+        As in diffusers, the polynomial's order counts the steps of the full run so far (up to 4) while only this
+        run's derivatives are summed: a run started part-way begins with fewer terms than its order.
+        """
+        model_output, sample = check_step(state, model_output, step_index, sample)
+        sigma = state.sigma(step_index)
+        denoised = predicted_original(self.config.schedule.prediction_type, model_output, sample, sigma)  # (B, C, H, W)
+        derivative = read_only((sample - denoised) / sigma)  # (B, C, H, W)
+        history = (*state.history, derivative)[-LMS_ORDER:]
+        run_index = state.run_index(step_index)
+        weights = lms_coefficients(state.sigmas, run_index, min(run_index + 1, LMS_ORDER))
+        # diffusers sums float32 products in this order, newest derivative first.
+        update = sum(np.float32(weight) * past for weight, past in zip(weights, reversed(history)))  # (B, C, H, W)
+        prev_sample = sample + update  # (B, C, H, W)
+        return prev_sample.astype(np.float32), replace(state, history=history, steps_taken=step_index + 1)
