@@ -50,7 +50,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sdrt.engine import default_bundle_dir, load
+    from sdrt.engine import PromptOptions, default_bundle_dir, load
 
     if len(args.positional) > 2:
         raise _UsageError("generate takes [BUNDLE] PROMPT: quote a prompt that contains spaces")
@@ -78,6 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         seed=seed,
         latents=latents,
+        prompt_options=PromptOptions(long_prompts=args.long_prompts, weighting=args.prompt_weighting),
     )
     from sdrt.engine.images import save_png
 
@@ -90,6 +91,8 @@ def _generate(args: argparse.Namespace) -> int:
         "width": out.images[0].width,
         "seed": seed,
         "latents": str(args.latents) if args.latents is not None else None,
+        "long_prompts": args.long_prompts,
+        "prompt_weighting": args.prompt_weighting,
         "bundle": str(bundle_dir),
         "backend": out.backend,
         "sdrt_version": SDRT_VERSION,
@@ -305,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--seed", type=int, default=None, help="random if omitted (and recorded in the PNG)")
     generate.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
+    generate.add_argument("--long-prompts", action="store_true",
+                          help="encode prompts longer than the text encoder's window in chunks instead of truncating them")
+    generate.add_argument("--prompt-weighting", action="store_true",
+                          help="read (word:1.3), (word) = x1.1, [word] = /1.1 as weights; \\( for a literal bracket")
     generate.add_argument("--backend", default="auto")
     generate.add_argument("--memory", choices=[m.value for m in MemoryPolicy], default=MemoryPolicy.KEEP_LOADED.value,
                           help="one-at-a-time keeps only the model in use loaded: lowest peak memory")

@@ -198,7 +198,7 @@ class StableDiffusionPipeline:
         (sdrt.engine.prompts); K = 1 unless options.long_prompts, then the most chunks a prompt needs."""
         timings = {} if timings is None else timings
         tokenized = self._tokenize("prompt", prompts, options, timings)
-        return self._encode("prompt", tokenized, max(t.chunks for t in tokenized), timings)
+        return self._encode(tokenized, max(t.chunks for t in tokenized), timings)
 
     def empty_prompt_embedding(self) -> np.ndarray:
         """The embedding of "" (the unconditional input of guidance), computed once per pipeline."""
@@ -214,17 +214,13 @@ class StableDiffusionPipeline:
             except ValueError as exc:  # a weight the prompt syntax cannot use
                 raise InvalidArgumentError(parameter, str(exc)) from None
 
-    def _encode(self, parameter: str, tokenized: Sequence[TokenizedPrompt], chunks: int,
-                timings: dict[str, float]) -> np.ndarray:
+    def _encode(self, tokenized: Sequence[TokenizedPrompt], chunks: int, timings: dict[str, float]) -> np.ndarray:
         """(B, chunks * L, D): every prompt's chunks encoded in one text-encoder call, weighted, padded to `chunks`."""
         with _timed(timings, "text_encode"):
             input_ids = np.concatenate([t.input_ids for t in tokenized]).astype(np.int32)  # (sum of K, L)
             hidden = self.backend.run(Component.TEXT_ENCODER, {"input_ids": input_ids})[0]  # (sum of K, L, D)
         per_prompt = np.split(hidden, np.cumsum([t.chunks for t in tokenized])[:-1])  # B x (K, L, D)
-        try:
-            weighted = [emphasize(h, t.weights) for h, t in zip(per_prompt, tokenized)]  # B x (K, L, D)
-        except ValueError as exc:
-            raise InvalidArgumentError(parameter, str(exc)) from None
+        weighted = [emphasize(h, t.weights) for h, t in zip(per_prompt, tokenized)]  # B x (K, L, D)
         empty = self.empty_prompt_embedding() if any(t.chunks < chunks for t in tokenized) else None  # (1, L, D)
         return np.stack([text_context(h, chunks, empty) for h in weighted])  # (B, chunks * L, D)
 
@@ -252,12 +248,12 @@ class StableDiffusionPipeline:
             uncond_tokens = self._tokenize("negative_prompt", request.negative_prompts, options, timings)
         chunks = max(t.chunks for t in (*cond_tokens, *uncond_tokens))
         self._check_context_length(chunks * self.tokenizer.model_max_length)
-        cond = self._encode("prompt", cond_tokens, chunks, timings)  # (B, KL, D)
+        cond = self._encode(cond_tokens, chunks, timings)  # (B, KL, D)
         if guided:
             if request.negative_prompts is None:
                 uncond = np.broadcast_to(np.tile(self.empty_prompt_embedding(), (1, chunks, 1)), cond.shape)  # (B, KL, D)
             else:
-                uncond = self._encode("negative_prompt", uncond_tokens, chunks, timings)  # (B, KL, D)
+                uncond = self._encode(uncond_tokens, chunks, timings)  # (B, KL, D)
             cond = np.concatenate([uncond, cond])  # (2B, KL, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 

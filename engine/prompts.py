@@ -19,6 +19,9 @@ users of Stable Diffusion expect; where they differ from it, the list at the end
   prompt without brackets, gives exactly the plain prompt's ids and embedding.
 - After encoding, each chunk's hidden states (L, D) are multiplied position by position by their tokens' weights,
   then rescaled by one factor so that the chunk's mean over all L x D values is the mean it had before weighting.
+  The rescaling is skipped where either mean is zero to within rounding (at most NEGLIGIBLE_MEAN times the chunk's
+  mean absolute value), as with text encoders whose last layer norm has no bias: the factor would be a ratio of two
+  rounding errors, scaling the chunk arbitrarily.
 
 **Long prompts** (`PromptOptions(long_prompts=True)`). A prompt's ids are cut into chunks of
 `chunk_length = model_max_length - 2` ids (75 for CLIP), each framed as the tokenizer frames a short prompt
@@ -60,6 +63,8 @@ _SYNTAX = re.compile(
     re.VERBOSE,
 )
 _CLOSING = {")": "(", "]": "["}
+#: a chunk mean this small against its mean absolute value is rounding noise, not a mean worth restoring
+NEGLIGIBLE_MEAN = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,18 +168,17 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, prompt: str, options: PromptOption
 
 def emphasize(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """`hidden` (K, L, D) scaled position by position by `weights` (K, L), each chunk then rescaled to its mean
-    before weighting. Chunks whose weights are all 1 come back unchanged, bit for bit.
-
-    Raise ValueError if the weights make a chunk's mean zero (nothing to rescale to).
-    """
+    before weighting (unless a mean is negligible: see the module docstring). Chunks whose weights are all 1 come
+    back unchanged, bit for bit."""
     if np.all(weights == 1.0):
         return hidden
-    before = hidden.mean(axis=(1, 2), dtype=np.float64)  # (K,)
     weighted = hidden * weights[:, :, None]  # (K, L, D)
+    before = hidden.mean(axis=(1, 2), dtype=np.float64)  # (K,)
     after = weighted.mean(axis=(1, 2), dtype=np.float64)  # (K,)
-    if np.any(after == 0.0):
-        raise ValueError("its weights make the text embedding's mean zero: use weights that are not all zero")
-    return (weighted * (before / after).astype(np.float32)[:, None, None]).astype(np.float32)  # (K, L, D)
+    scale = np.abs(hidden).mean(axis=(1, 2), dtype=np.float64) * NEGLIGIBLE_MEAN  # (K,)
+    restorable = (np.abs(before) > scale) & (np.abs(after) > scale)  # (K,)
+    factor = np.where(restorable, before / np.where(restorable, after, 1.0), 1.0).astype(np.float32)  # (K,)
+    return weighted * factor[:, None, None]  # (K, L, D)
 
 
 def text_context(hidden: np.ndarray, chunks: int, empty: np.ndarray | None) -> np.ndarray:
