@@ -53,7 +53,7 @@ from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.specs import DYNAMIC_AXES, FP16_DEFAULT_COMPONENTS, SPECS, Component
 from sdrt.engine.tensorrt import cuda as cuda_module
 from sdrt.engine.tensorrt import runner as runner_module
-from sdrt.engine.tensorrt.compatibility import build_command, check_request, resolve_engines
+from sdrt.engine.tensorrt.compatibility import build_command, check_context_length, check_request, resolve_engines
 from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey, GpuIdentity
 from sdrt.engine.tensorrt.lru import LRUCache
 from sdrt.engine.tensorrt.profile import (
@@ -449,6 +449,18 @@ def test_request_outside_the_profile_names_the_range_and_the_command(tmp_path: P
     with pytest.raises(ProfileMismatchError, match=r"--width 256:512:1280 ") as error:
         check_request(index, bundle, 1, 512, 1280)
     assert error.value.parameter == "width"
+
+
+def test_unet_engines_take_one_text_window_and_refuse_long_prompts(tmp_path: Path) -> None:
+    bundle = _fake_bundle(tmp_path)  # the U-Net's text context a dynamic axis, as exported now
+    build_engines(bundle, compiler=FakeCompiler())
+    _, index = resolve_engines(bundle, _digests(bundle), H100)
+    assert dict(index.engines[Component.UNET].shapes)["encoder_hidden_states"].max[1] == TEXT_LENGTH
+    check_context_length(index, TEXT_LENGTH)
+    with pytest.raises(InvalidArgumentError, match=rf"prompt: needs a text context of {2 * TEXT_LENGTH} tokens, but the "
+                                                   rf"TensorRT U-Net engine takes {TEXT_LENGTH} .*backend=\"cuda\"") as error:
+        check_context_length(index, 2 * TEXT_LENGTH)
+    assert error.value.parameter == "prompt"
 
 
 def test_build_command_quotes_the_bundle_and_names_non_defaults() -> None:
