@@ -37,7 +37,9 @@ embedding names; a lone backslash is kept as text (A1111 drops it); the mean is 
 takes it over all the prompts of a batch, so a prompt's embedding would depend on the prompts batched with it);
 padding uses the checkpoint's pad token (A1111 pads with EOS: the same ids for SD 1.x, where the pad token is EOS).
 diffusers' community `lpw_stable_diffusion` reads the same syntax but restores the mean over a whole prompt rather
-than per chunk, may drop the BOS/EOS of middle chunks, and caps prompts at 3 chunks by default.
+than per chunk, frames chunks with the padding before EOS (EOS last in every chunk), can drop the BOS/EOS of middle
+chunks (no_boseos_middle), and caps prompts at 3 chunks by default (max_embeddings_multiples). compel reads another
+syntax (`word++`, `(word)1.3`) and weighs differently; it is not followed here.
 """
 from __future__ import annotations
 
