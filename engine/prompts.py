@@ -44,7 +44,6 @@ syntax (`word++`, `(word)1.3`) and weighs differently; it is not followed here.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import numpy as np
@@ -65,6 +64,7 @@ _SYNTAX = re.compile(
     re.VERBOSE,
 )
 _CLOSING = {")": "(", "]": "["}
+_LARGEST_WEIGHT = float(np.finfo(np.float32).max)  # token weights are float32, as the hidden states they scale
 #: a chunk mean this small against its mean absolute value is rounding noise, not a mean worth restoring
 NEGLIGIBLE_MEAN = 1e-6
 
@@ -106,7 +106,7 @@ class TokenizedPrompt:
 def parse_weights(prompt: str) -> list[WeightedText]:
     """`prompt`'s text runs with their weights, adjacent runs of equal weight joined (at least one run).
 
-    Raise ValueError for a weight too large for a float (it would make the embedding infinite).
+    Raise ValueError for a weight beyond float32's range (the embedding would be infinite).
     """
     runs: list[list] = []  # [text, weight], weights multiplied in place as brackets close
     open_at: dict[str, list[int]] = {"(": [], "[": []}  # bracket -> index in `runs` where each open one starts
@@ -121,10 +121,7 @@ def parse_weights(prompt: str) -> list[WeightedText]:
         elif match["open"] is not None:
             open_at[match["open"]].append(len(runs))
         elif match["weight"] is not None and open_at["("]:
-            weight = float(match["weight"])
-            if not math.isfinite(weight):
-                raise ValueError(f"weight {match['weight']!r} is too large")
-            weigh_from(open_at["("].pop(), weight)
+            weigh_from(open_at["("].pop(), float(match["weight"]))
         elif match["close"] is not None and open_at[_CLOSING[match["close"]]]:
             opening = _CLOSING[match["close"]]
             weigh_from(open_at[opening].pop(), BRACKET_FACTOR if opening == "(" else 1 / BRACKET_FACTOR)
@@ -136,6 +133,8 @@ def parse_weights(prompt: str) -> list[WeightedText]:
         weigh_from(start, 1 / BRACKET_FACTOR)
     joined: list[WeightedText] = []
     for text, weight in runs:
+        if not abs(weight) <= _LARGEST_WEIGHT:  # NaN too: an infinite weight times zero
+            raise ValueError(f"the weight of {text!r} ({weight:g}) is beyond float32's range")
         if joined and joined[-1].weight == weight:
             joined[-1] = WeightedText(joined[-1].text + text, weight)
         else:

@@ -11,7 +11,9 @@ import pytest
 import torch
 import transformers
 
+import sdrt.engine
 from sdrt.engine import InvalidArgumentError, PromptOptions
+from sdrt.engine.backends import BACKENDS
 from sdrt.engine.cli import main
 from sdrt.engine.images import read_png_parameters
 from sdrt.engine.manifest import TensorEntry
@@ -68,9 +70,12 @@ def test_weighting_syntax(prompt: str, expected: list[WeightedText]) -> None:
 
 
 def test_a_weight_too_large_for_a_float_is_refused(tiny_pipe) -> None:
-    with pytest.raises(InvalidArgumentError, match="negative_prompt: weight") as error:
+    with pytest.raises(InvalidArgumentError, match="negative_prompt: the weight of 'dog' .* beyond float32's range") as error:
         tiny_pipe(["a cat"], negative_prompt="(dog:" + "9" * 400 + ")", num_inference_steps=1, prompt_options=WEIGHTED)
     assert error.value.parameter == "negative_prompt"
+    with pytest.raises(ValueError, match="weight of 'cat' "):
+        large = "1" + "0" * 30  # 1e30 (the syntax has no exponents): fits float32, its square does not
+        parse_weights(f"((cat:{large}):{large})")
 
 
 # ---- tokens and chunks --------------------------------------------------------------------------------------------
@@ -243,6 +248,22 @@ def test_a_long_prompts_tail_changes_the_image_only_with_long_prompts(tiny_pipe)
     # a prompt within one window gives the same image whatever the options
     short = "a red circle, top left"
     np.testing.assert_array_equal(_latents(tiny_pipe, short, BOTH), _latents(tiny_pipe, short, PLAIN))
+
+
+@pytest.mark.parametrize("backend", [b.name for b in BACKENDS if b.name != "onnxruntime-cpu"])
+def test_other_backends_run_long_prompts_as_onnxruntime_does(tiny_pipe, tiny_bundle: Path, backend: str) -> None:
+    backend_class = next(b for b in BACKENDS if b.name == backend)
+    reason = backend_class.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{backend} unavailable: {reason}")
+    if backend_class.bundle_unavailable_reason(tiny_bundle, tiny_pipe.backend.components) is not None:
+        pytest.skip(f"{backend} cannot run the tiny bundle (TensorRT: engines not built)")
+    pipe = sdrt.engine.load(tiny_bundle, backend=backend, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = LONG_BASE + "(top left:1.3)"
+    ours, reference = _latents(pipe, prompt, BOTH), _latents(tiny_pipe, prompt, BOTH)
+    tolerance = 1e-3 if backend_class.exact else 0.1 * np.abs(reference).max()  # bf16 / fp16: close, not equal
+    np.testing.assert_allclose(ours, reference, atol=tolerance)
 
 
 def test_prompt_and_negative_prompt_are_padded_to_the_same_chunks(tiny_pipe, monkeypatch) -> None:
