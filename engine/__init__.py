@@ -17,6 +17,7 @@ from sdrt.engine.errors import (
 )
 from sdrt.engine.loading import load
 from sdrt.engine.pipeline import PipelineOutput, StableDiffusionPipeline
+from sdrt.engine.prompts import PromptOptions
 from sdrt.engine.version import SDRT_VERSION as __version__
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "default_bundle_dir",
     "StableDiffusionPipeline",
     "PipelineOutput",
+    "PromptOptions",
     "SdrtError",
     "InvalidArgumentError",
     "BundleError",

@@ -51,7 +51,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sdrt.engine import default_bundle_dir, load
+    from sdrt.engine import PromptOptions, default_bundle_dir, load
 
     if len(args.positional) > 2:
         raise _UsageError("generate takes [BUNDLE] PROMPT: quote a prompt that contains spaces")
@@ -80,6 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=seed,
         latents=latents,
         scheduler=args.scheduler,
+        prompt_options=PromptOptions(long_prompts=args.long_prompts, weighting=args.prompt_weighting),
     )
     from sdrt.engine.images import save_png
 
@@ -93,6 +94,8 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": seed,
         "scheduler": args.scheduler,
         "latents": str(args.latents) if args.latents is not None else None,
+        "long_prompts": args.long_prompts,
+        "prompt_weighting": args.prompt_weighting,
         "bundle": str(bundle_dir),
         "backend": out.backend,
         "sdrt_version": SDRT_VERSION,
@@ -183,13 +186,12 @@ def _compare_layers(bundle: Path, component: Component, args: argparse.Namespace
     entry, profile = manifest.components[component], _engine_profile(bundle, args)
     precision = Precision(args.precision or Precision.FP16.value)
     token_ids = CLIPTokenizer.from_directory(bundle / manifest.tokenizer.directory)(["a photograph of an astronaut riding a horse"])[0]
-    feeds = probe_feeds(component, entry, manifest.model, profile, token_ids)
-    shapes = {name: feed.shape for name, feed in feeds.items()}
-    divergence, compared = compare_layers(
-        bundle / entry.file, feeds, tensorrt_runner(component_shapes(component, entry, manifest.model, profile), precision),
-        LayerTolerance.for_precision(precision),
-    )
-    print(f"{component.value}, TensorRT {precision.value} against onnxruntime fp32 on inputs {shapes}: "
+    shapes = component_shapes(component, entry, manifest.model, profile, manifest.tokenizer.model_max_length)
+    feeds = probe_feeds(entry, shapes, token_ids)
+    divergence, compared = compare_layers(bundle / entry.file, feeds, tensorrt_runner(shapes, precision),
+                                          LayerTolerance.for_precision(precision))
+    print(f"{component.value}, TensorRT {precision.value} against onnxruntime fp32 on inputs "
+          f"{ {name: feed.shape for name, feed in feeds.items()} }: "
           + (divergence.describe() if divergence else f"all {compared} tensors agree"))
     return 0 if divergence is None else 1
 
@@ -345,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
     generate.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=DEFAULT_SCHEDULER,
                           help="sampler; default: the checkpoint's own (stochastic ones take their noise from --seed)")
+    generate.add_argument("--long-prompts", action="store_true",
+                          help="encode prompts longer than the text encoder's window in chunks instead of truncating them")
+    generate.add_argument("--prompt-weighting", action="store_true",
+                          help="read (word:1.3), (word) = x1.1, [word] = /1.1 as weights; \\( for a literal bracket")
     generate.add_argument("--backend", default="auto")
     generate.add_argument("--memory", choices=[m.value for m in MemoryPolicy], default=MemoryPolicy.KEEP_LOADED.value,
                           help="one-at-a-time keeps only the model in use loaded: lowest peak memory")

@@ -23,6 +23,7 @@ from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.images import decoded_to_unit_range, to_pil
 from sdrt.engine.lora_weights import LoraWeights
 from sdrt.engine.manifest import Manifest
+from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_context, tokenize_prompt
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import (
     DEFAULT_SCHEDULER,
@@ -72,6 +73,7 @@ class _Request:
     seed: int | None
     latents: np.ndarray | None
     output_type: OutputType
+    prompt_options: PromptOptions = PromptOptions()
 
     @property
     def num_images(self) -> int:
@@ -170,7 +172,7 @@ class StableDiffusionPipeline:
         return int(value)
 
     def _validate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                  height, width, seed, latents, output_type, scheduler=None) -> _Request:
+                  height, width, seed, latents, output_type, scheduler, prompt_options) -> _Request:
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = None
         if negative_prompt is not None:
@@ -196,8 +198,10 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
         if output_type not in _OUTPUT_TYPES:
             raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(prompt_options, PromptOptions):
+            raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
         request = _Request(prompts, negative_prompts, sampler, schedule, float(guidance_scale), int(num_images_per_prompt),
-                           height, width, seed, None, output_type)
+                           height, width, seed, None, output_type, prompt_options=prompt_options)
         self.backend.check_request(request.num_images, height, width)  # e.g. a size TensorRT's engines were not built for
         if latents is not None:
             expected = self._latent_shape(request)
@@ -214,30 +218,71 @@ class StableDiffusionPipeline:
         return (request.num_images, self.manifest.model.latent_channels, request.height // f, request.width // f)
 
     # ---- the chapter's steps -------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str], timings: dict[str, float] | None = None) -> np.ndarray:
-        """Tokenize and run the text encoder: (B, sequence, hidden) embeddings."""
+    def encode_prompts(
+        self, prompts: Sequence[str], timings: dict[str, float] | None = None, options: PromptOptions = PromptOptions()
+    ) -> np.ndarray:
+        """Tokenize and run the text encoder: (B, K * model_max_length, hidden) embeddings, read as `options` say
+        (sdrt.engine.prompts); K = 1 unless options.long_prompts, then the most chunks a prompt needs."""
         timings = {} if timings is None else timings
-        with _timed(timings, "tokenize"):
-            input_ids = self.tokenizer(list(prompts)).astype(np.int32)  # (B, 77)
-        with _timed(timings, "text_encode"):
-            return self.backend.run(Component.TEXT_ENCODER, {"input_ids": input_ids})[0]  # (B, 77, D)
+        tokenized = self._tokenize("prompt", prompts, options, timings)
+        return self._encode(tokenized, max(t.chunks for t in tokenized), timings)
 
     def empty_prompt_embedding(self) -> np.ndarray:
         """The embedding of "" (the unconditional input of guidance), computed once per pipeline."""
         if self._empty_prompt_embedding is None:
-            self._empty_prompt_embedding = self.encode_prompts([""])  # (1, 77, D)
+            self._empty_prompt_embedding = self.encode_prompts([""])  # (1, L, D)
         return self._empty_prompt_embedding
 
+    def _tokenize(self, parameter: str, prompts: Sequence[str], options: PromptOptions,
+                  timings: dict[str, float]) -> list[TokenizedPrompt]:
+        with _timed(timings, "tokenize"):
+            try:
+                return [tokenize_prompt(self.tokenizer, prompt, options) for prompt in prompts]
+            except ValueError as exc:  # a weight the prompt syntax cannot use
+                raise InvalidArgumentError(parameter, str(exc)) from None
+
+    def _encode(self, tokenized: Sequence[TokenizedPrompt], chunks: int, timings: dict[str, float]) -> np.ndarray:
+        """(B, chunks * L, D): every prompt's chunks encoded in one text-encoder call, weighted, padded to `chunks`."""
+        with _timed(timings, "text_encode"):
+            input_ids = np.concatenate([t.input_ids for t in tokenized]).astype(np.int32)  # (sum of K, L)
+            hidden = self.backend.run(Component.TEXT_ENCODER, {"input_ids": input_ids})[0]  # (sum of K, L, D)
+        per_prompt = np.split(hidden, np.cumsum([t.chunks for t in tokenized])[:-1])  # B x (K, L, D)
+        weighted = [emphasize(h, t.weights) for h, t in zip(per_prompt, tokenized)]  # B x (K, L, D)
+        empty = self.empty_prompt_embedding() if any(t.chunks < chunks for t in tokenized) else None  # (1, L, D)
+        return np.stack([text_context(h, chunks, empty) for h in weighted])  # (B, chunks * L, D)
+
+    def _check_context_length(self, length: int) -> None:
+        """Raise InvalidArgumentError unless the bundle's U-Net and the backend take a text context of `length`."""
+        unet = self.manifest.components[Component.UNET]
+        declared = next(t.shape[1] for t in unet.inputs if t.name == "encoder_hidden_states")
+        if isinstance(declared, int) and declared != length:  # exported before the text context was a dynamic axis
+            raise InvalidArgumentError(
+                "prompt",
+                f"needs a text context of {length} tokens ({length // self.tokenizer.model_max_length} chunks), but the "
+                f"U-Net of {self.bundle_dir} was exported with a fixed text context of {declared} tokens: re-export the "
+                f"bundle with this version of sdrt (`sdrt export CHECKPOINT {self.bundle_dir} --force`) for long prompts, "
+                f"or keep prompts within {self.tokenizer.chunk_length} tokens",
+            )
+        self.backend.check_context_length(length)
+
     def _text_context(self, request: _Request, timings: dict[str, float]) -> np.ndarray:
-        """U-Net conditioning: [unconditional; conditional] when guiding, each prompt repeated per image."""
-        cond = self.encode_prompts(request.prompts, timings)  # (B, 77, D)
-        if request.do_classifier_free_guidance:
+        """U-Net conditioning: [unconditional; conditional] when guiding, each prompt repeated per image, every
+        prompt padded to the same number of chunks."""
+        options, guided = request.prompt_options, request.do_classifier_free_guidance
+        cond_tokens = self._tokenize("prompt", request.prompts, options, timings)
+        uncond_tokens = []
+        if guided and request.negative_prompts is not None:
+            uncond_tokens = self._tokenize("negative_prompt", request.negative_prompts, options, timings)
+        chunks = max(t.chunks for t in (*cond_tokens, *uncond_tokens))
+        self._check_context_length(chunks * self.tokenizer.model_max_length)
+        cond = self._encode(cond_tokens, chunks, timings)  # (B, KL, D)
+        if guided:
             if request.negative_prompts is None:
-                uncond = np.broadcast_to(self.empty_prompt_embedding(), cond.shape)  # (B, 77, D)
+                uncond = np.broadcast_to(np.tile(self.empty_prompt_embedding(), (1, chunks, 1)), cond.shape)  # (B, KL, D)
             else:
-                uncond = self.encode_prompts(request.negative_prompts, timings)  # (B, 77, D)
-            cond = np.concatenate([uncond, cond])  # (2B, 77, D)
-        return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, 77, D), images of a prompt adjacent
+                uncond = self._encode(uncond_tokens, chunks, timings)  # (B, KL, D)
+            cond = np.concatenate([uncond, cond])  # (2B, KL, D)
+        return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 
     def _initial_latents(self, request: _Request, rng: np.random.Generator) -> np.ndarray:
         if request.latents is not None:
@@ -287,6 +332,7 @@ class StableDiffusionPipeline:
         output_type: OutputType = "pil",
         return_safety_scores: bool = False,
         scheduler: str | None = None,
+        prompt_options: PromptOptions = PromptOptions(),
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -297,10 +343,13 @@ class StableDiffusionPipeline:
         "euler_a", "dpm++2m", "dpm++2m-karras", "lms", ...); None or "default" runs the checkpoint's own. Stochastic
         samplers (euler_a) draw their step noise from the same numpy Generator seeded with `seed`, after the initial
         latents (or first, when `latents` is given): the same seed gives the same image.
+        `prompt_options`: `PromptOptions(long_prompts=True)` encodes prompts longer than the text encoder's window in
+        chunks, `PromptOptions(weighting=True)` reads `(word:1.3)`-style weights (sdrt.engine.prompts); the default
+        reads prompts as diffusers does.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 height, width, seed, latents, output_type, scheduler)
+                                 height, width, seed, latents, output_type, scheduler, prompt_options)
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
         rng = np.random.default_rng(request.seed)

@@ -1,7 +1,9 @@
 """One spec per exported component: tensor names, dtypes and axes, shared by the exporter and the runtime.
 
 Axis names in DYNAMIC_AXES may change per request (they are dynamic in the ONNX graphs); every other axis is fixed
-by the checkpoint (sequence length, hidden size, channels) and its size is recorded in the bundle's manifest.
+by the checkpoint (the text encoder's sequence length, hidden size, channels) and its size is recorded in the bundle's
+manifest. The U-Net's text context ("context_length") is dynamic: long prompts give it several text-encoder windows
+(sdrt.engine.prompts); bundles exported before it was record it as a fixed size.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class Component(str, enum.Enum):
     SAFETY_CHECKER = "safety_checker"
 
 
-DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width"})
+DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width", "context_length"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,8 @@ SPECS: dict[Component, ComponentSpec] = {
             TensorSpec("sample", "float32", _LATENT),
             # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
             TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", "hidden")),
+            # Text-encoder windows concatenated: one for a plain prompt, several for a long prompt.
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
         ),
         outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
     ),

@@ -260,6 +260,11 @@ class CLIPTokenizer:
         text = b"".join(byte_chunks).decode("utf-8", errors="replace")
         return text.replace(END_OF_WORD, " ").strip()
 
+    @property
+    def chunk_length(self) -> int:
+        """Content ids one sequence holds between BOS and EOS: model_max_length - 2 (75 for CLIP's 77)."""
+        return self.model_max_length - 2
+
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """`input_ids` of shape (batch, model_max_length), int64: BOS + ids + EOS, truncated, then padded.
 
@@ -269,16 +274,22 @@ class CLIPTokenizer:
             prompts = [prompts]
         elif isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
-        input_ids = np.full((len(prompts), self.model_max_length), self.pad_token_id, dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            content = self._truncate(self.encode(prompt))
-            sequence = [self.bos_token_id, *content, self.eos_token_id]
-            input_ids[row, : len(sequence)] = sequence
-        return input_ids
+        if not prompts:
+            return np.full((0, self.model_max_length), self.pad_token_id, dtype=np.int64)
+        return np.stack([self.frame(self.truncate(self.encode(prompt))) for prompt in prompts])  # (batch, L)
 
-    def _truncate(self, ids: list[int]) -> list[int]:
+    def frame(self, content: Sequence[int]) -> np.ndarray:
+        """One sequence of model_max_length int64 ids: BOS + `content` + EOS, right-padded with the pad id.
+        `content` must fit (at most `chunk_length` ids): see `truncate`."""
+        if len(content) > self.chunk_length:
+            raise ValueError(f"{len(content)} ids do not fit between BOS and EOS ({self.chunk_length} do)")
+        sequence = np.full(self.model_max_length, self.pad_token_id, dtype=np.int64)  # (L,)
+        sequence[: len(content) + 2] = [self.bos_token_id, *content, self.eos_token_id]
+        return sequence
+
+    def truncate(self, ids: list[int]) -> list[int]:
         """Keep the ids that fit between BOS and EOS, warning (as diffusers does) about the rest."""
-        room = self.model_max_length - 2
+        room = self.chunk_length
         if len(ids) <= room:
             return ids
         dropped = self.decode(ids[room:])

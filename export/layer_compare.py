@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.manifest import ComponentEntry, ModelConfig
-from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision, ShapeRange, component_shapes
+from sdrt.engine.manifest import ComponentEntry
+from sdrt.engine.tensorrt.profile import Precision, ShapeRange
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +88,10 @@ def first_divergence(
     return None, compared
 
 
-def probe_feeds(
-    component: Component, entry: ComponentEntry, model: ModelConfig, profile: EngineProfile, token_ids: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Inputs at the profile's opt shapes: unit-normal floats, and `token_ids` (one tokenized prompt, (sequence,))
-    in every row of an integer input."""
+def probe_feeds(entry: ComponentEntry, shapes: Mapping[str, ShapeRange], token_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of `entry`'s component at the opt of their `shapes` (sdrt.engine.tensorrt.profile.component_shapes):
+    unit-normal floats, and `token_ids` (one tokenized prompt, (sequence,)) in every row of an integer input."""
     rng = np.random.default_rng(PROBE_SEED)
-    shapes: dict[str, ShapeRange] = component_shapes(component, entry, model, profile)
     feeds = {}
     for tensor in entry.inputs:
         shape = shapes[tensor.name].opt

@@ -24,6 +24,9 @@ OPSET = 17
 _TRACE_LATENT_HW = (9, 11)
 # A second shape (other batch, sizes divisible by every downsampling) to validate the dynamic axes after export.
 _CHECK_LATENT_HW = (8, 16)
+# Text-encoder windows in the U-Net's text context: traced at one (a plain prompt), validated at two (a long prompt).
+_TRACE_CONTEXT_WINDOWS = 1
+_CHECK_CONTEXT_WINDOWS = 2
 
 
 class _TextEncoder(torch.nn.Module):
@@ -88,8 +91,11 @@ def traceable_model(checkpoint: SourceCheckpoint, component: Component) -> torch
     return _WRAPPERS[component](checkpoint.load_model(component)).eval()
 
 
-def probe_inputs(checkpoint: SourceCheckpoint, component: Component, batch: int, latent_hw: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the component's spec at the given batch and latent size."""
+def probe_inputs(
+    checkpoint: SourceCheckpoint, component: Component, batch: int, latent_hw: tuple[int, int], context_windows: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs of the component's spec at the given batch and latent size; the U-Net's text context is
+    `context_windows` text-encoder windows long."""
     rng = np.random.default_rng(seed)
     latent_h, latent_w = latent_hw
     latent_shape = (batch, checkpoint.latent_channels, latent_h, latent_w)
@@ -100,7 +106,9 @@ def probe_inputs(checkpoint: SourceCheckpoint, component: Component, batch: int,
         return {
             "sample": rng.standard_normal(latent_shape, dtype=np.float32),  # (B, C, h, w)
             "timestep": rng.integers(0, 1000, size=(batch,)).astype(np.float32),  # (B,)
-            "encoder_hidden_states": rng.standard_normal((batch, checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal(
+                (batch, context_windows * checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32
+            ),  # (B, windows * 77, D)
         }
     if component is Component.VAE_DECODER:
         return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
@@ -112,7 +120,7 @@ def probe_inputs(checkpoint: SourceCheckpoint, component: Component, batch: int,
 
 
 def validation_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str, np.ndarray]:
-    return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, seed=1)
+    return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, context_windows=_CHECK_CONTEXT_WINDOWS, seed=1)
 
 
 def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -124,7 +132,7 @@ def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarr
 def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
     """Trace the wrapped `model` of `component` to `onnx_path`."""
     spec = SPECS[component]
-    inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW)
+    inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)
     with warnings.catch_warnings(), torch.inference_mode():

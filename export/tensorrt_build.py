@@ -137,7 +137,7 @@ def build_engines(
                 ", refittable" if refittable else "", compiler.environment.describe())
     engines = {}
     for component, entry in manifest.components.items():
-        shapes = component_shapes(component, entry, manifest.model, profile)
+        shapes = component_shapes(component, entry, manifest.model, profile, manifest.tokenizer.model_max_length)
         key = EngineKey(component, manifest.component_digest(component), compiler.environment, profile,
                         tuple(sorted(shapes.items())), precision, refittable)
         engines[component] = _build_engine(store, compiler, key, bundle_dir / entry.file, manifest.model)

@@ -78,11 +78,17 @@ def test_latent_output_skips_decoding(tiny_pipe) -> None:
 
 def test_empty_prompt_embedding_is_computed_once(tiny_pipe, monkeypatch) -> None:
     tiny_pipe("warm-up", num_inference_steps=1, height=64, width=64, seed=0)
-    calls = []
-    original = tiny_pipe.encode_prompts
-    monkeypatch.setattr(tiny_pipe, "encode_prompts", lambda prompts, *rest: calls.append(list(prompts)) or original(prompts, *rest))
+    encoded = []
+    original = tiny_pipe.backend.run
+
+    def recording_run(component, feeds):
+        if component.value == "text_encoder":
+            encoded.append(feeds["input_ids"].tolist())
+        return original(component, feeds)
+
+    monkeypatch.setattr(tiny_pipe.backend, "run", recording_run)
     tiny_pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0)
-    assert calls == [["a cat"]]
+    assert encoded == [tiny_pipe.tokenizer(["a cat"]).tolist()]  # the prompt alone: "" was encoded once, before
 
 
 def test_guidance_at_most_one_runs_a_single_unet_batch(tiny_pipe, monkeypatch) -> None:

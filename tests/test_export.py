@@ -44,13 +44,14 @@ def test_manifest_records_what_the_runtime_needs(bundles: dict[str, Path], check
 def test_graphs_are_valid_and_dynamic(tiny_bundle: Path) -> None:
     onnx.checker.check_model(str(tiny_bundle / "unet/model.onnx"), full_check=True)
     session = ort.InferenceSession(str(tiny_bundle / "unet/model.onnx"), providers=["CPUExecutionProvider"])
-    sample = {i.name: i.shape for i in session.get_inputs()}["sample"]
-    assert sample == ["batch", 4, "latent_height", "latent_width"]
-    for batch, h, w in [(1, 8, 8), (3, 9, 15), (2, 16, 8)]:
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes["sample"] == ["batch", 4, "latent_height", "latent_width"]
+    assert shapes["encoder_hidden_states"] == ["batch", "context_length", 32]  # long prompts: 77 per chunk
+    for batch, h, w, chunks in [(1, 8, 8, 1), (3, 9, 15, 2), (2, 16, 8, 3)]:
         out = session.run(None, {
             "sample": np.zeros((batch, 4, h, w), np.float32),
             "timestep": np.full((batch,), 10, np.float32),
-            "encoder_hidden_states": np.zeros((batch, 77, 32), np.float32),
+            "encoder_hidden_states": np.zeros((batch, 77 * chunks, 32), np.float32),
         })[0]
         assert out.shape == (batch, 4, h, w)
 

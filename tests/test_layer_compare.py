@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sdrt.engine.cli import main
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision, default_profile
+from sdrt.engine.tensorrt.profile import EngineProfile, Precision, component_shapes, default_profile
 from sdrt.export.layer_compare import LayerTolerance, compare_layers, first_divergence, probe_feeds
 from tests.test_tensorrt_host import _fake_bundle
 
@@ -101,15 +101,21 @@ def test_divergence_rule() -> None:
 
 def test_probe_inputs_take_the_profiles_opt_shapes(tmp_path: Path) -> None:
     manifest = read_manifest(_fake_bundle(tmp_path))
+    text_length = manifest.tokenizer.model_max_length
+
+    def feeds(component: Component, profile: EngineProfile) -> dict[str, np.ndarray]:
+        entry = manifest.components[component]
+        return probe_feeds(entry, component_shapes(component, entry, manifest.model, profile, text_length), token_ids)
+
+    token_ids = np.arange(text_length, dtype=np.int64)
     profile = default_profile(manifest.model)
-    token_ids = np.arange(77, dtype=np.int64)
-    feeds = probe_feeds(Component.TEXT_ENCODER, manifest.components[Component.TEXT_ENCODER], manifest.model, profile, token_ids)
-    assert feeds["input_ids"].shape == (profile.batch.opt, 77) and (feeds["input_ids"] == token_ids).all()
-    static = EngineProfile.static(2, 256, 384)
-    feeds = probe_feeds(Component.UNET, manifest.components[Component.UNET], manifest.model, static, token_ids)
+    text = feeds(Component.TEXT_ENCODER, profile)
+    assert text["input_ids"].shape == (profile.batch.opt, text_length) and (text["input_ids"] == token_ids).all()
+    unet = feeds(Component.UNET, EngineProfile.static(2, 256, 384))
     f = manifest.model.vae_scale_factor
-    assert feeds["sample"].shape == (4, manifest.model.latent_channels, 256 // f, 384 // f)  # guidance doubles the batch
-    assert feeds["sample"].dtype == np.float32 and 0.5 < feeds["sample"].std() < 1.5
+    assert unet["sample"].shape == (4, manifest.model.latent_channels, 256 // f, 384 // f)  # guidance doubles the batch
+    assert unet["encoder_hidden_states"].shape == (4, text_length, manifest.model.text_hidden_size)
+    assert unet["sample"].dtype == np.float32 and 0.5 < unet["sample"].std() < 1.5
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

@@ -53,7 +53,7 @@ from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.specs import DYNAMIC_AXES, FP16_DEFAULT_COMPONENTS, SPECS, Component
 from sdrt.engine.tensorrt import cuda as cuda_module
 from sdrt.engine.tensorrt import runner as runner_module
-from sdrt.engine.tensorrt.compatibility import build_command, check_request, resolve_engines
+from sdrt.engine.tensorrt.compatibility import build_command, check_context_length, check_request, resolve_engines
 from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey, GpuIdentity
 from sdrt.engine.tensorrt.lru import LRUCache
 from sdrt.engine.tensorrt.profile import (
@@ -76,12 +76,13 @@ OTHER = ModelConfig(latent_channels=8, vae_scale_factor=4, vae_scaling_factor=0.
 H100 = BuildEnvironment("10.3.0", GpuIdentity("NVIDIA H100 80GB HBM3", (9, 0)))
 A100 = BuildEnvironment("10.3.0", GpuIdentity("NVIDIA A100-SXM4-80GB", (8, 0)))
 SD15_PROFILE = default_profile(SD15)
+TEXT_LENGTH = 77  # the fake bundles' text-encoder window (their tokenizer's model_max_length)
 BUNDLE_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER)
 
 
 # ---- fake bundles: a manifest and small files in place of ONNX, which the host logic only hashes ------------------
 def _entry(component: Component, model: ModelConfig) -> ComponentEntry:
-    fixed = {"sequence": 77, "hidden": model.text_hidden_size, "latent_channels": model.latent_channels, "rgb": 3,
+    fixed = {"sequence": TEXT_LENGTH, "hidden": model.text_hidden_size, "latent_channels": model.latent_channels, "rgb": 3,
              "latent_moments": 2 * model.latent_channels, "clip_height": 224, "clip_width": 224, "projection": 768}
 
     def tensors(specs):
@@ -92,7 +93,7 @@ def _entry(component: Component, model: ModelConfig) -> ComponentEntry:
 
 
 def _write_manifest(bundle: Path, model: ModelConfig, components=BUNDLE_COMPONENTS) -> Manifest:
-    manifest = Manifest(FORMAT_VERSION, "test", "none", model, TokenizerConfig("tokenizer", 77, "<|endoftext|>"),
+    manifest = Manifest(FORMAT_VERSION, "test", "none", model, TokenizerConfig("tokenizer", TEXT_LENGTH, "<|endoftext|>"),
                         "scheduler/scheduler_config.json", None, {c: _entry(c, model) for c in components}, describe_files(bundle))
     manifest.write(bundle)
     return manifest
@@ -184,24 +185,24 @@ def test_profile_sizes_must_suit_the_model(axes, parameter, message) -> None:
 
 
 def test_component_shapes_come_from_the_manifest_and_profile() -> None:
-    unet = component_shapes(Component.UNET, _entry(Component.UNET, SD15), SD15, SD15_PROFILE)
+    unet = component_shapes(Component.UNET, _entry(Component.UNET, SD15), SD15, SD15_PROFILE, TEXT_LENGTH)
     # The U-Net runs [uncond; cond]: twice the images, and the images alone when guidance_scale <= 1.
     assert unet["sample"] == ShapeRange((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
     assert unet["timestep"] == ShapeRange((1,), (2,), (8,))
     assert unet["encoder_hidden_states"] == ShapeRange((1, 77, 768), (2, 77, 768), (8, 77, 768))
-    text = component_shapes(Component.TEXT_ENCODER, _entry(Component.TEXT_ENCODER, SD15), SD15, SD15_PROFILE)
+    text = component_shapes(Component.TEXT_ENCODER, _entry(Component.TEXT_ENCODER, SD15), SD15, SD15_PROFILE, TEXT_LENGTH)
     assert text == {"input_ids": ShapeRange((1, 77), (1, 77), (4, 77))}
-    vae = component_shapes(Component.VAE_DECODER, _entry(Component.VAE_DECODER, SD15), SD15, SD15_PROFILE)
+    vae = component_shapes(Component.VAE_DECODER, _entry(Component.VAE_DECODER, SD15), SD15, SD15_PROFILE, TEXT_LENGTH)
     assert vae == {"latent_sample": ShapeRange((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))}
-    encoder = component_shapes(Component.VAE_ENCODER, _entry(Component.VAE_ENCODER, SD15), SD15, SD15_PROFILE)
+    encoder = component_shapes(Component.VAE_ENCODER, _entry(Component.VAE_ENCODER, SD15), SD15, SD15_PROFILE, TEXT_LENGTH)
     assert encoder == {"sample": ShapeRange((1, 3, 256, 256), (1, 3, 512, 512), (4, 3, 1024, 1024))}
-    checker = component_shapes(Component.SAFETY_CHECKER, _entry(Component.SAFETY_CHECKER, SD15), SD15, SD15_PROFILE)
+    checker = component_shapes(Component.SAFETY_CHECKER, _entry(Component.SAFETY_CHECKER, SD15), SD15, SD15_PROFILE, TEXT_LENGTH)
     assert checker == {"clip_input": ShapeRange((1, 3, 224, 224), (1, 3, 224, 224), (4, 3, 224, 224))}
 
 
 def test_component_shapes_follow_another_model() -> None:
     profile = default_profile(OTHER)
-    unet = component_shapes(Component.UNET, _entry(Component.UNET, OTHER), OTHER, profile)
+    unet = component_shapes(Component.UNET, _entry(Component.UNET, OTHER), OTHER, profile, TEXT_LENGTH)
     assert unet["sample"] == ShapeRange((1, 8, 96, 96), (2, 8, 192, 192), (8, 8, 384, 384))
     assert unet["encoder_hidden_states"].max == (8, 77, 1024)
 
@@ -209,24 +210,24 @@ def test_component_shapes_follow_another_model() -> None:
 def test_static_profile_fixes_every_size_but_the_guided_unet_batch() -> None:
     profile = EngineProfile.static(2, 512, 768)
     assert profile.batch == AxisRange(2, 2, 2) and profile.width == AxisRange(768, 768, 768)
-    vae = component_shapes(Component.VAE_DECODER, _entry(Component.VAE_DECODER, SD15), SD15, profile)
+    vae = component_shapes(Component.VAE_DECODER, _entry(Component.VAE_DECODER, SD15), SD15, profile, TEXT_LENGTH)
     assert vae["latent_sample"] == ShapeRange(*[(2, 4, 64, 96)] * 3)
-    unet = component_shapes(Component.UNET, _entry(Component.UNET, SD15), SD15, profile)
+    unet = component_shapes(Component.UNET, _entry(Component.UNET, SD15), SD15, profile, TEXT_LENGTH)
     assert unet["sample"] == ShapeRange((2, 4, 64, 96), (4, 4, 64, 96), (4, 4, 64, 96))
 
 
 def test_every_dynamic_axis_has_a_rule_and_unknown_axes_are_refused() -> None:
     for component in Component:
-        assert set(axis_ranges(component, SD15, SD15_PROFILE)) == DYNAMIC_AXES
+        assert set(axis_ranges(component, SD15, SD15_PROFILE, TEXT_LENGTH)) == DYNAMIC_AXES
     entry = _entry(Component.UNET, SD15)
     odd = dataclasses.replace(entry, inputs=(TensorEntry("sample", "float32", ("frames", 4, "latent_height", "latent_width")),))
     with pytest.raises(BundleError, match="dynamic axis 'frames'"):
-        component_shapes(Component.UNET, odd, SD15, SD15_PROFILE)
+        component_shapes(Component.UNET, odd, SD15, SD15_PROFILE, TEXT_LENGTH)
 
 
 # ---- keys ---------------------------------------------------------------------------------------------------------
 def _key(**changes) -> EngineKey:
-    shapes = component_shapes(Component.UNET, _entry(Component.UNET, SD15), SD15, SD15_PROFILE)
+    shapes = component_shapes(Component.UNET, _entry(Component.UNET, SD15), SD15, SD15_PROFILE, TEXT_LENGTH)
     key = EngineKey(Component.UNET, "ab" * 32, H100, SD15_PROFILE, tuple(sorted(shapes.items())), Precision.FP16, False)
     return dataclasses.replace(key, **changes)
 
@@ -448,6 +449,18 @@ def test_request_outside_the_profile_names_the_range_and_the_command(tmp_path: P
     with pytest.raises(ProfileMismatchError, match=r"--width 256:512:1280 ") as error:
         check_request(index, bundle, 1, 512, 1280)
     assert error.value.parameter == "width"
+
+
+def test_unet_engines_take_one_text_window_and_refuse_long_prompts(tmp_path: Path) -> None:
+    bundle = _fake_bundle(tmp_path)  # the U-Net's text context a dynamic axis, as exported now
+    build_engines(bundle, compiler=FakeCompiler())
+    _, index = resolve_engines(bundle, _digests(bundle), H100)
+    assert dict(index.engines[Component.UNET].shapes)["encoder_hidden_states"].max[1] == TEXT_LENGTH
+    check_context_length(index, TEXT_LENGTH)
+    with pytest.raises(InvalidArgumentError, match=rf"prompt: needs a text context of {2 * TEXT_LENGTH} tokens, but the "
+                                                   rf"TensorRT U-Net engine takes {TEXT_LENGTH} .*backend=\"cuda\"") as error:
+        check_context_length(index, 2 * TEXT_LENGTH)
+    assert error.value.parameter == "prompt"
 
 
 def test_build_command_quotes_the_bundle_and_names_non_defaults() -> None:

@@ -73,6 +73,10 @@ class Backend(abc.ABC):
         """Raise InvalidArgumentError if this backend cannot run a request of `num_images` images of height x width
         pixels; called before any model runs. Most backends take any size the bundle accepts."""
 
+    def check_context_length(self, length: int) -> None:
+        """Raise InvalidArgumentError if this backend cannot give the U-Net a text context of `length` tokens (long
+        prompts: several text-encoder windows); called before any model runs. Most backends take any length."""
+
     def set_weights(self, component: Component, weights: Mapping[str, np.ndarray]) -> None:
         """From the next call on, run `component` with the initializers named in `weights` holding those values
         (float32, in the initializers' shapes) and every other initializer the bundle's value: each call replaces

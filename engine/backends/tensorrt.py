@@ -18,7 +18,7 @@ from sdrt.engine.cuda_device import cuda_device_unavailable_reason
 from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError, WeightsNotReplaceableError
 from sdrt.engine.onnx_weights import read_initializers
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.compatibility import build_command, check_request, resolve_engines
+from sdrt.engine.tensorrt.compatibility import build_command, check_context_length, check_request, resolve_engines
 from sdrt.engine.tensorrt.cuda import Stream
 from sdrt.engine.tensorrt.library import current_environment, libraries_unavailable_reason
 from sdrt.engine.tensorrt.runner import EngineRunner
@@ -69,6 +69,9 @@ class TensorRTBackend(Backend):
 
     def check_request(self, num_images: int, height: int, width: int) -> None:
         check_request(self._index, self.bundle_dir, num_images, height, width)
+
+    def check_context_length(self, length: int) -> None:
+        check_context_length(self._index, length)
 
     def _load(self, component: Component) -> EngineRunner:
         plan = self._store.engine_path(self._index.engines[component]).read_bytes()

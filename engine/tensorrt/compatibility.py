@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
-from sdrt.engine.errors import EnginesNotBuiltError, ProfileMismatchError
+from sdrt.engine.errors import EnginesNotBuiltError, InvalidArgumentError, ProfileMismatchError
 from sdrt.engine.specs import Component
 from sdrt.engine.tensorrt.identity import BuildEnvironment
 from sdrt.engine.tensorrt.profile import EngineProfile, Precision
@@ -74,3 +74,18 @@ def check_request(index: EngineIndex, bundle_dir: Path, num_images: int, height:
                 f"({profile.describe()}): rebuild them for it with "
                 f"`{build_command(bundle_dir, covering, index.precision, index.refittable)}`",
             )
+
+
+def check_context_length(index: EngineIndex, length: int) -> None:
+    """Raise InvalidArgumentError if the U-Net engine cannot take a text context of `length` tokens. Engines are
+    built for one text-encoder window (profiles have no axis for long prompts' extra chunks), so a long prompt
+    needing more is refused, naming the limit and the backends that run it."""
+    shapes = dict(index.engines[Component.UNET].shapes)["encoder_hidden_states"]
+    low, high = shapes.min[1], shapes.max[1]
+    if not low <= length <= high:
+        raise InvalidArgumentError(
+            "prompt",
+            f"needs a text context of {length} tokens, but the TensorRT U-Net engine takes {low if low == high else f'{low}-{high}'} "
+            "(one text-encoder window): TensorRT engines do not run long prompts (PromptOptions(long_prompts=True)) "
+            "beyond one window; shorten the prompt, or use another backend, e.g. backend=\"cuda\"",
+        )

@@ -148,8 +148,10 @@ def component_batch(component: Component, images: AxisRange) -> AxisRange:
     return images
 
 
-def axis_ranges(component: Component, model: ModelConfig, profile: EngineProfile) -> dict[str, AxisRange]:
-    """The range of every dynamic axis (sdrt.engine.specs.DYNAMIC_AXES) of `component`'s tensors."""
+def axis_ranges(component: Component, model: ModelConfig, profile: EngineProfile, text_length: int) -> dict[str, AxisRange]:
+    """The range of every dynamic axis (sdrt.engine.specs.DYNAMIC_AXES) of `component`'s tensors. `text_length` is
+    the text encoder's window (the tokenizer's model_max_length): the U-Net's text context is fixed at one window, as
+    profiles have no axis for long prompts (the TensorRT backend refuses them, naming the limit)."""
     factor = model.vae_scale_factor
 
     def latent(axis: AxisRange) -> AxisRange:
@@ -161,12 +163,16 @@ def axis_ranges(component: Component, model: ModelConfig, profile: EngineProfile
         "width": profile.width,
         "latent_height": latent(profile.height),
         "latent_width": latent(profile.width),
+        "context_length": AxisRange.fixed(text_length),
     }
 
 
-def component_shapes(component: Component, entry: ComponentEntry, model: ModelConfig, profile: EngineProfile) -> dict[str, ShapeRange]:
-    """Input name -> its min/opt/max shapes, from the manifest's declared shapes and `profile`."""
-    axes = axis_ranges(component, model, profile)
+def component_shapes(
+    component: Component, entry: ComponentEntry, model: ModelConfig, profile: EngineProfile, text_length: int
+) -> dict[str, ShapeRange]:
+    """Input name -> its min/opt/max shapes, from the manifest's declared shapes, `profile` and the text encoder's
+    window `text_length` (the manifest's tokenizer model_max_length)."""
+    axes = axis_ranges(component, model, profile, text_length)
     shapes = {}
     for tensor in entry.inputs:
         dims = []
