@@ -33,6 +33,11 @@ def demo_checkpoint_dir() -> Path:
     return Path(str(resources.files("sdrt.demo").joinpath(DEMO_CHECKPOINT)))
 
 
+#: part of the cached bundle's name: raised whenever the exporter starts writing what older bundles lack (LoRA refit
+#: maps; the U-Net's dynamic text context for long prompts), so an upgrade re-exports the default model once
+DEFAULT_BUNDLE_REVISION = 2
+
+
 def _checkpoint_digest(checkpoint: Path) -> str:
     """A short hash of every checkpoint file, so a retrained model never reuses a stale cached bundle."""
     digest = hashlib.sha256()
@@ -47,7 +52,7 @@ def default_bundle_dir() -> Path:
     checkpoint = demo_checkpoint_dir()
     if not (checkpoint / "model_index.json").is_file():
         raise SdrtError(f"the demo checkpoint is missing from this installation ({checkpoint}): reinstall sdrt")
-    bundle = cache_dir() / f"demo-{_checkpoint_digest(checkpoint)}-bundle"
+    bundle = cache_dir() / f"demo-{_checkpoint_digest(checkpoint)}-r{DEFAULT_BUNDLE_REVISION}-bundle"
     if (bundle / MANIFEST_NAME).is_file():
         return bundle
     try:
