@@ -27,7 +27,7 @@ from sdrt.engine.version import SDRT_VERSION
 logger = logging.getLogger("sdrt")
 
 # The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
-ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo")
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint")
 EXIT_USAGE = 2
 # Generation finished but the safety checker blocked at least one image, which was therefore not written.
 EXIT_BLOCKED = 3

@@ -1,15 +1,17 @@
 """Text-to-image over a bundle: tokenize -> encode -> latents -> denoising loop -> decode -> (safety check) -> images.
 
-Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend.
+Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend; with
+`image` (and `mask_image`) those of StableDiffusionImg2ImgPipeline (StableDiffusionInpaintPipeline), and `outpaint`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +21,31 @@ from tqdm.auto import tqdm
 
 from sdrt.engine.backends import Backend
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.image_inputs import (
+    MASK_THRESHOLD,
+    ImageInput,
+    floor_to_multiple,
+    load_image,
+    load_mask,
+    preprocess_image,
+    preprocess_mask,
+)
 from sdrt.engine.images import decoded_to_unit_range, to_pil
+from sdrt.engine.init_image import (
+    TEXT_TO_IMAGE,
+    DenoiseHooks,
+    ImageInit,
+    KnownRegionBlend,
+    MaskChannels,
+    denoising_steps,
+    first_call,
+    latent_mask,
+    sample_posterior,
+)
 from sdrt.engine.lora_weights import LoraWeights
 from sdrt.engine.manifest import Manifest
+from sdrt.engine.noise import RequestNoise
+from sdrt.engine.outpaint import feathered_mask, grow, paste_original, plan_canvas, seam_width
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import Scheduler, SchedulerState
 from sdrt.engine.specs import Component
@@ -32,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 OutputType = Literal["pil", "np", "latent"]
 _OUTPUT_TYPES = ("pil", "np", "latent")
+# diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's
+IMG2IMG_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +66,9 @@ class PipelineOutput:
     """`images`: PIL images, or a float32 (N, H, W, 3) array in [0, 1] for output_type="np", or the final latents
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
-    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, denoise =
-    unet + guidance_and_scheduler, decode, safety_check) and the number of U-Net calls (unet_calls)."""
+    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
+    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check) and the number of
+    U-Net calls (unet_calls)."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
@@ -63,6 +91,9 @@ class _Request:
     seed: int | None
     latents: np.ndarray | None
     output_type: OutputType
+    init: ImageInit | None = None  # image to image and inpainting: the image to start from
+    # applied to the decoded (N, H, W, 3) images before the safety check (outpainting's paste-back)
+    finish: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def num_images(self) -> int:
@@ -144,7 +175,8 @@ class StableDiffusionPipeline:
         return int(value)
 
     def _validate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                  height, width, seed, latents, output_type) -> _Request:
+                  height, width, seed, latents, output_type, image=None, mask_image=None, strength=None,
+                  binarize_mask=True) -> _Request:
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = None
         if negative_prompt is not None:
@@ -164,13 +196,36 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
         if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
-        height, width = self._validate_size("height", height), self._validate_size("width", width)
+        init = None
+        if image is None:
+            if mask_image is not None:
+                raise InvalidArgumentError("mask_image", "needs `image`, the picture to inpaint")
+            if strength is not None:
+                raise InvalidArgumentError("strength", "applies only with `image` (image to image, inpainting)")
+            if self._unet_takes_mask:
+                raise InvalidArgumentError("mask_image", f"this bundle's U-Net is an inpainting U-Net "
+                                           f"({self.manifest.model.unet_in_channels} input channels): give image and mask_image")
+            height, width = self._validate_size("height", height), self._validate_size("width", width)
+        else:
+            init, height, width = self._validate_image(image, mask_image, strength, height, width, binarize_mask)
+            if latents is not None:
+                raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
+            if self._unet_takes_mask and mask_image is None:
+                raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
+            # Start part-way, as diffusers' get_timesteps; the steps count was checked by the plan above.
+            if denoising_steps(num_inference_steps, init.strength) < 1:
+                raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
+                                           "strength * num_inference_steps must be at least 1")
+            try:
+                schedule = self.scheduler.start(num_inference_steps, first_call(num_inference_steps, init.strength, self.scheduler.order))
+            except ValueError as exc:
+                raise InvalidArgumentError("strength", str(exc)) from None
         if seed is not None and (not is_int(seed) or seed < 0):
             raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
         if output_type not in _OUTPUT_TYPES:
             raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
         request = _Request(prompts, negative_prompts, schedule, float(guidance_scale), int(num_images_per_prompt),
-                           height, width, seed, None, output_type)
+                           height, width, seed, None, output_type, init)
         self.backend.check_request(request.num_images, height, width)  # e.g. a size TensorRT's engines were not built for
         if latents is not None:
             expected = self._latent_shape(request)
@@ -181,6 +236,36 @@ class StableDiffusionPipeline:
                 raise InvalidArgumentError("latents", "contains NaN or infinity")
             request = dataclasses.replace(request, latents=latents)
         return request
+
+    def _validate_image(self, image, mask_image, strength, height, width, binarize_mask) -> tuple[ImageInit, int, int]:
+        """The preprocessed image (and mask) and the size to run at: `height`/`width` if given; else, as diffusers, the
+        image's own size rounded down to multiples of the VAE scale factor for image to image, the model's default
+        size for inpainting."""
+        picture = load_image(image, "image")
+        mask = load_mask(mask_image, "mask_image") if mask_image is not None else None
+        if mask is not None and mask.size != picture.size:
+            raise InvalidArgumentError("mask_image", f"is {mask.width}x{mask.height} but image is "
+                                       f"{picture.width}x{picture.height}: give a mask of the image's size")
+        if strength is None:
+            strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
+        if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
+            raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
+        if mask is None and height is None and width is None:
+            height, width = floor_to_multiple(picture, self.vae_scale_factor)
+            largest = self.manifest.model.max_image_size
+            if not (self.vae_scale_factor <= height <= largest and self.vae_scale_factor <= width <= largest):
+                raise InvalidArgumentError("image", f"is {picture.width}x{picture.height}: this bundle runs sides of "
+                                           f"{self.vae_scale_factor} to {largest} px; pass height and width to resize it")
+        else:
+            height, width = self._validate_size("height", height), self._validate_size("width", width)
+        pixels = preprocess_image(picture, height, width)  # (1, 3, H, W)
+        mask_pixels = preprocess_mask(mask, height, width, binarize_mask) if mask is not None else None  # (1, 1, H, W)
+        return ImageInit(pixels, float(strength), mask_pixels), height, width
+
+    @property
+    def _unet_takes_mask(self) -> bool:
+        """An inpainting U-Net: mask and masked-image latents are inputs besides the latents."""
+        return self.manifest.model.unet_in_channels != self.manifest.model.latent_channels
 
     def _latent_shape(self, request: _Request) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor
@@ -212,20 +297,48 @@ class StableDiffusionPipeline:
             cond = np.concatenate([uncond, cond])  # (2B, 77, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, 77, D), images of a prompt adjacent
 
-    def _initial_latents(self, request: _Request) -> np.ndarray:
-        if request.latents is not None:
-            latents = request.latents
-        else:
-            latents = np.random.default_rng(request.seed).standard_normal(self._latent_shape(request), dtype=np.float32)
-        return (latents * np.float32(request.schedule.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
+    def encode_image(self, pixels: np.ndarray, noise: RequestNoise, timings: dict[str, float] | None = None) -> np.ndarray:
+        """VAE-encode (1, 3, H, W) pixels in [-1, 1] and sample scaled latents (1, C, H/f, W/f) with the request's noise."""
+        with _timed({} if timings is None else timings, "vae_encode"):
+            moments = self.backend.run(Component.VAE_ENCODER, {"sample": pixels})[0]  # (1, 2C, h, w)
+        sample_noise = noise.draw((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]))  # (1, C, h, w)
+        return sample_posterior(moments, sample_noise, self.manifest.model.vae_scaling_factor)
 
-    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+    def _initial_latents(self, request: _Request, timings: dict[str, float]) -> tuple[np.ndarray, DenoiseHooks]:
+        """The latents the loop starts from and what it does besides text to image. Noise is drawn in diffusers'
+        order: the image's latent sample, the initial noise, then the masked image's latent sample."""
+        noise_source = RequestNoise(request.seed)
+        init, shape, sigma = request.init, self._latent_shape(request), np.float32(request.schedule.init_noise_sigma)
+        if init is None:
+            latents = request.latents if request.latents is not None else noise_source.draw(shape)
+            return (latents * sigma).astype(np.float32), TEXT_TO_IMAGE  # (BN, C, H/f, W/f)
+        # An inpainting U-Net started from pure noise (strength 1) never sees the unmasked image's latents.
+        image_latents = None
+        if init.mask is None or not self._unet_takes_mask or init.strength < 1.0:
+            image_latents = np.repeat(self.encode_image(init.pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
+        noise = noise_source.draw(shape)  # (BN, C, h, w)
+        if init.mask is not None and init.strength == 1.0:
+            latents = (noise * sigma).astype(np.float32)  # as text to image: the image enters through the mask
+        else:
+            latents = self.scheduler.add_noise(request.schedule, image_latents, noise, 0)  # (BN, C, h, w)
+        if init.mask is None:
+            return latents, TEXT_TO_IMAGE
+        mask = np.repeat(latent_mask(init.mask, self.vae_scale_factor), request.num_images, axis=0)  # (BN, 1, h, w)
+        if not self._unet_takes_mask:
+            return latents, KnownRegionBlend(self.scheduler, request.schedule, image_latents, noise, mask)
+        masked_pixels = (init.pixels * (init.mask < MASK_THRESHOLD)).astype(np.float32)  # (1, 3, H, W), repainted part 0
+        masked_latents = np.repeat(self.encode_image(masked_pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
+        copies = 2 if request.do_classifier_free_guidance else 1  # [uncond; cond], as the context
+        return latents, MaskChannels(np.concatenate([mask] * copies), np.concatenate([masked_latents] * copies))
+
+    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
+                 timings: dict[str, float]) -> np.ndarray:
         state = request.schedule
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             # Same batch order as the context: [uncond; cond].
             model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
-            model_input = self.scheduler.scale_model_input(state, model_input, step_index)
+            model_input = hooks.unet_input(self.scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
                 noise_pred = self.backend.run(
@@ -235,6 +348,7 @@ class StableDiffusionPipeline:
                 noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
                 noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
             latents, state = self.scheduler.step(state, noise_pred, step_index, latents)
+            latents = hooks.after_step(latents, step_index)
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -256,20 +370,78 @@ class StableDiffusionPipeline:
         latents: np.ndarray | None = None,
         output_type: OutputType = "pil",
         return_safety_scores: bool = False,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
+
+        `image` (a PIL image, numpy array or file path; see sdrt.engine.image_inputs for conversions) makes it image
+        to image, as diffusers' StableDiffusionImg2ImgPipeline: the image is VAE-encoded, its latents sampled and
+        noised to the level of step `num_inference_steps - int(num_inference_steps * strength)`, and only the
+        remaining steps run (`strength`, default 0.8: 1 starts from the image fully noised, near 0 keeps it). It runs
+        at the image's size rounded down to multiples of the VAE scale factor unless `height`/`width` resize it.
+        With `mask_image` too (same size as `image`; white = repaint, black = keep, binarized at 0.5) it is
+        inpainting, as diffusers' StableDiffusionInpaintPipeline: `strength` defaults to 1.0 and the size to
+        `height`/`width` or the model's default. An inpainting U-Net (9 input channels) takes the mask and masked
+        image's latents as inputs; a standard one regenerates the masked region only, putting the image's (noised)
+        latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 height, width, seed, latents, output_type)
+                                 height, width, seed, latents, output_type, image, mask_image, strength)
+        return self._run(request, return_safety_scores)
+
+    def outpaint(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        feather: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        strength: float = INPAINT_STRENGTH,
+        seed: int | None = None,
+        output_type: Literal["pil", "np"] = "pil",
+        return_safety_scores: bool = False,
+    ) -> PipelineOutput:
+        """Extend `image` by `left`, `right`, `top`, `bottom` pixels and fill the new margins for `prompt`.
+
+        The canvas is rounded up to multiples of the VAE scale factor (the extra pixels widen the right and bottom
+        margins, or the left and top ones when only those grow: sdrt.engine.outpaint); the margins start as the image's
+        edge pixels repeated outwards. The mask is 0 on the image and rises to 1 over a seam of `feather` pixels
+        outwards (default 4 latent pixels, capped at half the widest margin); with a standard U-Net the seam's
+        latents are a blend of the repeated edge and the generated ones at every step, so the new content grows out
+        of the image's border; an inpainting U-Net takes a hard mask. The result is the inpainted canvas with the
+        original pixels pasted back unchanged. The other arguments are those of `__call__`.
+        """
+        if output_type not in ("pil", "np"):
+            raise InvalidArgumentError("output_type", f"outpainting returns images: must be 'pil' or 'np', got {output_type!r}")
+        original = load_image(image, "image")
+        canvas = plan_canvas(original.size, left, right, top, bottom, self.vae_scale_factor, self.manifest.model.max_image_size)
+        seam = seam_width(canvas, feather, self.vae_scale_factor)
+        mask = feathered_mask(canvas, 0 if self._unet_takes_mask else seam)  # (H, W)
+        request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                 canvas.height, canvas.width, seed, None, output_type, grow(original, canvas), mask,
+                                 strength, binarize_mask=False)
+        finish = functools.partial(paste_original, original=original, canvas=canvas)
+        return self._run(dataclasses.replace(request, finish=finish), return_safety_scores)
+
+    def _run(self, request: _Request, return_safety_scores: bool) -> PipelineOutput:
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
+        latents, hooks = self._initial_latents(request, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, self._initial_latents(request), timings)
+            latents = self._denoise(request, context, latents, hooks, timings)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         timings["unet_calls"] = len(request.schedule.timesteps)
         if request.output_type == "latent":
@@ -277,6 +449,8 @@ class StableDiffusionPipeline:
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings)
         with _timed(timings, "decode"):
             images = self.decode(latents)  # (N, H, W, 3)
+        if request.finish is not None:
+            images = request.finish(images)  # (N, H, W, 3)
         # The checker sees the 8-bit images, as diffusers' feature extractor does.
         pil_images = to_pil(images) if request.output_type == "pil" or self.safety_checker is not None else []
         scores = None

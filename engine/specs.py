@@ -67,7 +67,8 @@ SPECS: dict[Component, ComponentSpec] = {
     Component.UNET: ComponentSpec(
         Component.UNET,
         inputs=(
-            TensorSpec("sample", "float32", _LATENT),
+            # latent_channels, or 2 * latent_channels + 1 for an inpainting U-Net: latents, mask, masked-image latents
+            TensorSpec("sample", "float32", ("batch", "unet_in_channels", "latent_height", "latent_width")),
             # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", "hidden")),
