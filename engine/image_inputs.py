@@ -126,9 +126,8 @@ def _array_to_pil(array: np.ndarray, parameter: str) -> Image.Image:
         raise InvalidArgumentError(
             parameter, f"a numpy image must be (H, W) or (H, W, C) with C in 1, 3, 4 (channels last), got shape {array.shape}"
         )
-    eight_bit = _eight_bit(array, parameter)  # (H, W) or (H, W, C) uint8
-    mode = {2: "L", 3: "RGB", 4: "RGBA"}[eight_bit.ndim if eight_bit.ndim == 2 else eight_bit.shape[-1]]
-    return Image.fromarray(np.ascontiguousarray(eight_bit), mode=mode)
+    # uint8 (H, W), (H, W, 3), (H, W, 4) arrays become L, RGB, RGBA images
+    return Image.fromarray(np.ascontiguousarray(_eight_bit(array, parameter)))
 
 
 def _eight_bit(array: np.ndarray, parameter: str) -> np.ndarray:
