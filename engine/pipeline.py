@@ -207,11 +207,11 @@ class StableDiffusionPipeline:
                                            f"({self.manifest.model.unet_in_channels} input channels): give image and mask_image")
             height, width = self._validate_size("height", height), self._validate_size("width", width)
         else:
-            init, height, width = self._validate_image(image, mask_image, strength, height, width, binarize_mask)
-            if latents is not None:
-                raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
             if self._unet_takes_mask and mask_image is None:
                 raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
+            if latents is not None:
+                raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
+            init, height, width = self._validate_image(image, mask_image, strength, height, width, binarize_mask)
             # Start part-way, as diffusers' get_timesteps; the steps count was checked by the plan above.
             if denoising_steps(num_inference_steps, init.strength) < 1:
                 raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
@@ -238,9 +238,9 @@ class StableDiffusionPipeline:
         return request
 
     def _validate_image(self, image, mask_image, strength, height, width, binarize_mask) -> tuple[ImageInit, int, int]:
-        """The preprocessed image (and mask) and the size to run at: `height`/`width` if given; else, as diffusers, the
-        image's own size rounded down to multiples of the VAE scale factor for image to image, the model's default
-        size for inpainting."""
+        """The preprocessed image (and mask) and the size to run at: `height`/`width` where given; else, as diffusers,
+        the image's own side rounded down to a multiple of the VAE scale factor for image to image, the model's
+        default size for inpainting."""
         picture = load_image(image, "image")
         mask = load_mask(mask_image, "mask_image") if mask_image is not None else None
         if mask is not None and mask.size != picture.size:
@@ -250,14 +250,14 @@ class StableDiffusionPipeline:
             strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
         if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
             raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
-        if mask is None and height is None and width is None:
-            height, width = floor_to_multiple(picture, self.vae_scale_factor)
-            largest = self.manifest.model.max_image_size
-            if not (self.vae_scale_factor <= height <= largest and self.vae_scale_factor <= width <= largest):
+        if mask is None:
+            own_height, own_width = floor_to_multiple(picture, self.vae_scale_factor)
+            smallest, largest = self.vae_scale_factor, self.manifest.model.max_image_size
+            if (height is None and not smallest <= own_height <= largest) or (width is None and not smallest <= own_width <= largest):
                 raise InvalidArgumentError("image", f"is {picture.width}x{picture.height}: this bundle runs sides of "
-                                           f"{self.vae_scale_factor} to {largest} px; pass height and width to resize it")
-        else:
-            height, width = self._validate_size("height", height), self._validate_size("width", width)
+                                           f"{smallest} to {largest} px; pass height and width to resize it")
+            height, width = own_height if height is None else height, own_width if width is None else width
+        height, width = self._validate_size("height", height), self._validate_size("width", width)
         pixels = preprocess_image(picture, height, width)  # (1, 3, H, W)
         mask_pixels = preprocess_mask(mask, height, width, binarize_mask) if mask is not None else None  # (1, 1, H, W)
         return ImageInit(pixels, float(strength), mask_pixels), height, width

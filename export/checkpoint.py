@@ -64,11 +64,6 @@ class SourceCheckpoint:
         return int(self.unet_config.get("in_channels", self.latent_channels))
 
     @property
-    def is_inpainting(self) -> bool:
-        """The U-Net takes the mask and the masked image's latents besides the latents (SD inpainting checkpoints)."""
-        return self.unet_in_channels == 2 * self.latent_channels + 1
-
-    @property
     def text_hidden_size(self) -> int:
         return int(self.text_encoder_config["hidden_size"])
 

@@ -138,3 +138,18 @@ def test_default_size_is_the_models_as_diffusers(tiny_pipe) -> None:
     out = tiny_pipe("a cat", image=make_image(), mask_image=make_mask(), num_inference_steps=1, seed=0, output_type="latent")
     side = tiny_pipe.manifest.model.default_image_size // tiny_pipe.vae_scale_factor
     assert out.images.shape == (1, 4, side, side)
+
+
+def test_exporter_refuses_other_unet_inputs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from sdrt.export.checkpoint import load_checkpoint
+    from sdrt.export.errors import CheckpointError
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    config = json.loads((copy / "unet/config.json").read_text())
+    (copy / "unet/config.json").write_text(json.dumps({**config, "in_channels": 5}))
+    with pytest.raises(CheckpointError, match="the U-Net takes 5 input channels; .* 4 latent channels, or 9 for inpainting"):
+        load_checkpoint(copy)
