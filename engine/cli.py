@@ -74,7 +74,8 @@ def _generate(args: argparse.Namespace) -> int:
     # What the command adds to the request; recorded in the PNG as given (paths as strings).
     extra = {name: getattr(args, name) for name in _COMMAND_ARGUMENTS[args.command] if getattr(args, name) is not None}
     if args.command == "outpaint":
-        out = pipe.outpaint(extra.pop("image"), prompt, **extra, **common)
+        margins = {name: value for name, value in extra.items() if name != "image"}
+        out = pipe.outpaint(extra["image"], prompt, **margins, **common)
     else:
         out = pipe(prompt, height=args.height, width=args.width, latents=latents, **extra, **common)
     from sdrt.engine.images import save_png

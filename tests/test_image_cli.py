@@ -53,6 +53,7 @@ def test_outpaint(tiny_bundle: Path, inputs, tmp_path: Path) -> None:
     np.testing.assert_array_equal(result[:64, 8:], np.asarray(Image.open(image)))
     parameters = read_png_parameters(out)
     assert (parameters["left"], parameters["right"], parameters["top"], parameters["bottom"]) == (8, 0, 0, 16)
+    assert parameters["image"] == str(image) and parameters["command"] == "outpaint"
 
 
 BAD = [

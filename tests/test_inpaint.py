@@ -153,3 +153,11 @@ def test_exporter_refuses_other_unet_inputs(tiny_checkpoint: Path, tmp_path: Pat
     (copy / "unet/config.json").write_text(json.dumps({**config, "in_channels": 5}))
     with pytest.raises(CheckpointError, match="the U-Net takes 5 input channels; .* 4 latent channels, or 9 for inpainting"):
         load_checkpoint(copy)
+
+
+def test_outpaint_with_an_inpainting_unet(inpainting_pipe) -> None:
+    image = make_image(64, 64)
+    out = inpainting_pipe.outpaint(image, "a cat", right=16, top=8, num_inference_steps=2, seed=0)
+    result = np.asarray(out.images[0])
+    assert result.shape == (72, 80, 3)
+    np.testing.assert_array_equal(result[8:, :64], np.asarray(image))
