@@ -65,6 +65,13 @@ class ModelConfig:
     sample_size: int  # the U-Net's default latent size; default image side = sample_size * vae_scale_factor
     text_hidden_size: int
     max_image_size: int  # largest height or width in pixels the bundle accepts
+    # The U-Net's input channels: latent_channels for a standard U-Net, 2 * latent_channels + 1 for an inpainting one
+    # (latents, mask, masked-image latents). Absent from bundles exported before inpainting: latent_channels.
+    unet_in_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.unet_in_channels is None:
+            object.__setattr__(self, "unet_in_channels", self.latent_channels)
 
     @property
     def default_image_size(self) -> int:

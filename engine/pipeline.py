@@ -1,16 +1,18 @@
 """Text-to-image over a bundle: tokenize -> encode -> latents -> denoising loop -> decode -> (safety check) -> images.
 
-Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend.
+Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend; with
+`image` (and `mask_image`) those of StableDiffusionImg2ImgPipeline (StableDiffusionInpaintPipeline), and `outpaint`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +22,32 @@ from tqdm.auto import tqdm
 
 from sdrt.engine.backends import Backend
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.image_inputs import (
+    MASK_THRESHOLD,
+    ImageInput,
+    floor_to_multiple,
+    load_image,
+    load_mask,
+    preprocess_image,
+    preprocess_mask,
+)
 from sdrt.engine.images import decoded_to_unit_range, to_pil
+from sdrt.engine.init_image import (
+    TEXT_TO_IMAGE,
+    DenoiseHooks,
+    ImageInit,
+    KnownRegionBlend,
+    MaskChannels,
+    denoising_steps,
+    first_call,
+    latent_mask,
+    sample_posterior,
+)
 from sdrt.engine.lora_weights import LoraWeights
 from sdrt.engine.manifest import Manifest
 from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_context, tokenize_prompt
+from sdrt.engine.noise import RequestNoise
+from sdrt.engine.outpaint import feathered_mask, grow, paste_original, plan_canvas, seam_width
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import (
     DEFAULT_SCHEDULER,
@@ -41,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 OutputType = Literal["pil", "np", "latent"]
 _OUTPUT_TYPES = ("pil", "np", "latent")
+# diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's
+IMG2IMG_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +75,9 @@ class PipelineOutput:
     """`images`: PIL images, or a float32 (N, H, W, 3) array in [0, 1] for output_type="np", or the final latents
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
-    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, denoise =
-    unet + guidance_and_scheduler, decode, safety_check) and the number of U-Net calls (unet_calls)."""
+    checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
+    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check) and the number of
+    U-Net calls (unet_calls)."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
@@ -74,6 +102,9 @@ class _Request:
     latents: np.ndarray | None
     output_type: OutputType
     prompt_options: PromptOptions = PromptOptions()
+    init: ImageInit | None = None  # image to image and inpainting: the image to start from
+    # applied to the decoded (N, H, W, 3) images before the safety check (outpainting's paste-back)
+    finish: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def num_images(self) -> int:
@@ -172,7 +203,8 @@ class StableDiffusionPipeline:
         return int(value)
 
     def _validate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                  height, width, seed, latents, output_type, scheduler, prompt_options) -> _Request:
+                  height, width, seed, latents, output_type, scheduler=None, prompt_options=PromptOptions(), image=None,
+                  mask_image=None, strength=None, binarize_mask=True) -> _Request:
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = None
         if negative_prompt is not None:
@@ -193,7 +225,30 @@ class StableDiffusionPipeline:
             raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
         if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
-        height, width = self._validate_size("height", height), self._validate_size("width", width)
+        init = None
+        if image is None:
+            if mask_image is not None:
+                raise InvalidArgumentError("mask_image", "needs `image`, the picture to inpaint")
+            if strength is not None:
+                raise InvalidArgumentError("strength", "applies only with `image` (image to image, inpainting)")
+            if self._unet_takes_mask:
+                raise InvalidArgumentError("mask_image", f"this bundle's U-Net is an inpainting U-Net "
+                                           f"({self.manifest.model.unet_in_channels} input channels): give image and mask_image")
+            height, width = self._validate_size("height", height), self._validate_size("width", width)
+        else:
+            if self._unet_takes_mask and mask_image is None:
+                raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
+            if latents is not None:
+                raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
+            init, height, width = self._validate_image(image, mask_image, strength, height, width, binarize_mask)
+            # Start part-way, as diffusers' get_timesteps; the steps count was checked by the plan above.
+            if denoising_steps(num_inference_steps, init.strength) < 1:
+                raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
+                                           "strength * num_inference_steps must be at least 1")
+            try:
+                schedule = sampler.start(num_inference_steps, first_call(num_inference_steps, init.strength, sampler.order))
+            except ValueError as exc:
+                raise InvalidArgumentError("strength", str(exc)) from None
         if seed is not None and (not is_int(seed) or seed < 0):
             raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
         if output_type not in _OUTPUT_TYPES:
@@ -201,7 +256,7 @@ class StableDiffusionPipeline:
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
         request = _Request(prompts, negative_prompts, sampler, schedule, float(guidance_scale), int(num_images_per_prompt),
-                           height, width, seed, None, output_type, prompt_options=prompt_options)
+                           height, width, seed, None, output_type, prompt_options=prompt_options, init=init)
         self.backend.check_request(request.num_images, height, width)  # e.g. a size TensorRT's engines were not built for
         if latents is not None:
             expected = self._latent_shape(request)
@@ -212,6 +267,36 @@ class StableDiffusionPipeline:
                 raise InvalidArgumentError("latents", "contains NaN or infinity")
             request = dataclasses.replace(request, latents=latents)
         return request
+
+    def _validate_image(self, image, mask_image, strength, height, width, binarize_mask) -> tuple[ImageInit, int, int]:
+        """The preprocessed image (and mask) and the size to run at: `height`/`width` where given; else, as diffusers,
+        the image's own side rounded down to a multiple of the VAE scale factor for image to image, the model's
+        default size for inpainting."""
+        picture = load_image(image, "image")
+        mask = load_mask(mask_image, "mask_image") if mask_image is not None else None
+        if mask is not None and mask.size != picture.size:
+            raise InvalidArgumentError("mask_image", f"is {mask.width}x{mask.height} but image is "
+                                       f"{picture.width}x{picture.height}: give a mask of the image's size")
+        if strength is None:
+            strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
+        if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
+            raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
+        if mask is None:
+            own_height, own_width = floor_to_multiple(picture, self.vae_scale_factor)
+            smallest, largest = self.vae_scale_factor, self.manifest.model.max_image_size
+            if (height is None and not smallest <= own_height <= largest) or (width is None and not smallest <= own_width <= largest):
+                raise InvalidArgumentError("image", f"is {picture.width}x{picture.height}: this bundle runs sides of "
+                                           f"{smallest} to {largest} px; pass height and width to resize it")
+            height, width = own_height if height is None else height, own_width if width is None else width
+        height, width = self._validate_size("height", height), self._validate_size("width", width)
+        pixels = preprocess_image(picture, height, width)  # (1, 3, H, W)
+        mask_pixels = preprocess_mask(mask, height, width, binarize_mask) if mask is not None else None  # (1, 1, H, W)
+        return ImageInit(pixels, float(strength), mask_pixels), height, width
+
+    @property
+    def _unet_takes_mask(self) -> bool:
+        """An inpainting U-Net: mask and masked-image latents are inputs besides the latents."""
+        return self.manifest.model.unet_in_channels != self.manifest.model.latent_channels
 
     def _latent_shape(self, request: _Request) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor
@@ -284,21 +369,48 @@ class StableDiffusionPipeline:
             cond = np.concatenate([uncond, cond])  # (2B, KL, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 
-    def _initial_latents(self, request: _Request, rng: np.random.Generator) -> np.ndarray:
-        if request.latents is not None:
-            latents = request.latents
-        else:
-            latents = rng.standard_normal(self._latent_shape(request), dtype=np.float32)
-        return (latents * np.float32(request.schedule.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
+    def encode_image(self, pixels: np.ndarray, noise: RequestNoise, timings: dict[str, float] | None = None) -> np.ndarray:
+        """VAE-encode (1, 3, H, W) pixels in [-1, 1] and sample scaled latents (1, C, H/f, W/f) with the request's noise."""
+        with _timed({} if timings is None else timings, "vae_encode"):
+            moments = self.backend.run(Component.VAE_ENCODER, {"sample": pixels})[0]  # (1, 2C, h, w)
+        sample_noise = noise.draw((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]))  # (1, C, h, w)
+        return sample_posterior(moments, sample_noise, self.manifest.model.vae_scaling_factor)
 
-    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, rng: np.random.Generator,
-                 timings: dict[str, float]) -> np.ndarray:
+    def _initial_latents(self, request: _Request, noise_source: RequestNoise,
+                         timings: dict[str, float]) -> tuple[np.ndarray, DenoiseHooks]:
+        """The latents the loop starts from and what it does besides text to image. Noise is drawn in diffusers'
+        order: the image's latent sample, the initial noise, then the masked image's latent sample."""
+        init, shape, sigma = request.init, self._latent_shape(request), np.float32(request.schedule.init_noise_sigma)
+        if init is None:
+            latents = request.latents if request.latents is not None else noise_source.draw(shape)
+            return (latents * sigma).astype(np.float32), TEXT_TO_IMAGE  # (BN, C, H/f, W/f)
+        # An inpainting U-Net started from pure noise (strength 1) never sees the unmasked image's latents.
+        image_latents = None
+        if init.mask is None or not self._unet_takes_mask or init.strength < 1.0:
+            image_latents = np.repeat(self.encode_image(init.pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
+        noise = noise_source.draw(shape)  # (BN, C, h, w)
+        if init.mask is not None and init.strength == 1.0:
+            latents = (noise * sigma).astype(np.float32)  # as text to image: the image enters through the mask
+        else:
+            latents = request.scheduler.add_noise(request.schedule, image_latents, noise, 0)  # (BN, C, h, w)
+        if init.mask is None:
+            return latents, TEXT_TO_IMAGE
+        mask = np.repeat(latent_mask(init.mask, self.vae_scale_factor), request.num_images, axis=0)  # (BN, 1, h, w)
+        if not self._unet_takes_mask:
+            return latents, KnownRegionBlend(request.scheduler, request.schedule, image_latents, noise, mask)
+        masked_pixels = (init.pixels * (init.mask < MASK_THRESHOLD)).astype(np.float32)  # (1, 3, H, W), repainted part 0
+        masked_latents = np.repeat(self.encode_image(masked_pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
+        copies = 2 if request.do_classifier_free_guidance else 1  # [uncond; cond], as the context
+        return latents, MaskChannels(np.concatenate([mask] * copies), np.concatenate([masked_latents] * copies))
+
+    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
+                 noise_source: RequestNoise, timings: dict[str, float]) -> np.ndarray:
         state, scheduler = request.schedule, request.scheduler
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             # Same batch order as the context: [uncond; cond].
             model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
-            model_input = scheduler.scale_model_input(state, model_input, step_index)
+            model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
                 noise_pred = self.backend.run(
@@ -307,9 +419,10 @@ class StableDiffusionPipeline:
             if guided:
                 noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
                 noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
-            # Stochastic samplers draw their step noise from the request's generator, after the initial latents.
-            step_noise = rng.standard_normal(latents.shape, dtype=np.float32) if scheduler.needs_noise else None
+            # Stochastic samplers draw their step noise from the request's generator, after every other draw.
+            step_noise = noise_source.draw(latents.shape) if scheduler.needs_noise else None
             latents, state = scheduler.step(state, noise_pred, step_index, latents, step_noise)
+            latents = hooks.after_step(latents, step_index)
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -333,28 +446,89 @@ class StableDiffusionPipeline:
         return_safety_scores: bool = False,
         scheduler: str | None = None,
         prompt_options: PromptOptions = PromptOptions(),
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
+
         `scheduler` names the sampler (one of sdrt.engine.schedulers.SCHEDULER_NAMES: "pndm", "ddim", "euler",
         "euler_a", "dpm++2m", "dpm++2m-karras", "lms", ...); None or "default" runs the checkpoint's own. Stochastic
-        samplers (euler_a) draw their step noise from the same numpy Generator seeded with `seed`, after the initial
-        latents (or first, when `latents` is given): the same seed gives the same image.
+        samplers (euler_a) draw their step noise from the same numpy Generator seeded with `seed`, after every other
+        draw of the request (initial latents, VAE samples): the same seed gives the same image.
         `prompt_options`: `PromptOptions(long_prompts=True)` encodes prompts longer than the text encoder's window in
         chunks, `PromptOptions(weighting=True)` reads `(word:1.3)`-style weights (sdrt.engine.prompts); the default
         reads prompts as diffusers does.
+        `image` (a PIL image, numpy array or file path; see sdrt.engine.image_inputs for conversions) makes it image
+        to image, as diffusers' StableDiffusionImg2ImgPipeline: the image is VAE-encoded, its latents sampled and
+        noised to the level of step `num_inference_steps - int(num_inference_steps * strength)`, and only the
+        remaining steps run (`strength`, default 0.8: 1 starts from the image fully noised, near 0 keeps it). It runs
+        at the image's size rounded down to multiples of the VAE scale factor unless `height`/`width` resize it.
+        With `mask_image` too (same size as `image`; white = repaint, black = keep, binarized at 0.5) it is
+        inpainting, as diffusers' StableDiffusionInpaintPipeline: `strength` defaults to 1.0 and the size to
+        `height`/`width` or the model's default. An inpainting U-Net (9 input channels) takes the mask and masked
+        image's latents as inputs; a standard one regenerates the masked region only, putting the image's (noised)
+        latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 height, width, seed, latents, output_type, scheduler, prompt_options)
+                                 height, width, seed, latents, output_type, scheduler, prompt_options, image, mask_image,
+                                 strength)
+        return self._run(request, return_safety_scores)
+
+    def outpaint(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        feather: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        strength: float = INPAINT_STRENGTH,
+        seed: int | None = None,
+        output_type: Literal["pil", "np"] = "pil",
+        return_safety_scores: bool = False,
+        scheduler: str | None = None,
+        prompt_options: PromptOptions = PromptOptions(),
+    ) -> PipelineOutput:
+        """Extend `image` by `left`, `right`, `top`, `bottom` pixels and fill the new margins for `prompt`.
+
+        The canvas is rounded up to multiples of the VAE scale factor (the extra pixels widen the right and bottom
+        margins, or the left and top ones when only those grow: sdrt.engine.outpaint); the margins start as the image's
+        edge pixels repeated outwards. The mask is 0 on the image and rises to 1 over a seam of `feather` pixels
+        outwards (default 4 latent pixels, capped at half the widest margin); with a standard U-Net the seam's
+        latents are a blend of the repeated edge and the generated ones at every step, so the new content grows out
+        of the image's border; an inpainting U-Net takes a hard mask. The result is the inpainted canvas with the
+        original pixels pasted back unchanged. The other arguments are those of `__call__`.
+        """
+        if output_type not in ("pil", "np"):
+            raise InvalidArgumentError("output_type", f"outpainting returns images: must be 'pil' or 'np', got {output_type!r}")
+        original = load_image(image, "image")
+        canvas = plan_canvas(original.size, left, right, top, bottom, self.vae_scale_factor, self.manifest.model.max_image_size)
+        seam = seam_width(canvas, feather, self.vae_scale_factor)
+        mask = feathered_mask(canvas, 0 if self._unet_takes_mask else seam)  # (H, W)
+        request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                 canvas.height, canvas.width, seed, None, output_type, scheduler, prompt_options,
+                                 grow(original, canvas), mask, strength, binarize_mask=False)
+        finish = functools.partial(paste_original, original=original, canvas=canvas)
+        return self._run(dataclasses.replace(request, finish=finish), return_safety_scores)
+
+    def _run(self, request: _Request, return_safety_scores: bool) -> PipelineOutput:
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
-        rng = np.random.default_rng(request.seed)
+        noise_source = RequestNoise(request.seed)
+        latents, hooks = self._initial_latents(request, noise_source, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, self._initial_latents(request, rng), rng, timings)
+            latents = self._denoise(request, context, latents, hooks, noise_source, timings)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         timings["unet_calls"] = len(request.schedule.timesteps)
         if request.output_type == "latent":
@@ -362,6 +536,8 @@ class StableDiffusionPipeline:
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings)
         with _timed(timings, "decode"):
             images = self.decode(latents)  # (N, H, W, 3)
+        if request.finish is not None:
+            images = request.finish(images)  # (N, H, W, 3)
         # The checker sees the 8-bit images, as diffusers' feature extractor does.
         pil_images = to_pil(images) if request.output_type == "pil" or self.safety_checker is not None else []
         scores = None

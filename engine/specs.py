@@ -69,6 +69,8 @@ SPECS: dict[Component, ComponentSpec] = {
     Component.UNET: ComponentSpec(
         Component.UNET,
         inputs=(
+            # An inpainting U-Net's sample has 2 * latent_channels + 1 channels (latents, mask, masked-image latents):
+            # fixed axes are recorded in the manifest as the exported graph declares them, and model.unet_in_channels.
             TensorSpec("sample", "float32", _LATENT),
             # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
             TensorSpec("timestep", "float32", ("batch",)),

@@ -149,6 +149,7 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
         sample_size=int(source.unet_config["sample_size"]),
         text_hidden_size=source.text_hidden_size,
         max_image_size=max_image_size,
+        unet_in_channels=source.unet_in_channels,
     )
 
 

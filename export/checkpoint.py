@@ -59,6 +59,11 @@ class SourceCheckpoint:
         return int(self.vae_config.get("latent_channels", 4))
 
     @property
+    def unet_in_channels(self) -> int:
+        """The U-Net's input channels: the latent channels, or 2 * latent + 1 for an inpainting U-Net (checked at load)."""
+        return int(self.unet_config.get("in_channels", self.latent_channels))
+
+    @property
     def text_hidden_size(self) -> int:
         return int(self.text_encoder_config["hidden_size"])
 
@@ -133,5 +138,10 @@ def load_checkpoint(path: str | Path) -> SourceCheckpoint:
         raise CheckpointError(
             f"{path}: the U-Net's cross_attention_dim ({cross_attention_dim}) differs from the text encoder's "
             f"hidden_size ({checkpoint.text_hidden_size})"
+        )
+    if checkpoint.unet_in_channels not in (checkpoint.latent_channels, 2 * checkpoint.latent_channels + 1):
+        raise CheckpointError(
+            f"{path}: the U-Net takes {checkpoint.unet_in_channels} input channels; a Stable Diffusion U-Net takes the "
+            f"VAE's {checkpoint.latent_channels} latent channels, or {2 * checkpoint.latent_channels + 1} for inpainting"
         )
     return checkpoint

@@ -90,6 +90,13 @@ class CheckpointArch:
     norm_num_groups: int
     pad_token: str
     safety_checker: SafetyCheckerArch | None
+    #: True: an inpainting U-Net, which takes the mask and the masked image's latents besides the latents
+    #: (2 * latent_channels + 1 input channels, as SD inpainting checkpoints)
+    unet_inpainting: bool = False
+
+    @property
+    def unet_in_channels(self) -> int:
+        return 2 * self.latent_channels + 1 if self.unet_inpainting else self.latent_channels
 
 
 ARCHES: dict[str, CheckpointArch] = {
@@ -178,11 +185,15 @@ ARCHES: dict[str, CheckpointArch] = {
 }
 
 
+# "tiny" with an inpainting U-Net (9 input channels), as SD inpainting checkpoints have.
+ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=True)
+
+
 def _unet(arch: CheckpointArch) -> UNet2DConditionModel:
     depth = len(arch.unet_block_out_channels)
     return UNet2DConditionModel(
         sample_size=arch.unet_sample_size,
-        in_channels=arch.latent_channels,
+        in_channels=arch.unet_in_channels,
         out_channels=arch.latent_channels,
         block_out_channels=arch.unet_block_out_channels,
         layers_per_block=arch.unet_layers_per_block,

@@ -103,8 +103,9 @@ def probe_inputs(
         vocab = int(checkpoint.text_encoder_config["vocab_size"])
         return {"input_ids": rng.integers(0, vocab, size=(batch, checkpoint.text_max_length), dtype=np.int32)}  # (B, 77)
     if component is Component.UNET:
+        unet_shape = (batch, checkpoint.unet_in_channels, latent_h, latent_w)
         return {
-            "sample": rng.standard_normal(latent_shape, dtype=np.float32),  # (B, C, h, w)
+            "sample": rng.standard_normal(unet_shape, dtype=np.float32),  # (B, C or 2C + 1 for inpainting, h, w)
             "timestep": rng.integers(0, 1000, size=(batch,)).astype(np.float32),  # (B,)
             "encoder_hidden_states": rng.standard_normal(
                 (batch, context_windows * checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32
