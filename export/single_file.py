@@ -60,8 +60,8 @@ def _read_ckpt(path: Path) -> Any:
             "only with torch's weights-only loader, which runs no code from the file; use the model's .safetensors "
             "release, or convert the file with a tool you trust"
         ) from exc
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read as a torch .ckpt file: {exc}") from exc
+    except Exception as exc:  # a malformed pickle raises anything from KeyError to struct.error
+        raise CheckpointError(f"{path}: cannot read as a torch .ckpt file: {type(exc).__name__}: {exc}") from exc
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
