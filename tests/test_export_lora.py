@@ -5,6 +5,7 @@ nothing behind."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import sdrt.engine
 from sdrt.engine.cli import main
 from sdrt.engine.errors import InvalidArgumentError, LoraError, UnknownLoraKeysError
-from sdrt.engine.manifest import FusedLoraEntry
+from sdrt.engine.manifest import MANIFEST_NAME, FusedLoraEntry, read_manifest
 from sdrt.export import bundle as bundle_module
 from sdrt.export import export_bundle
 from sdrt.export.lora_fusion import LoraSpec
@@ -70,6 +71,16 @@ def test_a_fused_lora_draws_what_the_runtime_lora_and_diffusers_draw(tiny_checkp
     manifest = _pipe(fused).manifest
     assert manifest.loras == (FusedLoraEntry(file="style.safetensors", sha256=_sha256(lora), scale=0.8),)
     assert manifest.source_sha256 is None  # a directory, not a single file
+
+
+def test_manifests_without_the_new_fields_read_as_before(tiny_bundle: Path, tmp_path: Path) -> None:
+    data = json.loads((tiny_bundle / MANIFEST_NAME).read_text())
+    assert data["loras"] == [] and data["source_sha256"] is None
+    del data["loras"], data["source_sha256"]  # as an sdrt before single files and fused LoRAs wrote it
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    manifest = read_manifest(tmp_path)
+    assert manifest.loras == () and manifest.source_sha256 is None
+    assert manifest.components == read_manifest(tiny_bundle).components
 
 
 def test_several_loras_add_up(tiny_checkpoint: Path, tmp_path: Path) -> None:

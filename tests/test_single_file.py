@@ -17,7 +17,7 @@ from sdrt.engine.cli import main
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.export import CheckpointError, export_bundle
 from sdrt.export.checkpoints import ARCHES, write_config_directory
-from sdrt.export.single_file import detect_arch
+from sdrt.export.single_file import convert_single_file, detect_arch, open_single_file
 from tests.ldm_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm, write_single_file
 from tests.test_parity import MAX_PIXEL_DIFF
 
@@ -62,6 +62,22 @@ def test_a_single_file_exports_to_the_bundle_of_its_diffusers_directory(
     assert manifest.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert np.abs(_images(out) - _images(tiny_bundle)).max() <= MAX_PIXEL_DIFF
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the converted checkpoint is gone
+
+
+def test_configs_written_from_an_arch_read_its_single_files(single_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The default path without a full-size file: configs written from the `tiny` CheckpointArch, as those of `sd15`
+    are for SD 1.5 files, convert the tiny file back into exactly the checkpoint it came from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    configs = write_config_directory("tiny", tmp_path / "configs")
+    converted = convert_single_file(open_single_file(single_files[".ckpt"], configs, tmp_path), tmp_path / "converted")
+    for model_class, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        actual = model_class.from_pretrained(converted / folder).state_dict()
+        expected = model_class.from_pretrained(tiny_checkpoint / folder).state_dict()
+        assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected), folder
+    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
+        assert (converted / name).read_text() == (tiny_checkpoint / name).read_text(), name
 
 
 def test_a_malicious_ckpt_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
