@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
 from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision
 from sdrt.engine.version import SDRT_VERSION
+
+if TYPE_CHECKING:
+    from sdrt.export.lora_fusion import LoraSpec
 
 logger = logging.getLogger("sdrt")
 
@@ -150,7 +153,7 @@ def _fp16_components(text: str) -> tuple[Component, ...]:
     return tuple(Component(name) for name in names)
 
 
-def _lora_spec(text: str):
+def _lora_spec(text: str) -> LoraSpec:
     """`--lora FILE[:SCALE]`."""
     from sdrt.export.lora_fusion import LoraSpec  # no torch: `sdrt --help` runs without the export extra
 

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from sdrt.export.checkpoints import ARCHES, SD15_SCHEDULER_CONFIG, Models, save_checkpoint, write_config_directory
+from sdrt.export.checkpoints import (
+    ARCHES,
+    CLIP_VOCAB_SIZE,
+    SD15_SCHEDULER_CONFIG,
+    CheckpointArch,
+    Models,
+    save_checkpoint,
+    write_config_directory,
+)
 from sdrt.export.clip_vocab import EOS_TOKEN
 from sdrt.export.errors import CheckpointError
 
@@ -36,13 +44,18 @@ _OTHER_FAMILIES = {
     "cond_stage_model.model.": "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder under cond_stage_model.model)",
 }
 _PARTS = {UNET_PREFIX: "U-Net", VAE_PREFIX: "VAE", TEXT_ENCODER_PREFIX: "CLIP text encoder"}
-# SD 1.x's sizes, as the file shows them: the U-Net's first conv and the text encoder's token embedding.
-_SD1_KEYS = {
-    "sd15": {
-        f"{UNET_PREFIX}input_blocks.0.0.weight": (320, 4, 3, 3),  # (C0, latent channels, 3, 3)
-        f"{TEXT_ENCODER_PREFIX}text_model.embeddings.token_embedding.weight": (49408, 768),  # (vocab, hidden)
-    },
-}
+# The architectures (export/checkpoints.ARCHES) that single files are recognised as, and so read without configs given.
+SINGLE_FILE_ARCHES = ("sd15",)
+_UNET_IN_KEY = f"{UNET_PREFIX}input_blocks.0.0.weight"
+_TOKEN_EMBEDDING_KEY = f"{TEXT_ENCODER_PREFIX}text_model.embeddings.token_embedding.weight"
+
+
+def _signature(arch: CheckpointArch) -> dict[str, tuple[int, ...]]:
+    """The shapes by which a file shows its architecture: the U-Net's first conv and the token embedding."""
+    return {
+        _UNET_IN_KEY: (arch.unet_block_out_channels[0], arch.latent_channels, 3, 3),  # (C0, latent channels, 3, 3)
+        _TOKEN_EMBEDDING_KEY: (CLIP_VOCAB_SIZE, arch.text_hidden_size),  # (vocab, hidden)
+    }
 
 
 def is_single_file(path: Path) -> bool:
@@ -93,10 +106,10 @@ def detect_arch(state_dict: dict[str, torch.Tensor], path: Path) -> str:
             raise CheckpointError(f"{path} is {family}: sdrt exports single files of Stable Diffusion 1.x only "
                                   "(other models: export their diffusers directory)")
     check_layout(state_dict, path)
-    for arch, keys in _SD1_KEYS.items():
-        if all(key in state_dict and tuple(state_dict[key].shape) == shape for key, shape in keys.items()):
+    for arch in SINGLE_FILE_ARCHES:
+        if all(key in state_dict and tuple(state_dict[key].shape) == shape for key, shape in _signature(ARCHES[arch]).items()):
             return arch
-    found = {key: tuple(state_dict[key].shape) if key in state_dict else None for key in _SD1_KEYS["sd15"]}
+    found = {key: tuple(state_dict[key].shape) if key in state_dict else None for key in (_UNET_IN_KEY, _TOKEN_EMBEDDING_KEY)}
     raise CheckpointError(f"{path} has the SD 1.x layout but not SD 1.x's sizes ({found}): pass the directory of its "
                           "diffusers configs (CLI: --config DIR)")
 
