@@ -189,8 +189,8 @@ def export_bundle(
 
     `checkpoint` is a diffusers checkpoint directory, or a single-file SD 1.x checkpoint (`.safetensors`, or `.ckpt`
     read with torch's weights-only loader only) in the original LDM layout, as model sites share them. A single file
-    is read with the configs of its detected architecture, shipped with sdrt, or with those in `config` (a diffusers
-    checkpoint or config directory: unet/, vae/, text_encoder/); the manifest records its sha256.
+    is read offline, with the configs sdrt writes for its detected architecture (export/checkpoints.py) or those in
+    `config` (a diffusers checkpoint or config directory: unet/, vae/, text_encoder/); the manifest records its sha256.
 
     `loras` are fused into the U-Net and text-encoder weights, each's deltas times its scale, summed; the manifest
     records each file's name, sha256 and scale. Every LoRA is read and checked before any export work.

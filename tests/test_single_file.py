@@ -80,6 +80,17 @@ def test_configs_written_from_an_arch_read_its_single_files(single_files: dict[s
         assert (converted / name).read_text() == (tiny_checkpoint / name).read_text(), name
 
 
+def test_fp16_files_as_model_sites_share_them_convert_to_fp32(single_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    half = _save(tmp_path, "half.safetensors", {k: v.half() for k, v in load_file(str(single_files[".safetensors"])).items()})
+    converted = convert_single_file(open_single_file(half, tiny_checkpoint, tmp_path), tmp_path / "converted")
+    actual = UNet2DConditionModel.from_pretrained(converted / "unet").state_dict()
+    expected = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet").state_dict()
+    assert all(actual[k].dtype == torch.float32 and torch.equal(actual[k], expected[k].half().float()) for k in expected)
+
+
 def test_a_malicious_ckpt_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 
