@@ -40,6 +40,7 @@ from sdrt.export.checkpoint import (
     TOKENIZER_FILES,
     SourceCheckpoint,
     load_checkpoint,
+    pad_token_of,
 )
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
@@ -168,10 +169,7 @@ def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
         if (source.path / name).is_file():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.path / name, staging / name)
-    pad_token = source.tokenizer_config.get("pad_token", "<|endoftext|>")
-    if isinstance(pad_token, dict):  # some configs store AddedToken objects
-        pad_token = pad_token["content"]
-    return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token)
+    return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token_of(source.tokenizer_config))
 
 
 def export_bundle(

@@ -99,6 +99,14 @@ class SourceCheckpoint:
         return model
 
 
+def pad_token_of(tokenizer_config: dict[str, Any]) -> str:
+    """The pad token a tokenizer_config.json names ("<|endoftext|>" when it names none)."""
+    pad_token = tokenizer_config.get("pad_token", "<|endoftext|>")
+    if isinstance(pad_token, dict):  # some configs store AddedToken objects
+        pad_token = pad_token["content"]
+    return pad_token
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

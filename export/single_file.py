@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sdrt.export.checkpoint import pad_token_of
 from sdrt.export.checkpoints import (
     ARCHES,
     CLIP_VOCAB_SIZE,
@@ -29,7 +30,6 @@ from sdrt.export.checkpoints import (
     save_checkpoint,
     write_config_directory,
 )
-from sdrt.export.clip_vocab import EOS_TOKEN
 from sdrt.export.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,6 @@ def detect_arch(state_dict: dict[str, torch.Tensor], path: Path) -> str:
     """The name (in export/checkpoints.ARCHES) of the architecture whose configs fit this SD 1.x state dict. Raise
     CheckpointError for other model families (SDXL, SD 2.x, ...), missing parts, or SD 1.x layouts of other sizes
     (which need their configs given)."""
-    for prefix, family in _OTHER_FAMILIES.items():
-        if any(key.startswith(prefix) for key in state_dict):
-            raise CheckpointError(f"{path} is {family}: sdrt exports single files of Stable Diffusion 1.x only "
-                                  "(other models: export their diffusers directory)")
     check_layout(state_dict, path)
     for arch in SINGLE_FILE_ARCHES:
         if all(key in state_dict and tuple(state_dict[key].shape) == shape for key, shape in _signature(ARCHES[arch]).items()):
@@ -115,7 +111,12 @@ def detect_arch(state_dict: dict[str, torch.Tensor], path: Path) -> str:
 
 
 def check_layout(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise CheckpointError unless the state dict holds a U-Net, VAE and CLIP text encoder in the LDM layout."""
+    """Raise CheckpointError unless the state dict holds a U-Net, VAE and CLIP text encoder in SD 1.x's LDM layout,
+    naming the model family when its keys show another one (SDXL, SD 2.x)."""
+    for prefix, family in _OTHER_FAMILIES.items():
+        if any(key.startswith(prefix) for key in state_dict):
+            raise CheckpointError(f"{path} is {family}: sdrt exports single files of Stable Diffusion 1.x only "
+                                  "(other models: export their diffusers directory)")
     missing = [f"{name} ({prefix}*)" for prefix, name in _PARTS.items() if not any(k.startswith(prefix) for k in state_dict)]
     if missing:
         raise CheckpointError(f"{path} is not a Stable Diffusion 1.x checkpoint in the original (LDM) layout: "
@@ -189,10 +190,7 @@ def convert_single_file(single: SingleFile, out_dir: Path) -> Path:
     """Write `single` as a diffusers checkpoint directory at `out_dir` (fp32, laid out as export/checkpoints.py
     writes checkpoints); return its path."""
     models = _load_models(single)
-    tokenizer_config = _read_config(single.config_dir / "tokenizer/tokenizer_config.json", {})
-    pad_token = tokenizer_config.get("pad_token", EOS_TOKEN)
-    if isinstance(pad_token, dict):  # some configs store AddedToken objects
-        pad_token = pad_token["content"]
+    pad_token = pad_token_of(_read_config(single.config_dir / "tokenizer/tokenizer_config.json", {}))
     scheduler_config = _read_config(single.config_dir / "scheduler/scheduler_config.json", SD15_SCHEDULER_CONFIG)
     save_checkpoint(out_dir, models, pad_token=pad_token, scheduler_config=scheduler_config)
     logger.info("%s converted to a diffusers checkpoint at %s", single.path, out_dir)

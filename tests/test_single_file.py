@@ -118,6 +118,8 @@ def test_other_families_and_malformed_files_are_refused_by_name(single_files: di
                                                 "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1280)})
     with pytest.raises(CheckpointError, match="sdxl.safetensors is an SDXL checkpoint"):
         export_bundle(sdxl, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="sdxl.safetensors is an SDXL checkpoint"):  # configs given or not
+        export_bundle(sdxl, tmp_path / "out", config=single_files[".safetensors"].parent)
     sd2 = _save(tmp_path, "sd2.safetensors", {"cond_stage_model.model.token_embedding.weight": torch.zeros(8, 4)})
     with pytest.raises(CheckpointError, match="Stable Diffusion 2.x"):
         export_bundle(sd2, tmp_path / "out")
