@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
 from sdrt.engine.tensorrt.profile import PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes
 from sdrt.engine.version import SDRT_VERSION
+
+if TYPE_CHECKING:
+    from sdrt.export.lora_fusion import LoraSpec
 
 logger = logging.getLogger("sdrt")
 
@@ -196,7 +199,8 @@ def _export(args: argparse.Namespace) -> int:
         given = [flag for flag, value in _engine_flags(args).items() if value]
         if given:
             raise _UsageError(f"{', '.join(given)}: engine options need --tensorrt")
-    bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or ())
+    bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or (),
+                                  loras=args.lora, config=args.config)
     print(bundle)
     if args.tensorrt:
         print(_build_engines_for(bundle, args))
@@ -210,6 +214,16 @@ def _fp16_components(text: str) -> tuple[Component, ...]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown component(s) {unknown}; choose from {','.join(c.value for c in Component)}")
     return tuple(Component(name) for name in names)
+
+
+def _lora_spec(text: str) -> LoraSpec:
+    """`--lora FILE[:SCALE]`."""
+    from sdrt.export.lora_fusion import LoraSpec  # no torch: `sdrt --help` runs without the export extra
+
+    try:
+        return LoraSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _axis_range(text: str) -> AxisRange:
@@ -407,10 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generation_arguments(commands.add_parser(command, help=summary, description=description + " BUNDLE "
                                                       "defaults to the embedded default model."), command)
 
-    export = commands.add_parser("export", help="diffusers checkpoint -> sdrt bundle (export extra)")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("out_dir", type=Path)
+    export = commands.add_parser("export", help="diffusers checkpoint -> sdrt bundle (export extra)", description=(
+        "Export CHECKPOINT to an sdrt bundle in OUT_DIR. CHECKPOINT is a diffusers checkpoint directory, or a "
+        "single-file Stable Diffusion 1.x checkpoint (.safetensors, or .ckpt: read with torch's weights-only loader "
+        "only, never unpickled otherwise) in the original LDM layout, as model sites share them; it is read offline "
+        "with the configs sdrt ships for its architecture, or with --config DIR."))
+    export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    export.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
+                        help="fuse this LoRA .safetensors (diffusers/PEFT or kohya keys) into the U-Net and text "
+                        "encoder, its deltas times SCALE (default 1.0); repeat for several, which add up. Checked "
+                        "before exporting; recorded in the manifest")
+    export.add_argument("--config", type=Path, default=None, metavar="DIR",
+                        help="single-file CHECKPOINT only: the diffusers configs to read it with (a diffusers "
+                        "checkpoint or config directory: unet/, vae/, text_encoder/; scheduler/ and tokenizer/ "
+                        "optional), for SD 1.x layouts of other sizes; default: those of the detected architecture")
     export.add_argument("--fp16-onnx", nargs="?", type=_fp16_components, const=FP16_DEFAULT_COMPONENTS, default=None,
                         metavar="COMPONENTS", help="also write fp16 variants (fp32 inputs and outputs) for --backend "
                         f"cuda-fp16: of {' and '.join(c.value for c in FP16_DEFAULT_COMPONENTS)}, or of the "

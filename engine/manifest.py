@@ -98,6 +98,15 @@ class FileEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedLoraEntry:
+    """A LoRA file fused into the bundle's U-Net and text-encoder weights at export (`sdrt export --lora FILE:SCALE`)."""
+
+    file: str  # the file's name
+    sha256: str
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     format_version: int
     sdrt_version: str
@@ -108,6 +117,10 @@ class Manifest:
     safety_checker: SafetyCheckerConfig | None  # None: exported from a checkpoint without one
     components: dict[Component, ComponentEntry]
     files: dict[str, FileEntry]  # every file of the bundle but the manifest itself
+    # sha256 of a single-file checkpoint (.safetensors / .ckpt); None for a diffusers directory, and in bundles
+    # exported before single files were read (the same format)
+    source_sha256: str | None = None
+    loras: tuple[FusedLoraEntry, ...] = ()  # fused at export, in the order given; absent from older bundles: none
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -199,6 +212,8 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             safety_checker=SafetyCheckerConfig(**data["safety_checker"]) if data["safety_checker"] is not None else None,
             components=components,
             files={name: FileEntry(**entry) for name, entry in data["files"].items()},
+            source_sha256=data.get("source_sha256"),
+            loras=tuple(FusedLoraEntry(**entry) for entry in data.get("loras", ())),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, BundleError):

@@ -1,10 +1,13 @@
-"""Export a diffusers checkpoint to a self-contained sdrt bundle: ONNX models, tokenizer, scheduler, manifest."""
+"""Export a diffusers checkpoint (or a single-file one, converted first) to a self-contained sdrt bundle: ONNX models,
+tokenizer, scheduler, manifest; LoRA files fused into its weights on the way."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,14 @@ from sdrt.engine.manifest import (
     FORMAT_VERSION,
     ComponentEntry,
     Fp16Entry,
+    FusedLoraEntry,
     Manifest,
     ModelConfig,
     SafetyCheckerConfig,
     TensorEntry,
     TokenizerConfig,
     describe_files,
+    sha256_file,
 )
 from sdrt.engine.refit_map import REFITTABLE_COMPONENTS, refit_map_file, write_refit_map
 from sdrt.engine.specs import SPECS, Component
@@ -35,12 +40,15 @@ from sdrt.export.checkpoint import (
     TOKENIZER_FILES,
     SourceCheckpoint,
     load_checkpoint,
+    pad_token_of,
 )
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx
+from sdrt.export.lora_fusion import LoraSpec, fused_deltas
 from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
 from sdrt.export.refit_map import match_refit_map, parameter_fingerprints
+from sdrt.export.single_file import convert_single_file, is_single_file, open_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +170,7 @@ def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
         if (source.path / name).is_file():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.path / name, staging / name)
-    pad_token = source.tokenizer_config.get("pad_token", "<|endoftext|>")
-    if isinstance(pad_token, dict):  # some configs store AddedToken objects
-        pad_token = pad_token["content"]
-    return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token)
+    return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token_of(source.tokenizer_config))
 
 
 def export_bundle(
@@ -176,8 +181,18 @@ def export_bundle(
     opset: int = OPSET,
     max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
     fp16_components: Collection[Component | str] = (),
+    loras: Sequence[LoraSpec] = (),
+    config: str | Path | None = None,
 ) -> Path:
-    """Export the diffusers checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
+    """Export the checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
+
+    `checkpoint` is a diffusers checkpoint directory, or a single-file SD 1.x checkpoint (`.safetensors`, or `.ckpt`
+    read with torch's weights-only loader only) in the original LDM layout, as model sites share them. A single file
+    is read offline, with the configs sdrt writes for its detected architecture (export/checkpoints.py) or those in
+    `config` (a diffusers checkpoint or config directory: unet/, vae/, text_encoder/); the manifest records its sha256.
+
+    `loras` are fused into the U-Net and text-encoder weights, each's deltas times its scale, summed; the manifest
+    records each file's name, sha256 and scale. Every LoRA is read and checked before any export work.
 
     `fp16_components` (e.g. sdrt.engine.specs.FP16_DEFAULT_COMPONENTS: text encoder and U-Net) also get an fp16
     variant with fp32 inputs and outputs, for the "cuda-fp16" backend, validated against the fp32 model and recorded
@@ -190,13 +205,50 @@ def export_bundle(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it")
-    source = load_checkpoint(checkpoint)
-    fp16 = _fp16_components(fp16_components, source.components)
+    checkpoint = Path(checkpoint)
+    options = _ExportOptions(opset=opset, max_image_size=max_image_size, fp16_components=tuple(fp16_components), force=force)
+    if not is_single_file(checkpoint):
+        if config is not None:
+            raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
+        source = load_checkpoint(checkpoint)
+        deltas, fused = fused_deltas(loras, source.path)
+        return _export(dataclasses.replace(source, weight_deltas=deltas), out_dir, options, fused)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # the converted checkpoint (fp32: 4 GB for SD 1.5) goes beside the bundle, on the disk chosen for it
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.single-file-", dir=out_dir.parent) as workdir:
+        single = open_single_file(checkpoint.resolve(), Path(config).resolve() if config is not None else None, Path(workdir))
+        deltas, fused = fused_deltas(loras, single.config_dir)
+        source = load_checkpoint(convert_single_file(single, Path(workdir) / "checkpoint"))
+        del single  # the file's tensors: the converted checkpoint holds them now
+        gc.collect()
+        return _export(dataclasses.replace(source, weight_deltas=deltas), out_dir, options, fused,
+                       source_path=checkpoint.resolve(), source_sha256=sha256_file(checkpoint))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExportOptions:
+    opset: int
+    max_image_size: int
+    fp16_components: tuple[Component | str, ...]
+    force: bool
+
+
+def _export(
+    source: SourceCheckpoint,
+    out_dir: Path,
+    options: _ExportOptions,
+    loras: tuple[FusedLoraEntry, ...],
+    source_path: Path | None = None,
+    source_sha256: str | None = None,
+) -> Path:
+    """Export the checked `source` to `out_dir`; `source_path` (default: the checkpoint directory) is recorded as
+    where it came from."""
+    fp16 = _fp16_components(options.fp16_components, source.components)
     if source.safety_checker_config is None:
-        logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source.path)
-    with atomic_directory(out_dir, replace=force) as staging:
+        logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source_path or source.path)
+    with atomic_directory(out_dir, replace=options.force) as staging:
         components = {
-            component: _export_one(source, component, staging, opset, fp16=component in fp16)
+            component: _export_one(source, component, staging, options.opset, fp16=component in fp16)
             for component in tqdm(source.components, desc="export", unit="model")
         }
         tokenizer = _copy_configs(source, staging)
@@ -206,13 +258,15 @@ def export_bundle(
         Manifest(
             format_version=FORMAT_VERSION,
             sdrt_version=SDRT_VERSION,
-            source_checkpoint=str(source.path),
-            model=_model_config(source, max_image_size),
+            source_checkpoint=str(source_path or source.path),
+            model=_model_config(source, options.max_image_size),
             tokenizer=tokenizer,
             scheduler_config_file=SCHEDULER_CONFIG_FILE,
             safety_checker=safety,
             components=components,
             files=describe_files(staging),
+            source_sha256=source_sha256,
+            loras=loras,
         ).write(staging)
     logger.info("bundle written to %s", out_dir)
     return out_dir

@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sdrt.engine.specs import Component
 from sdrt.export.errors import CheckpointError
+from sdrt.export.lora_fusion import fuse_into
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class SourceCheckpoint:
     safety_checker_config: dict[str, Any] | None  # None: the checkpoint has no (complete) safety checker
     scheduler_config: dict[str, Any]
     tokenizer_config: dict[str, Any]
+    # LoRA deltas fused into the models as they load (export/lora_fusion.py): component -> parameter -> delta
+    weight_deltas: Mapping[Component, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -78,7 +83,7 @@ class SourceCheckpoint:
         return models + ((Component.SAFETY_CHECKER,) if self.safety_checker_config is not None else ())
 
     def load_model(self, component: Component) -> torch.nn.Module:
-        """The fp32 torch model behind `component`, freshly loaded on CPU in eval mode."""
+        """The fp32 torch model behind `component`, freshly loaded on CPU in eval mode, with `weight_deltas` added."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPTextModel
@@ -92,9 +97,19 @@ class SourceCheckpoint:
         }[component]
         folder = self.path / _MODEL_FOLDERS[component]
         try:
-            return model_class.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            model = model_class.from_pretrained(folder, torch_dtype=torch.float32).eval()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load {folder}: {exc}") from exc
+        fuse_into(model, self.weight_deltas.get(component, {}))
+        return model
+
+
+def pad_token_of(tokenizer_config: dict[str, Any]) -> str:
+    """The pad token a tokenizer_config.json names ("<|endoftext|>" when it names none)."""
+    pad_token = tokenizer_config.get("pad_token", "<|endoftext|>")
+    if isinstance(pad_token, dict):  # some configs store AddedToken objects
+        pad_token = pad_token["content"]
+    return pad_token
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -116,6 +131,9 @@ def _safety_checker_config(path: Path) -> dict[str, Any] | None:
 def load_checkpoint(path: str | Path) -> SourceCheckpoint:
     """Read and check the configs of the checkpoint at `path`; raise CheckpointError saying what is wrong."""
     path = Path(path).resolve()
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: sdrt exports diffusers checkpoint directories, and single-file "
+                              "checkpoints named .safetensors or .ckpt")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     missing = [name for name in _REQUIRED if not (path / name).is_file()]

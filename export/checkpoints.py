@@ -332,6 +332,26 @@ def save_checkpoint(
     return out_dir
 
 
+def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> Path:
+    """Write the configs of a checkpoint of `arch`, without weights: `unet/`, `vae/` and `text_encoder/config.json`,
+    the SD 1.5 scheduler and the CLIP tokenizer, laid out as in a diffusers checkpoint. The exporter reads single-file
+    checkpoints with them, offline, where diffusers would fetch the configs from the Hub.
+
+    The models are built on the meta device: their configs come from the same code as a random checkpoint's, and
+    no weights are allocated.
+    """
+    spec = ARCHES[arch] if isinstance(arch, str) else arch
+    out_dir = Path(out_dir)
+    with torch.device("meta"):
+        models = build_models(spec)
+    models.unet.save_config(out_dir / "unet")
+    models.vae.save_config(out_dir / "vae")
+    models.text_encoder.config.save_pretrained(out_dir / "text_encoder")
+    PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
+    write_clip_tokenizer(out_dir / "tokenizer", pad_token=spec.pad_token)
+    return out_dir
+
+
 def _declare_components(model_index_path: Path, with_safety_checker: bool) -> None:
     index = json.loads(model_index_path.read_text())
     index["tokenizer"] = ["transformers", "CLIPTokenizer"]

@@ -1,0 +1,177 @@
+"""Single-file checkpoints (`sdrt export model.safetensors|.ckpt OUT`): the tiny checkpoint written in the original
+LDM layout (tests/ldm_layout.py, checked against diffusers' own conversion) exports to a bundle that draws the same
+images as the bundle of the diffusers directory; a malicious .ckpt is refused without running its code; other model
+families and malformed files are refused by name; the configs shipped for SD 1.5 fit SD 1.5's LDM key layout."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sdrt.engine
+from sdrt.engine.cli import main
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.export import CheckpointError, export_bundle
+from sdrt.export.checkpoints import ARCHES, write_config_directory
+from sdrt.export.single_file import convert_single_file, detect_arch, open_single_file
+from tests.ldm_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm, write_single_file
+from tests.test_parity import MAX_PIXEL_DIFF
+
+ARGS = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=7.5, height=64, width=64)
+
+
+def _images(bundle: Path) -> np.ndarray:
+    pipe = sdrt.engine.load(bundle, backend="onnxruntime-cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    f = pipe.vae_scale_factor
+    latents = np.random.default_rng(7).standard_normal((1, pipe.manifest.model.latent_channels, 64 // f, 64 // f), dtype=np.float32)
+    return pipe(**ARGS, latents=latents, output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def single_files(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("single_files")
+    return {suffix: write_single_file(tiny_checkpoint, root / f"tiny{suffix}") for suffix in (".safetensors", ".ckpt")}
+
+
+def test_the_fixture_layout_is_the_one_diffusers_converts(single_files: dict[str, Path], tiny_checkpoint: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    for model_class, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+        converted = model_class.from_single_file(str(single_files[".safetensors"]), config=str(tiny_checkpoint), subfolder=folder,
+                                                 local_files_only=True).state_dict()
+        original = model_class.from_pretrained(tiny_checkpoint / folder).state_dict()
+        assert converted.keys() == original.keys()
+        assert all(torch.equal(converted[name], original[name]) for name in original), folder
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_single_file_exports_to_the_bundle_of_its_diffusers_directory(
+    single_files: dict[str, Path], tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, suffix: str
+) -> None:
+    path = single_files[suffix]
+    out = tmp_path / "bundle"
+    # the CLI, as users run it: the tiny arch's configs are the fixture checkpoint's own
+    assert main(["export", str(path), str(out), "--config", str(tiny_checkpoint)]) == 0
+    manifest = sdrt.engine.load(out, backend="onnxruntime-cpu", safety_checker=False).manifest
+    assert manifest.source_checkpoint == str(path.resolve())
+    assert manifest.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert np.abs(_images(out) - _images(tiny_bundle)).max() <= MAX_PIXEL_DIFF
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the converted checkpoint is gone
+
+
+def test_configs_written_from_an_arch_read_its_single_files(single_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The default path without a full-size file: configs written from the `tiny` CheckpointArch, as those of `sd15`
+    are for SD 1.5 files, convert the tiny file back into exactly the checkpoint it came from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    configs = write_config_directory("tiny", tmp_path / "configs")
+    converted = convert_single_file(open_single_file(single_files[".ckpt"], configs, tmp_path), tmp_path / "converted")
+    for model_class, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        actual = model_class.from_pretrained(converted / folder).state_dict()
+        expected = model_class.from_pretrained(tiny_checkpoint / folder).state_dict()
+        assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected), folder
+    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
+        assert (converted / name).read_text() == (tiny_checkpoint / name).read_text(), name
+
+
+def test_fp16_files_as_model_sites_share_them_convert_to_fp32(single_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    half = _save(tmp_path, "half.safetensors", {k: v.half() for k, v in load_file(str(single_files[".safetensors"])).items()})
+    converted = convert_single_file(open_single_file(half, tiny_checkpoint, tmp_path), tmp_path / "converted")
+    actual = UNet2DConditionModel.from_pretrained(converted / "unet").state_dict()
+    expected = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet").state_dict()
+    assert all(actual[k].dtype == torch.float32 and torch.equal(actual[k], expected[k].half().float()) for k in expected)
+
+
+def test_a_malicious_ckpt_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # what unpickling calls: here, code that writes the marker file
+            return (exec, (f"open({str(marker)!r}, 'w').write('code ran')",))
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.conv.weight": torch.zeros(1), "payload": Payload()}}, path)
+    with pytest.raises(CheckpointError, match=r"model\.ckpt: refused: .*weights-only loader, which runs no code"):
+        export_bundle(path, tmp_path / "bundle")
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]  # no bundle, no staging left
+    torch.load(path, weights_only=False)  # the file is armed: an unsafe load runs the payload
+    assert marker.read_text() == "code ran"
+
+
+def _save(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file(tensors, str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_other_families_and_malformed_files_are_refused_by_name(single_files: dict[str, Path], tmp_path: Path) -> None:
+    sdxl = _save(tmp_path, "sdxl.safetensors", {f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+                                                "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1280)})
+    with pytest.raises(CheckpointError, match="sdxl.safetensors is an SDXL checkpoint"):
+        export_bundle(sdxl, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="sdxl.safetensors is an SDXL checkpoint"):  # configs given or not
+        export_bundle(sdxl, tmp_path / "out", config=single_files[".safetensors"].parent)
+    sd2 = _save(tmp_path, "sd2.safetensors", {"cond_stage_model.model.token_embedding.weight": torch.zeros(8, 4)})
+    with pytest.raises(CheckpointError, match="Stable Diffusion 2.x"):
+        export_bundle(sd2, tmp_path / "out")
+    vae_only = _save(tmp_path, "vae.safetensors", {f"{VAE_PREFIX}encoder.conv_in.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"not a Stable Diffusion 1.x checkpoint .*no U-Net \(model\.diffusion_model\.\*\), CLIP text encoder"):
+        export_bundle(vae_only, tmp_path / "out")
+    # the tiny file has SD 1.x's layout but not its sizes: sdrt has no configs for it unless given
+    with pytest.raises(CheckpointError, match="not SD 1.x's sizes .*--config DIR"):
+        export_bundle(single_files[".safetensors"], tmp_path / "out")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(single_files[".safetensors"].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated.safetensors: cannot read as a .safetensors file"):
+        export_bundle(truncated, tmp_path / "out")
+    not_a_pickle = tmp_path / "text.ckpt"
+    not_a_pickle.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"text.ckpt: (refused|cannot read)"):
+        export_bundle(not_a_pickle, tmp_path / "out")
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.bin is a file: .*single-file checkpoints named .safetensors or .ckpt"):
+        export_bundle(other, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_applies_to_single_files_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="config: applies to single-file checkpoints"):
+        export_bundle(tiny_checkpoint, tmp_path / "out", config=tiny_checkpoint)
+
+
+def test_sd15_is_detected_and_its_shipped_configs_fit_sd15_files(tmp_path: Path) -> None:
+    """Without converting full-size weights: SD 1.5's LDM key names (built from the shipped configs on the meta
+    device, as SD 1.5 files name them) are all converted by diffusers, with these configs, into exactly the
+    parameters of the models they describe."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    configs = write_config_directory("sd15", tmp_path / "sd15")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # Stable Diffusion 1.5's U-Net
+    ldm = {**{UNET_PREFIX + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()},
+           **{VAE_PREFIX + k: v for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()}}
+    assert convert_ldm_unet_checkpoint(ldm, unet.config).keys() == unet.state_dict().keys()
+    assert convert_ldm_vae_checkpoint(ldm, vae.config).keys() == vae.state_dict().keys()
+
+    sd15 = ARCHES["sd15"]
+    shapes = {f"{UNET_PREFIX}input_blocks.0.0.weight": (sd15.unet_block_out_channels[0], sd15.latent_channels, 3, 3),
+              f"{TEXT_PREFIX}embeddings.token_embedding.weight": (49408, sd15.text_hidden_size),
+              f"{VAE_PREFIX}encoder.conv_in.weight": (sd15.vae_block_out_channels[0], 3, 3, 3)}
+    state_dict = {name: torch.zeros(1).expand(shape) for name, shape in shapes.items()}  # shapes without memory
+    assert detect_arch(state_dict, tmp_path / "sd15.safetensors") == "sd15"
+    state_dict[f"{UNET_PREFIX}input_blocks.0.0.weight"] = torch.zeros(1).expand(320, 9, 3, 3)  # an inpainting U-Net
+    with pytest.raises(CheckpointError, match="not SD 1.x's sizes"):
+        detect_arch(state_dict, tmp_path / "inpainting.safetensors")
