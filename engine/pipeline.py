@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,10 @@ from sdrt.engine.tokenizer import CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 OutputType = Literal["pil", "np", "latent"]
+#: diffusers' `callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict`: called after each denoising
+#: step with {"latents": ...}; a "latents" entry in the returned dict replaces them. Raising (e.g. GenerationCancelled)
+#: stops the generation between steps.
+StepEndCallback = Callable[["StableDiffusionPipeline", int, float, dict[str, np.ndarray]], dict[str, np.ndarray] | None]
 _OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -183,8 +187,17 @@ class StableDiffusionPipeline:
         return request
 
     def _latent_shape(self, request: _Request) -> tuple[int, int, int, int]:
+        return self.latent_shape(request.num_images, request.height, request.width)
+
+    def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The shape of the initial noise for `num_images` images of height x width pixels."""
         f = self.vae_scale_factor
-        return (request.num_images, self.manifest.model.latent_channels, request.height // f, request.width // f)
+        return (num_images, self.manifest.model.latent_channels, height // f, width // f)
+
+    def draw_noise(self, seed: int | None, num_images: int, height: int, width: int) -> np.ndarray:
+        """The initial noise a call with `seed` draws when given no `latents`: float32 (num_images, C, height/f,
+        width/f). Concatenating several requests' noise and passing it as `latents` gives each its own images."""
+        return np.random.default_rng(seed).standard_normal(self.latent_shape(num_images, height, width), dtype=np.float32)
 
     # ---- the chapter's steps -------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], timings: dict[str, float] | None = None) -> np.ndarray:
@@ -216,10 +229,11 @@ class StableDiffusionPipeline:
         if request.latents is not None:
             latents = request.latents
         else:
-            latents = np.random.default_rng(request.seed).standard_normal(self._latent_shape(request), dtype=np.float32)
+            latents = self.draw_noise(request.seed, request.num_images, request.height, request.width)
         return (latents * np.float32(self.scheduler.init_noise_sigma)).astype(np.float32)  # (BN, C, H/f, W/f)
 
-    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, timings: dict[str, float],
+                 callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state = request.schedule
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
@@ -235,6 +249,9 @@ class StableDiffusionPipeline:
                 noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
                 noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
             latents, state = self.scheduler.step(state, noise_pred, step_index, latents)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, step_index, float(timestep), {"latents": latents}) or {}
+                latents = outputs.get("latents", latents)
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -256,20 +273,25 @@ class StableDiffusionPipeline:
         latents: np.ndarray | None = None,
         output_type: OutputType = "pil",
         return_safety_scores: bool = False,
+        callback_on_step_end: StepEndCallback | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
+        `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
+        diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InvalidArgumentError("callback_on_step_end", f"must be callable or None, got {type(callback_on_step_end).__name__}")
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                                  height, width, seed, latents, output_type)
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, self._initial_latents(request), timings)
+            latents = self._denoise(request, context, self._initial_latents(request), timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         timings["unet_calls"] = len(request.schedule.timesteps)
         if request.output_type == "latent":

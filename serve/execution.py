@@ -1,0 +1,106 @@
+"""Run a micro-batch of compatible requests as one pipeline call: the function both servers (the local batcher and
+the Ray Serve replica) share.
+
+Each request's initial noise is drawn from its own seed exactly as a lone pipeline call draws it
+(`pipe.draw_noise`), and the noise of the batch is their concatenation, so a request's images do not depend on
+what it was batched with (on onnxruntime-cpu they are bit-identical: tests/test_serve.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from sdrt.engine import StableDiffusionPipeline
+from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
+from sdrt.engine.safety_checker import SafetyPolicy
+from sdrt.serve.schemas import GenerationParams
+
+#: the pipeline's parameter names -> the API's, so an error names what the client sent
+API_PARAMETER = {"height": "size", "width": "size", "num_images_per_prompt": "n", "latents": "size"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedImage:
+    """One image of a request: PNG bytes, or None when the safety checker (policy "block") withheld it."""
+
+    png: bytes | None
+    nsfw_content_detected: bool | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """`images[i]`: the i-th request's n images. `timings`: the pipeline's per-stage seconds for the whole batch."""
+
+    images: list[list[GeneratedImage]]
+    timings: dict[str, float]
+
+
+def accepts_scheduler(pipe: StableDiffusionPipeline) -> bool:
+    """Whether this runtime's pipeline takes a per-call `scheduler=` (otherwise requests may not name one)."""
+    return "scheduler" in inspect.signature(pipe.__call__).parameters
+
+
+def generate_batch(
+    pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams], should_stop: Callable[[], str | None] = lambda: None
+) -> BatchResult:
+    """Generate every request's images in one pipeline call. All requests must share one `batch_key`.
+
+    `should_stop()` is asked after each denoising step (once per step); a reason (not None) stops the batch there by raising
+    GenerationCancelled with it. InvalidArgumentError from the pipeline is raised with the API's parameter name.
+    """
+    first = requests[0]
+    if any(r.batch_key != first.batch_key for r in requests):
+        raise ValueError("generate_batch: requests of one batch must share their batch_key")
+    prompts = [r.prompt for r in requests for _ in range(r.n)]
+    # "" is what a missing negative prompt means (diffusers' unconditional input), so requests with and without one mix.
+    negatives = [r.negative_prompt or "" for r in requests for _ in range(r.n)]
+    latents = np.concatenate([pipe.draw_noise(r.seed, r.n, r.height, r.width) for r in requests])  # (sum n, C, h, w)
+
+    def on_step_end(_pipe, _step_index: int, _timestep: float, tensors: dict) -> dict:
+        reason = should_stop()
+        if reason is not None:
+            raise GenerationCancelled(reason)
+        return tensors
+
+    extra = {"scheduler": first.scheduler} if first.scheduler is not None else {}
+    try:
+        out = pipe(
+            prompts,
+            negative_prompt=negatives,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            height=first.height,
+            width=first.width,
+            latents=latents,
+            output_type="pil",
+            callback_on_step_end=on_step_end,
+            **extra,
+        )
+    except InvalidArgumentError as exc:
+        parameter = API_PARAMETER.get(exc.parameter, exc.parameter)
+        raise InvalidArgumentError(parameter, str(exc)) from exc
+    flags = out.nsfw_content_detected or [None] * len(out.images)
+    withhold = pipe.safety_policy is SafetyPolicy.BLOCK
+    images = [GeneratedImage(None if (nsfw and withhold) else _png(image), nsfw) for image, nsfw in zip(out.images, flags)]
+    per_request, start = [], 0
+    for r in requests:
+        per_request.append(images[start:start + r.n])
+        start += r.n
+    return BatchResult(per_request, dict(out.timings))
+
+
+def warm_up(pipe: StableDiffusionPipeline) -> None:
+    """One 1-step image at the model's default size, guided, so every model is loaded (and compiled) before the
+    server says it is ready."""
+    size = pipe.manifest.model.default_image_size
+    generate_batch(pipe, [GenerationParams("warm-up", None, 1, size, size, 1, 7.5, 0, None)])
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
