@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
-from sdrt.serve.execution import BatchResult, GeneratedImage
+from sdrt.engine.errors import GenerationCancelled
+from sdrt.serve.execution import BatchResult, GeneratedImage, answers_for, compatible_batch
 from sdrt.serve.metrics import ServeMetrics
 from sdrt.serve.schemas import GenerationParams
 
@@ -140,7 +140,7 @@ class Batcher:
             head = self._queue[0]
             flush_at = head.enqueued_at + self.config.max_wait_s
             while True:
-                batch = self._compatible_with(head)
+                batch = compatible_batch(list(self._queue), lambda job: job.params, self.config.max_batch_images)
                 remaining = flush_at - time.monotonic()
                 if self._closed or remaining <= 0 or sum(j.params.n for j in batch) >= self.config.max_batch_images:
                     break
@@ -151,16 +151,6 @@ class Batcher:
                 self._queue.remove(job)
             self._metrics.queue_depth.set(len(self._queue))
             return batch
-
-    def _compatible_with(self, head: Job) -> list[Job]:
-        """The head and the waiting requests that may join it, in arrival order, within the batch's image budget
-        (the head always runs, even alone over budget)."""
-        batch, images = [head], head.params.n
-        for job in list(self._queue)[1:]:
-            if job.params.batch_key == head.params.batch_key and images + job.params.n <= self.config.max_batch_images:
-                batch.append(job)
-                images += job.params.n
-        return batch
 
     def _run(self, jobs: list[Job]) -> None:
         wanted = []
@@ -183,36 +173,25 @@ class Batcher:
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.monotonic() - now)
 
     def _run_wanted(self, jobs: list[Job]) -> None:
-        def should_stop() -> str | None:
-            # asked once per denoising step: count the step, and stop only when no request of the batch is wanted
-            self._metrics.denoising_steps.inc()
-            reasons = [job.stop_reason() for job in jobs]
-            return None if None in reasons else reasons[0]
+        def run(batch: Sequence[Job]) -> list[list[GeneratedImage]]:
+            def should_stop() -> str | None:
+                # asked once per denoising step: count the step; stop only when no request of the batch is wanted
+                self._metrics.denoising_steps.inc()
+                reasons = [job.stop_reason() for job in batch]
+                return None if None in reasons else reasons[0]
 
-        try:
-            result = self._run_batch([job.params for job in jobs], should_stop)
-        except GenerationCancelled:
-            for job in jobs:
+            result = self._run_batch([job.params for job in batch], should_stop)
+            images = [image for request_images in result.images for image in request_images]
+            self._metrics.record_batch(len(images), sum(1 for image in images if image.png is None), result.timings)
+            return result.images
+
+        for job, answer in zip(jobs, answers_for(jobs, run)):
+            if isinstance(answer, GenerationCancelled):
                 job.future.set_exception(_stopped(job.stop_reason() or "cancelled"))
-            return
-        except InvalidArgumentError as exc:
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
-                return
-            # One request the pipeline refuses must not fail its batch partners: each runs again on its own.
-            logger.info("a batch of %d was refused (%s); running its requests one by one", len(jobs), exc)
-            for job in jobs:
-                self._run_wanted([job])
-            return
-        except Exception as exc:  # noqa: BLE001 - every waiting client gets the failure, the worker lives on
-            logger.exception("a batch of %d requests failed", len(jobs))
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
-        images: list[GeneratedImage] = [image for request_images in result.images for image in request_images]
-        self._metrics.record_batch(len(images), sum(1 for i in images if i.png is None), result.timings)
-        for job, request_images in zip(jobs, result.images):
-            job.future.set_result(request_images)
+            elif isinstance(answer, Exception):
+                job.future.set_exception(answer)
+            else:
+                job.future.set_result(answer)
 
 
 def _stopped(reason: str) -> GenerationCancelled:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,6 +21,10 @@ from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.serve.schemas import GenerationParams
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+A = TypeVar("A")
 #: the pipeline's parameter names -> the API's, so an error names what the client sent
 API_PARAMETER = {"height": "size", "width": "size", "num_images_per_prompt": "n", "latents": "size"}
 
@@ -37,6 +43,37 @@ class BatchResult:
 
     images: list[list[GeneratedImage]]
     timings: dict[str, float]
+
+
+def compatible_batch(items: Sequence[T], params_of: Callable[[T], GenerationParams], max_images: int) -> list[T]:
+    """The first item, and the later ones that may share its U-Net batch (same `batch_key`), in order, within
+    `max_images` images. The first always runs, even alone over the budget."""
+    head = params_of(items[0])
+    batch, images = [items[0]], head.n
+    for item in items[1:]:
+        params = params_of(item)
+        if params.batch_key == head.batch_key and images + params.n <= max_images:
+            batch.append(item)
+            images += params.n
+    return batch
+
+
+def answers_for(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[A]]) -> list[A | Exception]:
+    """`run(items)`'s answers, one per item, or the exception each item ends with. When the pipeline refuses the
+    batch (InvalidArgumentError: a size or step count it cannot take), each item runs again alone, so a bad request
+    fails alone instead of failing its batch partners; any other exception is every item's answer."""
+    try:
+        return list(run(items))
+    except InvalidArgumentError as exc:
+        if len(items) == 1:
+            return [exc]
+        logger.info("a batch of %d was refused (%s); running its requests one by one", len(items), exc)
+        return [answer for item in items for answer in answers_for([item], run)]
+    except GenerationCancelled as exc:
+        return [exc] * len(items)
+    except Exception as exc:  # noqa: BLE001 - every waiting client gets the failure; the server lives on
+        logger.exception("a batch of %d requests failed", len(items))
+        return [exc] * len(items)
 
 
 def accepts_scheduler(pipe: StableDiffusionPipeline) -> bool:
