@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=SafetyPolicy.BLOCK.value,
                        help="block: flagged images are withheld (b64_json null); flag: returned and flagged; off")
     serve.add_argument("--max-batch-images", type=_positive(int), default=8, help="images per U-Net batch (1: no batching)")
-    serve.add_argument("--max-wait-ms", type=_positive(float), default=50.0,
+    serve.add_argument("--max-wait-ms", type=float, default=50.0,
                        help="how long the oldest request waits for batch partners")
     serve.add_argument("--max-queue", type=_positive(int), default=64, help="waiting requests beyond which new ones get 429")
     serve.add_argument("--max-n", type=_positive(int), default=4, help="images per request")

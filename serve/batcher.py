@@ -10,18 +10,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sdrt.engine.errors import GenerationCancelled
+from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.serve.execution import BatchResult, GeneratedImage, answers_for, compatible_batch
 from sdrt.serve.metrics import ServeMetrics
 from sdrt.serve.schemas import GenerationParams
 
-logger = logging.getLogger(__name__)
 
 #: runs one batch: (requests, should_stop) -> their images (execution.generate_batch on a pipeline)
 BatchRunner = Callable[[Sequence[GenerationParams], Callable[[], str | None]], BatchResult]
@@ -52,6 +50,12 @@ class BatcherConfig:
     max_wait_s: float = 0.05
     max_queue: int = 64
 
+    def __post_init__(self) -> None:
+        for name, value, least in (("max_batch_images", self.max_batch_images, 1), ("max_queue", self.max_queue, 1),
+                                   ("max_wait_s", self.max_wait_s, 0)):
+            if not value >= least:
+                raise InvalidArgumentError(name, f"must be at least {least}, got {value!r}")
+
 
 @dataclasses.dataclass(eq=False)
 class Job:
@@ -79,8 +83,6 @@ class Batcher:
     """The queue and its worker thread. `submit` from any thread; `close` drains the queue and stops the worker."""
 
     def __init__(self, run_batch: BatchRunner, config: BatcherConfig, metrics: ServeMetrics) -> None:
-        if config.max_batch_images < 1 or config.max_queue < 1 or not config.max_wait_s >= 0:
-            raise ValueError(f"batcher limits must be positive, got {config}")
         self._run_batch = run_batch
         self.config = config
         self._metrics = metrics

@@ -192,7 +192,11 @@ def build_ray_app(config: ServeConfig, options: RayOptions):
         max_ongoing_requests=2 * config.batching.max_batch_images, max_queued_requests=config.batching.max_queue,
         **scaling,
     ).bind(str(config.bundle), config.backend, config.safety_checker, config.batching, config.warm_up)
-    return Ingress.bind(replica, config.app)
+    # Ray's default (5 ongoing requests per replica) would cap how many requests reach the pipeline replicas at
+    # once, and so the batches they can form: the ingress only awaits them.
+    ingress = Ingress.options(max_ongoing_requests=config.batching.max_queue + 2 * config.batching.max_batch_images
+                              * options.max_replicas)
+    return ingress.bind(replica, config.app)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})

@@ -26,7 +26,6 @@ pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sdrt.serve import AppSettings, BatcherConfig, Limits, create_app  # noqa: E402
-from sdrt.serve.metrics import ServeMetrics  # noqa: E402
 from sdrt.serve.schemas import GenerationParams  # noqa: E402
 from sdrt.serve.service import ClientDisconnectedError, LocalImageService  # noqa: E402
 
@@ -408,3 +407,16 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_bundle):
             server.kill()
         output = server.stdout.read().decode()
     assert "shutting down: finishing accepted requests" in output or "Shutting down" in output, output
+
+
+def test_cli_checks_serve_options_and_names_the_missing_extra(tiny_bundle, monkeypatch, capsys):
+    from sdrt.engine.cli import main
+
+    assert main(["serve", str(tiny_bundle), "--replicas", "2"]) == 2
+    assert "--replicas: Ray options need --ray" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bundle), "--max-queue", "0"]) == 2
+    assert "--max-queue" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "sdrt.serve", None)  # as if fastapi & co. were not installed
+    assert main(["serve", str(tiny_bundle)]) == 2
+    assert "pip install 'sdrt[serve]'" in capsys.readouterr().err
+
