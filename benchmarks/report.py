@@ -47,6 +47,8 @@ def markdown(results: dict[str, Any]) -> str:
         "- Cold start = process launch to first image (a 1-step generation at the benchmark's size), on a bundle whose caches "
         "were filled by one unmeasured run at the smallest size, as after a deployment's first load. PSNR: final images "
         "against sdrt's fp32 engine (sdrt-exact) on the same initial latents.",
+        "- Serving (`sdrt serve` under load, micro-batching on and off): [SERVING.md](SERVING.md), written by "
+        "`python -m sdrt.benchmarks.serve_load`.",
         "",
     ]
     header = ["engine", "backend", "e2e", "e2e p95", "images/s", "U-Net/call", "text enc.", "guidance+sched.",

@@ -8,6 +8,7 @@ from sdrt.engine.default_model import default_bundle_dir
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
+    GenerationCancelled,
     InvalidArgumentError,
     LoraError,
     NoRefitMapError,
@@ -29,6 +30,7 @@ __all__ = [
     "SdrtError",
     "InvalidArgumentError",
     "BundleError",
+    "GenerationCancelled",
     "BackendUnavailableError",
     "LoraError",
     "UnknownLoraKeysError",

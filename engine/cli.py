@@ -187,6 +187,67 @@ def _import_export_extra(command: str):
     return sdrt.export
 
 
+def _import_serve_extra(ray: bool):
+    extra = "ray" if ray else "serve"
+    try:
+        import sdrt.serve
+
+        if ray:
+            import sdrt.serve.ray_app
+    except ImportError as exc:
+        raise SdrtError(f"sdrt serve{' --ray' if ray else ''} needs the {extra} extra ({exc.name} is missing): "
+                        f"pip install 'sdrt[{extra}]'") from exc
+    return sdrt.serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    serve = _import_serve_extra(args.ray)
+    ray_only = [flag for flag, given in (("--ray-address", args.ray_address is not None),
+                                         ("--replicas", args.replicas is not None)) if given]
+    if ray_only and not args.ray:
+        raise _UsageError(f"{', '.join(ray_only)}: Ray options need --ray")
+    from sdrt.serve.server import api_key_from
+
+    config = serve.ServeConfig(
+        bundle=args.bundle, backend=args.backend, safety_checker=args.safety_checker, host=args.host, port=args.port,
+        batching=serve.BatcherConfig(max_batch_images=args.max_batch_images, max_wait_s=args.max_wait_ms / 1000,
+                                     max_queue=args.max_queue),
+        app=serve.AppSettings(limits=serve.Limits(max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes),
+                              request_timeout_s=args.request_timeout, api_key=api_key_from(args.api_key)),
+        warm_up=not args.no_warm_up, graceful_shutdown_s=args.graceful_shutdown,
+    )
+    if args.ray:
+        from sdrt.serve.ray_app import RayOptions, run_ray
+
+        replicas = args.replicas or (1, 1)
+        run_ray(config, RayOptions(address=args.ray_address, min_replicas=replicas[0], max_replicas=replicas[1],
+                                   replica_cpus=args.replica_cpus))
+    else:
+        serve.run(config)
+    return 0
+
+
+def _replicas(text: str) -> tuple[int, int]:
+    """`--replicas`: "N", or "MIN:MAX" to autoscale between them."""
+    try:
+        bounds = [int(part) for part in text.split(":")]
+    except ValueError:
+        bounds = []
+    if len(bounds) not in (1, 2) or not 1 <= bounds[0] <= bounds[-1]:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return (bounds[0], bounds[-1])
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
 def _export(args: argparse.Namespace) -> int:
     export = _import_export_extra("export")
     if args.tensorrt:
@@ -420,6 +481,39 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (summary, description) in descriptions.items():
         _add_generation_arguments(commands.add_parser(command, help=summary, description=description + " BUNDLE "
                                                       "defaults to the embedded default model."), command)
+
+    serve = commands.add_parser("serve", help="HTTP text-to-image server (serve extra; --ray: ray extra)", description=(
+        "Serve BUNDLE over HTTP: POST /v1/images/generations (OpenAI's images API shape), GET /healthz, /readyz, "
+        "/metrics. One pipeline per process; compatible requests (same size, steps, scheduler, guidance) share a "
+        "U-Net batch. SIGTERM finishes accepted requests, then exits."))
+    serve.add_argument("bundle", type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every endpoint but "
+                       "/healthz and /readyz (default: $SDRT_API_KEY; none: no auth)")
+    serve.add_argument("--backend", default="auto")
+    serve.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=SafetyPolicy.BLOCK.value,
+                       help="block: flagged images are withheld (b64_json null); flag: returned and flagged; off")
+    serve.add_argument("--max-batch-images", type=_positive(int), default=8, help="images per U-Net batch (1: no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=50.0,
+                       help="how long the oldest request waits for batch partners")
+    serve.add_argument("--max-queue", type=_positive(int), default=64, help="waiting requests beyond which new ones get 429")
+    serve.add_argument("--max-n", type=_positive(int), default=4, help="images per request")
+    serve.add_argument("--max-steps", type=_positive(int), default=150, help="num_inference_steps per request")
+    serve.add_argument("--max-body-bytes", type=_positive(int), default=64 * 1024)
+    serve.add_argument("--request-timeout", type=_positive(float), default=300.0,
+                       help="seconds from arrival to answer; then 504, and its work stops between denoising steps")
+    serve.add_argument("--graceful-shutdown", type=_positive(float), default=None,
+                       help="seconds open requests get to finish after SIGTERM (default: as long as they need)")
+    serve.add_argument("--no-warm-up", action="store_true", help="ready as soon as loaded, without a first image")
+    ray = serve.add_argument_group("Ray Serve (ray extra)")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment: replicas, autoscaling, multi-node")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (\"auto\": the one `ray start` began "
+                     "here); default: a local Ray instance for this command")
+    ray.add_argument("--replicas", type=_replicas, default=None, metavar="N|MIN:MAX",
+                     help="pipeline replicas, or bounds to autoscale between on queued requests (default 1)")
+    ray.add_argument("--replica-cpus", type=_positive(float), default=1.0, help="CPUs Ray reserves per replica")
+    serve.set_defaults(handler=_serve)
 
     export = commands.add_parser("export", help="diffusers checkpoint -> sdrt bundle (export extra)", description=(
         "Export CHECKPOINT to an sdrt bundle in OUT_DIR. CHECKPOINT is a diffusers checkpoint directory, or a "

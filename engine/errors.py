@@ -15,6 +15,11 @@ class InvalidArgumentError(SdrtError, ValueError):
         self.parameter = parameter
 
 
+class GenerationCancelled(SdrtError):
+    """Raised by a step callback (`callback_on_step_end`) to stop a generation between denoising steps: its client
+    left, or its deadline passed. The message says why."""
+
+
 class BundleError(SdrtError, ValueError):
     """A bundle is missing, incomplete, tampered with, or of a format this runtime does not read."""
 

@@ -64,6 +64,10 @@ from sdrt.engine.tokenizer import CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 OutputType = Literal["pil", "np", "latent"]
+#: diffusers' `callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict`: called after each denoising
+#: step with {"latents": ...}; a "latents" entry in the returned dict replaces them. Raising (e.g. GenerationCancelled)
+#: stops the generation between steps.
+StepEndCallback = Callable[["StableDiffusionPipeline", int, float, dict[str, np.ndarray]], dict[str, np.ndarray] | None]
 _OUTPUT_TYPES = ("pil", "np", "latent")
 # diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's
 IMG2IMG_STRENGTH = 0.8
@@ -178,9 +182,10 @@ class StableDiffusionPipeline:
         self._empty_prompt_embedding = None
 
     # ---- schedulers ------------------------------------------------------------------------------------------------
-    def _scheduler_named(self, name: str | None) -> Scheduler:
-        """The sampler a call asked for: `self.scheduler` for None or "default", else one built by name over the
-        bundle's scheduler config (kept for later calls)."""
+    def sampler(self, name: str | None) -> Scheduler:
+        """The sampler `scheduler=name` runs: `self.scheduler` for None or "default", else one built by name over the
+        bundle's scheduler config (kept for later calls). Raise InvalidArgumentError("scheduler") for an unknown name
+        or one that cannot run this checkpoint's noise schedule."""
         if name is None or name == DEFAULT_SCHEDULER:
             return self.scheduler
         check_scheduler_name(name)
@@ -215,7 +220,7 @@ class StableDiffusionPipeline:
                 raise InvalidArgumentError(
                     "negative_prompt", f"has {len(negative_prompts)} entries but prompt has {len(prompts)}: give one per prompt"
                 )
-        sampler = self._scheduler_named(scheduler)
+        sampler = self.sampler(scheduler)
         try:
             # The scheduler knows its limits (training steps, warm-up length, steps_offset): planning the run checks them.
             schedule = sampler.start(num_inference_steps)
@@ -299,8 +304,18 @@ class StableDiffusionPipeline:
         return self.manifest.model.unet_in_channels != self.manifest.model.latent_channels
 
     def _latent_shape(self, request: _Request) -> tuple[int, int, int, int]:
+        return self.latent_shape(request.num_images, request.height, request.width)
+
+    def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The shape of the initial noise for `num_images` images of height x width pixels."""
         f = self.vae_scale_factor
-        return (request.num_images, self.manifest.model.latent_channels, request.height // f, request.width // f)
+        return (num_images, self.manifest.model.latent_channels, height // f, width // f)
+
+    def draw_noise(self, seed: int | None, num_images: int, height: int, width: int) -> np.ndarray:
+        """The initial noise a text-to-image call with `seed` draws when given no `latents` (its first draw): float32
+        (num_images, C, height/f, width/f). Concatenating several requests' noise and passing it as `latents` gives
+        each its own images, with a deterministic sampler (a stochastic one's step noise comes from the call's seed)."""
+        return RequestNoise(seed).draw(self.latent_shape(num_images, height, width))
 
     # ---- the chapter's steps -------------------------------------------------------------------------------------
     def encode_prompts(
@@ -404,7 +419,8 @@ class StableDiffusionPipeline:
         return latents, MaskChannels(np.concatenate([mask] * copies), np.concatenate([masked_latents] * copies))
 
     def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
-                 noise_source: RequestNoise, timings: dict[str, float]) -> np.ndarray:
+                 noise_source: RequestNoise, timings: dict[str, float],
+                 callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.scheduler
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
@@ -423,6 +439,9 @@ class StableDiffusionPipeline:
             step_noise = noise_source.draw(latents.shape) if scheduler.needs_noise else None
             latents, state = scheduler.step(state, noise_pred, step_index, latents, step_noise)
             latents = hooks.after_step(latents, step_index)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, step_index, float(timestep), {"latents": latents}) or {}
+                latents = outputs.get("latents", latents)
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -449,6 +468,7 @@ class StableDiffusionPipeline:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -473,12 +493,16 @@ class StableDiffusionPipeline:
         `height`/`width` or the model's default. An inpainting U-Net (9 input channels) takes the mask and masked
         image's latents as inputs; a standard one regenerates the masked region only, putting the image's (noised)
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
+        `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
+        diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
         """
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InvalidArgumentError("callback_on_step_end", f"must be callable or None, got {type(callback_on_step_end).__name__}")
         request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                                  height, width, seed, latents, output_type, scheduler, prompt_options, image, mask_image,
                                  strength)
-        return self._run(request, return_safety_scores)
+        return self._run(request, return_safety_scores, callback_on_step_end)
 
     def outpaint(
         self,
@@ -522,13 +546,14 @@ class StableDiffusionPipeline:
         finish = functools.partial(paste_original, original=original, canvas=canvas)
         return self._run(dataclasses.replace(request, finish=finish), return_safety_scores)
 
-    def _run(self, request: _Request, return_safety_scores: bool) -> PipelineOutput:
+    def _run(self, request: _Request, return_safety_scores: bool,
+             callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
         noise_source = RequestNoise(request.seed)
         latents, hooks = self._initial_latents(request, noise_source, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, latents, hooks, noise_source, timings)
+            latents = self._denoise(request, context, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         timings["unet_calls"] = len(request.schedule.timesteps)
         if request.output_type == "latent":

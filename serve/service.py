@@ -1,0 +1,134 @@
+"""What the HTTP app generates with: one pipeline per process behind the batcher (LocalImageService), or Ray Serve
+replicas (sdrt.serve.ray_app). The app sees only the ImageService protocol."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from sdrt.engine import StableDiffusionPipeline
+from sdrt.engine.errors import GenerationCancelled
+from sdrt.serve.batcher import Batcher, BatcherConfig, DeadlineExceededError, ShuttingDownError
+from sdrt.serve.execution import GeneratedImage, generate_batch, warm_up
+from sdrt.serve.metrics import ServeMetrics
+from sdrt.serve.schemas import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+#: how often a waiting request checks whether its client is still connected
+DISCONNECT_POLL_S = 0.1
+
+
+class ClientDisconnectedError(GenerationCancelled):
+    """The client closed its connection before its images were ready; its work was cancelled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What request validation needs to know of the loaded model."""
+
+    default_image_size: int
+
+    @classmethod
+    def of(cls, pipe: StableDiffusionPipeline) -> ModelInfo:
+        return cls(pipe.manifest.model.default_image_size)
+
+
+class ImageService(Protocol):
+    """The generation side of the server."""
+
+    metrics: ServeMetrics
+
+    def start(self) -> None:
+        """Begin loading and warming up, without blocking: `status` says when it is ready."""
+
+    async def stop(self) -> None:
+        """Take no new requests, finish those accepted, release the model."""
+
+    def status(self) -> str:
+        """"ready", "loading", "draining", or "failed: <why>"."""
+
+    def model_info(self) -> ModelInfo:
+        """Only once ready."""
+
+    async def generate(self, params: GenerationParams, deadline: float,
+                       disconnected: Callable[[], Awaitable[bool]]) -> list[GeneratedImage]:
+        """The request's images. Raise QueueFullError, ShuttingDownError, DeadlineExceededError (deadline: a
+        time.monotonic() value), ClientDisconnectedError (when `disconnected()` turns true) or InvalidArgumentError."""
+
+
+class LocalImageService:
+    """One pipeline in this process, loaded and warmed in a background thread, fed by a Batcher."""
+
+    def __init__(self, load_pipeline: Callable[[], StableDiffusionPipeline], batching: BatcherConfig,
+                 metrics: ServeMetrics | None = None, warm: bool = True) -> None:
+        self.metrics = metrics or ServeMetrics()
+        self._load_pipeline = load_pipeline
+        self._batching = batching
+        self._warm = warm
+        self._batcher: Batcher | None = None
+        self._info: ModelInfo | None = None
+        self._failure: str | None = None
+        self._draining = False
+        self._loader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="sdrt-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            pipe = self._load_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            if self._warm:
+                started = time.perf_counter()
+                warm_up(pipe)
+                logger.info("warm-up done in %.2f s", time.perf_counter() - started)
+            self._info = ModelInfo.of(pipe)
+            self._batcher = Batcher(lambda requests, should_stop: generate_batch(pipe, requests, should_stop),
+                                    self._batching, self.metrics)
+        except Exception as exc:  # noqa: BLE001 - the server stays up to say why in /readyz
+            logger.exception("loading the pipeline failed")
+            self._failure = f"{type(exc).__name__}: {exc}"
+
+    async def stop(self) -> None:
+        self._draining = True
+        if self._loader is not None:
+            await asyncio.to_thread(self._loader.join)
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.close)
+
+    def status(self) -> str:
+        if self._failure is not None:
+            return f"failed: {self._failure}"
+        if self._draining:
+            return "draining"
+        return "ready" if self._batcher is not None else "loading"
+
+    def model_info(self) -> ModelInfo:
+        assert self._info is not None, "model_info() before the service is ready"
+        return self._info
+
+    async def generate(self, params: GenerationParams, deadline: float,
+                       disconnected: Callable[[], Awaitable[bool]]) -> list[GeneratedImage]:
+        if self._batcher is None or self._draining:
+            raise ShuttingDownError(self.status())
+        job = self._batcher.submit(params, deadline)
+        future = asyncio.wrap_future(job.future)
+        # Read the outcome even when nobody awaits it any more, so asyncio logs no "exception never retrieved".
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._batcher.cancel(job, "deadline")
+                raise DeadlineExceededError("deadline passed")
+            done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
+            if done:
+                return future.result()
+            if await disconnected():
+                self._batcher.cancel(job, "disconnected")
+                raise ClientDisconnectedError("the client disconnected")
