@@ -67,17 +67,16 @@ def plan_discrete_sigmas(config: SigmaConfig, num_inference_steps: int, karras_b
     return PlannedSigmas(timesteps, with_final_sigma(sigmas, final_sigma(config, train_sigmas)))
 
 
-class EulerDiscreteScheduler:
-    """diffusers' EulerDiscreteScheduler in numpy over explicit :class:`SigmaState` (implements ``Scheduler``)."""
+class DiscreteSigmaSampler:
+    """What diffusers' discrete-sigma samplers (Euler, Euler ancestral, LMS) share: the planned run of sigmas, the
+    U-Net input's scaling and ``add_noise``. Each subclass builds ``config`` and ``num_train_timesteps`` from the
+    checkpoint's config and defines ``step``."""
 
     order = 1
-    needs_noise = False
-
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        """Build from a scheduler_config.json dict; raises SchedulerConfigError for bad or unsupported values."""
-        refuse_unsupported(config, type(self).__name__, _EULER_OPTIONS)
-        self.config = SigmaConfig.from_dict(config, SIGMA_SCHEDULE_DEFAULTS)
-        self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
+    #: Karras sigmas bounded by the config's sigma_min / sigma_max: diffusers' Euler reads them, the others do not
+    karras_bounds_from_config = False
+    config: SigmaConfig
+    num_train_timesteps: int
 
     def start(self, num_inference_steps: int, begin_index: int = 0) -> SigmaState:
         """Plan a run of ``num_inference_steps`` steps from step ``begin_index`` on (diffusers' ``set_begin_index``).
@@ -86,7 +85,7 @@ class EulerDiscreteScheduler:
         not in 0..num_inference_steps-1.
         """
         num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
-        plan = plan_discrete_sigmas(self.config, num_steps, karras_bounds_from_config=True)
+        plan = plan_discrete_sigmas(self.config, num_steps, karras_bounds_from_config=self.karras_bounds_from_config)
         noise_sigma = init_noise_sigma(plan.sigmas, self.config.schedule.timestep_spacing)
         return start_sigma_run(plan.timesteps, plan.sigmas, begin_index, noise_sigma)
 
@@ -99,6 +98,19 @@ class EulerDiscreteScheduler:
         """``original`` + sigma * ``noise`` at call ``step_index``'s sigma."""
         check_call(state, step_index)
         return add_noise_at_sigma(original, noise, state.sigma(step_index))
+
+
+class EulerDiscreteScheduler(DiscreteSigmaSampler):
+    """diffusers' EulerDiscreteScheduler in numpy over explicit :class:`SigmaState` (implements ``Scheduler``)."""
+
+    needs_noise = False
+    karras_bounds_from_config = True
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        """Build from a scheduler_config.json dict; raises SchedulerConfigError for bad or unsupported values."""
+        refuse_unsupported(config, type(self).__name__, _EULER_OPTIONS)
+        self.config = SigmaConfig.from_dict(config, SIGMA_SCHEDULE_DEFAULTS)
+        self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
 
     def step(
         self, state: SigmaState, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None

@@ -13,20 +13,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import check_num_inference_steps, read_only, refuse_unsupported
-from .euler import plan_discrete_sigmas
+from .base import read_only, refuse_unsupported
+from .euler import DiscreteSigmaSampler
 from .sigmas import (
     SIGMA_SCHEDULE_DEFAULTS,
     UNSUPPORTED_SIGMA_OPTIONS,
     SigmaConfig,
     SigmaState,
-    add_noise_at_sigma,
-    check_call,
     check_step,
-    init_noise_sigma,
     predicted_original,
-    scale_by_sigma,
-    start_sigma_run,
 )
 
 # diffusers' default `order` of LMSDiscreteScheduler.step: the polynomial goes through up to 4 derivatives.
@@ -48,10 +43,9 @@ def lms_coefficients(sigmas: np.ndarray, run_index: int, order: int) -> tuple[fl
     return tuple(weights)
 
 
-class LMSDiscreteScheduler:
+class LMSDiscreteScheduler(DiscreteSigmaSampler):
     """diffusers' LMSDiscreteScheduler in numpy over explicit :class:`SigmaState` (implements ``Scheduler``)."""
 
-    order = 1
     needs_noise = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -64,27 +58,6 @@ class LMSDiscreteScheduler:
         full = SigmaConfig.from_dict(config, SIGMA_SCHEDULE_DEFAULTS)
         self.config = SigmaConfig(full.schedule, use_karras_sigmas=full.use_karras_sigmas)
         self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
-
-    def start(self, num_inference_steps: int, begin_index: int = 0) -> SigmaState:
-        """Plan a run of ``num_inference_steps`` steps from step ``begin_index`` on (diffusers' ``set_begin_index``).
-
-        Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps or ``begin_index`` is
-        not in 0..num_inference_steps-1.
-        """
-        num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
-        plan = plan_discrete_sigmas(self.config, num_steps, karras_bounds_from_config=False)
-        noise_sigma = init_noise_sigma(plan.sigmas, self.config.schedule.timestep_spacing)
-        return start_sigma_run(plan.timesteps, plan.sigmas, begin_index, noise_sigma)
-
-    def scale_model_input(self, state: SigmaState, sample: np.ndarray, step_index: int) -> np.ndarray:
-        """x / sqrt(sigma^2 + 1) at call ``step_index``'s sigma."""
-        check_call(state, step_index)
-        return scale_by_sigma(sample, state.sigma(step_index))
-
-    def add_noise(self, state: SigmaState, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
-        """``original`` + sigma * ``noise`` at call ``step_index``'s sigma."""
-        check_call(state, step_index)
-        return add_noise_at_sigma(original, noise, state.sigma(step_index))
 
     def step(
         self, state: SigmaState, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
