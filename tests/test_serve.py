@@ -33,10 +33,13 @@ SMALL = {"size": "64x64", "num_inference_steps": 2}
 
 
 class SpyPipe:
-    """The real pipeline, recording each call's image count and steps, optionally held at a gate before running."""
+    """The real pipeline, recording each call's image count and steps, optionally held at a gate before running, and
+    taking at least `step_seconds` per denoising step (so that a deadline or a disconnect lands mid-run however fast
+    the machine is)."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, step_seconds: float = 0.0) -> None:
         self._pipe = pipe
+        self.step_seconds = step_seconds
         self.calls: list[tuple[int, int]] = []  # (images, num_inference_steps)
         self.gate = threading.Event()
         self.gate.set()
@@ -49,7 +52,15 @@ class SpyPipe:
         self.calls.append((len(prompt), kwargs["num_inference_steps"]))
         self.entered.set()
         assert self.gate.wait(30), "test gate never opened"
+        if self.step_seconds:
+            kwargs["callback_on_step_end"] = self._slowed(kwargs.get("callback_on_step_end"))
         return self._pipe(prompt, **kwargs)
+
+    def _slowed(self, callback):
+        def slowed(pipe, step_index, timestep, tensors):
+            time.sleep(self.step_seconds)
+            return callback(pipe, step_index, timestep, tensors) if callback is not None else tensors
+        return slowed
 
 
 def _client(pipe, batching: BatcherConfig = BatcherConfig(max_wait_s=0.0), warm: bool = False, **settings) -> TestClient:
@@ -228,8 +239,8 @@ def test_full_queue_answers_429_with_retry_after(spy):
 
 
 def test_deadline_answers_504_and_stops_work_between_steps(tiny_pipe):
-    steps = 150
-    with _client(tiny_pipe, request_timeout_s=0.5) as client:
+    steps = 150  # at least 3 s: the deadline lands mid-run
+    with _client(SpyPipe(tiny_pipe, step_seconds=0.02), request_timeout_s=0.5) as client:
         _wait_ready(client)
         response = client.post(GENERATE, json={"prompt": "x", "size": "64x64", "num_inference_steps": steps})
         assert response.status_code == 504, response.text
@@ -245,7 +256,8 @@ def test_deadline_answers_504_and_stops_work_between_steps(tiny_pipe):
 
 def test_client_disconnect_cancels_its_work(tiny_pipe):
     """Raw ASGI: the client's receive channel says http.disconnect while its request is being generated."""
-    service = LocalImageService(lambda: tiny_pipe, BatcherConfig(max_wait_s=0.0), warm=False)
+    slow = SpyPipe(tiny_pipe, step_seconds=0.02)  # 150 steps take at least 3 s: the disconnect at 0.4 s lands mid-run
+    service = LocalImageService(lambda: slow, BatcherConfig(max_wait_s=0.0), warm=False)
     app = create_app(service)
     service.start()
     body = json.dumps({"prompt": "x", "size": "64x64", "num_inference_steps": 150}).encode()
