@@ -68,6 +68,21 @@ def _client(pipe, batching: BatcherConfig = BatcherConfig(max_wait_s=0.0), warm:
     return TestClient(create_app(service, AppSettings(**settings)))
 
 
+def wait_until_ready(base_url: str, server: subprocess.Popen, timeout_s: float) -> None:
+    """Poll a server process's /readyz until it answers 200; fail if it exits or `timeout_s` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base_url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and server.poll() is None, f"the server at {base_url} never became ready"
+        time.sleep(0.1)
+
+
 def _wait_ready(client: TestClient) -> None:
     deadline = time.monotonic() + 30
     while client.get("/readyz").status_code != 200:
@@ -404,15 +419,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_bundle):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "server never became ready"
-            time.sleep(0.1)
+        wait_until_ready(base, server, timeout_s=60)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"{base}{GENERATE}", timeout=60,
                                     json={"prompt": "x", "size": "64x64", "num_inference_steps": 40})

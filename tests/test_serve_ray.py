@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from sdrt.serve import BatcherConfig, create_app  # noqa: E402
 from sdrt.serve.service import LocalImageService  # noqa: E402
+from tests.test_serve import wait_until_ready  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +51,7 @@ def test_ray_serve_answers_like_the_local_server_and_drains(tiny_bundle, tiny_pi
     )
     request = {"prompt": "a blue triangle", "size": "64x64", "num_inference_steps": 3, "seed": 99, "n": 2}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "the Ray server never became ready"
-            time.sleep(0.5)
+        wait_until_ready(base, server, timeout_s=180)
         bodies = [request, *({"prompt": f"p{i}", "size": "64x64", "num_inference_steps": 3, "seed": i} for i in range(3)),
                   {"prompt": "bad", "size": "60x64", "num_inference_steps": 3}]
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
