@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.outpaint import Canvas, feathered_mask, grow, plan_canvas, seam_width
