@@ -447,7 +447,10 @@ class StableDiffusionPipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VAE-decode latents to float32 (N, H, W, 3) images in [0, 1]."""
         scaled = (latents / np.float32(self.manifest.model.vae_scaling_factor)).astype(np.float32)  # (N, C, h, w)
-        decoded = self.backend.run(Component.VAE_DECODER, {"latent_sample": scaled})[0]  # (N, 3, H, W)
+        # The decoder's full-resolution activations dominate a request's memory: unless the backend gains from a
+        # batched decode, decode one image at a time so that the peak is one image's, whatever the batch.
+        slices = [scaled] if self.backend.batched_decode else np.split(scaled, len(scaled))
+        decoded = np.concatenate([self.backend.run(Component.VAE_DECODER, {"latent_sample": s})[0] for s in slices])  # (N, 3, H, W)
         return decoded_to_unit_range(decoded)
 
     def __call__(

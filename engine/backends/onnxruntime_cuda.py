@@ -25,6 +25,7 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 class OnnxRuntimeCUDABackend(Backend):
     name = "cuda"
     exact = True
+    batched_decode = True
     #: TF32 off: matmuls and convolutions in full fp32, so that this backend holds exact mode's parity tolerance
     provider_options: ClassVar[Mapping[str, str]] = {"device_id": "0", "use_tf32": "0"}
 

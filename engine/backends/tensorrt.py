@@ -43,6 +43,7 @@ def graph_captured_components() -> frozenset[Component]:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    batched_decode = True
     exact = False  # engines are fp16 by default, and their precision is chosen at build time
 
     @classmethod
