@@ -192,6 +192,12 @@ def refuse_unsupported(config: Mapping[str, Any], class_name: str, supported: Ma
             )
 
 
+def check_step_index(num_calls: int, step_index: int) -> None:
+    """ValueError unless ``step_index`` names one of a run's ``num_calls`` U-Net calls."""
+    if not 0 <= step_index < num_calls:
+        raise ValueError(f"step_index must be in 0..{num_calls - 1} for this run, got {step_index!r}")
+
+
 def read_only(array: np.ndarray) -> np.ndarray:
     """``array``, made read-only so a state can hold it without copies being taken defensively."""
     array.setflags(write=False)

@@ -18,6 +18,7 @@ from .base import (
     alphas_cumprod_from_betas,
     betas_from_config,
     check_num_inference_steps,
+    check_step_index,
     read_bool,
     read_float,
     read_only,
@@ -115,12 +116,12 @@ class DDIMScheduler:
 
     def scale_model_input(self, state: DDIMState, sample: np.ndarray, step_index: int) -> np.ndarray:
         """DDIM feeds the U-Net the sample unscaled."""
-        _check_call(state, step_index)
+        check_step_index(len(state.timesteps), step_index)
         return sample
 
     def add_noise(self, state: DDIMState, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
         """``original`` noised to alpha-bar at call ``step_index``'s timestep."""
-        _check_call(state, step_index)
+        check_step_index(len(state.timesteps), step_index)
         return add_noise_at_alpha_prod(original, noise, state.alpha_prod[step_index])
 
     def step(
@@ -128,7 +129,7 @@ class DDIMScheduler:
     ) -> tuple[np.ndarray, DDIMState]:
         """The DDIM update of call ``step_index``; ``noise`` (standard normal, shaped like ``sample``) is required
         when eta > 0 and ignored otherwise. Calls may come in any order: the state holds no history."""
-        _check_call(state, step_index)
+        check_step_index(len(state.timesteps), step_index)
         model_output = np.asarray(model_output, dtype=_F32)  # (B, C, H, W)
         sample = np.asarray(sample, dtype=_F32)  # (B, C, H, W)
         if model_output.shape != sample.shape:
@@ -154,7 +155,3 @@ class DDIMScheduler:
             prev_sample = prev_sample + std_dev_t * check_noise(noise, sample)  # (B, C, H, W)
         return prev_sample.astype(_F32), state
 
-
-def _check_call(state: DDIMState, step_index: int) -> None:
-    if not 0 <= step_index < len(state.timesteps):
-        raise ValueError(f"step_index must be in 0..{len(state.timesteps) - 1} for this run, got {step_index!r}")

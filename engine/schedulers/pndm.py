@@ -30,7 +30,9 @@ from .base import (
     alphas_cumprod_from_betas,
     betas_from_config,
     check_num_inference_steps,
+    check_step_index,
     read_bool,
+    read_only,
     spaced_timesteps,
 )
 
@@ -117,7 +119,7 @@ class PNDMScheduler:
         """Build from a scheduler_config.json dict; raises SchedulerConfigError for bad values."""
         self.config = PNDMConfig.from_dict(config)
         self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
-        self.alphas_cumprod = _read_only(alphas_cumprod_from_betas(betas_from_config(self.config.schedule)))  # (T,)
+        self.alphas_cumprod = read_only(alphas_cumprod_from_betas(betas_from_config(self.config.schedule)))  # (T,)
         # alpha-bar "before" timestep 0, where the last update lands.
         self.final_alpha_cumprod = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
@@ -152,20 +154,20 @@ class PNDMScheduler:
         timesteps, updates, from_timesteps, to_timesteps = zip(*calls)
         self._check_in_training_range(max(timesteps + from_timesteps + to_timesteps), num_steps)
         return PNDMState(
-            timesteps=_read_only(np.array(timesteps, dtype=np.int64)),
+            timesteps=read_only(np.array(timesteps, dtype=np.int64)),
             updates=tuple(updates),
-            alpha_prod_from=_read_only(self._alpha_prod_at(from_timesteps)),
-            alpha_prod_to=_read_only(self._alpha_prod_at(to_timesteps)),
+            alpha_prod_from=read_only(self._alpha_prod_at(from_timesteps)),
+            alpha_prod_to=read_only(self._alpha_prod_at(to_timesteps)),
         )
 
     def scale_model_input(self, state: PNDMState, sample: np.ndarray, step_index: int) -> np.ndarray:
         """PNDM feeds the U-Net the sample unscaled."""
-        _check_step_index(state, step_index)
+        check_step_index(state.num_calls, step_index)
         return sample
 
     def add_noise(self, state: PNDMState, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
         """``original`` noised to alpha-bar at call ``step_index``'s timestep (diffusers' DDPM ``add_noise``)."""
-        _check_step_index(state, step_index)
+        check_step_index(state.num_calls, step_index)
         return add_noise_at_alpha_prod(original, noise, self.alphas_cumprod[state.timesteps[step_index]])
 
     def step(
@@ -181,7 +183,7 @@ class PNDMScheduler:
         ``model_output`` is epsilon or v as configured by prediction_type, shaped like ``sample``;
         PNDM is deterministic and ignores ``noise``. Calls must come in order: ``step_index`` must equal ``state.steps_taken``.
         """
-        _check_step_index(state, step_index)
+        check_step_index(state.num_calls, step_index)
         if step_index != state.steps_taken:
             raise ValueError(f"step_index {step_index} out of order: this state expects step {state.steps_taken}")
         model_output = _frozen_float32(model_output)  # (B, C, H, W)
@@ -269,13 +271,13 @@ def _runge_kutta_stage(
     """
     if update is PNDMUpdate.RK_STAGE_1:
         history = _append_history(state.eps_history, model_output)
-        eps_sum = _read_only(_ONE_SIXTH * model_output)  # (B, C, H, W)
+        eps_sum = read_only(_ONE_SIXTH * model_output)  # (B, C, H, W)
         next_state = replace(state, eps_history=history, start_sample=sample, rk_eps_sum=eps_sum)
         return model_output, sample, next_state
     if update is PNDMUpdate.RK_STAGE_4:
         eps = state.rk_eps_sum + _ONE_SIXTH * model_output  # (B, C, H, W)
         return eps, state.start_sample, replace(state, start_sample=None, rk_eps_sum=None)
-    eps_sum = _read_only(state.rk_eps_sum + _ONE_THIRD * model_output)  # (B, C, H, W)
+    eps_sum = read_only(state.rk_eps_sum + _ONE_THIRD * model_output)  # (B, C, H, W)
     return model_output, state.start_sample, replace(state, rk_eps_sum=eps_sum)
 
 
@@ -334,16 +336,7 @@ def _append_history(history: tuple[np.ndarray, ...], model_output: np.ndarray) -
     return (*history, model_output)[-_HISTORY_LENGTH:]
 
 
-def _check_step_index(state: PNDMState, step_index: int) -> None:
-    if not 0 <= step_index < state.num_calls:
-        raise ValueError(f"step_index must be in 0..{state.num_calls - 1} for this run, got {step_index!r}")
-
-
 def _frozen_float32(array: np.ndarray) -> np.ndarray:
     """A read-only float32 copy, safe to keep in a state while the caller reuses its buffer."""
-    return _read_only(np.array(array, dtype=np.float32, copy=True))
+    return read_only(np.array(array, dtype=np.float32, copy=True))
 
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    array.setflags(write=False)
-    return array

@@ -14,7 +14,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import NoiseScheduleConfig, read_bool, read_choice, read_optional_float, read_only, spaced_timesteps
+from .base import (
+    NoiseScheduleConfig,
+    check_step_index,
+    read_bool,
+    read_choice,
+    read_optional_float,
+    read_only,
+    spaced_timesteps,
+)
 
 # rho of Karras et al.'s schedule: the value used in the paper, as diffusers uses it.
 KARRAS_RHO = 7.0
@@ -167,9 +175,7 @@ def start_sigma_run(
 
 def check_call(state: SigmaState, step_index: int) -> None:
     """ValueError unless ``step_index`` names a call of this run."""
-    num_calls = len(state.timesteps)
-    if not 0 <= step_index < num_calls:
-        raise ValueError(f"step_index must be in 0..{num_calls - 1} for this run, got {step_index!r}")
+    check_step_index(len(state.timesteps), step_index)
 
 
 def check_step(state: SigmaState, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
