@@ -96,3 +96,17 @@ def test_fast_mode_compiles_an_fp16_copy_converted_once(tiny_bundle: Path, tmp_p
     again = sdrt.engine.load(bundle, backend="openvino-bf16", safety_checker=False)
     again.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(again("a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="np").images, first)
+
+
+@needs_openvino
+def test_openvino_hands_back_mapped_weights_once_per_component(tiny_bundle: Path, monkeypatch) -> None:
+    # After a component's first inference its weights are repacked; later calls must not pay for the advice again.
+    from sdrt.engine.backends import openvino_cpu
+
+    advised: list[Path] = []
+    monkeypatch.setattr(openvino_cpu, "release_mapped_pages", lambda directory: advised.append(directory) or 0)
+    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for seed in (0, 1):
+        pipe("a cat", num_inference_steps=3, height=64, width=64, seed=seed)
+    assert advised == [pipe.backend.bundle_dir] * len(pipe.backend.loaded_components)

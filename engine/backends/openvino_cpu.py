@@ -6,6 +6,7 @@ later process skips most of the compilation.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.mapped_pages import release_mapped_pages
 from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
@@ -85,16 +87,31 @@ class _OpenVINOBackend(Backend):
                     raise
         return str(ir_dir / IR_FILE)
 
-    def _load(self, component: Component) -> Any:
+    def _load(self, component: Component) -> _LoadedModel:
         # Compiling from a path (not a read model) lets OpenVINO key its compiled-model cache on the file, without
         # hashing gigabytes of weights on every load.
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-        return self._core.compile_model(self._model_file(component), "CPU", config).create_infer_request()
+        return _LoadedModel(self._core.compile_model(self._model_file(component), "CPU", config).create_infer_request())
 
-    def _infer(self, model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def _infer(self, model: _LoadedModel, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        request = model.request
+        request.infer(dict(feeds))
+        if not model.weights_repacked:
+            # The first inference has repacked the weights: the mapped files' pages (in the bundle or its cache) are
+            # dead weight from now on.
+            model.weights_repacked = True
+            released = release_mapped_pages(self.bundle_dir)
+            logger.debug("%s: advised the kernel to reclaim %.2f GB of mapped model files", self.name, released / 1e9)
         # The request's output buffers are overwritten by the next call: copy.
-        model.infer(dict(feeds))
-        return [model.get_output_tensor(i).data.copy() for i in range(len(model.model_outputs))]
+        return [request.get_output_tensor(i).data.copy() for i in range(len(request.model_outputs))]
+
+
+@dataclasses.dataclass
+class _LoadedModel:
+    """A compiled component's infer request, and whether it has run once (its weights repacked)."""
+
+    request: Any
+    weights_repacked: bool = False
 
 
 class OpenVINOBF16Backend(_OpenVINOBackend):

@@ -1,0 +1,61 @@
+"""release_mapped_pages: the resident pages of read-only mappings under a directory are reclaimed, nothing else is,
+and the data reads back unchanged."""
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.engine.mapped_pages import release_mapped_pages
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
+
+_SIZE = 8 * 1024 * 1024
+
+
+def _resident_bytes(path: Path) -> int:
+    """This process's resident bytes of mappings of `path` (from /proc/self/smaps)."""
+    resident, current = 0, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                current = fields[5] if len(fields) >= 6 else None
+            elif fields[0] == "Rss:" and current == str(path):
+                resident += int(fields[1]) * 1024
+    return resident
+
+
+def _mapped_file(path: Path, access: int) -> tuple[mmap.mmap, np.ndarray]:
+    data = np.random.default_rng(0).integers(0, 256, _SIZE, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "r+b") as file:
+        mapping = mmap.mmap(file.fileno(), 0, access=access)
+    assert np.frombuffer(mapping, dtype=np.uint8).sum() == data.sum()  # touch every page
+    return mapping, data
+
+
+def test_read_only_mappings_under_the_directory_are_reclaimed(tmp_path: Path) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "other").mkdir()
+    inside, inside_data = _mapped_file((tmp_path / "bundle" / "model.bin").resolve(), mmap.ACCESS_READ)
+    outside, _ = _mapped_file((tmp_path / "other" / "model.bin").resolve(), mmap.ACCESS_READ)
+    writable, _ = _mapped_file((tmp_path / "bundle" / "scratch.bin").resolve(), mmap.ACCESS_WRITE)
+    assert _resident_bytes((tmp_path / "bundle" / "model.bin").resolve()) >= _SIZE // 2
+
+    advised = release_mapped_pages(tmp_path / "bundle")
+
+    assert advised == _SIZE  # the read-only mapping in the directory, not the writable one beside it
+    assert _resident_bytes((tmp_path / "bundle" / "model.bin").resolve()) < _SIZE // 4
+    assert _resident_bytes((tmp_path / "other" / "model.bin").resolve()) >= _SIZE // 2
+    assert _resident_bytes((tmp_path / "bundle" / "scratch.bin").resolve()) >= _SIZE // 2
+    np.testing.assert_array_equal(np.frombuffer(inside, dtype=np.uint8), inside_data)  # read back from the file
+    for mapping in (inside, outside, writable):
+        mapping.close()
+
+
+def test_nothing_mapped_under_the_directory_advises_nothing(tmp_path: Path) -> None:
+    assert release_mapped_pages(tmp_path) == 0
