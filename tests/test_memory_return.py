@@ -1,15 +1,17 @@
 """release_mapped_pages: the resident pages of read-only mappings under a directory are reclaimed, nothing else is,
-and the data reads back unchanged."""
+and the data reads back unchanged; handing_back_mapped_pages does it while its body runs, and stops with the body."""
 from __future__ import annotations
 
 import mmap
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sdrt.engine.mapped_pages import release_mapped_pages
+from sdrt.engine.memory_return import handing_back_mapped_pages, release_mapped_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
 
@@ -59,3 +61,34 @@ def test_read_only_mappings_under_the_directory_are_reclaimed(tmp_path: Path) ->
 
 def test_nothing_mapped_under_the_directory_advises_nothing(tmp_path: Path) -> None:
     assert release_mapped_pages(tmp_path) == 0
+
+
+def _hand_back_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "sdrt-hand-back-pages"]
+
+
+def test_pages_are_handed_back_while_the_body_runs(tmp_path: Path) -> None:
+    path = (tmp_path / "model.bin").resolve()
+    with handing_back_mapped_pages(tmp_path, interval_s=0.01):
+        # Mapped and read inside the body, like weights repacked by a first inference.
+        mapping, data = _mapped_file(path, mmap.ACCESS_READ)
+        deadline = time.monotonic() + 5
+        while _resident_bytes(path) >= _SIZE // 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _resident_bytes(path) < _SIZE // 4
+        assert _hand_back_threads()
+    assert not _hand_back_threads()
+    np.testing.assert_array_equal(np.frombuffer(mapping, dtype=np.uint8), data)
+    mapping.close()
+
+
+def test_a_failing_body_still_stops_the_thread_and_hands_back_once_more(tmp_path: Path) -> None:
+    path = (tmp_path / "model.bin").resolve()
+    with pytest.raises(RuntimeError, match="inference failed"):
+        with handing_back_mapped_pages(tmp_path, interval_s=3600):  # only the final hand-back can run
+            mapping, _ = _mapped_file(path, mmap.ACCESS_READ)
+            assert _resident_bytes(path) >= _SIZE // 2
+            raise RuntimeError("inference failed")
+    assert not _hand_back_threads()
+    assert _resident_bytes(path) < _SIZE // 4
+    mapping.close()
