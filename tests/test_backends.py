@@ -120,3 +120,62 @@ def test_openvino_hands_back_mapped_weights_while_compiling_and_first_running(ti
         pipe("a cat", num_inference_steps=3, height=64, width=64, seed=seed)
     assert advised == [pipe.backend.bundle_dir] * (2 * len(pipe.backend.loaded_components))
 
+
+class _ReleaseRecorder:
+    """Stands in for a compiled OpenVINO model and records which component's intermediate buffers were released."""
+
+    def __init__(self, compiled, component, released: list) -> None:
+        self._compiled, self._component, self._released = compiled, component, released
+
+    def release_memory(self) -> None:
+        self._released.append(self._component)
+        self._compiled.release_memory()
+
+
+def _recording_releases(backend, monkeypatch) -> tuple[list, list]:
+    """Patch `backend` so each loaded model records its releases; return (released components, weak refs to every
+    model loaded)."""
+    import weakref
+
+    released: list = []
+    loaded: list = []
+    load = backend._load
+
+    def recording_load(component):
+        model = load(component)
+        model.compiled = _ReleaseRecorder(model.compiled, component, released)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(backend, "_load", recording_load)
+    return released, loaded
+
+
+@needs_openvino
+def test_openvino_releases_a_stages_buffers_when_the_request_moves_on(tiny_bundle: Path, monkeypatch) -> None:
+    # Once per stage change, never between the U-Net's calls, and with no effect on the images.
+    from sdrt.engine.specs import Component
+
+    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    released, _ = _recording_releases(pipe.backend, monkeypatch)
+    first = pipe("a cat", num_inference_steps=3, height=64, width=64, seed=0, output_type="np").images
+    second = pipe("a cat", num_inference_steps=3, height=64, width=64, seed=0, output_type="np").images
+    stages = [Component.TEXT_ENCODER, Component.UNET]
+    assert released == stages + [Component.VAE_DECODER] + stages
+    np.testing.assert_array_equal(second, first)
+
+
+@needs_openvino
+def test_openvino_one_at_a_time_lets_each_dropped_model_go(tiny_bundle: Path, monkeypatch) -> None:
+    # The backend remembers the last model it ran only weakly: a model the memory policy drops must be freed.
+    import gc
+
+    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False, memory="one-at-a-time")
+    pipe.set_progress_bar_config(disable=True)
+    released, loaded = _recording_releases(pipe.backend, monkeypatch)
+    pipe("a cat", num_inference_steps=2, height=64, width=64, seed=0)
+    gc.collect()
+    assert len(loaded) == 3  # text encoder, U-Net, VAE decoder
+    assert [model() is None for model in loaded] == [True, True, False]
+    assert released == []  # nothing left loaded to release
