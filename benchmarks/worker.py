@@ -34,6 +34,7 @@ SDRT_ENGINES = {
     "sdrt-exact": SdrtEngine("exact"),
     "sdrt-low-memory": SdrtEngine("auto", "one-at-a-time"),
     "sdrt-exact-low-memory": SdrtEngine("exact", "one-at-a-time"),
+    "sdrt-int8": SdrtEngine("openvino-int8"),  # after `sdrt quantize BUNDLE`
     # one backend each, for the GPU validation (sdrt.benchmarks.gpu_validate); "exact" would take cuda on a GPU
     "sdrt-onnxruntime-cpu": SdrtEngine("onnxruntime-cpu"),
     "sdrt-tensorrt": SdrtEngine("tensorrt"),

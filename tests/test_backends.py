@@ -17,7 +17,7 @@ needs_bf16 = pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not 
 
 
 def _available(exact_only: bool) -> list[str]:
-    return [b.name for b in BACKENDS if b.unavailable_reason() is None and (b.exact or not exact_only)]
+    return [b.name for b in BACKENDS if b.automatic and b.unavailable_reason() is None and (b.exact or not exact_only)]
 
 
 def test_auto_is_the_first_available_and_exact_the_first_fp32() -> None:

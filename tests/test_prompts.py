@@ -256,8 +256,9 @@ def test_other_backends_run_long_prompts_as_onnxruntime_does(tiny_pipe, tiny_bun
     reason = backend_class.unavailable_reason()
     if reason is not None:
         pytest.skip(f"{backend} unavailable: {reason}")
-    if backend_class.bundle_unavailable_reason(tiny_bundle, tiny_pipe.backend.components) is not None:
-        pytest.skip(f"{backend} cannot run the tiny bundle (TensorRT: engines not built)")
+    bundle_reason = backend_class.bundle_unavailable_reason(tiny_bundle, tiny_pipe.backend.components)
+    if bundle_reason is not None:
+        pytest.skip(f"{backend} cannot run the tiny bundle: {bundle_reason}")
     pipe = sdrt.engine.load(tiny_bundle, backend=backend, safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     prompt = LONG_BASE + "(top left:1.3)"

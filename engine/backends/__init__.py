@@ -2,7 +2,8 @@
 
 `backend="auto"` takes the fastest available backend: TensorRT where this GPU has engines built for the bundle, then
 onnxruntime on CUDA (its fp16 variants where the bundle has them, else fp32), then the CPU backends (bf16 where the CPU supports it: see PSNR in the benchmark results);
-`backend="exact"` the fastest fp32 one, at pixel parity with diffusers.
+`backend="exact"` the fastest fp32 one, at pixel parity with diffusers. The int8 U-Net (`openvino-int8`, for bundles
+quantized by `sdrt quantize`) is faster still but changes images more than bf16 does, so it is chosen only by name.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.backends.onnxruntime_cpu import OnnxRuntimeCPUBackend
 from sdrt.engine.backends.onnxruntime_cuda import OnnxRuntimeCUDABackend, OnnxRuntimeCUDAFP16Backend
-from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend
+from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend
 from sdrt.engine.backends.tensorrt import TensorRTBackend
 from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.specs import Component
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 #: `sdrt doctor --gpu` times them); on the CPU, measured on the SD 1.5 U-Net at 512x512, 2 AVX-512 BF16 cores
 #: (benchmarks/RESULTS.md)
 BACKENDS: tuple[type[Backend], ...] = (
-    TensorRTBackend, OnnxRuntimeCUDAFP16Backend, OnnxRuntimeCUDABackend, OpenVINOBF16Backend, OpenVINOFP32Backend,
-    OnnxRuntimeCPUBackend,
+    TensorRTBackend, OnnxRuntimeCUDAFP16Backend, OnnxRuntimeCUDABackend, OpenVINOInt8Backend, OpenVINOBF16Backend,
+    OpenVINOFP32Backend, OnnxRuntimeCPUBackend,
 )
 AUTO, EXACT = "auto", "exact"
 
@@ -51,7 +52,7 @@ def backend_class(
     """
     if name in (AUTO, EXACT):
         reasons: dict[str, str] = {}
-        for candidate in (b for b in BACKENDS if name == AUTO or b.exact):
+        for candidate in (b for b in BACKENDS if b.automatic and (name == AUTO or b.exact)):
             reason, about_bundle = _unavailable_reason(candidate, bundle_dir, components)
             if reason is None:
                 return candidate
@@ -70,5 +71,5 @@ def backend_class(
 
 __all__ = [
     "Backend", "ComponentFile", "MemoryPolicy", "BACKENDS", "backend_class", "OnnxRuntimeCPUBackend", "OnnxRuntimeCUDABackend",
-    "OnnxRuntimeCUDAFP16Backend", "OpenVINOBF16Backend", "OpenVINOFP32Backend", "TensorRTBackend",
+    "OnnxRuntimeCUDAFP16Backend", "OpenVINOBF16Backend", "OpenVINOFP32Backend", "OpenVINOInt8Backend", "TensorRTBackend",
 ]

@@ -1,0 +1,101 @@
+"""The int8 U-Net for the `openvino-int8` backend: NNCF post-training quantization of the bundle's U-Net, calibrated on
+the U-Net inputs of the bundle's own denoising runs (fp32), written into the bundle.
+
+Needs openvino and nncf (`pip install 'sdrt[quantize]'`), not torch: it reads the bundle's ONNX.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import sdrt.engine
+from sdrt.engine.atomic import atomic_directory
+from sdrt.engine.backends.openvino_cpu import IR_FILE, int8_unet_file
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.specs import Component
+
+logger = logging.getLogger(__name__)
+
+#: varied subjects, styles and lighting, so that the activation ranges cover more than one kind of image
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse on a cliff at sunset",
+    "a close-up portrait of an old man with a grey beard, studio lighting",
+    "a bowl of fruit on a wooden table, still life",
+    "a futuristic city street at night with neon signs, rain",
+    "a cartoon fox reading a book under a tree",
+    "an aerial view of a snowy mountain range",
+    "a red sports car parked in front of a modern house",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The denoising runs whose U-Net inputs calibrate the quantization: `prompts` of CALIBRATION_PROMPTS, each for
+    `num_inference_steps` steps at `size`² (None: the model's default size) with guidance as at inference. Each
+    U-Net call is one sample (prompts x (steps + 1) with PNDM)."""
+
+    prompts: int = 4
+    num_inference_steps: int = 10
+    size: int | None = None
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prompts <= len(CALIBRATION_PROMPTS):
+            raise InvalidArgumentError("prompts", f"must be in [1, {len(CALIBRATION_PROMPTS)}], got {self.prompts}")
+        if self.num_inference_steps < 1:
+            raise InvalidArgumentError("num_inference_steps", f"must be at least 1, got {self.num_inference_steps}")
+
+
+def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration()) -> Path:
+    """Quantize the bundle's U-Net to int8 and store it in the bundle (atomically, replacing an earlier one);
+    return its path. The openvino-int8 backend then runs it."""
+    import nncf
+    import openvino
+
+    bundle_dir = Path(bundle_dir)
+    pipe = sdrt.engine.load(bundle_dir, backend="exact", safety_checker=False)
+    samples = _unet_inputs(pipe, calibration)
+    unet = pipe.backend.components[Component.UNET]
+    logger.info("quantizing the U-Net on %d calibration samples", len(samples))
+    quantized = nncf.quantize(
+        openvino.Core().read_model(str(unet.path)), nncf.Dataset(samples), subset_size=len(samples),
+        model_type=nncf.ModelType.TRANSFORMER,  # keeps softmax, normalizations and the attention scores in float
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            # As OpenVINO's Stable Diffusion quantization does; SmoothQuant is for LLMs' outlier channels.
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1),
+            # Bias correction re-runs the model layer by layer: with it the full U-Net takes far longer to quantize.
+            disable_bias_correction=True,
+        ),
+    )
+    target = int8_unet_file(bundle_dir, unet.digest)
+    with atomic_directory(target.parent, replace=True) as staging:
+        openvino.save_model(quantized, str(staging / IR_FILE), compress_to_fp16=True)
+    return target
+
+
+def _unet_inputs(pipe: Any, calibration: Calibration) -> list[dict[str, np.ndarray]]:
+    """The inputs of every U-Net call of the calibration runs."""
+    samples: list[dict[str, np.ndarray]] = []
+    run = pipe.backend.run
+
+    def recording_run(component: Component, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if component is Component.UNET:
+            samples.append({name: np.array(value) for name, value in feeds.items()})
+        return run(component, feeds)
+
+    pipe.backend.run = recording_run
+    try:
+        for index, prompt in enumerate(CALIBRATION_PROMPTS[: calibration.prompts]):
+            logger.info("calibration run %d of %d: %r", index + 1, calibration.prompts, prompt)
+            pipe(prompt, num_inference_steps=calibration.num_inference_steps, guidance_scale=calibration.guidance_scale,
+                 height=calibration.size, width=calibration.size, seed=calibration.seed + index, output_type="latent")
+    finally:
+        del pipe.backend.run
+    return samples

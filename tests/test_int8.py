@@ -1,0 +1,100 @@
+"""`sdrt quantize` and the openvino-int8 backend: the int8 U-Net is calibrated on the bundle's own runs, written into
+the bundle atomically, run only when chosen by name, and stays close to fp32."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sdrt.engine
+from sdrt.engine.backends import backend_class
+from sdrt.engine.backends.openvino_cpu import OpenVINOInt8Backend, int8_unet_file
+from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError
+from sdrt.engine.specs import Component
+
+pytestmark = pytest.mark.skipif(OpenVINOInt8Backend.unavailable_reason() is not None, reason="no OpenVINO bf16 on this CPU")
+nncf = pytest.importorskip("nncf")
+
+from sdrt.export.int8_unet import Calibration, quantize_unet  # noqa: E402  (needs nncf)
+
+
+@pytest.fixture(scope="module")
+def quantized_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("int8") / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    quantize_unet(bundle, Calibration(prompts=2, num_inference_steps=3, size=64))
+    return bundle
+
+
+def _unet_digest(bundle: Path) -> str:
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32")
+    return pipe.backend.components[Component.UNET].digest
+
+
+def test_the_int8_unet_is_written_into_the_bundle_for_its_unet(quantized_bundle: Path) -> None:
+    written = int8_unet_file(quantized_bundle, _unet_digest(quantized_bundle))
+    assert written.is_file() and written.with_suffix(".bin").is_file()
+    assert not [p for p in written.parent.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_int8_runs_only_by_name_and_stays_close_to_fp32(quantized_bundle: Path) -> None:
+    pipe = sdrt.engine.load(quantized_bundle)  # "auto"
+    assert pipe.backend.name != "openvino-int8"
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    images = {}
+    for backend in ("openvino-int8", "openvino-fp32"):
+        pipe = sdrt.engine.load(quantized_bundle, backend=backend, safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        result = pipe("a cat", num_inference_steps=5, height=64, width=64, latents=latents, output_type="np")
+        assert result.backend == backend
+        images[backend] = result.images
+    mse = np.mean((images["openvino-int8"] - images["openvino-fp32"]) ** 2)
+    assert mse > 0  # the quantized U-Net really ran
+    assert 10 * np.log10(1 / mse) > 20  # dB; bf16 on this bundle: > 30
+
+
+def test_calibration_records_every_unet_call(tiny_bundle: Path) -> None:
+    from sdrt.export.int8_unet import _unet_inputs
+
+    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    samples = _unet_inputs(pipe, Calibration(prompts=2, num_inference_steps=3, size=64))
+    assert len(samples) == 2 * (3 + 1)  # PNDM: N + 1 U-Net calls for N steps
+    assert samples[0]["sample"].shape == (2, 4, 8, 8)  # (2B, C, H/8, W/8): guidance's batch of two
+    assert "run" not in vars(pipe.backend)  # the backend is left as it was
+
+
+def test_a_bundle_without_an_int8_unet_names_the_command(tiny_bundle: Path) -> None:
+    with pytest.raises(BackendUnavailableError, match="sdrt quantize"):
+        sdrt.engine.load(tiny_bundle, backend="openvino-int8")
+    assert backend_class("auto", tiny_bundle).name != "openvino-int8"
+
+
+def test_a_failed_quantization_leaves_no_int8_unet(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("openvino.save_model", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        quantize_unet(bundle, Calibration(prompts=1, num_inference_steps=1, size=64))
+    assert not int8_unet_file(bundle, _unet_digest(bundle)).parent.exists()
+    assert not any((bundle / "int8").iterdir())
+
+
+@pytest.mark.parametrize(("field", "value"), [("prompts", 0), ("prompts", 9), ("num_inference_steps", 0)])
+def test_calibration_settings_are_checked(field: str, value: int) -> None:
+    with pytest.raises(InvalidArgumentError, match=field):
+        Calibration(**{field: value})
+
+
+def test_the_cli_quantizes_and_prints_where(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    from sdrt.engine.cli import main
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    assert main(["quantize", str(bundle), "--prompts", "1", "-s", "1", "--size", "64"]) == 0
+    printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == int8_unet_file(bundle, _unet_digest(bundle)) and printed.is_file()
+    assert main(["quantize", str(bundle), "--prompts", "0"]) == 2  # argparse: must be positive
