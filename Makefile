@@ -36,6 +36,7 @@ $(OPTIMUM_VENV)/.installed:
 bench: $(VENV)/.installed $(OPTIMUM_VENV)/.installed
 	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
 	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
+	test -d $(BENCH_DIR)/sd15-bundle/int8 || $(VENV)/bin/sdrt quantize $(BENCH_DIR)/sd15-bundle --size 256
 	test -d $(BENCH_DIR)/sd15-optimum || $(OPTIMUM_VENV)/bin/optimum-cli export onnx --model $(BENCH_DIR)/sd15 \
 	    --task text-to-image $(BENCH_DIR)/sd15-optimum
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 $(BENCH_ARGS) \

@@ -27,6 +27,9 @@ from sdrt.benchmarks import worker
 from sdrt.benchmarks.report import write_chart, write_markdown
 from sdrt.benchmarks.worker import RunConfig
 from sdrt.engine.diagnostics import package_versions
+from sdrt.engine.backends import backend_class
+from sdrt.engine.errors import BackendUnavailableError
+from sdrt.engine.loading import component_files
 from sdrt.engine.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,12 @@ def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
         return worker.diffusers_unavailable_reason(engine)
     if engine == "optimum-ort" and (plan.optimum_python is None or plan.optimum_model is None):
         return "needs --optimum-python and --optimum-model (optimum-onnx runs in its own venv: transformers 4.x)"
+    if engine in SDRT_ENGINES:
+        # e.g. sdrt-int8 on a bundle not quantized, sdrt-tensorrt without engines: the reason names the fix
+        try:
+            backend_class(worker.SDRT_ENGINES[engine].backend, plan.bundle, component_files(plan.bundle, read_manifest(plan.bundle)))
+        except BackendUnavailableError as exc:
+            return str(exc)
     return None
 
 
@@ -181,7 +190,7 @@ def _prime_bundle_caches(plan: BenchPlan, work: Path) -> None:
     latents_file = work / "prime-latents.npy"
     np.save(latents_file, np.zeros((1, model.latent_channels, 8, 8), np.float32))
     config = RunConfig(plan.prompt, 1, plan.guidance_scale, side, side, 1, str(latents_file))
-    for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES):
+    for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES and _skip_reason(e, plan) is None):
         logger.info("priming the bundle's caches for %s", engine)
         _run_once(engine, plan, config, work / "prime-images.npy")
 

@@ -34,7 +34,9 @@ SDRT_ENGINES = {
     "sdrt-exact": SdrtEngine("exact"),
     "sdrt-low-memory": SdrtEngine("auto", "one-at-a-time"),
     "sdrt-exact-low-memory": SdrtEngine("exact", "one-at-a-time"),
-    "sdrt-int8": SdrtEngine("openvino-int8"),  # after `sdrt quantize BUNDLE`
+    # "sdrt" on a bundle quantized by `sdrt quantize` runs int8; these name the CPU fast modes explicitly
+    "sdrt-int8": SdrtEngine("openvino-int8"),
+    "sdrt-bf16": SdrtEngine("openvino-bf16"),
     # one backend each, for the GPU validation (sdrt.benchmarks.gpu_validate); "exact" would take cuda on a GPU
     "sdrt-onnxruntime-cpu": SdrtEngine("onnxruntime-cpu"),
     "sdrt-tensorrt": SdrtEngine("tensorrt"),

@@ -581,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="int8 U-Net for --backend openvino-int8 (quantize extra)",
                                    description="Quantize BUNDLE's U-Net to int8 with NNCF, calibrated on the U-Net inputs "
                                    "of the bundle's own fp32 denoising runs, and store it in the bundle (int8/) for "
-                                   "--backend openvino-int8: faster than bf16 on CPUs with AVX-512 VNNI or AMX, at a "
-                                   "larger loss of accuracy (PSNR in sdrt bench). Replaces an earlier int8 U-Net.")
+                                   "--backend openvino-int8, which --backend auto then prefers on CPUs with bf16: faster than bf16 "
+                                   "(AVX-512 VNNI or AMX), at a larger loss of accuracy (PSNR in sdrt bench). Replaces an "
+                                   "earlier int8 U-Net.")
     quantize.add_argument("bundle", type=Path)
     quantize.add_argument("--prompts", type=_positive(int), default=4, help="calibration runs, one prompt each (max 8)")
     quantize.add_argument("-s", "--num-inference-steps", type=_positive(int), default=10, help="steps per calibration run")
@@ -596,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "a per-stage breakdown, load, cold start, peak RSS, PSNR against fp32, and ratios.")
     bench.add_argument("bundle", type=Path)
     bench.add_argument("--checkpoint", type=Path, default=None, help="the diffusers checkpoint the bundle came from")
-    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-exact", "sdrt-low-memory", "diffusers-fp32", "diffusers-bf16", "optimum-ort"])
+    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-bf16", "sdrt-exact", "sdrt-low-memory", "diffusers-fp32", "diffusers-bf16", "optimum-ort"])
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--sizes", type=int, nargs="+", default=[512])
     bench.add_argument("--batches", type=int, nargs="+", default=[1])

@@ -10,7 +10,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from sdrt.engine.backends import AUTO, BACKENDS, EXACT, backend_class
+from sdrt.engine.backends import AUTO, BACKENDS, EXACT, Backend, backend_class
 from sdrt.engine.cuda_device import CudaDevice, cuda_device, cuda_device_unavailable_reason
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.version import SDRT_VERSION
@@ -33,7 +33,16 @@ def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None
 
 
 def _choice(name: str) -> str:
-    """The backend "auto" or "exact" takes here (for any bundle), or why none can run."""
+    """The backend "auto" or "exact" takes here, or why none can run. Backends that run only bundles prepared for
+    them (TensorRT engines, an int8 U-Net) are named with the one taken for other bundles."""
+    for_prepared: list[str] = []
+    for candidate in (b for b in BACKENDS if name == AUTO or b.exact):
+        if candidate.unavailable_reason() is not None:
+            continue
+        if candidate.bundle_unavailable_reason.__func__ is not Backend.bundle_unavailable_reason.__func__:
+            for_prepared.append(candidate.name)
+            continue
+        return " / ".join([f"{n} (bundles prepared for it)" for n in for_prepared] + [candidate.name])
     try:
         return backend_class(name).name
     except SdrtError as exc:

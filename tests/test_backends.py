@@ -17,7 +17,7 @@ needs_bf16 = pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not 
 
 
 def _available(exact_only: bool) -> list[str]:
-    return [b.name for b in BACKENDS if b.automatic and b.unavailable_reason() is None and (b.exact or not exact_only)]
+    return [b.name for b in BACKENDS if b.unavailable_reason() is None and (b.exact or not exact_only)]
 
 
 def test_auto_is_the_first_available_and_exact_the_first_fp32() -> None:
@@ -29,7 +29,8 @@ def test_auto_is_the_first_available_and_exact_the_first_fp32() -> None:
 def test_result_reports_the_backend_that_ran(tiny_bundle: Path) -> None:
     pipe = sdrt.engine.load(tiny_bundle, safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0).backend == backend_class("auto").name
+    ran = pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0).backend
+    assert ran == pipe.backend.name == backend_class("auto", tiny_bundle, pipe.backend.components).name
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,12 +13,13 @@ def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, 
     out = tmp_path / "out"
     results_md = tmp_path / "RESULTS.md"
     code = main(["bench", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--engines", "sdrt-exact", "diffusers-fp32",
-                 "optimum-ort", "--runs", "2", "--sizes", "64", "-s", "2", "--out", str(out), "--results", str(results_md)])
+                 "optimum-ort", "sdrt-int8", "--runs", "2", "--sizes", "64", "-s", "2", "--out", str(out), "--results", str(results_md)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     point = results["points"][0]
     assert set(point["engines"]) == {"sdrt-exact", "diffusers-fp32"}
     assert "optimum-ort" in point["skipped"]
+    assert "sdrt quantize" in point["skipped"]["sdrt-int8"]  # the bundle has no int8 U-Net: skipped, naming the fix
     for summary in point["engines"].values():
         assert summary["runs"] == 2 and summary["unet_calls"] == 3  # PNDM: N + 1 calls
         assert 0 < summary["stages_s"]["unet"] < summary["e2e_s"]["median"]

@@ -1,5 +1,5 @@
 """`sdrt quantize` and the openvino-int8 backend: the int8 U-Net is calibrated on the bundle's own runs, written into
-the bundle atomically, run only when chosen by name, and stays close to fp32."""
+the bundle atomically, preferred by "auto" only in a bundle that has one, and stays close to fp32."""
 from __future__ import annotations
 
 import shutil
@@ -38,9 +38,9 @@ def test_the_int8_unet_is_written_into_the_bundle_for_its_unet(quantized_bundle:
     assert not [p for p in written.parent.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_int8_runs_only_by_name_and_stays_close_to_fp32(quantized_bundle: Path) -> None:
-    pipe = sdrt.engine.load(quantized_bundle)  # "auto"
-    assert pipe.backend.name != "openvino-int8"
+def test_auto_prefers_int8_in_a_quantized_bundle_and_it_stays_close_to_fp32(quantized_bundle: Path) -> None:
+    assert sdrt.engine.load(quantized_bundle).backend.name == "openvino-int8"  # "auto"
+    assert sdrt.engine.load(quantized_bundle, backend="exact").backend.name == "openvino-fp32"
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
     images = {}
     for backend in ("openvino-int8", "openvino-fp32"):
@@ -68,7 +68,7 @@ def test_calibration_records_every_unet_call(tiny_bundle: Path) -> None:
 def test_a_bundle_without_an_int8_unet_names_the_command(tiny_bundle: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="sdrt quantize"):
         sdrt.engine.load(tiny_bundle, backend="openvino-int8")
-    assert backend_class("auto", tiny_bundle).name != "openvino-int8"
+    assert backend_class("auto", tiny_bundle).name == "openvino-bf16"  # the next fastest
 
 
 def test_a_failed_quantization_leaves_no_int8_unet(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
@@ -98,3 +98,10 @@ def test_the_cli_quantizes_and_prints_where(tiny_bundle: Path, tmp_path: Path, c
     printed = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == int8_unet_file(bundle, _unet_digest(bundle)) and printed.is_file()
     assert main(["quantize", str(bundle), "--prompts", "0"]) == 2  # argparse: must be positive
+
+
+def test_doctor_names_int8_as_the_choice_for_quantized_bundles_only() -> None:
+    from sdrt.engine.diagnostics import _choice
+
+    choice = _choice("auto")
+    assert "openvino-int8 (bundles prepared for it) / " in choice and not choice.endswith("openvino-int8")

@@ -878,7 +878,7 @@ def test_auto_skips_tensorrt_without_engines_for_the_bundle(tmp_path: Path, monk
     bundle = _fake_bundle(tmp_path)
     files = _component_files(bundle)
     assert backend_class("auto") is TensorRTBackend  # the machine could run it
-    fallback = next(b for b in BACKENDS[1:] if b.unavailable_reason() is None)
+    fallback = next(b for b in BACKENDS[1:] if b.unavailable_reason() is None and b.bundle_unavailable_reason(bundle, files) is None)
     with caplog.at_level(logging.WARNING, logger="sdrt.engine.backends"):
         assert backend_class("auto", bundle, files) is fallback
     assert "backend auto: not tensorrt: TensorRT engines are not built for this GPU" in caplog.text

@@ -1,9 +1,8 @@
 """Inference backends behind one interface, and the choice among them.
 
 `backend="auto"` takes the fastest available backend: TensorRT where this GPU has engines built for the bundle, then
-onnxruntime on CUDA (its fp16 variants where the bundle has them, else fp32), then the CPU backends (bf16 where the CPU supports it: see PSNR in the benchmark results);
-`backend="exact"` the fastest fp32 one, at pixel parity with diffusers. The int8 U-Net (`openvino-int8`, for bundles
-quantized by `sdrt quantize`) is faster still but changes images more than bf16 does, so it is chosen only by name.
+onnxruntime on CUDA (its fp16 variants where the bundle has them, else fp32), then the CPU backends (the int8 U-Net where `sdrt quantize` has made one for the bundle, then bf16 where the CPU
+supports it: see PSNR in the benchmark results); `backend="exact"` the fastest fp32 one, at pixel parity with diffusers.
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ def backend_class(
     """
     if name in (AUTO, EXACT):
         reasons: dict[str, str] = {}
-        for candidate in (b for b in BACKENDS if b.automatic and (name == AUTO or b.exact)):
+        for candidate in (b for b in BACKENDS if name == AUTO or b.exact):
             reason, about_bundle = _unavailable_reason(candidate, bundle_dir, components)
             if reason is None:
                 return candidate

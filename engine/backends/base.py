@@ -54,9 +54,6 @@ class Backend(abc.ABC):
     #: 2.8 GB peak batched, 26.0 s and 1.0 GB one at a time, bit-identical (the U-Net over 8 samples: 17.7 s
     #: batched, 17.9 s one at a time; it stays batched, as small models and serving's micro-batching gain from it).
     batched_decode: ClassVar[bool] = False
-    #: "auto" and "exact" may choose it; False for a backend that trades accuracy beyond bf16's for speed (the int8
-    #: U-Net), which users choose by name
-    automatic: ClassVar[bool] = True
 
     def __init__(
         self, bundle_dir: Path, components: Mapping[Component, ComponentFile], memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED
