@@ -165,7 +165,7 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
     """The bf16 fast mode with the U-Net's convolutions and matrix products in int8 (AVX-512 VNNI runs twice as many
-    int8 products per instruction as bf16): SD 1.5 at 512², 3.1 s per U-Net call against 4.7 s in bf16. Quantizing
+    int8 products per instruction as bf16): SD 1.5 at 512², 3.09 s per U-Net call against 4.51 s in bf16. Quantizing
     activations changes images more than bf16 rounding does (see PSNR in the benchmark results), so it runs only
     for bundles whose owner made an int8 U-Net with `sdrt quantize`; "auto" then prefers it, as it prefers TensorRT
     where engines were built."""
