@@ -67,10 +67,21 @@ def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
     if engine in SDRT_ENGINES:
         # e.g. sdrt-int8 on a bundle not quantized, sdrt-tensorrt without engines: the reason names the fix
         try:
-            backend_class(worker.SDRT_ENGINES[engine].backend, plan.bundle, component_files(plan.bundle, read_manifest(plan.bundle)))
+            runs_as = _sdrt_run(engine, plan)
         except BackendUnavailableError as exc:
             return str(exc)
+        # e.g. sdrt-bf16 beside sdrt ("auto") on a bundle not quantized: the same run twice tells nothing more
+        for earlier in plan.engines[: plan.engines.index(engine)]:
+            if earlier in SDRT_ENGINES and _skip_reason(earlier, plan) is None and _sdrt_run(earlier, plan) == runs_as:
+                return f"runs as {earlier} does on this bundle ({runs_as.backend}, {runs_as.memory})"
     return None
+
+
+def _sdrt_run(engine: str, plan: BenchPlan) -> worker.SdrtEngine:
+    """How an sdrt engine runs on the plan's bundle: "auto" and "exact" resolved to the backend they take there."""
+    spec = worker.SDRT_ENGINES[engine]
+    backend = backend_class(spec.backend, plan.bundle, component_files(plan.bundle, read_manifest(plan.bundle)))
+    return dataclasses.replace(spec, backend=backend.name)
 
 
 def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path) -> dict[str, Any]:

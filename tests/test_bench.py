@@ -43,3 +43,18 @@ def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, 
 def test_bench_rejects_unknown_engine(tiny_bundle: Path, capsys) -> None:
     assert main(["bench", str(tiny_bundle), "--engines", "tensorflow"]) == 2
     assert "unknown ['tensorflow']" in capsys.readouterr().err
+
+
+def test_an_sdrt_engine_that_would_repeat_an_earlier_ones_run_is_skipped(tiny_bundle: Path, tmp_path: Path) -> None:
+    import pytest
+
+    from sdrt.benchmarks.bench import BenchPlan, _skip_reason
+    from sdrt.engine.backends import backend_class
+
+    auto = backend_class("auto", tiny_bundle).name  # not quantized: no int8 U-Net
+    explicit = {"openvino-bf16": "sdrt-bf16", "onnxruntime-cpu": "sdrt-onnxruntime-cpu"}.get(auto)
+    if explicit is None:
+        pytest.skip(f"no bench engine names {auto} explicitly")
+    plan = BenchPlan(None, tiny_bundle, ("sdrt", explicit, "sdrt-exact"), 1, (64,), (1,), "a cat", 1, 7.5, 0, None, None, tmp_path)
+    assert _skip_reason("sdrt", plan) is None and _skip_reason("sdrt-exact", plan) is None
+    assert _skip_reason(explicit, plan) == f"runs as sdrt does on this bundle ({auto}, keep-loaded)"
