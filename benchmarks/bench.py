@@ -55,7 +55,32 @@ class BenchPlan:
     out_dir: Path
 
 
-def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
+def _skip_reasons(plan: BenchPlan) -> dict[str, str]:
+    """Each engine of the plan that will not run, and why; asked once per bench (some reasons import torch or
+    resolve backends against the bundle)."""
+    reasons: dict[str, str] = {}
+    sdrt_runs: dict[worker.SdrtEngine, str] = {}  # how each sdrt engine kept so far runs -> that engine
+    for engine in dict.fromkeys(plan.engines):
+        if engine in SDRT_ENGINES:
+            # e.g. sdrt-int8 on a bundle not quantized, sdrt-tensorrt without engines: the reason names the fix
+            try:
+                runs_as = _sdrt_run(engine, plan)
+            except BackendUnavailableError as exc:
+                reasons[engine] = str(exc)
+                continue
+            # e.g. sdrt-bf16 beside sdrt ("auto") on a bundle not quantized: the same run twice tells nothing more
+            if runs_as in sdrt_runs:
+                reasons[engine] = f"runs as {sdrt_runs[runs_as]} does on this bundle ({runs_as.backend}, {runs_as.memory})"
+            else:
+                sdrt_runs[runs_as] = engine
+            continue
+        reason = _peer_skip_reason(engine, plan)
+        if reason is not None:
+            reasons[engine] = reason
+    return reasons
+
+
+def _peer_skip_reason(engine: str, plan: BenchPlan) -> str | None:
     if engine in worker.DIFFUSERS_ENGINES:
         if plan.checkpoint is None:
             return "no --checkpoint given"
@@ -64,16 +89,6 @@ def _skip_reason(engine: str, plan: BenchPlan) -> str | None:
         return worker.diffusers_unavailable_reason(engine)
     if engine == "optimum-ort" and (plan.optimum_python is None or plan.optimum_model is None):
         return "needs --optimum-python and --optimum-model (optimum-onnx runs in its own venv: transformers 4.x)"
-    if engine in SDRT_ENGINES:
-        # e.g. sdrt-int8 on a bundle not quantized, sdrt-tensorrt without engines: the reason names the fix
-        try:
-            runs_as = _sdrt_run(engine, plan)
-        except BackendUnavailableError as exc:
-            return str(exc)
-        # e.g. sdrt-bf16 beside sdrt ("auto") on a bundle not quantized: the same run twice tells nothing more
-        for earlier in plan.engines[: plan.engines.index(engine)]:
-            if earlier in SDRT_ENGINES and _skip_reason(earlier, plan) is None and _sdrt_run(earlier, plan) == runs_as:
-                return f"runs as {earlier} does on this bundle ({runs_as.backend}, {runs_as.memory})"
     return None
 
 
@@ -148,15 +163,15 @@ def _ratios(engines: dict[str, dict[str, Any]], metric: str) -> dict[str, dict[s
     }
 
 
-def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path) -> dict[str, Any]:
+def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path, skipped: dict[str, str]) -> dict[str, Any]:
     manifest = read_manifest(plan.bundle)
     f = manifest.model.vae_scale_factor
     latents = np.random.default_rng(plan.seed).standard_normal((batch, manifest.model.latent_channels, size // f, size // f), dtype=np.float32)
     latents_file = work / f"latents-{size}-{batch}.npy"
     np.save(latents_file, latents)
     config = RunConfig(plan.prompt, plan.steps, plan.guidance_scale, size, size, batch, str(latents_file))
-    engines = [e for e in plan.engines if _skip_reason(e, plan) is None]
-    skipped = {e: _skip_reason(e, plan) for e in plan.engines if e not in engines}
+    engines = [e for e in plan.engines if e not in skipped]
+    skipped = dict(skipped)  # this point's: an engine that fails here is added
     for engine, reason in skipped.items():
         logger.warning("skipping %s: %s", engine, reason)
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
@@ -192,7 +207,7 @@ def _machine() -> dict[str, Any]:
             "python": platform.python_version(), "versions": versions}
 
 
-def _prime_bundle_caches(plan: BenchPlan, work: Path) -> None:
+def _prime_bundle_caches(plan: BenchPlan, work: Path, skipped: dict[str, str]) -> None:
     """Run each sdrt engine once at the smallest size, unmeasured, so every measured run finds the bundle's caches
     (verified hashes, converted and compiled models) as a deployment does after its first load: cold start then
     means a new process on a prepared bundle, and the first load's one-off work is not charged to one run."""
@@ -201,7 +216,7 @@ def _prime_bundle_caches(plan: BenchPlan, work: Path) -> None:
     latents_file = work / "prime-latents.npy"
     np.save(latents_file, np.zeros((1, model.latent_channels, 8, 8), np.float32))
     config = RunConfig(plan.prompt, 1, plan.guidance_scale, side, side, 1, str(latents_file))
-    for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES and _skip_reason(e, plan) is None):
+    for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES and e not in skipped):
         logger.info("priming the bundle's caches for %s", engine)
         _run_once(engine, plan, config, work / "prime-images.npy")
 
@@ -211,8 +226,9 @@ def run_bench(plan: BenchPlan, command_line: Sequence[str]) -> dict[str, Any]:
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     with tempfile.TemporaryDirectory(prefix="sdrt-bench-") as work:
-        _prime_bundle_caches(plan, Path(work))
-        points = [_bench_point(plan, size, batch, Path(work)) for size in plan.sizes for batch in plan.batches]
+        skipped = _skip_reasons(plan)
+        _prime_bundle_caches(plan, Path(work), skipped)
+        points = [_bench_point(plan, size, batch, Path(work), skipped) for size in plan.sizes for batch in plan.batches]
     results = {
         "started_utc": started.isoformat(timespec="seconds"),
         "command": shlex.join(command_line),

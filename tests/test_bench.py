@@ -48,7 +48,7 @@ def test_bench_rejects_unknown_engine(tiny_bundle: Path, capsys) -> None:
 def test_an_sdrt_engine_that_would_repeat_an_earlier_ones_run_is_skipped(tiny_bundle: Path, tmp_path: Path) -> None:
     import pytest
 
-    from sdrt.benchmarks.bench import BenchPlan, _skip_reason
+    from sdrt.benchmarks.bench import BenchPlan, _skip_reasons
     from sdrt.engine.backends import backend_class
 
     auto = backend_class("auto", tiny_bundle).name  # not quantized: no int8 U-Net
@@ -56,5 +56,6 @@ def test_an_sdrt_engine_that_would_repeat_an_earlier_ones_run_is_skipped(tiny_bu
     if explicit is None:
         pytest.skip(f"no bench engine names {auto} explicitly")
     plan = BenchPlan(None, tiny_bundle, ("sdrt", explicit, "sdrt-exact"), 1, (64,), (1,), "a cat", 1, 7.5, 0, None, None, tmp_path)
-    assert _skip_reason("sdrt", plan) is None and _skip_reason("sdrt-exact", plan) is None
-    assert _skip_reason(explicit, plan) == f"runs as sdrt does on this bundle ({auto}, keep-loaded)"
+    skipped = _skip_reasons(plan)
+    assert skipped.get("sdrt") is None and skipped.get("sdrt-exact") is None
+    assert skipped.get(explicit) == f"runs as sdrt does on this bundle ({auto}, keep-loaded)"
