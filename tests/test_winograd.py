@@ -1,0 +1,175 @@
+"""Winograd F(4x4, 3x3) convolutions (exact mode's U-Net on OpenVINO): same outputs as direct convolutions, only
+the convolutions it is meant for, and the Winograd-domain weights computed per call, never held."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.engine.backends.openvino_cpu import OpenVINOFP32Backend
+
+pytestmark = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
+
+FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _convolution_model(
+    in_channels: int, out_channels: int, *, kernel: int = 3, stride: int = 1, pad: int = 1, dilation: int = 1,
+    bias: bool = True, batch: int = -1, seed: int = 1,
+):
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(seed)
+    source = ops.parameter(ov.PartialShape([batch, in_channels, -1, -1]), ov.Type.f32)
+    weights = (rng.standard_normal((out_channels, in_channels, kernel, kernel)) / np.sqrt(kernel * kernel * in_channels)).astype(np.float32)
+    result = ops.convolution(source, ops.constant(weights), [stride, stride], [pad, pad], [pad, pad], [dilation, dilation])
+    if bias:
+        result = ops.add(result, ops.constant(rng.standard_normal((1, out_channels, 1, 1)).astype(np.float32)))
+    return ov.Model([result], [source])
+
+
+def _run(model, inputs: np.ndarray) -> np.ndarray:
+    import openvino as ov
+
+    return ov.Core().compile_model(model, "CPU", FP32)(inputs)[0]
+
+
+@pytest.mark.parametrize(
+    ("batch", "in_channels", "out_channels", "height", "width", "bias"),
+    [
+        (2, 32, 32, 64, 64, True),  # whole tiles
+        (2, 3, 5, 9, 15, True),  # partial tiles on both axes: padded, then cropped
+        (1, 8, 16, 7, 7, False),
+        (3, 4, 4, 1, 1, True),  # smaller than one tile
+        (1, 4, 6, 2, 3, True),
+    ],
+)
+def test_winograd_matches_direct_convolution(batch, in_channels, out_channels, height, width, bias) -> None:
+    from sdrt.engine.backends.winograd import rewrite_convolutions
+
+    inputs = np.random.default_rng(0).standard_normal((batch, in_channels, height, width)).astype(np.float32)
+    expected = _run(_convolution_model(in_channels, out_channels, bias=bias), inputs)
+    model = _convolution_model(in_channels, out_channels, bias=bias)
+
+    assert rewrite_convolutions(model) == 1
+    assert not [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution" and op.input_value(1).get_node().get_type_name() == "Constant"
+                and list(op.input_value(1).get_partial_shape())[2:] == [3, 3]]
+    actual = _run(model, inputs)
+
+    assert actual.shape == expected.shape == (batch, out_channels, height, width)
+    assert np.abs(actual - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    assert np.abs(expected).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(stride=2),  # downsamplers
+        dict(kernel=1, pad=0),  # 1x1 projections
+        dict(pad=0),  # "valid" padding changes the output size
+        dict(dilation=2),
+        dict(batch=2),  # a static batch would let OpenVINO fold the per-call weight transform into a resident constant
+    ],
+    ids=["stride-2", "1x1", "unpadded", "dilated", "static-batch"],
+)
+def test_convolutions_it_is_not_for_are_left_alone(options) -> None:
+    from sdrt.engine.backends.winograd import rewrite_convolutions
+
+    model = _convolution_model(4, 8, **options)
+    before = [op.get_type_name() for op in model.get_ordered_ops()]
+
+    assert rewrite_convolutions(model) == 0
+    assert [op.get_type_name() for op in model.get_ordered_ops()] == before
+
+
+def test_weights_above_the_limit_are_left_alone() -> None:
+    from sdrt.engine.backends.winograd import rewrite_convolutions
+
+    assert rewrite_convolutions(_convolution_model(16, 16), max_weight_elements=16 * 16 * 9 - 1) == 0
+    assert rewrite_convolutions(_convolution_model(16, 16), max_weight_elements=16 * 16 * 9) == 1
+
+
+def test_winograd_domain_weights_are_computed_per_call_not_held() -> None:
+    """Held, they would be four times the 3x3 weights (SD 1.5's U-Net: +0.9 GB), breaking exact mode's memory
+    bound. The compiled model must compute the (36, out x in) product on each call and keep no constant of its size."""
+    import openvino as ov
+
+    from sdrt.engine.backends.winograd import POINTS, rewrite_convolutions
+
+    out_channels, in_channels = 16, 8
+    model = _convolution_model(in_channels, out_channels)
+    rewrite_convolutions(model)
+    runtime = ov.Core().compile_model(model, "CPU", FP32).get_runtime_model()
+
+    domain_shape = [POINTS * POINTS, out_channels * in_channels]
+    layers = [
+        (op.get_rt_info()["layerType"].astype(str), [[d.get_length() for d in o.get_partial_shape()] for o in op.outputs() if o.get_partial_shape().is_static])
+        for op in runtime.get_ordered_ops()
+    ]
+    assert any(kind != "Const" and domain_shape in shapes for kind, shapes in layers)
+    constant_sizes = [int(np.prod(shapes[0])) for kind, shapes in layers if kind == "Const" and shapes and shapes[0]]
+    assert max(constant_sizes) < POINTS * POINTS * out_channels * in_channels
+
+
+def _exact_images(bundle: Path) -> np.ndarray:
+    import sdrt.engine
+
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle", num_inference_steps=2, height=64, width=64, seed=0, output_type="np").images
+
+
+def _count_winograd_rewrites(monkeypatch) -> list[int]:
+    """Record how many convolutions each Winograd rewrite of exact mode's U-Net changes."""
+    import dataclasses
+
+    from sdrt.engine.backends import openvino_cpu
+
+    counts: list[int] = []
+
+    def counted(model) -> int:
+        counts.append(openvino_cpu.WINOGRAD.apply(model))
+        return counts[-1]
+
+    unet_rewrites = tuple(
+        dataclasses.replace(r, apply=counted) if r is openvino_cpu.WINOGRAD else r
+        for r in openvino_cpu.OpenVINOFP32Backend.rewrites[openvino_cpu.Component.UNET]
+    )
+    monkeypatch.setattr(openvino_cpu.OpenVINOFP32Backend, "rewrites", {openvino_cpu.Component.UNET: unet_rewrites})
+    return counts
+
+
+def test_exact_mode_converts_its_unet_once_into_the_bundle_cache(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from sdrt.engine.backends import openvino_cpu
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    rewritten = _count_winograd_rewrites(monkeypatch)
+    first = _exact_images(bundle)
+
+    converted = [d.name for d in (bundle / openvino_cpu.CACHE_SUBDIR / "ir").iterdir()]
+    assert len(converted) == 1 and converted[0].startswith("unet-") and openvino_cpu.WINOGRAD.name in converted[0]
+    assert len(rewritten) == 1 and rewritten[0] > 0  # the tiny U-Net's 3x3 convolutions are all small
+
+    again = _exact_images(bundle)
+    assert len(rewritten) == 1  # not converted again
+    np.testing.assert_array_equal(again, first)
+
+
+def test_read_only_bundle_rewrites_in_memory_on_each_load(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from sdrt.engine.backends import openvino_cpu
+
+    writable = Path(shutil.copytree(tiny_bundle, tmp_path / "writable", ignore=shutil.ignore_patterns(".cache")))
+    expected = _exact_images(writable)
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "read-only", ignore=shutil.ignore_patterns(".cache")))
+    real_access = os.access  # root ignores file modes: make the bundle read-only the way the backend sees it
+    monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
+    rewritten = _count_winograd_rewrites(monkeypatch)
+
+    np.testing.assert_array_equal(_exact_images(bundle), expected)
+    np.testing.assert_array_equal(_exact_images(bundle), expected)
+    assert len(rewritten) == 2
+    assert not (bundle / openvino_cpu.CACHE_SUBDIR).exists()
