@@ -168,6 +168,22 @@ def test_openvino_releases_a_stages_buffers_when_the_request_moves_on(tiny_bundl
 
 
 @needs_openvino
+def test_openvino_releases_the_last_stages_buffers_before_the_next_model_compiles(tiny_bundle: Path, monkeypatch) -> None:
+    # Released only when the next stage first ran, they were held through its compilation: in exact mode at 512², the
+    # VAE decoder's 1.3 GB while the safety checker compiled, the first request's peak.
+    from sdrt.engine.specs import Component
+
+    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    events, _ = _recording_releases(pipe.backend, monkeypatch)
+    compile_model = pipe.backend._core.compile_model
+    monkeypatch.setattr(pipe.backend._core, "compile_model", lambda *args, **kwargs: events.append("compile") or compile_model(*args, **kwargs))
+    pipe("a cat", num_inference_steps=2, height=64, width=64, seed=0)
+
+    assert events == ["compile", Component.TEXT_ENCODER, "compile", Component.UNET, "compile"]
+
+
+@needs_openvino
 def test_openvino_one_at_a_time_lets_each_dropped_model_go(tiny_bundle: Path, monkeypatch) -> None:
     # The backend remembers the last model it ran only weakly: a model the memory policy drops must be freed.
     import gc
