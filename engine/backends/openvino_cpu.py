@@ -20,7 +20,7 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
-from sdrt.engine.backends.winograd import rewrite_convolutions
+from sdrt.engine.backends.winograd import MAX_WEIGHT_ELEMENTS, rewrite_convolutions
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
 
@@ -47,7 +47,8 @@ class GraphRewrite:
     apply: Callable[[Any], int]
 
 
-WINOGRAD = GraphRewrite("winograd-f4x4", rewrite_convolutions)  # small 3x3 convolutions: winograd.py
+# small 3x3 convolutions (winograd.py); the name carries the weight limit, which decides what is rewritten
+WINOGRAD = GraphRewrite(f"winograd-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
 
 
 def _openvino() -> Any | None:
@@ -225,8 +226,8 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
     precision = "f32"
     exact = True
     fp16_weights = False
-    # SD 1.5 at 512²: 8.8 -> 7.8 s per U-Net call from Winograd, within 2.3e-5 of direct convolutions. Not on the
-    # VAE decoder (no gain), nor in bf16, whose rounding the transforms would amplify.
+    # SD 1.5 at 512²: 8.9 -> 7.9-8.4 s per U-Net call from Winograd, within 2.3e-5 of direct convolutions. Not on
+    # the VAE decoder (no gain), nor in bf16, whose rounding the transforms would amplify.
     rewrites = {Component.UNET: (WINOGRAD,)}
 
 

@@ -11,9 +11,10 @@ diffusers: so they are computed on every call from the 3x3 weights, which stay t
 bandwidth in proportion to the weights, while the saving grows with the activations: the rewrite pays only for
 convolutions with small weights, which in a U-Net are those at high resolution.
 
-Measured (2-core AVX-512 CPU, SD 1.5 U-Net at 512², batch 2, fp32): its 24 convolutions of up to 640 output
-channels take 2.65 s -> 1.5 s per call, the whole call 8.8 -> 7.8 s, output within 2.3e-5 of the direct
-convolutions. The 1280-channel convolutions (at 16² and 8²) lose: 88 -> 139 ms each, the weight transform
+Measured (2-core AVX-512 CPU, SD 1.5 U-Net at 512², batch 2, fp32), with all 24 convolutions of up to 640 output
+channels rewritten: they take 2.65 s -> 1.5 s per call, the whole call 8.8 -> 7.8 s, output within 2.3e-5 of the
+direct convolutions. With the 20 that MAX_WEIGHT_ELEMENTS keeps for memory: 8.9 -> 7.9-8.4 s per call (the same
+process timing both, alternately; this machine is noisy). The 1280-channel convolutions (at 16² and 8²) lose: 88 -> 139 ms each, the weight transform
 dominating. A VAE decoder gains nothing (12.7 -> 12.5 s at 512²): its activations are too large for the cache, and
 the transforms' memory traffic eats the saving.
 """
@@ -28,9 +29,12 @@ logger = logging.getLogger(__name__)
 
 TILE = 4  # outputs per tile side: F(4x4, 3x3)
 POINTS = TILE + 2  # Winograd-domain points per tile side (the input tile is 6x6)
-#: The largest 3x3 weights (elements) rewritten. SD 1.5's U-Net: its 640-channel convolutions (up to 11.1 M
-#: elements) gain, its 1280-channel ones (14.7 M and up) lose.
-MAX_WEIGHT_ELEMENTS = 12_000_000
+#: The largest 3x3 weights (elements) rewritten. The per-call Winograd-domain weights also add to the model's
+#: intermediate buffers, and those set exact mode's peak. SD 1.5's U-Net at 512², exact mode's peak RSS over two
+#: requests: 6.39 GB direct, 6.65 GB with this limit (20 convolutions: those of at most 640x640 channels), 6.84 GB
+#: with 12 M (24: up to 1920 -> 640 channels), diffusers fp32 6.7-6.9 GB. Its 1280-channel convolutions (14.7 M
+#: elements and up) lose time as well.
+MAX_WEIGHT_ELEMENTS = 4_000_000
 
 # Lavin & Gray's F(4, 3) on the points 0, ±1, ±2 and infinity: y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 6x6 input tile d,
 # 3x3 filter g and 4x4 output tile y.
