@@ -112,3 +112,19 @@ def test_doctor_names_int8_as_the_choice_for_quantized_bundles_only() -> None:
 
     choice = _choice("auto")
     assert "openvino-int8 (bundles prepared for it) / " in choice and not choice.endswith("openvino-int8")
+
+
+def test_auto_on_a_bundle_not_quantized_says_so_without_a_warning(tiny_bundle: Path, caplog) -> None:
+    # int8 is the owner's choice (it trades accuracy for speed): its absence is not a problem to warn about, unlike
+    # TensorRT engines missing on a GPU machine. The fix is still named, at INFO.
+    import logging
+
+    import sdrt.engine
+
+    with caplog.at_level(logging.INFO, logger="sdrt.engine.backends"):
+        pipe = sdrt.engine.load(tiny_bundle, backend="auto", safety_checker=False)
+
+    assert pipe.backend.name != "openvino-int8"
+    int8_records = [r for r in caplog.records if "openvino-int8" in r.getMessage()]
+    assert [r.levelno for r in int8_records] == [logging.INFO]
+    assert "sdrt quantize" in int8_records[0].getMessage()

@@ -56,8 +56,9 @@ def backend_class(
             if reason is None:
                 return candidate
             reasons[candidate.name] = reason
-            # The machine could run it: say so, since a command makes it available.
-            logger.log(logging.WARNING if about_bundle else logging.DEBUG, "backend %s: not %s: %s", name, candidate.name, reason)
+            # The machine could run it: say so, since a command makes it available (quietly for an opt-in backend).
+            level = (logging.INFO if candidate.opt_in else logging.WARNING) if about_bundle else logging.DEBUG
+            logger.log(level, "backend %s: not %s: %s", name, candidate.name, reason)
         raise BackendUnavailableError(f"no {name} inference backend is available: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     by_name = {b.name: b for b in BACKENDS}
     if name not in by_name:

@@ -48,6 +48,9 @@ class Backend(abc.ABC):
     name: str
     #: fp32 throughout, at pixel parity with diffusers; False for reduced-precision (fast) backends
     exact: bool
+    #: "auto" runs it only in bundles whose owner prepared them for it, a choice rather than a missing step: a bundle
+    #: without that preparation is logged at INFO, not as a warning (the int8 U-Net, which trades accuracy for speed)
+    opt_in: ClassVar[bool] = False
     #: the VAE decodes a batch in one call (GPUs, where batching costs less per image) rather than one image at a
     #: time. On the CPU, batching costs the same per sample at full size while a batched decode's full-resolution
     #: activations multiply its peak memory: OpenVINO bf16, SD 1.5 at 512², VAE decode of 4 images 27.3 s and

@@ -239,6 +239,7 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
     where engines were built."""
 
     name = "openvino-int8"
+    opt_in = True
 
     @classmethod
     def bundle_unavailable_reason(cls, bundle_dir: Path, components: Mapping[Component, ComponentFile]) -> str | None:
