@@ -2,8 +2,8 @@
 
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions run as Winograd F(4x4, 3x3)
-(`winograd.py`). Compiled models are cached under the bundle's `.cache/openvino`, so a
-later process skips most of the compilation.
+(`winograd.py`). Compiled models are cached under the bundle's `.cache/openvino`, so a later process skips most of
+the compilation.
 """
 from __future__ import annotations
 
