@@ -76,6 +76,47 @@ def test_read_only_bundle_compiles_without_a_cache(tiny_bundle: Path, tmp_path: 
     assert not (bundle / CACHE_SUBDIR).exists()
 
 
+def _cache_listing(bundle: Path) -> set[str]:
+    """Every file under the bundle's OpenVINO cache, relative to it."""
+    cache = bundle / CACHE_SUBDIR
+    return {str(f.relative_to(cache)) for f in cache.rglob("*") if f.is_file()}
+
+
+@needs_openvino
+def test_compiled_models_are_cached_per_model_and_stale_entries_removed(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from sdrt.engine.backends import openvino_cpu
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    _run_openvino_fp32(bundle)
+    if OpenVINOBF16Backend.unavailable_reason() is None:
+        pipe = sdrt.engine.load(bundle, backend="openvino-bf16", safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe("a cat", num_inference_steps=1, height=64, width=64, seed=0)
+    cache = bundle / CACHE_SUBDIR
+    compiled = {d.name: d for d in (cache / "compiled").iterdir()}
+    assert compiled and all(d.is_dir() and any(d.iterdir()) for d in compiled.values())
+    assert {name.rsplit("-", 1)[1] for name in compiled} == {"f32"} | ({"bf16"} if OpenVINOBF16Backend.unavailable_reason() is None else set())
+    current = _cache_listing(bundle)
+
+    # Entries nothing current would read: an earlier export's U-Net, and blobs of the one-directory layout. Hidden
+    # staging directories (a conversion under way) and what is not named after a component stay.
+    for planted in ("ir/unet-0123456789abcdef/model.xml", "compiled/unet-0123456789abcdef-f32/a.blob", "compiled/b.blob",
+                    "ir/.unet-x.partial/model.xml", "compiled/notes/c.txt"):
+        (cache / planted).parent.mkdir(parents=True, exist_ok=True)
+        (cache / planted).write_text("x")
+    _run_openvino_fp32(bundle)  # both modes' entries are current: neither removes the other's
+    assert _cache_listing(bundle) == current | {"ir/.unet-x.partial/model.xml", "compiled/notes/c.txt"}
+
+    # A rewrite whose name changes (say, its weight limit) makes the U-Net's previous conversion stale.
+    renamed = tuple(dataclasses.replace(r, name=f"{r.name}-v2") for r in OpenVINOFP32Backend.rewrites[openvino_cpu.Component.UNET])
+    monkeypatch.setattr(OpenVINOFP32Backend, "rewrites", {openvino_cpu.Component.UNET: renamed})
+    _run_openvino_fp32(bundle)
+    converted = {d.name for d in (cache / "ir").iterdir() if d.name.startswith("unet-")}
+    assert len([name for name in converted if "winograd" in name]) == 1 and all(name.endswith("-v2") for name in converted if "winograd" in name)
+
+
 @needs_bf16
 def test_fast_mode_compiles_an_fp16_copy_converted_once(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))

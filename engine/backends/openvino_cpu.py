@@ -2,8 +2,9 @@
 
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions run as Winograd F(4x4, 3x3)
-(`winograd.py`). Compiled models are cached under the bundle's `.cache/openvino`, so a later process skips most of
-the compilation.
+(`winograd.py`). Converted and compiled models are cached under the bundle's `.cache/openvino`, one directory per
+model, so a later process skips most of the compilation; entries no current backend would read (a re-exported
+component, a changed rewrite) are removed when a backend opens the bundle.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +29,8 @@ from sdrt.engine.specs import Component
 logger = logging.getLogger(__name__)
 
 CACHE_SUBDIR = ".cache/openvino"
+IR_SUBDIR = "ir"  # in CACHE_SUBDIR: converted models (fp16 weights, graph rewrites), one directory each
+COMPILED_SUBDIR = "compiled"  # in CACHE_SUBDIR: OpenVINO's compiled-model cache, one directory per model
 IR_FILE = "model.xml"  # OpenVINO IR: the weights go beside it in model.bin
 INT8_SUBDIR = "int8"  # in the bundle: U-Nets quantized by `sdrt quantize`, one per U-Net digest
 
@@ -101,7 +105,21 @@ class _OpenVINOBackend(Backend):
         # A bundle installed read-only simply converts and compiles on every load.
         self._cache_dir = self.bundle_dir / CACHE_SUBDIR if os.access(self.bundle_dir, os.W_OK) else None
         if self._cache_dir is not None:
-            self._core.set_property({"CACHE_DIR": str(self._cache_dir / "compiled")})
+            _remove_stale_cache_entries(self._cache_dir, self.components)
+
+    @classmethod
+    def _converted_name(cls, component: Component, source: ComponentFile) -> str | None:
+        """The cache directory of the component's converted model, or None where it compiles the bundle's file as is.
+        The name carries what the conversion depends on: the source's digest and the rewrites."""
+        rewrites = cls.rewrites.get(component, ())
+        if not (cls.fp16_weights or rewrites):
+            return None
+        return "-".join([component.value, source.digest[:16], *(r.name for r in rewrites)])
+
+    @classmethod
+    def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
+        """The cache directory of the component's compiled models (one per input shape for static_shapes)."""
+        return f"{cls._converted_name(component, source) or f'{component.value}-{source.digest[:16]}'}-{cls.precision}"
 
     def _model_file(self, component: Component) -> Any:
         """What to compile: the bundle's ONNX, or a converted copy in the cache (IR with fp16 weights for
@@ -110,11 +128,12 @@ class _OpenVINOBackend(Backend):
         are rewritten in memory on every load, and fp16 weights are skipped."""
         source = self.components[component]
         rewrites = self.rewrites.get(component, ())
-        if not (self.fp16_weights or rewrites):
+        name = self._converted_name(component, source)
+        if name is None:
             return str(source.path)
         if self._cache_dir is None:
             return self._converted(source, rewrites) if rewrites else str(source.path)
-        ir_dir = self._cache_dir / "ir" / "-".join([component.value, source.digest[:16], *(r.name for r in rewrites)])
+        ir_dir = self._cache_dir / IR_SUBDIR / name
         if not (ir_dir / IR_FILE).is_file():
             logger.info("converting %s for OpenVINO (first load only)", component.value)
             try:
@@ -143,6 +162,8 @@ class _OpenVINOBackend(Backend):
     def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None) -> None:
         """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held."""
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if self._cache_dir is not None:
+            config["CACHE_DIR"] = str(self._cache_dir / COMPILED_SUBDIR / self._compiled_name(model.component, self.components[model.component]))
         # Compiling from a path (not a read model) lets OpenVINO key its compiled-model cache on the file, without
         # hashing gigabytes of weights on every load; a model reshaped for static shapes is small enough to hash.
         source = self._model_file(model.component)
@@ -248,7 +269,43 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
             return f"the bundle has no int8 U-Net: run `sdrt quantize {bundle_dir}` (quantize extra) first"
         return None
 
+    @classmethod
+    def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
+        if component is Component.UNET:
+            return f"{component.value}-{source.digest[:16]}-int8-{cls.precision}"
+        return super()._compiled_name(component, source)
+
     def _model_file(self, component: Component) -> str:
         if component is Component.UNET:
             return str(int8_unet_file(self.bundle_dir, self.components[component].digest))
         return super()._model_file(component)
+
+
+_BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
+
+
+def _remove_stale_cache_entries(cache_dir: Path, components: Mapping[Component, ComponentFile]) -> None:
+    """Remove the cache's converted and compiled models of these components that no OpenVINO backend would read
+    now: those of an earlier export (another digest) or of a rewrite since changed. Each full-size entry is gigabytes
+    (SD 1.5's fp32 U-Net: a 3.4 GB IR and a 3.3 GB compiled blob), and nothing else would ever delete them. Entries
+    of other components, and the hidden staging directories of conversions under way, are left alone."""
+    current = {
+        name
+        for backend in _BACKENDS
+        for component, source in components.items()
+        for name in (backend._converted_name(component, source), backend._compiled_name(component, source))
+    }
+    prefixes = tuple(f"{component.value}-" for component in components)
+    for subdir in (IR_SUBDIR, COMPILED_SUBDIR):
+        directory = cache_dir / subdir
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            # blobs directly in compiled/ were written by versions that shared one cache directory for all models
+            shared_layout_blob = subdir == COMPILED_SUBDIR and entry.is_file()
+            if shared_layout_blob or (entry.name.startswith(prefixes) and entry.name not in current):
+                logger.info("removing stale OpenVINO cache entry %s", entry)
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
