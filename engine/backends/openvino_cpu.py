@@ -22,7 +22,7 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
-from sdrt.engine.backends.winograd import MAX_WEIGHT_ELEMENTS, rewrite_convolutions
+from sdrt.engine.backends.winograd import MAX_WEIGHT_ELEMENTS, REVISION, rewrite_convolutions
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
 
@@ -51,8 +51,9 @@ class GraphRewrite:
     apply: Callable[[Any], int]
 
 
-# small 3x3 convolutions (winograd.py); the name carries the weight limit, which decides what is rewritten
-WINOGRAD = GraphRewrite(f"winograd-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
+# small 3x3 convolutions (winograd.py); the name carries the rewrite's revision and the weight limit, which decides
+# what is rewritten
+WINOGRAD = GraphRewrite(f"winograd{REVISION}-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
 
 
 def _openvino() -> Any | None:

@@ -35,6 +35,9 @@ POINTS = TILE + 2  # Winograd-domain points per tile side (the input tile is 6x6
 #: with 12 M (24: up to 1920 -> 640 channels), diffusers fp32 6.7-6.9 GB. Its 1280-channel convolutions (14.7 M
 #: elements and up) lose time as well.
 MAX_WEIGHT_ELEMENTS = 4_000_000
+#: Names the rewritten graph in caches of converted models: bump it whenever the rewrite's output changes (2: the
+#: weight transform kept per call under static shapes too).
+REVISION = 2
 
 # Lavin & Gray's F(4, 3) on the points 0, ±1, ±2 and infinity: y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 6x6 input tile d,
 # 3x3 filter g and 4x4 output tile y.
@@ -61,9 +64,8 @@ OUTPUT_TRANSFORM = np.array(  # Aᵀ, (4, 6)
 
 def rewrite_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEMENTS) -> int:
     """Rewrite, in place, every 3x3 stride-1 undilated convolution of the OpenVINO `model` whose weights are a
-    constant of at most `max_weight_elements` elements, padded by 1 on each side, on an input whose batch size is
-    dynamic; return how many were rewritten. A dynamic batch keeps the per-call weight transform from being folded
-    into a resident constant (the bundle's models always have one)."""
+    constant of at most `max_weight_elements` elements, padded by 1 on each side, on a 4-D input; return how many
+    were rewritten. The model may later be reshaped to static shapes: the weight transform still runs per call."""
     rewritten = 0
     for node in model.get_ordered_ops():
         if _rewritable(node, max_weight_elements):
@@ -96,7 +98,6 @@ def _rewritable(node: Any, max_weight_elements: int) -> bool:
         and list(attributes["pads_end"]) == [1, 1]
         and source.rank.is_static
         and source.rank.get_length() == 4
-        and source[0].is_dynamic
     )
 
 
@@ -122,10 +123,12 @@ def _rewrite(convolution: Any) -> None:
         for i in range(POINTS) for j in range(POINTS)
     }
 
-    # Filter transform G g Gᵀ, per call: (36, 9) @ (9, CO*C). The factor `one` (1.0, from the input's dynamic batch
-    # size) is what keeps OpenVINO from folding the product into a constant four times the weights' size.
-    batch = ops.gather(ops.shape_of(source), ops.constant(np.array([0], np.int64)), ops.constant(np.int64(0)))
-    one = ops.convert(ops.minimum(batch, ops.constant(np.array([1], np.int64))), "f32")
+    # Filter transform G g Gᵀ, per call: (36, 9) @ (9, CO*C). The factor `one` is what keeps OpenVINO from folding
+    # the product into a constant four times the weights' size: always 1.0 (NaN and infinities included), it is
+    # computed from one input value, which no compilation can know, even for static shapes.
+    first = ops.reshape(ops.slice(source, *(ops.constant(np.array(v, np.int64)) for v in ([0] * 4, [1] * 4, [1] * 4))),
+                        ops.constant(np.array([1], np.int64)), False)  # (1,)
+    one = ops.convert(ops.logical_or(ops.is_nan(first), ops.equal(first, first)), "f32")  # (1,)
     filter_kernels = np.einsum("iu,jv->ijuv", FILTER_TRANSFORM, FILTER_TRANSFORM).reshape(POINTS * POINTS, 9)
     taps = weights.transpose(2, 3, 0, 1).reshape(9, out_channels * in_channels)  # (9, CO*C)
     domain_weights = ops.matmul(ops.multiply(constant(filter_kernels), one), constant(taps), False, False)  # (36, CO*C)
