@@ -9,6 +9,7 @@ component, a changed rewrite) are removed when a backend opens the bundle.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
 import os
@@ -51,6 +52,22 @@ class GraphRewrite:
     apply: Callable[[Any], int]
 
 
+class CompileShapes(enum.Enum):
+    """The input shapes a component's model is compiled for. Compiled for exact shapes, OpenVINO plans the
+    intermediate buffers ahead and picks kernels for them: less memory and less time per call, at the price of a
+    compilation whenever the shapes change."""
+
+    #: any shapes, compiled once
+    ANY = "any"
+    #: each call's shapes, compiled again whenever they change: for models quick to compile
+    EACH = "each"
+    #: the first call's shapes; should they ever change, any shapes from then on (no model compiles twice over,
+    #: however a server's batches vary). For large models: the compiled-model cache is not used for the first
+    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (SD 1.5's fp32
+    #: U-Net: 14.5 s from the cache, 13 s without; and no 3.5 GB blob on disk per shape)
+    FIRST = "first"
+
+
 # small 3x3 convolutions (winograd.py); the name carries the rewrite's revision and the weight limit, which decides
 # what is rewritten
 WINOGRAD = GraphRewrite(f"winograd{REVISION}-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
@@ -82,11 +99,11 @@ class _OpenVINOBackend(Backend):
     fp16_weights: ClassVar[bool]
     #: the graph rewrites applied to each component's model, in order
     rewrites: ClassVar[Mapping[Component, tuple[GraphRewrite, ...]]] = {}
-    #: components compiled for each call's input shapes (again when they change), not for any shape: OpenVINO then
-    #: plans their intermediate memory ahead. The VAE decoder, whose activations outweigh its weights: SD 1.5 at
-    #: 512² in fp32, buffers 1.21 -> 0.81 GB, and 14.7 -> 13.2 s. A request of a new size pays a compilation (about
-    #: 2 s at 512²; later processes find it in the compiled-model cache).
-    static_shapes: ClassVar[frozenset[Component]] = frozenset({Component.VAE_DECODER})
+    #: the shapes each component is compiled for (CompileShapes.ANY where absent). The VAE decoder, whose activations
+    #: outweigh its weights, for each request's: SD 1.5 at 512² in fp32, buffers 1.21 -> 0.81 GB, and 14.7 -> 13.2 s;
+    #: a request of a new size pays a compilation (about 2 s at 512²; later processes find it in the compiled-model
+    #: cache).
+    compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {Component.VAE_DECODER: CompileShapes.EACH}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -119,7 +136,7 @@ class _OpenVINOBackend(Backend):
 
     @classmethod
     def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
-        """The cache directory of the component's compiled models (one per input shape for static_shapes)."""
+        """The cache directory of the component's compiled models (one per set of input shapes it is compiled for)."""
         return f"{cls._converted_name(component, source) or f'{component.value}-{source.digest[:16]}'}-{cls.precision}"
 
     def _model_file(self, component: Component) -> Any:
@@ -156,17 +173,18 @@ class _OpenVINOBackend(Backend):
         # at 512²: the VAE decoder's 1.3 GB were still held while the safety checker compiled, the first request's peak).
         self._release_buffers_unless(None)
         model = _LoadedModel(component)
-        if component not in self.static_shapes:
+        if self.compile_shapes.get(component, CompileShapes.ANY) is CompileShapes.ANY:
             self._compile(model, None)
         return model
 
     def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None) -> None:
         """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held."""
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-        if self._cache_dir is not None:
+        first_shapes_only = shapes is not None and self.compile_shapes[model.component] is CompileShapes.FIRST
+        if self._cache_dir is not None and not first_shapes_only:
             config["CACHE_DIR"] = str(self._cache_dir / COMPILED_SUBDIR / self._compiled_name(model.component, self.components[model.component]))
         # Compiling from a path (not a read model) lets OpenVINO key its compiled-model cache on the file, without
-        # hashing gigabytes of weights on every load; a model reshaped for static shapes is small enough to hash.
+        # hashing gigabytes of weights on every load; a model reshaped for static shapes is hashed whole.
         source = self._model_file(model.component)
         if shapes is not None:
             source = self._core.read_model(source) if isinstance(source, str) else source
@@ -197,10 +215,14 @@ class _OpenVINOBackend(Backend):
     def _infer(self, model: _LoadedModel, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         self._release_buffers_unless(model)
         self._last_run = weakref.ref(model)
-        if model.component in self.static_shapes:
+        if model.compiled is None or model.shapes is not None:  # not compiled yet, or compiled for exact shapes
             shapes = {name: list(array.shape) for name, array in feeds.items()}
             if shapes != model.shapes:
-                logger.debug("%s: compiling %s for %s", self.name, model.component.value, shapes)
+                if model.compiled is not None and self.compile_shapes[model.component] is CompileShapes.FIRST:
+                    logger.info("%s: %s called with new shapes %s; compiling it for any shapes from now on",
+                                self.name, model.component.value, shapes)
+                    shapes = None
+                logger.debug("%s: compiling %s for %s", self.name, model.component.value, shapes or "any shapes")
                 self._compile(model, shapes)
         request = model.request
         if model.weights_repacked:
@@ -219,8 +241,8 @@ class _OpenVINOBackend(Backend):
 
 @dataclasses.dataclass
 class _LoadedModel:
-    """A component's compiled model (None until a static-shape component's first call), its infer request, the
-    shapes it was compiled for (None: any), and whether it has run once (its weights repacked)."""
+    """A component's compiled model (None until the first call of a component compiled for exact shapes), its
+    infer request, the shapes it was compiled for (None: any), and whether it has run once (its weights repacked)."""
 
     component: Component
     compiled: Any = None
@@ -251,6 +273,11 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
     # SD 1.5 at 512²: 8.9 -> 7.9-8.4 s per U-Net call from Winograd, within 2.3e-5 of direct convolutions. Not on
     # the VAE decoder (no gain), nor in bf16, whose rounding the transforms would amplify.
     rewrites = {Component.UNET: (WINOGRAD,)}
+    # The U-Net compiled for its first shapes (a request's CFG batch and size). SD 1.5 at 512², alternate calls in one
+    # process: 8.89 -> 8.35 s per call; the U-Net alone holds 0.6 GB less (planned buffers), the pipeline's peak is
+    # unchanged (6.5 GB over two requests). A process's first request pays about 10 s more (compiled, not loaded
+    # from the cache); the gain repays it within one 20-step request.
+    compile_shapes = {**_OpenVINOBackend.compile_shapes, Component.UNET: CompileShapes.FIRST}
 
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
