@@ -1,6 +1,7 @@
 """Backend choice ("auto" fastest, "exact" fastest fp32), the bf16 fast mode's accuracy, and OpenVINO's cache."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -252,6 +253,11 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     from sdrt.engine.backends import openvino_cpu
     from sdrt.engine.specs import Component
 
+    # and every upsampling convolution of a model compiled for static shapes runs as phase convolutions
+    rewrites: list[int] = []
+    phases, = openvino_cpu.STATIC_SHAPE_REWRITES
+    monkeypatch.setattr(openvino_cpu, "STATIC_SHAPE_REWRITES", (
+        dataclasses.replace(phases, apply=lambda model: rewrites.append(phases.apply(model)) or rewrites[-1]),))
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     compiled: list = []
@@ -268,6 +274,7 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     assert len(unet_compiles) == 2 and unet_compiles[1] is None
     assert unet_compiles[0]["sample"] == [2, channels, 64 // f, 64 // f]  # the prompt's and the empty prompt's
     assert all(shapes is None for component, shapes in compiled if component not in (Component.VAE_DECODER, Component.UNET))
+    assert len(rewrites) == len(sizes) + 1 and all(count >= 1 for count in rewrites)  # the decoders', the U-Net's
 
     monkeypatch.setattr(openvino_cpu.OpenVINOFP32Backend, "compile_shapes", {})
     any_shape = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)

@@ -18,7 +18,7 @@ FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 def _convolution_model(
     in_channels: int, out_channels: int, *, kernel: int = 3, stride: int = 1, pad: int = 1, dilation: int = 1,
-    bias: bool = True, seed: int = 1,
+    bias: bool = True, upsampled: bool = False, seed: int = 1,
 ):
     import openvino as ov
     from openvino import opset13 as ops
@@ -26,7 +26,12 @@ def _convolution_model(
     rng = np.random.default_rng(seed)
     source = ops.parameter(ov.PartialShape([-1, in_channels, -1, -1]), ov.Type.f32)
     weights = (rng.standard_normal((out_channels, in_channels, kernel, kernel)) / np.sqrt(kernel * kernel * in_channels)).astype(np.float32)
-    result = ops.convolution(source, ops.constant(weights), [stride, stride], [pad, pad], [pad, pad], [dilation, dilation])
+    convolved = source
+    if upsampled:  # as diffusers' Upsample2D: nearest 2x
+        convolved = ops.interpolate(source, ops.constant(np.array([2.0, 2.0], np.float32)), "nearest", "scales",
+                                    axes=ops.constant(np.array([2, 3], np.int64)), coordinate_transformation_mode="asymmetric",
+                                    nearest_mode="floor")
+    result = ops.convolution(convolved, ops.constant(weights), [stride, stride], [pad, pad], [pad, pad], [dilation, dilation])
     if bias:
         result = ops.add(result, ops.constant(rng.standard_normal((1, out_channels, 1, 1)).astype(np.float32)))
     return ov.Model([result], [source])
@@ -72,8 +77,9 @@ def test_winograd_matches_direct_convolution(batch, in_channels, out_channels, h
         dict(kernel=1, pad=0),  # 1x1 projections
         dict(pad=0),  # "valid" padding changes the output size
         dict(dilation=2),
+        dict(upsampled=True),  # upsample_phases.py's
     ],
-    ids=["stride-2", "1x1", "unpadded", "dilated"],
+    ids=["stride-2", "1x1", "unpadded", "dilated", "upsampling"],
 )
 def test_convolutions_it_is_not_for_are_left_alone(options) -> None:
     from sdrt.engine.backends.winograd import rewrite_convolutions

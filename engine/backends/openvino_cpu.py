@@ -2,7 +2,8 @@
 
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions run as Winograd F(4x4, 3x3)
-(`winograd.py`). Converted and compiled models are cached under the bundle's `.cache/openvino`, one directory per
+(`winograd.py`). Models compiled for static shapes run each nearest-2x upsampling's convolution as four 2x2 phase
+convolutions (`upsample_phases.py`), in every precision. Converted and compiled models are cached under the bundle's `.cache/openvino`, one directory per
 model, so a later process skips most of the compilation; entries no current backend would read (a re-exported
 component, a changed rewrite) are removed when a backend opens the bundle.
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
 from sdrt.engine.backends.winograd import MAX_WEIGHT_ELEMENTS, REVISION, rewrite_convolutions
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
@@ -71,6 +73,10 @@ class CompileShapes(enum.Enum):
 # small 3x3 convolutions (winograd.py); the name carries the rewrite's revision and the weight limit, which decides
 # what is rewritten
 WINOGRAD = GraphRewrite(f"winograd{REVISION}-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
+# Applied to every model compiled for static shapes, after reshaping: they need the shapes (the upsampling of an odd
+# size is not a doubling). Their names go into the compiled-model cache's directory names of the components compiled
+# that way, so that blobs compiled before a rewrite changed are pruned.
+STATIC_SHAPE_REWRITES = (GraphRewrite("upsample-phases", rewrite_upsampling_convolutions),)
 
 
 def _openvino() -> Any | None:
@@ -137,7 +143,13 @@ class _OpenVINOBackend(Backend):
     @classmethod
     def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
         """The cache directory of the component's compiled models (one per set of input shapes it is compiled for)."""
-        return f"{cls._converted_name(component, source) or f'{component.value}-{source.digest[:16]}'}-{cls.precision}"
+        converted = cls._converted_name(component, source) or f"{component.value}-{source.digest[:16]}"
+        static_rewrites = () if cls._compiled_shapes(component) is CompileShapes.ANY else tuple(r.name for r in STATIC_SHAPE_REWRITES)
+        return "-".join([converted, *static_rewrites, cls.precision])
+
+    @classmethod
+    def _compiled_shapes(cls, component: Component) -> CompileShapes:
+        return cls.compile_shapes.get(component, CompileShapes.ANY)
 
     def _model_file(self, component: Component) -> Any:
         """What to compile: the bundle's ONNX, or a converted copy in the cache (IR with fp16 weights for
@@ -173,7 +185,7 @@ class _OpenVINOBackend(Backend):
         # at 512²: the VAE decoder's 1.3 GB were still held while the safety checker compiled, the first request's peak).
         self._release_buffers_unless(None)
         model = _LoadedModel(component)
-        if self.compile_shapes.get(component, CompileShapes.ANY) is CompileShapes.ANY:
+        if self._compiled_shapes(component) is CompileShapes.ANY:
             self._compile(model, None)
         return model
 
@@ -189,6 +201,8 @@ class _OpenVINOBackend(Backend):
         if shapes is not None:
             source = self._core.read_model(source) if isinstance(source, str) else source
             source.reshape(shapes)
+            for rewrite in STATIC_SHAPE_REWRITES:
+                logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source))
         model.compiled = model.request = None  # the previous shapes' model goes before the next one is built
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
         # request's peak in exact mode (the fp32 safety checker loading beside everything else: 7.2 -> 6.1 GB).

@@ -1,0 +1,121 @@
+"""Nearest 2x upsampling followed by a 3x3 convolution, as four 2x2 convolutions on the small input (one per output
+phase) interleaved by a depth-to-space: 4 multiplies per output where the convolution on the upsampled image does 9.
+
+Every output pixel (2i + a, 2j + b) of the upsampled convolution reads a 3x3 window of the upsampled image, which
+covers only 2x2 distinct input pixels: rows i - 1 and i for a = 0, rows i and i + 1 for a = 1 (columns alike). The
+window's taps that fall on the same input pixel are summed into one 2x2 kernel per phase, once, when the model is
+rewritten; zero padding maps onto zero padding. Both U-Net and VAE decoder upsample this way (diffusers' Upsample2D).
+
+The identity holds when the upsampled size is exactly twice the input's; the U-Net upsamples to its skip
+connections' sizes, which are odd for latents not divisible by its downsampling. So the rewrite needs static
+shapes, and leaves alone an upsampling it cannot prove to be 2x.
+
+Measured (2-core AVX-512 CPU, one convolution, fp32): SD 1.5's U-Net upsamplers at 512² with CFG batch 2, 1280
+channels from 8² and 16², 640 from 32²: 63 -> 29, 268 -> 117 and 274 -> 123 ms; its VAE decoder's, 512 channels
+from 64² and 128², 256 from 256²: 363 -> 167, 1609 -> 692 and 1619 -> 811 ms. Outputs within 2e-5.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SCALE = 2
+# The 3x3 kernel's rows onto the 2 input rows an output row of each phase reads: phase 0 reads rows i - 1 (tap 0)
+# and i (taps 1 and 2), phase 1 rows i (taps 0 and 1) and i + 1 (tap 2). Columns alike.
+PHASE_TAPS = (
+    np.array([[1, 0, 0], [0, 1, 1]], dtype=np.float64),  # (2, 3)
+    np.array([[1, 1, 0], [0, 0, 1]], dtype=np.float64),
+)
+
+
+def rewrite_upsampling_convolutions(model: Any) -> int:
+    """Rewrite, in place, every 3x3 stride-1 undilated convolution padded by 1, with constant weights, whose input is
+    a nearest-neighbour upsampling of a static-shape 4-D tensor to exactly twice its height and width; return how
+    many were rewritten. Call it after reshaping the model to static shapes."""
+    rewritten = 0
+    for node in model.get_ordered_ops():
+        weights = _rewritable_weights(node)
+        if weights is not None:
+            _rewrite(node, weights)
+            rewritten += 1
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    logger.debug("upsampling convolutions as phases: %d rewritten", rewritten)
+    return rewritten
+
+
+def _rewritable_weights(node: Any) -> np.ndarray | None:
+    """The (CO, C, 3, 3) weights of `node` if it is a convolution this rewrite is exact for, else None."""
+    if node.get_type_name() != "Convolution":
+        return None
+    attributes = node.get_attributes()
+    if not (
+        attributes["auto_pad"] == "explicit"
+        and list(attributes["strides"]) == [1, 1]
+        and list(attributes["dilations"]) == [1, 1]
+        and list(attributes["pads_begin"]) == [1, 1]
+        and list(attributes["pads_end"]) == [1, 1]
+        and _is_nearest_doubling(node.input_value(0).get_node())
+    ):
+        return None
+    weights = _constant_value(node.input_value(1).get_node())
+    if weights is None or weights.ndim != 4 or weights.shape[2:] != (3, 3):
+        return None
+    return weights
+
+
+def is_nearest_upsampling(node: Any) -> bool:
+    """Whether `node` upsamples with output pixel o reading input pixel floor(o * input size / output size): nearest
+    neighbour, asymmetric coordinates, rounded down (torch's "nearest")."""
+    if node.get_type_name() != "Interpolate":
+        return False
+    attributes = node.get_attributes()
+    return (
+        attributes["mode"] == "nearest"
+        and attributes["coordinate_transformation_mode"] == "asymmetric"
+        and attributes["nearest_mode"] == "floor"
+        and not any(attributes["pads_begin"])
+        and not any(attributes["pads_end"])
+    )
+
+
+def _is_nearest_doubling(node: Any) -> bool:
+    """Whether `node` is a nearest upsampling of a static 4-D shape to exactly twice its height and width."""
+    if not is_nearest_upsampling(node):
+        return False
+    source, result = node.input_value(0).get_partial_shape(), node.output(0).get_partial_shape()
+    if not (source.is_static and result.is_static and len(source) == 4):
+        return False
+    source, result = source.to_shape(), result.to_shape()
+    return list(result) == [source[0], source[1], SCALE * source[2], SCALE * source[3]]
+
+
+def _constant_value(node: Any) -> np.ndarray | None:
+    """The value of a constant, or of a precision conversion of one (weights kept in fp16), else None."""
+    if node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    return node.get_data()
+
+
+def _rewrite(convolution: Any, weights: np.ndarray) -> None:
+    from openvino import opset13 as ops
+
+    source = convolution.input_value(0).get_node().input_value(0)  # before upsampling: (N, C, H, W)
+    phases = []
+    for row_phase in range(SCALE):
+        for column_phase in range(SCALE):
+            kernel = np.einsum("pu,ocuv,qv->ocpq", PHASE_TAPS[row_phase], weights.astype(np.float64), PHASE_TAPS[column_phase])
+            phases.append(ops.convolution(
+                source, ops.constant(kernel.astype(np.float32)), strides=[1, 1],
+                pads_begin=[1 - row_phase, 1 - column_phase], pads_end=[row_phase, column_phase], dilations=[1, 1],
+            ))  # (N, CO, H, W) each
+    # depth-to-space "blocks_first" reads channel (row_phase * 2 + column_phase) * CO + c: the concatenation's order
+    result = ops.depth_to_space(ops.concat(phases, 1), "blocks_first", SCALE)  # (N, CO, 2H, 2W)
+    result.set_friendly_name(convolution.get_friendly_name() + "/phases")
+    convolution.output(0).replace(result.output(0))
