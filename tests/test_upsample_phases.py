@@ -99,3 +99,12 @@ def test_dynamic_shapes_are_left_alone() -> None:
 
     model.reshape({0: ov.PartialShape([2, 4, 5, 6])})
     assert rewrite_upsampling_convolutions(model) == 1
+
+
+def test_weights_above_the_limit_are_left_alone() -> None:
+    """The phases' kernels are held, 16/9 of the 3x3 weights: exact mode's memory bounds which ones pay."""
+    from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
+
+    elements = 6 * 4 * 9
+    assert rewrite_upsampling_convolutions(_upsampling_convolution_model((1, 4, 5, 6), 6), max_weight_elements=elements - 1) == 0
+    assert rewrite_upsampling_convolutions(_upsampling_convolution_model((1, 4, 5, 6), 6), max_weight_elements=elements) == 1

@@ -10,9 +10,11 @@ The identity holds when the upsampled size is exactly twice the input's; the U-N
 connections' sizes, which are odd for latents not divisible by its downsampling. So the rewrite needs static
 shapes, and leaves alone an upsampling it cannot prove to be 2x.
 
-Measured (2-core AVX-512 CPU, one convolution, fp32): SD 1.5's U-Net upsamplers at 512² with CFG batch 2, 1280
-channels from 8² and 16², 640 from 32²: 63 -> 29, 268 -> 117 and 274 -> 123 ms; its VAE decoder's, 512 channels
-from 64² and 128², 256 from 256²: 363 -> 167, 1609 -> 692 and 1619 -> 811 ms. Outputs within 2e-5.
+Measured (2-core AVX-512 CPU, one convolution, fp32): SD 1.5's VAE decoder's upsamplers at 512², 512 channels from
+64² and 128², 256 from 256²: 363 -> 167, 1609 -> 692 and 1619 -> 811 ms; its U-Net's at 512² with CFG batch 2, 640
+channels from 32²: 274 -> 123 ms (137 ms in Winograd). Outputs within 2e-5. In exact mode's pipeline (two 4-step
+requests at 512²) a VAE decode took 13.7 -> 12.3 s and the peak went down, 6.69 -> 6.56 GB. The U-Net's 1280-channel
+upsamplers would gain as much (268 -> 117 ms from 16²) but are left out for memory (see MAX_WEIGHT_ELEMENTS).
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SCALE = 2
+#: The largest 3x3 weights (elements) rewritten: the phases' kernels are 16/9 of the 3x3 weights, held as constants.
+#: SD 1.5 in exact mode, two 4-step requests at 512²: peak 6.69 GB unrewritten, 6.56 GB with this limit (the U-Net's
+#: 640-channel upsampler and the VAE decoder's), 7.06 GB with the U-Net's 1280-channel ones too, above diffusers fp32.
+#: Computed per call instead, those lose most of the gain to per-call weight reorders (from 16²: 283 -> 176 ms against
+#: 132 ms held; from 8²: 68 -> 70 ms).
+MAX_WEIGHT_ELEMENTS = 4_000_000
 # The 3x3 kernel's rows onto the 2 input rows an output row of each phase reads: phase 0 reads rows i - 1 (tap 0)
 # and i (taps 1 and 2), phase 1 rows i (taps 0 and 1) and i + 1 (tap 2). Columns alike.
 PHASE_TAPS = (
@@ -32,14 +40,15 @@ PHASE_TAPS = (
 )
 
 
-def rewrite_upsampling_convolutions(model: Any) -> int:
-    """Rewrite, in place, every 3x3 stride-1 undilated convolution padded by 1, with constant weights, whose input is
-    a nearest-neighbour upsampling of a static-shape 4-D tensor to exactly twice its height and width; return how
-    many were rewritten. Call it after reshaping the model to static shapes."""
+def rewrite_upsampling_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEMENTS) -> int:
+    """Rewrite, in place, every 3x3 stride-1 undilated convolution padded by 1, with constant weights of at most
+    `max_weight_elements` elements, whose input is a nearest-neighbour upsampling of a static-shape 4-D tensor to
+    exactly twice its height and width; return how many were rewritten. Call it after reshaping the model to static
+    shapes."""
     rewritten = 0
     for node in model.get_ordered_ops():
         weights = _rewritable_weights(node)
-        if weights is not None:
+        if weights is not None and weights.size <= max_weight_elements:
             _rewrite(node, weights)
             rewritten += 1
     if rewritten:
@@ -107,12 +116,14 @@ def _rewrite(convolution: Any, weights: np.ndarray) -> None:
     from openvino import opset13 as ops
 
     source = convolution.input_value(0).get_node().input_value(0)  # before upsampling: (N, C, H, W)
+    weights = weights.astype(np.float32, copy=False)  # (CO, C, 3, 3)
     phases = []
     for row_phase in range(SCALE):
+        rows = np.tensordot(weights, PHASE_TAPS[row_phase].astype(np.float32), axes=([2], [1]))  # (CO, C, 3, 2)
         for column_phase in range(SCALE):
-            kernel = np.einsum("pu,ocuv,qv->ocpq", PHASE_TAPS[row_phase], weights.astype(np.float64), PHASE_TAPS[column_phase])
+            kernel = np.tensordot(rows, PHASE_TAPS[column_phase].astype(np.float32), axes=([2], [1]))  # (CO, C, 2, 2)
             phases.append(ops.convolution(
-                source, ops.constant(kernel.astype(np.float32)), strides=[1, 1],
+                source, ops.constant(kernel), strides=[1, 1],
                 pads_begin=[1 - row_phase, 1 - column_phase], pads_end=[row_phase, column_phase], dilations=[1, 1],
             ))  # (N, CO, H, W) each
     # depth-to-space "blocks_first" reads channel (row_phase * 2 + column_phase) * CO + c: the concatenation's order
