@@ -3,9 +3,9 @@
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions run as Winograd F(4x4, 3x3)
 (`winograd.py`). Models compiled for static shapes run each nearest-2x upsampling's convolution as four 2x2 phase
-convolutions (`upsample_phases.py`), in every precision. Converted and compiled models are cached under the bundle's `.cache/openvino`, one directory per
-model, so a later process skips most of the compilation; entries no current backend would read (a re-exported
-component, a changed rewrite) are removed when a backend opens the bundle.
+convolutions (`upsample_phases.py`), in every precision. Converted and compiled models are cached under the
+bundle's `.cache/openvino`, one directory per model, so a later process skips most of the compilation; entries no
+current backend would read (a re-exported component, a changed rewrite) are removed when a backend opens the bundle.
 """
 from __future__ import annotations
 
@@ -144,8 +144,8 @@ class _OpenVINOBackend(Backend):
     def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
         """The cache directory of the component's compiled models (one per set of input shapes it is compiled for)."""
         converted = cls._converted_name(component, source) or f"{component.value}-{source.digest[:16]}"
-        static_rewrites = () if cls._compiled_shapes(component) is CompileShapes.ANY else tuple(r.name for r in STATIC_SHAPE_REWRITES)
-        return "-".join([converted, *static_rewrites, cls.precision])
+        static = cls._compiled_shapes(component) is not CompileShapes.ANY
+        return "-".join([converted, *(r.name for r in STATIC_SHAPE_REWRITES if static), cls.precision])
 
     @classmethod
     def _compiled_shapes(cls, component: Component) -> CompileShapes:

@@ -35,8 +35,8 @@ MAX_WEIGHT_ELEMENTS = 4_000_000
 # The 3x3 kernel's rows onto the 2 input rows an output row of each phase reads: phase 0 reads rows i - 1 (tap 0)
 # and i (taps 1 and 2), phase 1 rows i (taps 0 and 1) and i + 1 (tap 2). Columns alike.
 PHASE_TAPS = (
-    np.array([[1, 0, 0], [0, 1, 1]], dtype=np.float64),  # (2, 3)
-    np.array([[1, 1, 0], [0, 0, 1]], dtype=np.float64),
+    np.array([[1, 0, 0], [0, 1, 1]], dtype=np.float32),  # (2, 3)
+    np.array([[1, 1, 0], [0, 0, 1]], dtype=np.float32),
 )
 
 
@@ -119,9 +119,9 @@ def _rewrite(convolution: Any, weights: np.ndarray) -> None:
     weights = weights.astype(np.float32, copy=False)  # (CO, C, 3, 3)
     phases = []
     for row_phase in range(SCALE):
-        rows = np.tensordot(weights, PHASE_TAPS[row_phase].astype(np.float32), axes=([2], [1]))  # (CO, C, 3, 2)
+        rows = np.tensordot(weights, PHASE_TAPS[row_phase], axes=([2], [1]))  # (CO, C, 3, 2)
         for column_phase in range(SCALE):
-            kernel = np.tensordot(rows, PHASE_TAPS[column_phase].astype(np.float32), axes=([2], [1]))  # (CO, C, 2, 2)
+            kernel = np.tensordot(rows, PHASE_TAPS[column_phase], axes=([2], [1]))  # (CO, C, 2, 2)
             phases.append(ops.convolution(
                 source, ops.constant(kernel), strides=[1, 1],
                 pads_begin=[1 - row_phase, 1 - column_phase], pads_end=[row_phase, column_phase], dilations=[1, 1],

@@ -14,11 +14,11 @@ convolutions with small weights, which in a U-Net are those at high resolution.
 Measured (2-core AVX-512 CPU, SD 1.5 U-Net at 512², batch 2, fp32), with all 24 convolutions of up to 640 output
 channels rewritten: they take 2.65 s -> 1.5 s per call, the whole call 8.8 -> 7.8 s, output within 2.3e-5 of the
 direct convolutions. With the 20 that MAX_WEIGHT_ELEMENTS kept for memory: 8.9 -> 7.9-8.4 s per call (the same
-process timing both, alternately; this machine is noisy); 19 since the upsampler went to `upsample_phases.py`. The 1280-channel convolutions (at 16² and 8²) lose:
-88 -> 139 ms each, the weight transform dominating. A VAE decoder gains nothing (12.7 -> 12.5 s at 512²): its
-activations are too large for the cache, and the transforms' memory traffic eats the saving. Convolutions of a
-nearest upsampling are left to `upsample_phases.py`, which does more for them (SD 1.5's 640-channel U-Net upsampler:
-274 ms direct, 137 ms in Winograd, 123 ms in phases).
+process timing both, alternately; this machine is noisy); 19 since the upsampler went to `upsample_phases.py`. The
+1280-channel convolutions (at 16² and 8²) lose: 88 -> 139 ms each, the weight transform dominating. A VAE decoder
+gains nothing (12.7 -> 12.5 s at 512²): its activations are too large for the cache, and the transforms' memory
+traffic eats the saving. Convolutions of a nearest upsampling are left to `upsample_phases.py`, which does more for
+them (SD 1.5's 640-channel U-Net upsampler: 274 ms direct, 137 ms in Winograd, 123 ms in phases).
 """
 from __future__ import annotations
 
