@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
+
 logger = logging.getLogger(__name__)
 
 SCALE = 2
@@ -59,37 +61,12 @@ def rewrite_upsampling_convolutions(model: Any, max_weight_elements: int = MAX_W
 
 def _rewritable_weights(node: Any) -> np.ndarray | None:
     """The (CO, C, 3, 3) weights of `node` if it is a convolution this rewrite is exact for, else None."""
-    if node.get_type_name() != "Convolution":
-        return None
-    attributes = node.get_attributes()
-    if not (
-        attributes["auto_pad"] == "explicit"
-        and list(attributes["strides"]) == [1, 1]
-        and list(attributes["dilations"]) == [1, 1]
-        and list(attributes["pads_begin"]) == [1, 1]
-        and list(attributes["pads_end"]) == [1, 1]
-        and _is_nearest_doubling(node.input_value(0).get_node())
-    ):
+    if not (is_size_preserving_convolution(node) and _is_nearest_doubling(node.input_value(0).get_node())):
         return None
     weights = _constant_value(node.input_value(1).get_node())
     if weights is None or weights.ndim != 4 or weights.shape[2:] != (3, 3):
         return None
     return weights
-
-
-def is_nearest_upsampling(node: Any) -> bool:
-    """Whether `node` upsamples with output pixel o reading input pixel floor(o * input size / output size): nearest
-    neighbour, asymmetric coordinates, rounded down (torch's "nearest")."""
-    if node.get_type_name() != "Interpolate":
-        return False
-    attributes = node.get_attributes()
-    return (
-        attributes["mode"] == "nearest"
-        and attributes["coordinate_transformation_mode"] == "asymmetric"
-        and attributes["nearest_mode"] == "floor"
-        and not any(attributes["pads_begin"])
-        and not any(attributes["pads_end"])
-    )
 
 
 def _is_nearest_doubling(node: Any) -> bool:

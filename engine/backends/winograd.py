@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.upsample_phases import is_nearest_upsampling
+from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
 
 logger = logging.getLogger(__name__)
 
@@ -85,22 +85,16 @@ def rewrite_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEME
 def _rewritable(node: Any, max_weight_elements: int) -> bool:
     from openvino import Type
 
-    if node.get_type_name() != "Convolution":
+    if not is_size_preserving_convolution(node):
         return False
     weights = node.input_value(1).get_node()
     if weights.get_type_name() != "Constant" or node.input_value(1).get_element_type() != Type.f32:
         return False
     shape = list(weights.get_output_shape(0))
-    attributes = node.get_attributes()
     source = node.input_value(0).get_partial_shape()
     return (
         shape[2:] == [3, 3]
         and int(np.prod(shape)) <= max_weight_elements
-        and attributes["auto_pad"] == "explicit"
-        and list(attributes["strides"]) == [1, 1]
-        and list(attributes["dilations"]) == [1, 1]
-        and list(attributes["pads_begin"]) == [1, 1]
-        and list(attributes["pads_end"]) == [1, 1]
         and source.rank.is_static
         and source.rank.get_length() == 4
         and not is_nearest_upsampling(node.input_value(0).get_node())
