@@ -189,8 +189,8 @@ def _recording_releases(backend, monkeypatch) -> tuple[list, list]:
         loaded.append(weakref.ref(model))
         return model
 
-    def recording_compile(model, shapes):
-        compile_(model, shapes)
+    def recording_compile(model, shapes, guided_halves=False):
+        compile_(model, shapes, guided_halves)
         model.compiled = _ReleaseRecorder(model.compiled, model.component, released)
 
     monkeypatch.setattr(backend, "_load", recording_load)
@@ -262,7 +262,8 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     pipe.set_progress_bar_config(disable=True)
     compiled: list = []
     compile_ = pipe.backend._compile
-    monkeypatch.setattr(pipe.backend, "_compile", lambda model, shapes: compiled.append((model.component, shapes)) or compile_(model, shapes))
+    monkeypatch.setattr(pipe.backend, "_compile", lambda model, shapes, guided_halves=False: compiled.append((model.component, shapes))
+                        or compile_(model, shapes, guided_halves))
     sizes = [(64, 64), (64, 96), (64, 64), (96, 64)]
     images = [pipe("a cat", num_inference_steps=2, height=h, width=w, seed=0, output_type="np").images for h, w in sizes]
 

@@ -3,9 +3,11 @@
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions run as Winograd F(4x4, 3x3)
 (`winograd.py`). Models compiled for static shapes run each nearest-2x upsampling's convolution as four 2x2 phase
-convolutions (`upsample_phases.py`), in every precision. Converted and compiled models are cached under the
-bundle's `.cache/openvino`, one directory per model, so a later process skips most of the compilation; entries no
-current backend would read (a re-exported component, a changed rewrite) are removed when a backend opens the bundle.
+convolutions (`upsample_phases.py`), in every precision; in such a U-Net, what does not read the text runs once for
+both halves of a classifier-free guidance batch (`guidance_prefix.py`). Converted and compiled models are cached
+under the bundle's `.cache/openvino`, one directory per model, so a later process skips most of the compilation;
+entries no current backend would read (a re-exported component, a changed rewrite) are removed when a backend opens
+the bundle.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.guidance_prefix import halves_identical, share_guidance_prefix
 from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
 from sdrt.engine.backends.winograd import MAX_WEIGHT_ELEMENTS, REVISION, rewrite_convolutions
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +192,9 @@ class _OpenVINOBackend(Backend):
             self._compile(model, None)
         return model
 
-    def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None) -> None:
-        """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held."""
+    def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None, guided_halves: bool = False) -> None:
+        """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held;
+        with `guided_halves` (static shapes only), for inputs whose GUIDANCE_REPEATED_INPUTS have identical halves."""
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         first_shapes_only = shapes is not None and self.compile_shapes[model.component] is CompileShapes.FIRST
         if self._cache_dir is not None and not first_shapes_only:
@@ -200,6 +204,9 @@ class _OpenVINOBackend(Backend):
         source = self._model_file(model.component)
         if shapes is not None:
             source = self._core.read_model(source) if isinstance(source, str) else source
+            if guided_halves:
+                # before reshaping: the rewrite keeps the batch dynamic (half of it runs the prefix)
+                guided_halves = share_guidance_prefix(source, GUIDANCE_REPEATED_INPUTS[model.component]) > 0
             source.reshape(shapes)
             for rewrite in STATIC_SHAPE_REWRITES:
                 logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source))
@@ -210,6 +217,7 @@ class _OpenVINOBackend(Backend):
             model.compiled = self._core.compile_model(source, "CPU", config)
         model.request = model.compiled.create_infer_request()
         model.shapes = shapes
+        model.guided_halves = guided_halves
         model.weights_repacked = False
 
     def _release_buffers_unless(self, model: _LoadedModel | None) -> None:
@@ -231,13 +239,16 @@ class _OpenVINOBackend(Backend):
         self._last_run = weakref.ref(model)
         if model.compiled is None or model.shapes is not None:  # not compiled yet, or compiled for exact shapes
             shapes = {name: list(array.shape) for name, array in feeds.items()}
-            if shapes != model.shapes:
+            repeated = GUIDANCE_REPEATED_INPUTS.get(model.component)
+            guided_halves = repeated is not None and halves_identical(feeds, repeated)
+            if shapes != model.shapes or (model.guided_halves and not guided_halves):
                 if model.compiled is not None and self.compile_shapes[model.component] is CompileShapes.FIRST:
-                    logger.info("%s: %s called with new shapes %s; compiling it for any shapes from now on",
-                                self.name, model.component.value, shapes)
+                    change = f"new shapes {shapes}" if shapes != model.shapes else "a batch whose halves differ"
+                    logger.info("%s: %s called with %s; compiling it for any shapes from now on",
+                                self.name, model.component.value, change)
                     shapes = None
                 logger.debug("%s: compiling %s for %s", self.name, model.component.value, shapes or "any shapes")
-                self._compile(model, shapes)
+                self._compile(model, shapes, guided_halves and shapes is not None)
         request = model.request
         if model.weights_repacked:
             request.infer(dict(feeds))
@@ -256,12 +267,14 @@ class _OpenVINOBackend(Backend):
 @dataclasses.dataclass
 class _LoadedModel:
     """A component's compiled model (None until the first call of a component compiled for exact shapes), its
-    infer request, the shapes it was compiled for (None: any), and whether it has run once (its weights repacked)."""
+    infer request, the shapes it was compiled for (None: any), whether it was rewritten for classifier-free guidance
+    batches (guidance_prefix.py), and whether it has run once (its weights repacked)."""
 
     component: Component
     compiled: Any = None
     request: Any = None
     shapes: dict[str, list[int]] | None = None
+    guided_halves: bool = False
     weights_repacked: bool = False
 
 
