@@ -257,7 +257,7 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     rewrites: list[int] = []
     phases, = openvino_cpu.STATIC_SHAPE_REWRITES
     monkeypatch.setattr(openvino_cpu, "STATIC_SHAPE_REWRITES", (
-        dataclasses.replace(phases, apply=lambda model: rewrites.append(phases.apply(model)) or rewrites[-1]),))
+        dataclasses.replace(phases, apply=lambda model, store: rewrites.append(phases.apply(model, store)) or rewrites[-1]),))
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     compiled: list = []
@@ -283,3 +283,34 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     for (h, w), image in zip(sizes, images):
         np.testing.assert_allclose(any_shape("a cat", num_inference_steps=2, height=h, width=w, seed=0, output_type="np").images,
                                    image, atol=1e-5)
+
+
+@needs_openvino
+def test_static_shape_rewrites_keep_their_constants_in_mapped_files(tmp_path: Path) -> None:
+    # Held in the heap, a rewrite's constants stay resident beside OpenVINO's repacked copy; read from an IR, they are
+    # mapped, and their pages handed back once repacked. Written once per key, rewritten if the shapes differ.
+    import sys
+
+    import openvino
+
+    from sdrt.engine.backends.openvino_cpu import _mapped_constants
+
+    core = openvino.Core()
+    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2), np.full((4, 1), -1.5, np.float32)]
+    constants = _mapped_constants(core, tmp_path, "up/conv", arrays)
+    for constant, array in zip(constants, arrays):
+        np.testing.assert_array_equal(constant.get_node().get_data(), array)
+    stored, = [path for path in tmp_path.rglob("*.bin")]
+    if sys.platform.startswith("linux"):
+        assert str(stored.resolve()) in Path("/proc/self/maps").read_text()
+    written = stored.stat().st_mtime_ns
+
+    again = _mapped_constants(core, tmp_path, "up/conv", [np.zeros_like(array) for array in arrays])  # same shapes: read
+    np.testing.assert_array_equal(again[0].get_node().get_data(), arrays[0])
+    assert stored.stat().st_mtime_ns == written
+
+    other = _mapped_constants(core, tmp_path, "up/conv", [np.ones((3,), np.float32)])
+    assert [list(c.get_shape()) for c in other] == [[3]]
+    assert len(list(tmp_path.rglob("*.bin"))) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(_mapped_constants(core, tmp_path, "down/conv", arrays)) == 2
+    assert len(list(tmp_path.rglob("*.bin"))) == 2

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import hashlib
 import logging
 import os
 import shutil
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ import numpy as np
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.backends.guidance_prefix import halves_identical, share_guidance_prefix
-from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
+from sdrt.engine.backends.upsample_phases import ConstantStore, rewrite_upsampling_convolutions
 from sdrt.engine.backends.winograd import MAX_WEIGHT_ELEMENTS, REVISION, rewrite_convolutions
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 CACHE_SUBDIR = ".cache/openvino"
 IR_SUBDIR = "ir"  # in CACHE_SUBDIR: converted models (fp16 weights, graph rewrites), one directory each
 COMPILED_SUBDIR = "compiled"  # in CACHE_SUBDIR: OpenVINO's compiled-model cache, one directory per model
+CONSTANTS_SUBDIR = "constants"  # in a model's compiled directory: constants that static-shape rewrites made, as IR
 IR_FILE = "model.xml"  # OpenVINO IR: the weights go beside it in model.bin
 INT8_SUBDIR = "int8"  # in the bundle: U-Nets quantized by `sdrt quantize`, one per U-Net digest
 
@@ -55,6 +57,15 @@ class GraphRewrite:
     name: str
     #: rewrites the model in place; returns how many places it changed
     apply: Callable[[Any], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticShapeRewrite:
+    """A GraphRewrite for a model reshaped to static shapes; it makes its new constants with the ConstantStore
+    given (None: in the heap)."""
+
+    name: str
+    apply: Callable[[Any, ConstantStore | None], int]
 
 
 class CompileShapes(enum.Enum):
@@ -78,8 +89,9 @@ class CompileShapes(enum.Enum):
 WINOGRAD = GraphRewrite(f"winograd{REVISION}-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
 # Applied to every model compiled for static shapes, after reshaping: they need the shapes (the upsampling of an odd
 # size is not a doubling). Their names go into the compiled-model cache's directory names of the components compiled
-# that way, so that blobs compiled before a rewrite changed are pruned.
-STATIC_SHAPE_REWRITES = (GraphRewrite("upsample-phases", rewrite_upsampling_convolutions),)
+# that way, so that blobs compiled, and constants stored (CONSTANTS_SUBDIR), before a rewrite changed are pruned: a
+# rewrite whose constants change needs a new name.
+STATIC_SHAPE_REWRITES = (StaticShapeRewrite("upsample-phases", rewrite_upsampling_convolutions),)
 
 
 def _openvino() -> Any | None:
@@ -208,8 +220,9 @@ class _OpenVINOBackend(Backend):
                 # before reshaping: the rewrite keeps the batch dynamic (half of it runs the prefix)
                 guided_halves = share_guidance_prefix(source, GUIDANCE_REPEATED_INPUTS[model.component]) > 0
             source.reshape(shapes)
+            store = self._constant_store(model.component)
             for rewrite in STATIC_SHAPE_REWRITES:
-                logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source))
+                logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source, store))
         model.compiled = model.request = None  # the previous shapes' model goes before the next one is built
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
         # request's peak in exact mode (the fp32 safety checker loading beside everything else: 7.2 -> 6.1 GB).
@@ -219,6 +232,15 @@ class _OpenVINOBackend(Backend):
         model.shapes = shapes
         model.guided_halves = guided_halves
         model.weights_repacked = False
+
+    def _constant_store(self, component: Component) -> ConstantStore | None:
+        """Where static-shape rewrites keep their constants: IR files in the component's compiled-model directory,
+        which OpenVINO maps, so their pages are handed back once it has repacked them (held in the heap, they would
+        stay resident beside the repacked copy). None for a read-only bundle."""
+        if self._cache_dir is None:
+            return None
+        compiled_name = self._compiled_name(component, self.components[component])
+        return functools.partial(_mapped_constants, self._core, self._cache_dir / COMPILED_SUBDIR / compiled_name / CONSTANTS_SUBDIR)
 
     def _release_buffers_unless(self, model: _LoadedModel | None) -> None:
         """Release the intermediate buffers of the model that ran last, unless it is `model`.
@@ -337,6 +359,35 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
 
 
 _BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
+
+
+def _mapped_constants(core: Any, directory: Path, key: str, arrays: Sequence[np.ndarray]) -> list[Any]:
+    """OpenVINO constants holding `arrays`, read (memory-mapped) from an IR under `directory` named after `key`;
+    written there first, atomically, unless it already holds arrays of these shapes (a model's rewrite computes the
+    same constants on every compile: weights never change in a bundle's component)."""
+    import openvino
+    from openvino import opset13 as ops
+
+    target = directory / hashlib.sha256(key.encode()).hexdigest()[:16]
+    shapes = [list(array.shape) for array in arrays]
+
+    def read() -> list[Any] | None:
+        if not (target / IR_FILE).is_file():
+            return None
+        constants = [result.input_value(0) for result in core.read_model(str(target / IR_FILE)).get_results()]
+        return constants if [list(c.get_shape()) for c in constants] == shapes else None
+
+    constants = read()
+    if constants is None:
+        try:
+            with atomic_directory(target, replace=target.exists()) as staging:
+                stored = openvino.Model([ops.result(ops.constant(array)) for array in arrays], [])
+                openvino.save_model(stored, str(staging / IR_FILE), compress_to_fp16=False)
+        except OSError:  # FileExistsError included: another process published it first
+            if read() is None:
+                raise
+        constants = read()
+    return constants
 
 
 def _remove_stale_cache_entries(cache_dir: Path, components: Mapping[Component, ComponentFile]) -> None:

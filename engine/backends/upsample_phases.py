@@ -13,12 +13,19 @@ shapes, and leaves alone an upsampling it cannot prove to be 2x.
 Measured (2-core AVX-512 CPU, one convolution, fp32): SD 1.5's VAE decoder's upsamplers at 512², 512 channels from
 64² and 128², 256 from 256²: 363 -> 167, 1609 -> 692 and 1619 -> 811 ms; its U-Net's at 512² with CFG batch 2, 640
 channels from 32²: 274 -> 123 ms (137 ms in Winograd). Outputs within 2e-5. In exact mode's pipeline (two 4-step
-requests at 512²) a VAE decode took 13.7 -> 12.3 s and the peak went down, 6.69 -> 6.56 GB. The U-Net's 1280-channel
-upsamplers would gain as much (268 -> 117 ms from 16²) but are left out for memory (see MAX_WEIGHT_ELEMENTS).
+requests at 512²) a VAE decode took 13.7 -> 12.3 s and the peak went down, 6.69 -> 6.56 GB.
+
+The U-Net's 1280-channel upsamplers gain as much (268 -> 117 ms from 16²), but their kernels are large: held in the
+process's heap, OpenVINO keeps them beside its own repacked copy (+0.37 GB of peak for the two). Given a
+`ConstantStore` that maps them from files (the backend's cache), only the repacked copy stays resident, and every
+upsampling is rewritten; without one, only weights of up to MAX_WEIGHT_ELEMENTS are. With the store, exact mode's
+U-Net call took 8.25 -> 7.95 s (SD 1.5 at 512², medians of 8 alternate calls in one process, output within 2.2e-5)
+and its pipeline's peak over a 1-step and a 3-step request rose by 0.07 GB (6.57 -> 6.64 and 6.81 GB in two runs).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,11 +35,14 @@ from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_p
 logger = logging.getLogger(__name__)
 
 SCALE = 2
-#: The largest 3x3 weights (elements) rewritten: the phases' kernels are 16/9 of the 3x3 weights, held as constants.
-#: SD 1.5 in exact mode, two 4-step requests at 512²: peak 6.69 GB unrewritten, 6.56 GB with this limit (the U-Net's
-#: 640-channel upsampler and the VAE decoder's), 7.06 GB with the U-Net's 1280-channel ones too, above diffusers fp32.
-#: Computed per call instead, those lose most of the gain to per-call weight reorders (from 16²: 283 -> 176 ms against
-#: 132 ms held; from 8²: 68 -> 70 ms).
+#: Makes constants of a model's arrays, named by `key` (unique in the model): returns OpenVINO outputs holding them.
+ConstantStore = Callable[[str, Sequence[np.ndarray]], Sequence[Any]]
+#: The largest 3x3 weights (elements) rewritten without a ConstantStore (a read-only bundle has no cache to map them
+#: from): the phases' kernels are 16/9 of the 3x3 weights, held in the heap beside OpenVINO's repacked copy. SD 1.5 in
+#: exact mode, two 4-step requests at 512²: peak 6.69 GB unrewritten, 6.56 GB with this limit (the U-Net's 640-channel
+#: upsampler and the VAE decoder's), 7.06 GB with the U-Net's 1280-channel ones too, above diffusers fp32. Computed
+#: per call instead, those lose most of the gain to per-call weight reorders (from 16²: 283 -> 176 ms against 132 ms
+#: held; from 8²: 68 -> 70 ms).
 MAX_WEIGHT_ELEMENTS = 4_000_000
 # The 3x3 kernel's rows onto the 2 input rows an output row of each phase reads: phase 0 reads rows i - 1 (tap 0)
 # and i (taps 1 and 2), phase 1 rows i (taps 0 and 1) and i + 1 (tap 2). Columns alike.
@@ -42,16 +52,22 @@ PHASE_TAPS = (
 )
 
 
-def rewrite_upsampling_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEMENTS) -> int:
-    """Rewrite, in place, every 3x3 stride-1 undilated convolution padded by 1, with constant weights of at most
-    `max_weight_elements` elements, whose input is a nearest-neighbour upsampling of a static-shape 4-D tensor to
-    exactly twice its height and width; return how many were rewritten. Call it after reshaping the model to static
-    shapes."""
+def rewrite_upsampling_convolutions(model: Any, store: ConstantStore | None = None,
+                                    max_weight_elements: int = MAX_WEIGHT_ELEMENTS) -> int:
+    """Rewrite, in place, every 3x3 stride-1 undilated convolution padded by 1, with constant weights, whose input
+    is a nearest-neighbour upsampling of a static-shape 4-D tensor to exactly twice its height and width; return how
+    many were rewritten. The phases' kernels are made by `store`, or else held in the heap, and then only for weights
+    of at most `max_weight_elements` elements. Call it after reshaping the model to static shapes."""
     rewritten = 0
     for node in model.get_ordered_ops():
         weights = _rewritable_weights(node)
-        if weights is not None and weights.size <= max_weight_elements:
-            _rewrite(node, weights)
+        if weights is not None and (store is not None or weights.size <= max_weight_elements):
+            kernels = _phase_kernels(weights)
+            if store is None:
+                constants = [_heap_constant(kernel) for kernel in kernels]
+            else:
+                constants = store(node.get_friendly_name(), kernels)
+            _rewrite(node, constants)
             rewritten += 1
     if rewritten:
         model.validate_nodes_and_infer_types()
@@ -89,18 +105,29 @@ def _constant_value(node: Any) -> np.ndarray | None:
     return node.get_data()
 
 
-def _rewrite(convolution: Any, weights: np.ndarray) -> None:
+def _heap_constant(value: np.ndarray) -> Any:
+    """An OpenVINO constant holding a copy of `value` in the heap."""
+    from openvino import opset13 as ops
+
+    return ops.constant(value).output(0)
+
+
+def _phase_kernels(weights: np.ndarray) -> list[np.ndarray]:
+    """The four (CO, C, 2, 2) kernels of (CO, C, 3, 3) `weights`, in phase order (row phase, then column phase)."""
+    weights = weights.astype(np.float32, copy=False)
+    rows = [np.tensordot(weights, taps, axes=([2], [1])) for taps in PHASE_TAPS]  # (CO, C, 3, 2) each
+    return [np.ascontiguousarray(np.tensordot(row, taps, axes=([2], [1]))) for row in rows for taps in PHASE_TAPS]
+
+
+def _rewrite(convolution: Any, kernels: Sequence[Any]) -> None:
     from openvino import opset13 as ops
 
     source = convolution.input_value(0).get_node().input_value(0)  # before upsampling: (N, C, H, W)
-    weights = weights.astype(np.float32, copy=False)  # (CO, C, 3, 3)
     phases = []
     for row_phase in range(SCALE):
-        rows = np.tensordot(weights, PHASE_TAPS[row_phase], axes=([2], [1]))  # (CO, C, 3, 2)
         for column_phase in range(SCALE):
-            kernel = np.tensordot(rows, PHASE_TAPS[column_phase], axes=([2], [1]))  # (CO, C, 2, 2)
             phases.append(ops.convolution(
-                source, ops.constant(kernel), strides=[1, 1],
+                source, kernels[row_phase * SCALE + column_phase], strides=[1, 1],
                 pads_begin=[1 - row_phase, 1 - column_phase], pads_end=[row_phase, column_phase], dilations=[1, 1],
             ))  # (N, CO, H, W) each
     # depth-to-space "blocks_first" reads channel (row_phase * 2 + column_phase) * CO + c: the concatenation's order
