@@ -20,11 +20,11 @@ REPEATED = GUIDANCE_REPEATED_INPUTS[Component.UNET]
 
 
 def _guided_feeds(bundle: Path, images: int, size: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    model = read_manifest(bundle).model
+    manifest = read_manifest(bundle)
     rng = np.random.default_rng(seed)
-    latents = rng.standard_normal((images, model.unet_in_channels, size, size)).astype(np.float32)  # (B, C, h, w)
+    latents = rng.standard_normal((images, manifest.model.unet_in_channels, size, size)).astype(np.float32)  # (B, C, h, w)
     timesteps = rng.uniform(0, 999, images).astype(np.float32)  # (B,)
-    hidden = read_manifest(bundle).components[Component.UNET].inputs[2].shape[-1]
+    hidden = manifest.components[Component.UNET].inputs[2].shape[-1]
     return {
         "sample": np.concatenate([latents, latents]),  # (2B, C, h, w)
         "timestep": np.concatenate([timesteps, timesteps]),  # (2B,)
