@@ -114,7 +114,9 @@ def test_weights_above_the_limit_are_left_alone_unless_a_store_holds_the_kernels
 
     stored: list = []
 
-    def store(key, arrays):
+    def store(key, shapes, compute):
+        arrays = compute()
+        assert [array.shape for array in arrays] == list(shapes)
         stored.append((key, [array.shape for array in arrays]))
         return [ops.constant(array).output(0) for array in arrays]
 

@@ -361,15 +361,16 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
 _BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
 
 
-def _mapped_constants(core: Any, directory: Path, key: str, arrays: Sequence[np.ndarray]) -> list[Any]:
-    """OpenVINO constants holding `arrays`, read (memory-mapped) from an IR under `directory` named after `key`;
-    written there first, atomically, unless it already holds arrays of these shapes (a model's rewrite computes the
-    same constants on every compile: weights never change in a bundle's component)."""
+def _mapped_constants(core: Any, directory: Path, key: str, shapes: Sequence[tuple[int, ...]],
+                      compute: Callable[[], Sequence[np.ndarray]]) -> list[Any]:
+    """OpenVINO constants of these `shapes`, read (memory-mapped) from an IR under `directory` named after `key`;
+    computed and written there first, atomically, unless it already holds arrays of these shapes (a model's rewrite
+    makes the same constants on every compile: weights never change in a bundle's component)."""
     import openvino
     from openvino import opset13 as ops
 
     target = directory / hashlib.sha256(key.encode()).hexdigest()[:16]
-    shapes = [list(array.shape) for array in arrays]
+    shapes = [list(shape) for shape in shapes]
 
     def read() -> list[Any] | None:
         if not (target / IR_FILE).is_file():
@@ -381,7 +382,7 @@ def _mapped_constants(core: Any, directory: Path, key: str, arrays: Sequence[np.
     if constants is None:
         try:
             with atomic_directory(target, replace=target.exists()) as staging:
-                stored = openvino.Model([ops.result(ops.constant(array)) for array in arrays], [])
+                stored = openvino.Model([ops.result(ops.constant(array)) for array in compute()], [])
                 openvino.save_model(stored, str(staging / IR_FILE), compress_to_fp16=False)
         except OSError:  # FileExistsError included: another process published it first
             if read() is None:

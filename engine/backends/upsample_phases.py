@@ -35,8 +35,9 @@ from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_p
 logger = logging.getLogger(__name__)
 
 SCALE = 2
-#: Makes constants of a model's arrays, named by `key` (unique in the model): returns OpenVINO outputs holding them.
-ConstantStore = Callable[[str, Sequence[np.ndarray]], Sequence[Any]]
+#: Makes constants of a model's arrays, named by `key` (unique in the model), of these shapes: returns OpenVINO
+#: outputs holding them. It calls the function that computes the arrays only when it does not hold them already.
+ConstantStore = Callable[[str, Sequence[tuple[int, ...]], Callable[[], Sequence[np.ndarray]]], Sequence[Any]]
 #: The largest 3x3 weights (elements) rewritten without a ConstantStore (a read-only bundle has no cache to map them
 #: from): the phases' kernels are 16/9 of the 3x3 weights, held in the heap beside OpenVINO's repacked copy. SD 1.5 in
 #: exact mode, two 4-step requests at 512²: peak 6.69 GB unrewritten, 6.56 GB with this limit (the U-Net's 640-channel
@@ -62,11 +63,11 @@ def rewrite_upsampling_convolutions(model: Any, store: ConstantStore | None = No
     for node in model.get_ordered_ops():
         weights = _rewritable_weights(node)
         if weights is not None and (store is not None or weights.size <= max_weight_elements):
-            kernels = _phase_kernels(weights)
             if store is None:
-                constants = [_heap_constant(kernel) for kernel in kernels]
+                constants = [_heap_constant(kernel) for kernel in _phase_kernels(weights)]
             else:
-                constants = store(node.get_friendly_name(), kernels)
+                shapes = [(*weights.shape[:2], SCALE, SCALE)] * SCALE ** 2
+                constants = store(node.get_friendly_name(), shapes, lambda weights=weights: _phase_kernels(weights))
             _rewrite(node, constants)
             rewritten += 1
     if rewritten:
