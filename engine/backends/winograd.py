@@ -1,9 +1,12 @@
 """Winograd F(4x4, 3x3) for an OpenVINO model's 3x3 convolutions: 2.25 multiplies per output where a direct 3x3
 convolution does 9, at fp32 accuracy (exact mode).
 
-Each rewritten convolution becomes: an input transform (36 depthwise 6x6 stride-4 convolutions, one per point of
-the 6x6 Winograd tile), 36 1x1 convolutions (the products, with the weights in the Winograd domain), an output
-transform (sums of the 36 products) and a depth-to-space that interleaves the 4x4 output tiles.
+Each rewritten convolution becomes four matrix products around one patch extraction: the input, padded to whole
+tiles, is cut into overlapping 6x6 patches (stride 4); the input transform Bᵀ d B of every patch and channel is one
+(36, 36) product; the 36 products with the weights in the Winograd domain are one batched (CO, C) @ (C, tiles)
+product per point; the output transform Aᵀ m A is one (16, 36) product, and a depth-to-space interleaves the 4x4
+output tiles. (A first version built the transforms from 36 depthwise convolutions, 36 1x1 convolutions and ~100
+additions: the same arithmetic, but its transforms' memory traffic ate the saving on large activations.)
 
 The Winograd-domain weights are four times the size of the 3x3 weights (36 values where there were 9). Kept
 resident, the rewrite would add 0.9 GB to SD 1.5's fp32 U-Net, and exact mode must never use more memory than
@@ -11,14 +14,15 @@ diffusers: so they are computed on every call from the 3x3 weights, which stay t
 bandwidth in proportion to the weights, while the saving grows with the activations: the rewrite pays only for
 convolutions with small weights, which in a U-Net are those at high resolution.
 
-Measured (2-core AVX-512 CPU, SD 1.5 U-Net at 512², batch 2, fp32), with all 24 convolutions of up to 640 output
-channels rewritten: they take 2.65 s -> 1.5 s per call, the whole call 8.8 -> 7.8 s, output within 2.3e-5 of the
-direct convolutions. With the 20 that MAX_WEIGHT_ELEMENTS kept for memory: 8.9 -> 7.9-8.4 s per call (the same
-process timing both, alternately; this machine is noisy); 19 since the upsampler went to `upsample_phases.py`. The
-1280-channel convolutions (at 16² and 8²) lose: 88 -> 139 ms each, the weight transform dominating. A VAE decoder
-gains nothing (12.7 -> 12.5 s at 512²): its activations are too large for the cache, and the transforms' memory
-traffic eats the saving. Convolutions of a nearest upsampling are left to `upsample_phases.py`, which does more for
-them (SD 1.5's 640-channel U-Net upsampler: 274 ms direct, 137 ms in Winograd, 123 ms in phases).
+Measured on SD 1.5's U-Net at 512², CFG batch 2, fp32, with the 19 convolutions MAX_WEIGHT_ELEMENTS selects (a
+2-core AVX-512 AMX Xeon; each variant in its own process, 3 calls after the first): the patch-and-product form
+against the first version, 5.0-5.25 -> 4.7-5.0 s per call, peak RSS 4.24 -> 4.02 GB, the first call (compilation)
+27.8 -> 14.7 s; output within 2.1e-5 of the first version's. One convolution at a time (medians of 4): 320 channels
+at 64², 81 ms direct, 54 ms in Winograd; 640 channels at 32², 73 -> 49 ms; the VAE decoder's 512 channels at 128²
+(batch 1), 431 -> 212 ms. Larger weights lose where the activations are small (1280 channels at 8²: 28 -> 68 ms)
+and, where they gain (at 16²: 81-93 -> 71-73 ms), their per-call Winograd-domain weights cost memory: all of the
+U-Net's convolutions on inputs of 16² and up, 5.0 -> 4.7 s per call but +1.1 GB. Convolutions of a nearest
+upsampling are left to `upsample_phases.py`, which does more for them.
 """
 from __future__ import annotations
 
@@ -37,11 +41,12 @@ POINTS = TILE + 2  # Winograd-domain points per tile side (the input tile is 6x6
 #: intermediate buffers, and those set exact mode's peak. SD 1.5's U-Net at 512², exact mode's peak RSS over two
 #: requests: 6.39 GB direct, 6.65 GB with this limit (20 convolutions: those of at most 640x640 channels), 6.84 GB
 #: with 12 M (24: up to 1920 -> 640 channels), diffusers fp32 6.7-6.9 GB. Its 1280-channel convolutions (14.7 M
-#: elements and up) lose time as well.
+#: elements and up) lose time as well (first version's figures; the patch-and-product form holds less).
 MAX_WEIGHT_ELEMENTS = 4_000_000
 #: Names the rewritten graph in caches of converted models: bump it whenever the rewrite's output changes (2: the
-#: weight transform kept per call under static shapes too; 3: upsampling convolutions left to the phase rewrite).
-REVISION = 3
+#: weight transform kept per call under static shapes too; 3: upsampling convolutions left to the phase rewrite; 4:
+#: the patch-and-product form).
+REVISION = 4
 
 # Lavin & Gray's F(4, 3) on the points 0, ±1, ±2 and infinity: y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 6x6 input tile d,
 # 3x3 filter g and 4x4 output tile y.
@@ -102,65 +107,52 @@ def _rewritable(node: Any, max_weight_elements: int) -> bool:
 
 
 def _rewrite(convolution: Any) -> None:
-    from openvino import opset13 as ops
+    from openvino import opset3, opset13 as ops
 
     name = convolution.get_friendly_name() + "/winograd"
-    source = convolution.input_value(0)
+    source = convolution.input_value(0)  # (N, C, H, W)
     weights = convolution.input_value(1).get_node().get_data()  # (CO, C, 3, 3)
     out_channels, in_channels = weights.shape[:2]
 
     def constant(value: np.ndarray) -> Any:
         return ops.constant(np.ascontiguousarray(value, dtype=np.float32))
 
-    # Input transform: the depthwise kernel of point (i, j) is the outer product of Bᵀ's rows i and j. The end is
-    # padded to a whole number of tiles; the surplus output is cropped below.
-    point_kernels = np.einsum("iu,jv->ijuv", INPUT_TRANSFORM, INPUT_TRANSFORM)  # (6, 6, 6, 6)
-    points = {
-        (i, j): ops.group_convolution(
-            source, constant(np.broadcast_to(point_kernels[i, j], (in_channels, 1, 1, POINTS, POINTS))),
-            strides=[TILE, TILE], pads_begin=[1, 1], pads_end=[TILE, TILE], dilations=[1, 1],
-        )  # (N, C, ceil(H/4), ceil(W/4))
-        for i in range(POINTS) for j in range(POINTS)
-    }
+    def integers(*values: int) -> Any:
+        return ops.constant(np.array(values, np.int64))
+
+    # The input is padded by 1 at the start and at the end to whole tiles (T = ceil(H/4) x ceil(W/4) of them); the
+    # surplus output is cropped below. Each 6x6 input tile becomes one patch: 36 values per channel, point-major.
+    height_width = ops.gather(ops.shape_of(source), integers(2, 3), ops.constant(np.int64(0)))  # (2,): H, W
+    tiles = ops.divide(ops.add(height_width, integers(TILE - 1)), integers(TILE))  # (2,): ceil(H/4), ceil(W/4)
+    pads_end = ops.concat([integers(0, 0), ops.subtract(ops.multiply(tiles, integers(TILE)), ops.subtract(height_width, integers(1)))], 0)
+    padded = ops.pad(source, integers(0, 0, 1, 1), pads_end, "constant")  # (N, C, 4 ceil(H/4) + 2, 4 ceil(W/4) + 2)
+    patches = opset3.extract_image_patches(padded, [POINTS, POINTS], [TILE, TILE], [1, 1], "valid")  # (N, 36 C, ...)
+    patches = ops.reshape(patches, integers(0, POINTS * POINTS, -1), True)  # (N, 36, C T)
+
+    # Input transform Bᵀ d B of every tile and channel, as one product: (36, 36) @ (N, 36, C T).
+    input_points = np.kron(INPUT_TRANSFORM, INPUT_TRANSFORM)  # (36, 36): point (i, j) from tap (u, v)
+    transformed = ops.reshape(ops.matmul(constant(input_points), patches, False, False),
+                              integers(0, POINTS * POINTS, in_channels, -1), True)  # (N, 36, C, T)
 
     # Filter transform G g Gᵀ, per call: (36, 9) @ (9, CO*C). The factor `one` is what keeps OpenVINO from folding
     # the product into a constant four times the weights' size: always 1.0 (NaN and infinities included), it is
     # computed from one input value, which no compilation can know, even for static shapes.
-    first = ops.reshape(ops.slice(source, *(ops.constant(np.array(v, np.int64)) for v in ([0] * 4, [1] * 4, [1] * 4))),
-                        ops.constant(np.array([1], np.int64)), False)  # (1,)
+    first = ops.reshape(ops.slice(source, integers(0, 0, 0, 0), integers(1, 1, 1, 1), integers(1, 1, 1, 1)), integers(1), False)  # (1,)
     one = ops.convert(ops.logical_or(ops.is_nan(first), ops.equal(first, first)), "f32")  # (1,)
-    filter_kernels = np.einsum("iu,jv->ijuv", FILTER_TRANSFORM, FILTER_TRANSFORM).reshape(POINTS * POINTS, 9)
-    taps = weights.transpose(2, 3, 0, 1).reshape(9, out_channels * in_channels)  # (9, CO*C)
-    domain_weights = ops.matmul(ops.multiply(constant(filter_kernels), one), constant(taps), False, False)  # (36, CO*C)
-    per_point = ops.split(domain_weights, ops.constant(np.int64(0)), POINTS * POINTS)
-    kernel_shape = ops.constant(np.array([out_channels, in_channels, 1, 1], np.int64))
+    filter_points = np.kron(FILTER_TRANSFORM, FILTER_TRANSFORM)  # (36, 9): point (i, j) from tap (u, v)
+    taps = weights.reshape(out_channels * in_channels, 9).T  # (9, CO*C)
+    domain_weights = ops.matmul(ops.multiply(constant(filter_points), one), constant(taps), False, False)  # (36, CO*C)
+    domain_weights = ops.reshape(domain_weights, integers(POINTS * POINTS, out_channels, in_channels), False)  # (36, CO, C)
 
-    products = {  # (N, CO, ceil(H/4), ceil(W/4)) each
-        (i, j): ops.convolution(
-            points[i, j], ops.reshape(per_point.output(i * POINTS + j), kernel_shape, False),
-            strides=[1, 1], pads_begin=[0, 0], pads_end=[0, 0], dilations=[1, 1],
-        )
-        for i in range(POINTS) for j in range(POINTS)
-    }
+    # The products: one (CO, C) @ (C, T) per point.
+    products = ops.matmul(domain_weights, transformed, False, False)  # (N, 36, CO, T)
 
-    def combination(coefficients: np.ndarray, terms: list[Any]) -> Any:
-        total = None
-        for coefficient, term in zip(coefficients, terms):
-            if coefficient == 0:
-                continue
-            scaled = term if abs(coefficient) == 1 else ops.multiply(term, constant(np.array(abs(coefficient))))
-            if total is None:
-                total = scaled if coefficient > 0 else ops.negative(scaled)
-            else:
-                total = ops.add(total, scaled) if coefficient > 0 else ops.subtract(total, scaled)
-        return total
-
-    # Output transform Aᵀ m A, separably: over the tile's rows, then its columns.
-    rows = {(p, j): combination(OUTPUT_TRANSFORM[p], [products[i, j] for i in range(POINTS)]) for p in range(TILE) for j in range(POINTS)}
-    outputs = [combination(OUTPUT_TRANSFORM[q], [rows[p, j] for j in range(POINTS)]) for p in range(TILE) for q in range(TILE)]
-    tiles = ops.depth_to_space(ops.concat(outputs, 1), "blocks_first", TILE)  # (N, CO, 4*ceil(H/4), 4*ceil(W/4))
-    height_width = ops.gather(ops.shape_of(source), ops.constant(np.array([2, 3], np.int64)), ops.constant(np.int64(0)))
-    result = ops.slice(tiles, ops.constant(np.array([0, 0], np.int64)), height_width, ops.constant(np.array([1, 1], np.int64)),
-                       ops.constant(np.array([2, 3], np.int64)))  # (N, CO, H, W)
+    # Output transform Aᵀ m A, as one product: (16, 36) @ (N, 36, CO T); then the 4x4 output tiles interleaved.
+    output_points = np.kron(OUTPUT_TRANSFORM, OUTPUT_TRANSFORM)  # (16, 36): output (p, q) from point (i, j)
+    outputs = ops.matmul(constant(output_points), ops.reshape(products, integers(0, POINTS * POINTS, -1), True), False, False)  # (N, 16, CO T)
+    outputs = ops.reshape(outputs, ops.concat([integers(0, TILE * TILE * out_channels), tiles], 0), True)  # (N, 16 CO, ceil(H/4), ceil(W/4))
+    # depth-to-space "blocks_first" reads channel (p * 4 + q) * CO + c: the product's order
+    outputs = ops.depth_to_space(outputs, "blocks_first", TILE)  # (N, CO, 4 ceil(H/4), 4 ceil(W/4))
+    result = ops.slice(outputs, integers(0, 0), height_width, integers(1, 1), integers(2, 3))  # (N, CO, H, W)
     result.set_friendly_name(name)
     convolution.output(0).replace(result.output(0))
