@@ -123,8 +123,16 @@ class _OpenVINOBackend(Backend):
     #: the shapes each component is compiled for (CompileShapes.ANY where absent). The VAE decoder, whose activations
     #: outweigh its weights, for each request's: SD 1.5 at 512² in fp32, buffers 1.21 -> 0.81 GB, and 14.7 -> 13.2 s;
     #: a request of a new size pays a compilation (about 2 s at 512²; later processes find it in the compiled-model
-    #: cache).
-    compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {Component.VAE_DECODER: CompileShapes.EACH}
+    #: cache). The U-Net for its first shapes (a request's CFG batch and size), which also lets it run its
+    #: text-independent prefix once for both halves of the batch (guidance_prefix.py). SD 1.5 at 512², alternate calls
+    #: in one process: fp32 (2-core AVX-512 EPYC) 8.89 -> 8.35 s per call before the prefix, and the U-Net holds
+    #: 0.6 GB less (planned buffers); on a 2-core AMX Xeon, int8 1.42 -> 1.18 s and bf16 1.77 -> 1.48 s, same accuracy
+    #: (relative RMS error against fp32 0.098 -> 0.099 and 0.048 -> 0.048). A process's first request pays the
+    #: compilation (not loaded from the cache; fp32 about 10 s more, int8 and bf16 2-4 s); the gain repays it within
+    #: one 20-step request.
+    compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
+        Component.VAE_DECODER: CompileShapes.EACH, Component.UNET: CompileShapes.FIRST,
+    }
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -158,9 +166,13 @@ class _OpenVINOBackend(Backend):
     @classmethod
     def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
         """The cache directory of the component's compiled models (one per set of input shapes it is compiled for)."""
-        converted = cls._converted_name(component, source) or f"{component.value}-{source.digest[:16]}"
         static = cls._compiled_shapes(component) is not CompileShapes.ANY
-        return "-".join([converted, *(r.name for r in STATIC_SHAPE_REWRITES if static), cls.precision])
+        return "-".join([cls._source_name(component, source), *(r.name for r in STATIC_SHAPE_REWRITES if static), cls.precision])
+
+    @classmethod
+    def _source_name(cls, component: Component, source: ComponentFile) -> str:
+        """Names the model the component compiles from: its converted model, or the bundle's file."""
+        return cls._converted_name(component, source) or f"{component.value}-{source.digest[:16]}"
 
     @classmethod
     def _compiled_shapes(cls, component: Component) -> CompileShapes:
@@ -322,11 +334,6 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
     # SD 1.5 at 512²: 8.9 -> 7.9-8.4 s per U-Net call from Winograd, within 2.3e-5 of direct convolutions. Not on
     # the VAE decoder (no gain), nor in bf16, whose rounding the transforms would amplify.
     rewrites = {Component.UNET: (WINOGRAD,)}
-    # The U-Net compiled for its first shapes (a request's CFG batch and size). SD 1.5 at 512², alternate calls in one
-    # process: 8.89 -> 8.35 s per call; the U-Net alone holds 0.6 GB less (planned buffers), the pipeline's peak is
-    # unchanged (6.5 GB over two requests). A process's first request pays about 10 s more (compiled, not loaded
-    # from the cache); the gain repays it within one 20-step request.
-    compile_shapes = {**_OpenVINOBackend.compile_shapes, Component.UNET: CompileShapes.FIRST}
 
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
@@ -347,10 +354,10 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
         return None
 
     @classmethod
-    def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
+    def _source_name(cls, component: Component, source: ComponentFile) -> str:
         if component is Component.UNET:
-            return f"{component.value}-{source.digest[:16]}-int8-{cls.precision}"
-        return super()._compiled_name(component, source)
+            return f"{component.value}-{source.digest[:16]}-int8"
+        return super()._source_name(component, source)
 
     def _model_file(self, component: Component) -> str:
         if component is Component.UNET:
