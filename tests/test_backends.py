@@ -255,9 +255,12 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
 
     # and every upsampling convolution of a model compiled for static shapes runs as phase convolutions
     rewrites: list[int] = []
-    phases, = openvino_cpu.STATIC_SHAPE_REWRITES
-    monkeypatch.setattr(openvino_cpu, "STATIC_SHAPE_REWRITES", (
-        dataclasses.replace(phases, apply=lambda model, store: rewrites.append(phases.apply(model, store)) or rewrites[-1]),))
+    phases = openvino_cpu.UPSAMPLE_PHASES
+    counted = dataclasses.replace(phases, apply=lambda model, store: rewrites.append(phases.apply(model, store)) or rewrites[-1])
+    monkeypatch.setattr(openvino_cpu.OpenVINOFP32Backend, "static_shape_rewrites", {
+        component: tuple(counted if r is phases else r for r in component_rewrites)
+        for component, component_rewrites in openvino_cpu.OpenVINOFP32Backend.static_shape_rewrites.items()
+    })
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     compiled: list = []

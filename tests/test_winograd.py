@@ -2,6 +2,7 @@
 the convolutions it is meant for, and the Winograd-domain weights computed per call, never held."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -96,6 +97,44 @@ def test_weights_above_the_limit_are_left_alone() -> None:
 
     assert rewrite_convolutions(_convolution_model(16, 16), max_weight_elements=16 * 16 * 9 - 1) == 0
     assert rewrite_convolutions(_convolution_model(16, 16), max_weight_elements=16 * 16 * 9) == 1
+
+
+def test_input_limit_rewrites_only_static_inputs_of_at_most_that_many_elements() -> None:
+    from sdrt.engine.backends.winograd import rewrite_convolutions
+
+    shape = [1, 8, 12, 10]
+    elements = int(np.prod(shape))
+    inputs = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    expected = _run(_convolution_model(8, 8), inputs)
+
+    assert rewrite_convolutions(_convolution_model(8, 8), max_input_elements=elements) == 0  # dynamic: size unknown
+    for limit, rewritten in ((elements - 1, 0), (elements, 1)):
+        model = _convolution_model(8, 8)
+        model.reshape(shape)
+        assert rewrite_convolutions(model, max_input_elements=limit) == rewritten
+    np.testing.assert_allclose(_run(model, inputs), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_exact_mode_rewrites_its_vae_decoder_once_shapes_are_static(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    # Not its full-resolution convolutions: their activations set the decoder's peak.
+    from sdrt.engine.backends import openvino_cpu
+
+    decoder = openvino_cpu.Component.VAE_DECODER
+    assert openvino_cpu.WINOGRAD_DECODER in OpenVINOFP32Backend.static_shape_rewrites[decoder]
+    assert openvino_cpu.WINOGRAD_DECODER not in openvino_cpu.OpenVINOBF16Backend.static_shape_rewrites[decoder]  # fp32 only
+    counts: list[int] = []
+    counted = dataclasses.replace(openvino_cpu.WINOGRAD_DECODER,
+                                  apply=lambda model, store: counts.append(openvino_cpu.WINOGRAD_DECODER.apply(model, store)) or counts[-1])
+    monkeypatch.setattr(OpenVINOFP32Backend, "static_shape_rewrites", {
+        **OpenVINOFP32Backend.static_shape_rewrites, decoder: (openvino_cpu.UPSAMPLE_PHASES, counted)})
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    rewritten = _exact_images(bundle)
+    assert counts and counts[0] > 0
+
+    monkeypatch.setattr(OpenVINOFP32Backend, "static_shape_rewrites", {
+        **OpenVINOFP32Backend.static_shape_rewrites, decoder: (openvino_cpu.UPSAMPLE_PHASES,)})
+    direct = _exact_images(Path(shutil.copytree(tiny_bundle, tmp_path / "direct", ignore=shutil.ignore_patterns(".cache"))))
+    np.testing.assert_allclose(rewritten, direct, atol=1e-4)
 
 
 @pytest.mark.parametrize("static_shape", [None, [2, 8, 16, 16]], ids=["dynamic", "static"])

@@ -43,6 +43,11 @@ POINTS = TILE + 2  # Winograd-domain points per tile side (the input tile is 6x6
 #: with 12 M (24: up to 1920 -> 640 channels), diffusers fp32 6.7-6.9 GB. Its 1280-channel convolutions (14.7 M
 #: elements and up) lose time as well (first version's figures; the patch-and-product form holds less).
 MAX_WEIGHT_ELEMENTS = 4_000_000
+#: The largest inputs (elements) of a VAE decoder's convolutions rewritten: its activations, not its weights, set its
+#: peak. SD 1.5 at 512² (2-core AMX Xeon, the decoder alone, one process each, medians of 3 calls): 7.38-7.54 s
+#: direct, 6.46-6.52 s up to 128² x 512 channels (8.4 M), 6.00-6.17 s with this limit (up to 256² x 256 channels:
+#: all but the full-resolution level), 5.95-6.19 s with all; peak RSS 1.18, 1.37, 1.38 and 2.05 GB.
+MAX_DECODER_INPUT_ELEMENTS = 256 * 256 * 256
 #: Names the rewritten graph in caches of converted models: bump it whenever the rewrite's output changes (2: the
 #: weight transform kept per call under static shapes too; 3: upsampling convolutions left to the phase rewrite; 4:
 #: the patch-and-product form).
@@ -71,14 +76,14 @@ OUTPUT_TRANSFORM = np.array(  # Aᵀ, (4, 6)
      [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 
-def rewrite_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEMENTS) -> int:
+def rewrite_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEMENTS, max_input_elements: int | None = None) -> int:
     """Rewrite, in place, every 3x3 stride-1 undilated convolution of the OpenVINO `model` whose weights are a
     constant of at most `max_weight_elements` elements, padded by 1 on each side, on a 4-D input that is not a
-    nearest upsampling; return how many were rewritten. The model may later be reshaped to static shapes: the weight
-    transform still runs per call."""
+    nearest upsampling and, given `max_input_elements`, has a static shape of at most that many elements; return how
+    many were rewritten. The model may later be reshaped to static shapes: the weight transform still runs per call."""
     rewritten = 0
     for node in model.get_ordered_ops():
-        if _rewritable(node, max_weight_elements):
+        if _rewritable(node, max_weight_elements, max_input_elements):
             _rewrite(node)
             rewritten += 1
     if rewritten:
@@ -87,7 +92,7 @@ def rewrite_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEME
     return rewritten
 
 
-def _rewritable(node: Any, max_weight_elements: int) -> bool:
+def _rewritable(node: Any, max_weight_elements: int, max_input_elements: int | None) -> bool:
     from openvino import Type
 
     if not is_size_preserving_convolution(node):
@@ -97,11 +102,13 @@ def _rewritable(node: Any, max_weight_elements: int) -> bool:
         return False
     shape = list(weights.get_output_shape(0))
     source = node.input_value(0).get_partial_shape()
+    small_input = max_input_elements is None or (source.is_static and int(np.prod(source.to_shape())) <= max_input_elements)
     return (
         shape[2:] == [3, 3]
         and int(np.prod(shape)) <= max_weight_elements
         and source.rank.is_static
         and source.rank.get_length() == 4
+        and small_input
         and not is_nearest_upsampling(node.input_value(0).get_node())
     )
 
