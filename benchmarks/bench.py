@@ -204,7 +204,7 @@ def _machine() -> dict[str, Any]:
     memory_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
     versions = package_versions(("sdrt", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers"))
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kb / 1e6, 1), "avx512_bf16": "avx512_bf16" in flags,
-            "python": platform.python_version(), "versions": versions}
+            "amx": "amx_bf16" in flags.split(), "python": platform.python_version(), "versions": versions}
 
 
 def _prime_bundle_caches(plan: BenchPlan, work: Path, skipped: dict[str, str]) -> None:

@@ -40,7 +40,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# sdrt benchmark results",
         "",
         f"- Run: {results['started_utc']}, `{results['command']}` (regenerate with `make bench`: see the Makefile)",
-        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, AVX-512 BF16: {machine['avx512_bf16']}",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, AVX-512 BF16: {machine['avx512_bf16']}, AMX: {machine['amx']}",
         f"- Versions: Python {machine['python']}, {versions}",
         f"- Workload: \"{plan['prompt']}\", {plan['steps']} steps, guidance {plan['guidance_scale']}, {plan['runs']} run(s) per "
         "engine in fresh processes, interleaved; medians (p95 beside). Times in seconds.",
