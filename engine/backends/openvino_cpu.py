@@ -27,6 +27,7 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
 from sdrt.engine.backends.guidance_prefix import halves_identical, share_guidance_prefix
 from sdrt.engine.backends.upsample_phases import ConstantStore, rewrite_upsampling_convolutions
 from sdrt.engine.backends.winograd import MAX_DECODER_INPUT_ELEMENTS, MAX_WEIGHT_ELEMENTS, REVISION, rewrite_convolutions
@@ -92,6 +93,8 @@ WINOGRAD = GraphRewrite(f"winograd{REVISION}-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrit
 # cache's directory names of the components compiled that way, so that blobs compiled, and constants stored
 # (CONSTANTS_SUBDIR), before a rewrite changed are pruned: a rewrite whose constants change needs a new name.
 UPSAMPLE_PHASES = StaticShapeRewrite("upsample-phases", rewrite_upsampling_convolutions)
+# a GEGLU feed-forward's projection as two products, one per half of its output (geglu_halves.py)
+GEGLU_HALVES = StaticShapeRewrite("geglu-halves", rewrite_geglu_projections)
 # a VAE decoder's 3x3 convolutions on all but its largest activations (winograd.py)
 WINOGRAD_DECODER = StaticShapeRewrite(
     f"winograd{REVISION}-to-{MAX_DECODER_INPUT_ELEMENTS}",
@@ -138,10 +141,10 @@ class _OpenVINOBackend(Backend):
     compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
         Component.VAE_DECODER: CompileShapes.EACH, Component.UNET: CompileShapes.FIRST,
     }
-    #: the static-shape rewrites of each component compiled for static shapes, in order: in every precision, each
-    #: nearest 2x upsampling's convolution as phases
+    #: the static-shape rewrites of each component compiled for static shapes, in order: each nearest 2x
+    #: upsampling's convolution as phases, and the U-Net's GEGLU projections as two products
     static_shape_rewrites: ClassVar[Mapping[Component, tuple[StaticShapeRewrite, ...]]] = {
-        Component.UNET: (UPSAMPLE_PHASES,), Component.VAE_DECODER: (UPSAMPLE_PHASES,),
+        Component.UNET: (GEGLU_HALVES, UPSAMPLE_PHASES), Component.VAE_DECODER: (UPSAMPLE_PHASES,),
     }
 
     @classmethod
@@ -348,7 +351,8 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
     # and the VAE decoder's smaller convolutions once its shapes are known: SD 1.5 at 512², 7.4-7.5 -> 6.0-6.2 s per
     # decode, within 6e-5 of direct convolutions, its own peak +0.2 GB (the patch-and-product Winograd took 0.2 GB off
     # the U-Net's).
-    static_shape_rewrites = {**_OpenVINOBackend.static_shape_rewrites, Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)}
+    # Its GEGLU projections stay whole: in fp32 the two products gained nothing.
+    static_shape_rewrites = {Component.UNET: (UPSAMPLE_PHASES,), Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)}
 
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
