@@ -320,3 +320,12 @@ def test_static_shape_rewrites_keep_their_constants_in_mapped_files(tmp_path: Pa
     assert len(list(tmp_path.rglob("*.bin"))) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert len(store("down/conv", arrays)) == 2
     assert len(list(tmp_path.rglob("*.bin"))) == 2
+
+    # fp16 arrays come back as OpenVINO reads fp16-compressed weights: the fp16 constant (half the bytes on disk)
+    # and its conversion to fp32, which OpenVINO marks as a decompression and its CPU plugin keeps in fp16
+    halves = [np.linspace(-2, 2, 12, dtype=np.float16).reshape(3, 4)]
+    decompressed, = store("ff/proj", halves)
+    assert decompressed.get_node().get_type_name() == "Convert" and decompressed.get_element_type() == openvino.Type.f32
+    np.testing.assert_array_equal(decompressed.get_node().input_value(0).get_node().get_data(), halves[0])
+    with pytest.raises(ValueError, match="all float16 or none"):
+        store("mixed", [halves[0], arrays[1]])

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 SCALE = 2
 #: Makes constants of a model's arrays, named by `key` (unique in the model), of these shapes: returns OpenVINO
-#: outputs holding them. It calls the function that computes the arrays only when it does not hold them already.
+#: outputs holding them (float16 arrays as OpenVINO's fp32 decompression of them, the form in which its CPU plugin
+#: keeps fp16 weights in fp16). It calls the function that computes the arrays only when it does not hold them already.
 ConstantStore = Callable[[str, Sequence[tuple[int, ...]], Callable[[], Sequence[np.ndarray]]], Sequence[Any]]
 #: The largest 3x3 weights (elements) rewritten without a ConstantStore (a read-only bundle has no cache to map them
 #: from): the phases' kernels are 16/9 of the 3x3 weights, held in the heap beside OpenVINO's repacked copy. SD 1.5 in
