@@ -26,9 +26,9 @@ from sdrt.engine.backends.upsample_phases import ConstantStore
 logger = logging.getLogger(__name__)
 
 HALVES = 2
-# element-wise operations a weight expression may combine its constants with (int8 dequantization: convert,
-# subtract the zero point, multiply by the scale; fp16 weights: convert)
-_ELEMENTWISE = {"Multiply", "Subtract", "Add"}
+# element-wise operations a weight expression may combine its constants with, besides Convert (int8 dequantization:
+# convert, subtract the zero point, multiply by the scale; fp16 weights: convert); named as in OpenVINO's opsets
+_ELEMENTWISE = {"Multiply": "multiply", "Subtract": "subtract", "Add": "add"}
 
 
 def rewrite_geglu_projections(model: Any, store: ConstantStore | None) -> int:
@@ -43,7 +43,7 @@ def rewrite_geglu_projections(model: Any, store: ConstantStore | None) -> int:
         if split is None:
             continue
         try:
-            _rewrite(node, *split, store)
+            _rewrite(*split, store)
         except ValueError as error:  # a weight expression that does not slice along the outputs: left as it is
             logger.debug("GEGLU projection left alone: %s", error)
             continue
@@ -54,8 +54,9 @@ def rewrite_geglu_projections(model: Any, store: ConstantStore | None) -> int:
     return rewritten
 
 
-def _halves_split(add: Any) -> tuple[Any, Any, list[Any]] | None:
-    """(product, bias, [first-half slice, second-half slice]) if `add` is a projection this rewrite is for."""
+def _halves_split(add: Any) -> tuple[Any, Any, int, list[Any]] | None:
+    """(product, bias, output width, [first-half slice, second-half slice]) if `add` is a projection this rewrite is
+    for."""
     if add.get_type_name() != "Add":
         return None
     for product_index in (0, 1):
@@ -82,7 +83,7 @@ def _halves_split(add: Any) -> tuple[Any, Any, list[Any]] | None:
     halves = [(0, width // 2), (width // 2, width)]
     if width % HALVES or len(add.output(0).get_target_inputs()) != HALVES or sorted(slices) != halves:
         return None
-    return product, bias, [slices[bounds] for bounds in halves]
+    return product, bias, width, [slices[bounds] for bounds in halves]
 
 
 def _last_axis_slice(node: Any, rank: int, width: int) -> tuple[int, int] | None:
@@ -123,11 +124,10 @@ def _is_constant_expression(output: Any) -> bool:
     return False
 
 
-def _rewrite(add: Any, product: Any, bias: Any, halves: list[Any], store: ConstantStore) -> None:
+def _rewrite(product: Any, bias: Any, width: int, halves: list[Any], store: ConstantStore) -> None:
     from openvino import opset13 as ops
 
     transpose_b = product.get_attributes()["transpose_b"]
-    width = add.get_output_partial_shape(0)[add.get_output_partial_shape(0).rank.get_length() - 1].get_length()
     results = []
     for half in range(HALVES):
         start, stop = half * width // HALVES, (half + 1) * width // HALVES
@@ -165,4 +165,4 @@ def _sliced(output: Any, axis: int, width: int, start: int, stop: int, store: Co
     inputs = [_sliced(node.input_value(i), axis, width, start, stop, store) for i in range(node.get_input_size())]
     if kind == "Convert":
         return ops.convert(inputs[0], node.get_output_element_type(0)).output(0)
-    return {"Multiply": ops.multiply, "Subtract": ops.subtract, "Add": ops.add}[kind](*inputs).output(0)
+    return getattr(ops, _ELEMENTWISE[kind])(*inputs).output(0)

@@ -2,13 +2,13 @@
 
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions, and the VAE decoder's on all
-but its largest activations, run as Winograd F(4x4, 3x3) (`winograd.py`). Models compiled for static shapes run each nearest-2x upsampling's convolution as four 2x2 phase
-convolutions (`upsample_phases.py`), in every precision; in such a U-Net, what does not read the text runs once for
-both halves of a classifier-free guidance batch (`guidance_prefix.py`), and in the fast modes each GEGLU projection
-runs as two products (`geglu_halves.py`). Converted and compiled models are cached
-under the bundle's `.cache/openvino`, one directory per model, so a later process skips most of the compilation;
-entries no current backend would read (a re-exported component, a changed rewrite) are removed when a backend opens
-the bundle.
+but its largest activations, run as Winograd F(4x4, 3x3) (`winograd.py`). Models compiled for static shapes run each
+nearest-2x upsampling's convolution as four 2x2 phase convolutions (`upsample_phases.py`), in every precision; in
+such a U-Net, what does not read the text runs once for both halves of a classifier-free guidance batch
+(`guidance_prefix.py`), and in the fast modes each GEGLU projection runs as two products (`geglu_halves.py`).
+Converted and compiled models are cached under the bundle's `.cache/openvino`, one directory per model, so a later
+process skips most of the compilation; entries no current backend would read (a re-exported component, a changed
+rewrite) are removed when a backend opens the bundle.
 """
 from __future__ import annotations
 
@@ -410,13 +410,13 @@ def _mapped_constants(core: Any, directory: Path, key: str, shapes: Sequence[tup
         arrays = list(compute())
         # fp16 arrays are saved compressed (as fp32 constants compressed on saving, which is what marks their
         # conversion back as a decompression when read): all or none, as compression applies to the whole file
-        half = {array.dtype == np.float16 for array in arrays}
-        if len(half) > 1:
+        compressed = all(array.dtype == np.float16 for array in arrays)
+        if not compressed and any(array.dtype == np.float16 for array in arrays):
             raise ValueError(f"{key}: a stored set of constants is all float16 or none")
         try:
             with atomic_directory(target, replace=target.exists()) as staging:
-                stored = openvino.Model([ops.result(ops.constant(array.astype(np.float32) if half == {True} else array)) for array in arrays], [])
-                openvino.save_model(stored, str(staging / IR_FILE), compress_to_fp16=half == {True})
+                stored = openvino.Model([ops.result(ops.constant(array.astype(np.float32) if compressed else array)) for array in arrays], [])
+                openvino.save_model(stored, str(staging / IR_FILE), compress_to_fp16=compressed)
         except OSError:  # FileExistsError included: another process published it first
             if read() is None:
                 raise
