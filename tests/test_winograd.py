@@ -115,6 +115,52 @@ def test_input_limit_rewrites_only_static_inputs_of_at_most_that_many_elements()
     np.testing.assert_allclose(_run(model, inputs), expected, atol=1e-4 * np.abs(expected).max())
 
 
+def _store(stored: list):
+    """A ConstantStore that records what it makes and holds it in the heap."""
+    from openvino import opset13 as ops
+
+    def store(key, shapes, compute):
+        arrays = compute()
+        assert [array.shape for array in arrays] == [tuple(shape) for shape in shapes]
+        stored.append((key, [array.shape for array in arrays]))
+        return [ops.constant(array).output(0) for array in arrays]
+
+    return store
+
+
+@pytest.mark.parametrize("out_channels", [12, 7], ids=["even-chunks", "uneven-chunks"])
+def test_large_weights_are_transformed_in_chunks_of_output_channels(out_channels, monkeypatch) -> None:
+    from sdrt.engine.backends import winograd
+
+    in_channels = 5
+    monkeypatch.setattr(winograd, "CHUNK_WEIGHT_ELEMENTS", 3 * in_channels * 9)  # at most 3 output channels a chunk
+    inputs = np.random.default_rng(0).standard_normal((2, in_channels, 10, 9)).astype(np.float32)
+    expected = _run(_convolution_model(in_channels, out_channels), inputs)
+    model = _convolution_model(in_channels, out_channels)
+    stored: list = []
+
+    assert winograd.rewrite_convolutions(model, store=_store(stored)) == 1
+    chunks = -(-out_channels // 3)
+    [(key, shapes)] = stored
+    assert len(shapes) == chunks and sum(shape[0] for shape in shapes) == out_channels * in_channels
+    assert all(shape[1] == 9 and shape[0] <= 3 * in_channels for shape in shapes)
+    # one weight transform per chunk, each (36, rows of the chunk's taps)
+    transforms = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
+                  and list(op.get_output_partial_shape(0))[0] == winograd.POINTS ** 2 and op.get_output_partial_shape(0).is_static]
+    assert len(transforms) == chunks
+    np.testing.assert_allclose(_run(model, inputs), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_input_area_limit_rewrites_only_static_inputs_of_at_least_that_area() -> None:
+    from sdrt.engine.backends.winograd import rewrite_convolutions
+
+    assert rewrite_convolutions(_convolution_model(4, 4), min_input_area=1) == 0  # dynamic: size unknown
+    for shape, rewritten in (([2, 4, 3, 5], 0), ([2, 4, 4, 4], 1), ([1, 4, 2, 9], 1)):
+        model = _convolution_model(4, 4)
+        model.reshape(shape)
+        assert rewrite_convolutions(model, max_weight_elements=None, min_input_area=16) == rewritten, shape
+
+
 def test_exact_mode_rewrites_its_vae_decoder_once_shapes_are_static(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # Not its full-resolution convolutions: their activations set the decoder's peak.
     from sdrt.engine.backends import openvino_cpu
@@ -135,6 +181,44 @@ def test_exact_mode_rewrites_its_vae_decoder_once_shapes_are_static(tiny_bundle:
         **OpenVINOFP32Backend.static_shape_rewrites, decoder: (openvino_cpu.UPSAMPLE_PHASES,)})
     direct = _exact_images(Path(shutil.copytree(tiny_bundle, tmp_path / "direct", ignore=shutil.ignore_patterns(".cache"))))
     np.testing.assert_allclose(rewritten, direct, atol=1e-4)
+
+
+def test_exact_mode_rewrites_its_unets_large_convolutions_once_shapes_are_static(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """Those WINOGRAD leaves (weights above its limit), on inputs of at least MIN_STATIC_INPUT_AREA, chunked, their
+    rearranged weights stored in the bundle's cache; none in a read-only bundle, which has no cache to map them from.
+    The tiny U-Net's convolutions and inputs are all small: here the IR-level rewrite is off and the limits small."""
+    from sdrt.engine.backends import openvino_cpu, winograd
+
+    unet = openvino_cpu.Component.UNET
+    assert openvino_cpu.WINOGRAD_LARGE in OpenVINOFP32Backend.static_shape_rewrites[unet]
+    assert openvino_cpu.WINOGRAD_LARGE not in openvino_cpu.OpenVINOBF16Backend.static_shape_rewrites[unet]  # fp32 only
+    monkeypatch.setattr(OpenVINOFP32Backend, "rewrites", {})
+    monkeypatch.setattr(winograd, "CHUNK_WEIGHT_ELEMENTS", 32 * 32 * 9 // 2)
+    monkeypatch.setattr(openvino_cpu, "MIN_STATIC_INPUT_AREA", 8 * 8)  # a 64² image's latents
+    counts: list[int] = []
+    counted = dataclasses.replace(openvino_cpu.WINOGRAD_LARGE,
+                                  apply=lambda model, store: counts.append(openvino_cpu.WINOGRAD_LARGE.apply(model, store)) or counts[-1])
+
+    def images(rewrites: tuple, name: str, read_only: bool = False) -> np.ndarray:
+        monkeypatch.setattr(OpenVINOFP32Backend, "static_shape_rewrites", {**OpenVINOFP32Backend.static_shape_rewrites, unet: rewrites})
+        bundle = Path(shutil.copytree(tiny_bundle, tmp_path / name, ignore=shutil.ignore_patterns(".cache")))
+        if read_only:
+            real_access = os.access  # root ignores file modes: make the bundle read-only the way the backend sees it
+            monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
+        return _exact_images(bundle), bundle
+
+    def stored(bundle: Path) -> int:
+        compiled = bundle / openvino_cpu.CACHE_SUBDIR / openvino_cpu.COMPILED_SUBDIR
+        return len(list(compiled.glob(f"unet-*/{openvino_cpu.CONSTANTS_SUBDIR}/*")))
+
+    rewritten, bundle = images((openvino_cpu.UPSAMPLE_PHASES, counted), "rewritten")
+    assert counts and counts[0] > 0
+    direct, direct_bundle = images((openvino_cpu.UPSAMPLE_PHASES,), "direct")
+    assert stored(bundle) - stored(direct_bundle) == counts[0]  # one set of chunks per convolution
+    np.testing.assert_allclose(rewritten, direct, atol=1e-4)
+
+    images((openvino_cpu.UPSAMPLE_PHASES, counted), "read-only", read_only=True)
+    assert counts[-1] == 0
 
 
 @pytest.mark.parametrize("static_shape", [None, [2, 8, 16, 16]], ids=["dynamic", "static"])

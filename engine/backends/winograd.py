@@ -12,7 +12,9 @@ The Winograd-domain weights are four times the size of the 3x3 weights (36 value
 resident, the rewrite would add 0.9 GB to SD 1.5's fp32 U-Net, and exact mode must never use more memory than
 diffusers: so they are computed on every call from the 3x3 weights, which stay the only copy held. That costs
 bandwidth in proportion to the weights, while the saving grows with the activations: the rewrite pays only for
-convolutions with small weights, which in a U-Net are those at high resolution.
+convolutions with small weights, which in a U-Net are those at high resolution. Once shapes are static, the larger
+ones on inputs of 16² and up gain too, with their weight transform done in chunks of output channels, each chunk's
+products right after it, so that only one chunk's Winograd-domain weights are held (CHUNK_WEIGHT_ELEMENTS).
 
 Measured on SD 1.5's U-Net at 512², CFG batch 2, fp32, with the 19 convolutions MAX_WEIGHT_ELEMENTS selects (a
 2-core AVX-512 AMX Xeon; each variant in its own process, 3 calls after the first): the patch-and-product form
@@ -21,17 +23,20 @@ against the first version, 5.0-5.25 -> 4.7-5.0 s per call, peak RSS 4.24 -> 4.02
 at 64², 81 ms direct, 54 ms in Winograd; 640 channels at 32², 73 -> 49 ms; the VAE decoder's 512 channels at 128²
 (batch 1), 431 -> 212 ms. Larger weights lose where the activations are small (1280 channels at 8²: 28 -> 68 ms)
 and, where they gain (at 16²: 81-93 -> 71-73 ms), their per-call Winograd-domain weights cost memory: all of the
-U-Net's convolutions on inputs of 16² and up, 5.0 -> 4.7 s per call but +1.1 GB. Convolutions of a nearest
+U-Net's convolutions on inputs of 16² and up, 5.0 -> 4.7 s per call but +1.1 GB, with each convolution's transform
+in one product; in chunks, the same gain costs almost nothing (MIN_STATIC_INPUT_AREA). Convolutions of a nearest
 upsampling are left to `upsample_phases.py`, which does more for them.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
+from sdrt.engine.backends.upsample_phases import ConstantStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,21 @@ POINTS = TILE + 2  # Winograd-domain points per tile side (the input tile is 6x6
 #: with 12 M (24: up to 1920 -> 640 channels), diffusers fp32 6.7-6.9 GB. Its 1280-channel convolutions (14.7 M
 #: elements and up) lose time as well (first version's figures; the patch-and-product form holds less).
 MAX_WEIGHT_ELEMENTS = 4_000_000
+#: The largest 3x3 weights (elements) whose Winograd-domain weights are computed in one product; larger ones are
+#: computed and used one chunk of output channels at a time, so that the intermediate buffers hold one chunk's (four
+#: times its 3x3 weights: 64 MB here) rather than the whole convolution's. SD 1.5's 2560 -> 1280 channels at 16², CFG
+#: batch 2, fp32, each variant in its own process: 200 ms direct, peak RSS 0.52 GB; in one product 116 ms, 1.00 GB;
+#: in chunks of 256 output channels (5.9 M elements) 106 ms, 0.65 GB; of 64, 110 ms, 0.56 GB.
+CHUNK_WEIGHT_ELEMENTS = 4_000_000
+#: The smallest input (height x width) on which a model compiled for static shapes has its convolutions of any weight
+#: size rewritten, in chunks (the U-Net's in exact mode, which MAX_WEIGHT_ELEMENTS leaves direct in the converted
+#: model). SD 1.5 at 512², CFG batch 2, fp32, one convolution (medians of 7, 2-core AMX Xeon, 105 MB L3): 1920 -> 640
+#: channels at 32², 291 -> 113 ms; 1280 -> 1280 at 16², 87 -> 51-65 ms; 640 -> 1280 at 16², 49 -> 39-41 ms; but 1280
+#: -> 1280 at 8², 24 -> 44-62 ms (four tiles per sample: the weight transform outweighs the products). Its whole
+#: U-Net, 13 convolutions more (alternate calls in one process, medians of 6): 7.87 -> 7.19 s per call, output within
+#: 2.4e-5 (of values up to 1.7); peak RSS of two exact-mode requests 6.43 -> 6.45 GB (with the rearranged weights
+#: mapped from the bundle's cache: held in the heap they would add their 0.95 GB).
+MIN_STATIC_INPUT_AREA = 16 * 16
 #: The largest inputs (elements) of a VAE decoder's convolutions rewritten: its activations, not its weights, set its
 #: peak. SD 1.5 at 512² (2-core AMX Xeon, the decoder alone, one process each, medians of 3 calls): 7.38-7.54 s
 #: direct, 6.46-6.52 s up to 128² x 512 channels (8.4 M), 6.00-6.17 s with this limit (up to 256² x 256 channels:
@@ -50,8 +70,9 @@ MAX_WEIGHT_ELEMENTS = 4_000_000
 MAX_DECODER_INPUT_ELEMENTS = 256 * 256 * 256
 #: Names the rewritten graph in caches of converted models: bump it whenever the rewrite's output changes (2: the
 #: weight transform kept per call under static shapes too; 3: upsampling convolutions left to the phase rewrite; 4:
-#: the patch-and-product form).
-REVISION = 4
+#: the patch-and-product form; 5: the weight transform reads the weights in their own layout, (CO C, 9), which
+#: spares a transpose per call).
+REVISION = 5
 
 # Lavin & Gray's F(4, 3) on the points 0, ±1, ±2 and infinity: y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 6x6 input tile d,
 # 3x3 filter g and 4x4 output tile y.
@@ -76,23 +97,38 @@ OUTPUT_TRANSFORM = np.array(  # Aᵀ, (4, 6)
      [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 
-def rewrite_convolutions(model: Any, max_weight_elements: int = MAX_WEIGHT_ELEMENTS, max_input_elements: int | None = None) -> int:
-    """Rewrite, in place, every 3x3 stride-1 undilated convolution of the OpenVINO `model` whose weights are a
-    constant of at most `max_weight_elements` elements, padded by 1 on each side, on a 4-D input that is not a
-    nearest upsampling and, given `max_input_elements`, has a static shape of at most that many elements; return how
-    many were rewritten. The model may later be reshaped to static shapes: the weight transform still runs per call."""
+def rewrite_convolutions(model: Any, max_weight_elements: int | None = MAX_WEIGHT_ELEMENTS, max_input_elements: int | None = None,
+                         min_input_area: int | None = None, store: ConstantStore | None = None) -> int:
+    """Rewrite, in place, every 3x3 stride-1 undilated convolution of the OpenVINO `model` with constant weights,
+    padded by 1 on each side, on a 4-D input that is not a nearest upsampling; return how many were rewritten. Limits
+    left None do not apply: weights of at most `max_weight_elements` elements; a static input of at most
+    `max_input_elements` elements; a static input of at least `min_input_area` pixels (height x width).
+
+    The weight transform runs per call, also once the model is reshaped to static shapes: in chunks of output channels
+    for weights above CHUNK_WEIGHT_ELEMENTS. Its operands, the 3x3 weights rearranged, are made by `store` (mapped
+    from files), or else held in the heap: a rewrite after reshaping, whose model maps the bundle's weights, should
+    be given a store, or the rearranged copy stays resident beside OpenVINO's repacked one."""
+    from openvino import opset13 as ops
+
     rewritten = 0
     for node in model.get_ordered_ops():
-        if _rewritable(node, max_weight_elements, max_input_elements):
-            _rewrite(node)
-            rewritten += 1
+        if not _rewritable(node, max_weight_elements, max_input_elements, min_input_area):
+            continue
+        weights = node.input_value(1).get_node().get_data()  # (CO, C, 3, 3)
+        if store is None:
+            taps = [ops.constant(chunk).output(0) for chunk in _chunk_taps(weights)]
+        else:
+            shapes = [(count * weights.shape[1], 9) for count in _chunk_sizes(weights)]
+            taps = store(node.get_friendly_name() + "/winograd-taps", shapes, lambda weights=weights: _chunk_taps(weights))
+        _rewrite(node, taps)
+        rewritten += 1
     if rewritten:
         model.validate_nodes_and_infer_types()
     logger.debug("Winograd F(4x4, 3x3): %d convolutions rewritten", rewritten)
     return rewritten
 
 
-def _rewritable(node: Any, max_weight_elements: int, max_input_elements: int | None) -> bool:
+def _rewritable(node: Any, max_weight_elements: int | None, max_input_elements: int | None, min_input_area: int | None) -> bool:
     from openvino import Type
 
     if not is_size_preserving_convolution(node):
@@ -102,24 +138,45 @@ def _rewritable(node: Any, max_weight_elements: int, max_input_elements: int | N
         return False
     shape = list(weights.get_output_shape(0))
     source = node.input_value(0).get_partial_shape()
-    small_input = max_input_elements is None or (source.is_static and int(np.prod(source.to_shape())) <= max_input_elements)
+    if not (shape[2:] == [3, 3] and source.rank.is_static and source.rank.get_length() == 4):
+        return False
+    if max_input_elements is not None or min_input_area is not None:
+        if not source.is_static:
+            return False
+        dimensions = [int(d) for d in source.to_shape()]
+        if max_input_elements is not None and int(np.prod(dimensions)) > max_input_elements:
+            return False
+        if min_input_area is not None and dimensions[2] * dimensions[3] < min_input_area:
+            return False
     return (
-        shape[2:] == [3, 3]
-        and int(np.prod(shape)) <= max_weight_elements
-        and source.rank.is_static
-        and source.rank.get_length() == 4
-        and small_input
+        (max_weight_elements is None or int(np.prod(shape)) <= max_weight_elements)
         and not is_nearest_upsampling(node.input_value(0).get_node())
     )
 
 
-def _rewrite(convolution: Any) -> None:
+def _chunk_sizes(weights: np.ndarray) -> list[int]:
+    """Output channels per chunk of (CO, C, 3, 3) `weights`: as even as can be, each of at most CHUNK_WEIGHT_ELEMENTS."""
+    chunks = -(-weights.size // CHUNK_WEIGHT_ELEMENTS)
+    return [len(part) for part in np.array_split(np.arange(weights.shape[0]), chunks)]
+
+
+def _chunk_taps(weights: np.ndarray) -> list[np.ndarray]:
+    """The weight transform's operands: each chunk of output channels' 3x3 weights as (co * C, 9)."""
+    out_channels, in_channels = weights.shape[:2]
+    bounds = np.cumsum([0, *_chunk_sizes(weights)])
+    return [
+        np.ascontiguousarray(weights[start:end].reshape((end - start) * in_channels, 9), dtype=np.float32)
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+
+
+def _rewrite(convolution: Any, taps: Sequence[Any]) -> None:
+    """Replace `convolution` by its Winograd form, with the weights' chunks as `taps` ((co * C, 9) each, in order)."""
     from openvino import opset3, opset13 as ops
 
     name = convolution.get_friendly_name() + "/winograd"
     source = convolution.input_value(0)  # (N, C, H, W)
-    weights = convolution.input_value(1).get_node().get_data()  # (CO, C, 3, 3)
-    out_channels, in_channels = weights.shape[:2]
+    out_channels, in_channels = list(convolution.input_value(1).get_shape())[:2]
 
     def constant(value: np.ndarray) -> Any:
         return ops.constant(np.ascontiguousarray(value, dtype=np.float32))
@@ -141,18 +198,19 @@ def _rewrite(convolution: Any) -> None:
     transformed = ops.reshape(ops.matmul(constant(input_points), patches, False, False),
                               integers(0, POINTS * POINTS, in_channels, -1), True)  # (N, 36, C, T)
 
-    # Filter transform G g Gᵀ, per call: (36, 9) @ (9, CO*C). The factor `one` is what keeps OpenVINO from folding
-    # the product into a constant four times the weights' size: always 1.0 (NaN and infinities included), it is
-    # computed from one input value, which no compilation can know, even for static shapes.
+    # Filter transform G g Gᵀ, per call: (36, 9) @ (co*C, 9)ᵀ for each chunk of output channels, each chunk's products
+    # right after it, so that one chunk's Winograd-domain weights are held at a time. The factor `one` is what keeps
+    # OpenVINO from folding the transform into a constant four times the weights' size: always 1.0 (NaN and
+    # infinities included), it is computed from one input value, which no compilation can know, even for static shapes.
     first = ops.reshape(ops.slice(source, integers(0, 0, 0, 0), integers(1, 1, 1, 1), integers(1, 1, 1, 1)), integers(1), False)  # (1,)
     one = ops.convert(ops.logical_or(ops.is_nan(first), ops.equal(first, first)), "f32")  # (1,)
-    filter_points = np.kron(FILTER_TRANSFORM, FILTER_TRANSFORM)  # (36, 9): point (i, j) from tap (u, v)
-    taps = weights.reshape(out_channels * in_channels, 9).T  # (9, CO*C)
-    domain_weights = ops.matmul(ops.multiply(constant(filter_points), one), constant(taps), False, False)  # (36, CO*C)
-    domain_weights = ops.reshape(domain_weights, integers(POINTS * POINTS, out_channels, in_channels), False)  # (36, CO, C)
-
-    # The products: one (CO, C) @ (C, T) per point.
-    products = ops.matmul(domain_weights, transformed, False, False)  # (N, 36, CO, T)
+    filter_points = ops.multiply(constant(np.kron(FILTER_TRANSFORM, FILTER_TRANSFORM)), one)  # (36, 9): point (i, j) from tap (u, v)
+    products = []
+    for chunk in taps:
+        domain_weights = ops.reshape(ops.matmul(filter_points, chunk, False, True),
+                                     integers(POINTS * POINTS, -1, in_channels), False)  # (36, co, C)
+        products.append(ops.matmul(domain_weights, transformed, False, False))  # (N, 36, co, T): one (co, C) @ (C, T) per point
+    products = products[0] if len(products) == 1 else ops.concat(products, 2)  # (N, 36, CO, T)
 
     # Output transform Aᵀ m A, as one product: (16, 36) @ (N, 36, CO T); then the 4x4 output tiles interleaved.
     output_points = np.kron(OUTPUT_TRANSFORM, OUTPUT_TRANSFORM)  # (16, 36): output (p, q) from point (i, j)
