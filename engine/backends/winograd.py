@@ -162,7 +162,7 @@ def _chunk_sizes(weights: np.ndarray) -> list[int]:
 
 def _chunk_taps(weights: np.ndarray) -> list[np.ndarray]:
     """The weight transform's operands: each chunk of output channels' 3x3 weights as (co * C, 9)."""
-    out_channels, in_channels = weights.shape[:2]
+    in_channels = weights.shape[1]
     bounds = np.cumsum([0, *_chunk_sizes(weights)])
     return [
         np.ascontiguousarray(weights[start:end].reshape((end - start) * in_channels, 9), dtype=np.float32)
