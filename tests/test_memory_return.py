@@ -1,5 +1,6 @@
 """release_mapped_pages: the resident pages of read-only mappings under a directory leave the process, nothing else
-does, the file stays in the page cache and the data reads back unchanged; handing_back_mapped_pages does it while its body runs, and stops with the body."""
+does, the file stays in the page cache and the data reads back unchanged; handing_back_mapped_pages does it while
+its body runs, and stops with the body."""
 from __future__ import annotations
 
 import ctypes
