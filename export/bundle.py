@@ -61,6 +61,10 @@ SAFETY_CONCEPTS_FILE = "safety_checker/concepts.npz"
 def _onnxruntime_output(onnx_path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # One run at a small shape: no layout rewrites or prepacked copies of the weights, no arena kept afterwards.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
 
 

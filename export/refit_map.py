@@ -9,9 +9,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from sdrt.engine.refit_map import RefitEntry
+from sdrt.export.graph_cleanup import iter_initializer_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +51,10 @@ def match_refit_map(fingerprints: dict[str, Fingerprint], onnx_path: Path) -> di
     """Each fingerprinted parameter's initializer in the graph at `onnx_path`. Parameters found nowhere (folded into
     other constants) or ambiguously (several initializers hold its values, or several parameters share one
     initializer's values: identical tensors) are left out with a warning, as patching them could patch the wrong one."""
-    import onnx
-    from onnx import numpy_helper
-
     by_digest: dict[str, list[str]] = collections.defaultdict(list)
-    for initializer in onnx.load(str(onnx_path)).graph.initializer:
+    for initializer, values in iter_initializer_arrays(onnx_path):
         if initializer.data_type == onnx.TensorProto.FLOAT:
-            by_digest[_digest(numpy_helper.to_array(initializer))].append(initializer.name)
+            by_digest[_digest(values)].append(initializer.name)
     candidates: dict[str, set[RefitEntry]] = {}
     for name, fingerprint in fingerprints.items():
         found = {RefitEntry(init, False) for init in by_digest.get(fingerprint.plain, ())}
