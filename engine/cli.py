@@ -34,6 +34,8 @@ logger = logging.getLogger("sdrt")
 # The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
 ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint")
 EXIT_USAGE = 2
+# `sdrt serve`: the bundle passed the check before the port was bound, then failed to load.
+EXIT_LOAD_FAILED = 1
 # Generation finished but the safety checker blocked at least one image, which was therefore not written.
 EXIT_BLOCKED = 3
 
@@ -204,10 +206,15 @@ def _import_serve_extra(ray: bool):
 def _serve(args: argparse.Namespace) -> int:
     serve = _import_serve_extra(args.ray)
     ray_only = [flag for flag, given in (("--ray-address", args.ray_address is not None),
-                                         ("--replicas", args.replicas is not None)) if given]
+                                         ("--replicas", args.replicas is not None),
+                                         ("--ray-temp-dir", args.ray_temp_dir is not None)) if given]
     if ray_only and not args.ray:
         raise _UsageError(f"{', '.join(ray_only)}: Ray options need --ray")
-    from sdrt.serve.server import api_key_from
+    if args.ray and args.wait_for_bundle:
+        raise _UsageError("--wait-for-bundle: not with --ray (each replica loads the bundle when it starts)")
+    if args.ray_temp_dir is not None and args.ray_address is not None:
+        raise _UsageError("--ray-temp-dir: only for the Ray instance this command starts, not with --ray-address")
+    from sdrt.serve.server import LoadFailedError, api_key_from
 
     config = serve.ServeConfig(
         bundle=args.bundle, backend=args.backend, safety_checker=args.safety_checker, host=args.host, port=args.port,
@@ -215,16 +222,20 @@ def _serve(args: argparse.Namespace) -> int:
                                      max_queue=args.max_queue),
         app=serve.AppSettings(limits=serve.Limits(max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes),
                               request_timeout_s=args.request_timeout, api_key=api_key_from(args.api_key)),
-        warm_up=not args.no_warm_up, graceful_shutdown_s=args.graceful_shutdown,
+        warm_up=not args.no_warm_up, graceful_shutdown_s=args.graceful_shutdown, wait_for_bundle=args.wait_for_bundle,
     )
-    if args.ray:
-        from sdrt.serve.ray_app import RayOptions, run_ray
+    try:
+        if args.ray:
+            from sdrt.serve.ray_app import RayOptions, run_ray
 
-        replicas = args.replicas or (1, 1)
-        run_ray(config, RayOptions(address=args.ray_address, min_replicas=replicas[0], max_replicas=replicas[1],
-                                   replica_cpus=args.replica_cpus))
-    else:
-        serve.run(config)
+            replicas = args.replicas or (1, 1)
+            run_ray(config, RayOptions(address=args.ray_address, min_replicas=replicas[0], max_replicas=replicas[1],
+                                       replica_cpus=args.replica_cpus, temp_dir=args.ray_temp_dir))
+        else:
+            serve.run(config)
+    except LoadFailedError as exc:  # not a usage error: the bundle looked right and failed while loading
+        print(f"sdrt: error: {exc}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
     return 0
 
 
@@ -497,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="HTTP text-to-image server (serve extra; --ray: ray extra)", description=(
         "Serve BUNDLE over HTTP: POST /v1/images/generations (OpenAI's images API shape), GET /healthz, /readyz, "
         "/metrics. One pipeline per process; compatible requests (same size, steps, scheduler, guidance) share a "
-        "U-Net batch. SIGTERM finishes accepted requests, then exits."))
+        "U-Net batch. SIGTERM finishes accepted requests, then exits. A bundle that cannot load exits: status 2 "
+        "when it is missing or malformed (found before the port is bound), 1 when loading it failed later."))
     serve.add_argument("bundle", type=Path)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -518,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--graceful-shutdown", type=_positive(float), default=None,
                        help="seconds open requests get to finish after SIGTERM (default: as long as they need)")
     serve.add_argument("--no-warm-up", action="store_true", help="ready as soon as loaded, without a first image")
+    serve.add_argument("--wait-for-bundle", action="store_true",
+                       help="while BUNDLE is missing or incomplete, answer 503 and keep trying to load it instead of "
+                       "exiting (for a bundle mounted after the server starts); not with --ray")
     ray = serve.add_argument_group("Ray Serve (ray extra)")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment: replicas, autoscaling, multi-node")
     ray.add_argument("--ray-address", default=None, help="join this Ray cluster (\"auto\": the one `ray start` began "
@@ -525,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--replicas", type=_replicas, default=None, metavar="N|MIN:MAX",
                      help="pipeline replicas, or bounds to autoscale between on queued requests (default 1)")
     ray.add_argument("--replica-cpus", type=_positive(float), default=1.0, help="CPUs Ray reserves per replica")
+    ray.add_argument("--ray-temp-dir", type=Path, default=None, metavar="DIR",
+                     help="session files and sockets of the Ray instance this command starts (default Ray's /tmp/ray; "
+                     "keep it short: socket paths must stay under 108 characters)")
     serve.set_defaults(handler=_serve)
 
     export = commands.add_parser("export", help="diffusers checkpoint -> sdrt bundle (export extra)", description=(

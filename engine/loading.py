@@ -57,6 +57,7 @@ def load(
             chosen, bundle_dir, manifest.safety_checker.concepts_file, manifest.safety_checker.preprocessor_config_file
         )
         logger.info("safety checker on, policy %s", policy.value)
+    # Read once, here, right after verify_files checked its sha256: named samplers are built from this dict later.
     scheduler_config = json.loads((bundle_dir / manifest.scheduler_config_file).read_text(encoding="utf-8"))
     return StableDiffusionPipeline(
         bundle_dir=bundle_dir,
@@ -66,6 +67,7 @@ def load(
         scheduler=scheduler_from_config(scheduler_config),
         safety_checker=checker,
         safety_policy=policy,
+        scheduler_config=scheduler_config,
     )
 
 

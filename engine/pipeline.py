@@ -8,11 +8,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,12 +139,16 @@ class StableDiffusionPipeline:
         scheduler: Scheduler,
         safety_checker: SafetyChecker | None,
         safety_policy: SafetyPolicy,
+        scheduler_config: Mapping[str, Any],
     ) -> None:
+        """`scheduler_config`: the bundle's scheduler_config.json, read when its hash was verified at load; named
+        samplers are built from it, so a file damaged or removed after load changes nothing."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler = scheduler
+        self.scheduler_config = scheduler_config
         self.safety_checker = safety_checker if safety_policy is not SafetyPolicy.OFF else None
         self.safety_policy = safety_policy
         self._empty_prompt_embedding: np.ndarray | None = None
@@ -184,16 +187,14 @@ class StableDiffusionPipeline:
     # ---- schedulers ------------------------------------------------------------------------------------------------
     def sampler(self, name: str | None) -> Scheduler:
         """The sampler `scheduler=name` runs: `self.scheduler` for None or "default", else one built by name over the
-        bundle's scheduler config (kept for later calls). Raise InvalidArgumentError("scheduler") for an unknown name
-        or one that cannot run this checkpoint's noise schedule."""
+        bundle's scheduler config as verified at load (kept for later calls). Raise InvalidArgumentError("scheduler")
+        for an unknown name or one that cannot run this checkpoint's noise schedule."""
         if name is None or name == DEFAULT_SCHEDULER:
             return self.scheduler
         check_scheduler_name(name)
         if name not in self._named_schedulers:
-            config_file = self.bundle_dir / self.manifest.scheduler_config_file
-            config = json.loads(config_file.read_text(encoding="utf-8"))
             try:
-                self._named_schedulers[name] = scheduler_by_name(name, config)
+                self._named_schedulers[name] = scheduler_by_name(name, self.scheduler_config)
             except SchedulerConfigError as exc:
                 raise InvalidArgumentError("scheduler", f"{name!r} cannot run this checkpoint's noise schedule: {exc}") from None
         return self._named_schedulers[name]

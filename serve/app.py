@@ -5,6 +5,9 @@ starts the service and drains it on shutdown.
     GET  /healthz                 the process answers (never needs the token)
     GET  /readyz                  200 once the pipeline is loaded and warmed; 503 while loading, draining, or failed
     GET  /metrics                 Prometheus text format
+
+Every answer other than 200 has OpenAI's error shape (schemas.ErrorBody), whatever produced it: a bad body, a path or
+method the API does not have, the API key (checked before the body is read), or an unexpected exception (500).
 """
 from __future__ import annotations
 
@@ -16,15 +19,17 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.engine.schedulers import SCHEDULER_NAMES
 from sdrt.serve.batcher import DeadlineExceededError, QueueFullError, ShuttingDownError
+from sdrt.serve.execution import GenerationFailedError
 from sdrt.serve.metrics import Rejection, ServeMetrics
-from sdrt.serve.schemas import GenerationParams, ImageData, ImageRequest, ImageResponse, Limits
+from sdrt.serve.schemas import ErrorBody, GenerationParams, ImageData, ImageRequest, ImageResponse, Limits
 from sdrt.serve.service import ImageService
 
 logger = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ class AppSettings:
 
 
 class _ApiError(Exception):
-    """An answer other than 200, OpenAI-shaped: {"error": {"message", "type", "param"}}."""
+    """A rejected request: its status, its reason (counted in the metrics, and the error's `code`), its message."""
 
     def __init__(self, status: int, reason: Rejection, message: str, param: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -56,9 +61,58 @@ class _ApiError(Exception):
         self.status, self.reason, self.param, self.headers = status, reason, param, headers or {}
 
 
-def _error_response(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status, headers=headers)
+def _error_response(status: int, message: str, param: str | None = None, reason: Rejection | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    error = ErrorBody(message=message, type="invalid_request_error" if status < 500 else "server_error", param=param,
+                      code=None if reason is None else reason.value)
+    return JSONResponse({"error": error.model_dump()}, status_code=status, headers=headers)
+
+
+class UnexpectedErrorMiddleware:
+    """An exception nothing else handled: logged here, once, with its traceback, counted as "failed", and answered
+    500 in the API's error shape (when the answer has not started yet); not raised on, so the server logs it no
+    second time."""
+
+    def __init__(self, app, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:  # noqa: BLE001 - the last line of defence: every request gets an answer in the API's shape
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            self.metrics.reject(Rejection.FAILED)
+            if not started:
+                await _error_response(500, "the server failed on this request; its log has the error",
+                                      reason=Rejection.FAILED)(scope, receive, send)
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer <api_key>` on every path but the health probes, compared in constant time, before the
+    body is read or parsed: a client without the key learns nothing of what its body would have got (401 first)."""
+
+    def __init__(self, app, api_key: str, metrics: ServeMetrics) -> None:
+        self.app, self.expected, self.metrics = app, api_key.encode(), metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.expected):
+            self.metrics.reject(Rejection.UNAUTHORIZED)
+            response = _error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                       reason=Rejection.UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -96,7 +150,8 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, scope, receive, send) -> None:
         self.metrics.reject(Rejection.INVALID)
-        await _error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+        response = _error_response(413, f"request body over {self.max_bytes} bytes", reason=Rejection.INVALID)
+        await response(scope, receive, send)
 
 
 def create_app(service: ImageService, settings: AppSettings = AppSettings()) -> FastAPI:
@@ -111,31 +166,33 @@ def create_app(service: ImageService, settings: AppSettings = AppSettings()) -> 
 
     app = FastAPI(title="sdrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = service.metrics
+    # The last added runs first: the catch-all around everything, then the key, then the body's size.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, metrics=metrics)
-    expected_key = settings.api_key.encode() if settings.api_key else None
-
-    async def authorize(request: Request) -> None:
-        if expected_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected_key):
-            raise _ApiError(401, Rejection.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer ...)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if settings.api_key:
+        app.add_middleware(AuthMiddleware, api_key=settings.api_key, metrics=metrics)
+    app.add_middleware(UnexpectedErrorMiddleware, metrics=metrics)
 
     @app.exception_handler(_ApiError)
     async def _api_error(_request: Request, exc: _ApiError) -> JSONResponse:
         metrics.reject(exc.reason)
-        return _error_response(exc.status, str(exc), exc.param, exc.headers)
+        return _error_response(exc.status, str(exc), exc.param, exc.reason, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.reject(Rejection.INVALID)
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
-            return _error_response(400, f"the body is not valid JSON: {first.get('msg')}")
+            return _error_response(400, f"the body is not valid JSON: {first.get('msg')}", reason=Rejection.INVALID)
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(location) or None
-        return _error_response(422, f"{param or 'body'}: {first.get('msg')}", param)
+        return _error_response(422, f"{param or 'body'}: {first.get('msg')}", param, Rejection.INVALID)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # The router's own answers (404 for a path the API does not have, 405 with Allow for a method): not requests
+        # for images, so not counted as rejections.
+        return _error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                               headers=exc.headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -146,12 +203,12 @@ def create_app(service: ImageService, settings: AppSettings = AppSettings()) -> 
         status = service.status()
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
-    @app.get("/metrics", dependencies=[Depends(authorize)])
+    @app.get("/metrics")
     async def prometheus() -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    @app.post("/v1/images/generations", dependencies=[Depends(authorize)], response_model=ImageResponse)
+    @app.post("/v1/images/generations", response_model=ImageResponse)
     async def generations(body: ImageRequest, request: Request) -> ImageResponse | Response:
         arrived = time.monotonic()
         status = service.status()
@@ -173,11 +230,15 @@ def create_app(service: ImageService, settings: AppSettings = AppSettings()) -> 
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except InvalidArgumentError as exc:
             raise _ApiError(422, Rejection.INVALID, str(exc), exc.parameter) from None
+        except GenerationFailedError:  # its traceback is logged where it failed
+            raise _ApiError(500, Rejection.FAILED, "generating the images failed (the server's log has why)") from None
         metrics.request_seconds.observe(time.monotonic() - arrived)
         return ImageResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=None if image.png is None else base64.b64encode(image.png).decode("ascii"),
+            data=[ImageData(b64_json=None if image.encoded is None else base64.b64encode(image.encoded).decode("ascii"),
                             nsfw_content_detected=image.nsfw_content_detected, seed=params.seed) for image in images],
+            output_format=params.encoding.format.value,
+            size=f"{params.width}x{params.height}",
         )
 
     return app
@@ -205,4 +266,5 @@ def _to_params(body: ImageRequest, service: ImageService, limits: Limits) -> Gen
         guidance_scale=body.guidance_scale,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         scheduler=body.scheduler,
+        encoding=body.encoding(),
     )

@@ -184,7 +184,7 @@ class Batcher:
 
             result = self._run_batch([job.params for job in batch], should_stop)
             images = [image for request_images in result.images for image in request_images]
-            self._metrics.record_batch(len(images), sum(1 for image in images if image.png is None), result.timings)
+            self._metrics.record_batch(len(images), sum(1 for image in images if image.encoded is None), result.timings)
             return result.images
 
         for job, answer in zip(jobs, answers_for(jobs, run)):

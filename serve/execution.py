@@ -18,7 +18,7 @@ import numpy as np
 from sdrt.engine import StableDiffusionPipeline
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.engine.safety_checker import SafetyPolicy
-from sdrt.serve.schemas import GenerationParams
+from sdrt.serve.schemas import GenerationParams, ImageEncoding, ImageFormat
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,17 @@ A = TypeVar("A")
 API_PARAMETER = {"height": "size", "width": "size", "num_images_per_prompt": "n", "latents": "size"}
 
 
+class GenerationFailedError(Exception):
+    """The pipeline failed on a batch for a reason other than the request (HTTP 500); the traceback is logged once,
+    where it happened."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratedImage:
-    """One image of a request: PNG bytes, or None when the safety checker (policy "block") withheld it."""
+    """One image of a request: its bytes in the request's encoding, or None when the safety checker (policy "block")
+    withheld it."""
 
-    png: bytes | None
+    encoded: bytes | None
     nsfw_content_detected: bool | None
 
 
@@ -60,7 +66,8 @@ def compatible_batch(items: Sequence[T], params_of: Callable[[T], GenerationPara
 def answers_for(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[A]]) -> list[A | Exception]:
     """`run(items)`'s answers, one per item, or the exception each item ends with. When the pipeline refuses the
     batch (InvalidArgumentError: a size or step count it cannot take), each item runs again alone, so a bad request
-    fails alone instead of failing its batch partners; any other exception is every item's answer."""
+    fails alone instead of failing its batch partners; any other exception is logged and every item's answer is a
+    GenerationFailedError."""
     try:
         return list(run(items))
     except InvalidArgumentError as exc:
@@ -72,7 +79,9 @@ def answers_for(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[A]]) -
         return [exc] * len(items)
     except Exception as exc:  # noqa: BLE001 - every waiting client gets the failure; the server lives on
         logger.exception("a batch of %d requests failed", len(items))
-        return [exc] * len(items)
+        failure = GenerationFailedError(f"{type(exc).__name__}: {exc}")
+        failure.__cause__ = exc
+        return [failure] * len(items)
 
 
 def generate_batch(
@@ -122,10 +131,10 @@ def generate_batch(
         raise InvalidArgumentError(parameter, str(exc)) from exc
     flags = out.nsfw_content_detected or [None] * len(out.images)
     withhold = pipe.safety_policy is SafetyPolicy.BLOCK
-    images = [GeneratedImage(None if (nsfw and withhold) else _png(image), nsfw) for image, nsfw in zip(out.images, flags)]
     per_request, start = [], 0
     for r in requests:
-        per_request.append(images[start:start + r.n])
+        per_request.append([GeneratedImage(None if (nsfw and withhold) else _encode(image, r.encoding), nsfw)
+                            for image, nsfw in zip(out.images[start:start + r.n], flags[start:start + r.n])])
         start += r.n
     return BatchResult(per_request, dict(out.timings))
 
@@ -137,7 +146,10 @@ def warm_up(pipe: StableDiffusionPipeline) -> None:
     generate_batch(pipe, [GenerationParams("warm-up", None, 1, size, size, 1, 7.5, 0, None)])
 
 
-def _png(image) -> bytes:
+def _encode(image, encoding: ImageEncoding) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    if encoding.format is ImageFormat.PNG:
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=encoding.format.value.upper(), quality=encoding.quality)
     return buffer.getvalue()

@@ -27,10 +27,11 @@ from ray.serve.exceptions import BackPressureError
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.serve.app import AppSettings, create_app
 from sdrt.serve.batcher import BatcherConfig, DeadlineExceededError, QueueFullError, ShuttingDownError
-from sdrt.serve.execution import GeneratedImage, answers_for, compatible_batch, generate_batch, warm_up
+from sdrt.serve.execution import (GeneratedImage, GenerationFailedError, answers_for, compatible_batch, generate_batch,
+                                  warm_up)
 from sdrt.serve.metrics import ServeMetrics
 from sdrt.serve.schemas import GenerationParams, Limits
-from sdrt.serve.server import ServeConfig
+from sdrt.serve.server import LoadFailedError, ServeConfig, check_bundle
 from sdrt.serve.service import DISCONNECT_POLL_S, ClientDisconnectedError, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -40,13 +41,15 @@ APP_NAME = "sdrt"
 
 @dataclasses.dataclass(frozen=True)
 class RayOptions:
-    """`address`: a running cluster to join ("auto": the one `ray start` began on this node), or None for a local
-    Ray instance owned by this command. Replicas: fixed when min == max, else autoscaled between them."""
+    """`address`: a running cluster to join ("auto": the one `ray start` began on this node), or None for a new local
+    Ray instance owned by this command (never one already running here), keeping its session files and sockets under
+    `temp_dir` (None: Ray's default, /tmp/ray). Replicas: fixed when min == max, else autoscaled between them."""
 
     address: str | None = None
     min_replicas: int = 1
     max_replicas: int = 1
     replica_cpus: float = 1.0
+    temp_dir: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +67,8 @@ class ReplicaAnswer:
             return cls(error="invalid", parameter=answer.parameter, message=str(answer))
         if isinstance(answer, GenerationCancelled):
             return cls(error="deadline", message=str(answer))
-        if isinstance(answer, Exception):
-            return cls(error="failed", message=f"{type(answer).__name__}: {answer}")
+        if isinstance(answer, Exception):  # a GenerationFailedError: answers_for logged its traceback
+            return cls(error="failed", message=str(answer))
         return cls(images=answer)
 
     def result(self) -> list[GeneratedImage]:
@@ -75,7 +78,7 @@ class ReplicaAnswer:
         if self.error == "deadline":
             raise DeadlineExceededError(self.message)
         if self.error is not None:
-            raise RuntimeError(self.message)
+            raise GenerationFailedError(self.message)
         assert self.images is not None
         return self.images
 
@@ -232,17 +235,25 @@ def app_builder(args: dict[str, str]):
 
 def run_ray(config: ServeConfig, options: RayOptions) -> None:
     """`sdrt serve --ray`: start (or join) Ray, run the application on config.host:config.port, serve until SIGTERM
-    or SIGINT, then delete the application (Ray drains its replicas) and leave."""
+    or SIGINT, then delete the application (Ray drains its replicas) and leave. A missing or malformed bundle raises
+    BundleError before Ray starts; replicas that fail to load (Ray Serve retries each 3 times) LoadFailedError."""
     import ray
 
-    ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+    check_bundle(config)
+    # "local": a new instance even where RAY_ADDRESS is set or `ray start` left one running on this machine (address
+    # None would join it); its GCS and worker ports are free ones Ray picks.
+    ray.init(address=options.address or "local", include_dashboard=False, log_to_driver=False,
+             _temp_dir=None if options.temp_dir is None else str(options.temp_dir))
     # After ray.init, which installs its own SIGTERM handler (exit at once): this one lets the application drain.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build_ray_app(config, options), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(build_ray_app(config, options), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # Ray Serve's answer once the deployment is marked failed
+            raise LoadFailedError(f"loading the bundle {config.bundle} failed: {exc}") from exc
         logger.warning("Ray Serve application %r on http://%s:%d", APP_NAME, config.host, config.port)
         stop.wait()
         logger.warning("stopping: Ray Serve finishes the requests its replicas hold, then removes them")

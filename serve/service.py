@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from sdrt.engine import StableDiffusionPipeline
-from sdrt.engine.errors import GenerationCancelled
+from sdrt.engine.errors import BundleError, GenerationCancelled, SdrtError
 from sdrt.serve.batcher import Batcher, BatcherConfig, DeadlineExceededError, ShuttingDownError
 from sdrt.serve.execution import GeneratedImage, generate_batch, warm_up
 from sdrt.serve.metrics import ServeMetrics
@@ -62,14 +62,22 @@ class ImageService(Protocol):
 
 
 class LocalImageService:
-    """One pipeline in this process, loaded and warmed in a background thread, fed by a Batcher."""
+    """One pipeline in this process, loaded and warmed in a background thread, fed by a Batcher.
+
+    `wait_for_bundle_s`: while loading raises BundleError (the bundle is not there yet, or incomplete), try again
+    after this many seconds instead of failing; None: fail at once. `on_failure(reason)`: called once when loading
+    has failed for good, from the loading thread (the server stops on it)."""
 
     def __init__(self, load_pipeline: Callable[[], StableDiffusionPipeline], batching: BatcherConfig,
-                 metrics: ServeMetrics | None = None, warm: bool = True) -> None:
+                 metrics: ServeMetrics | None = None, warm: bool = True, wait_for_bundle_s: float | None = None,
+                 on_failure: Callable[[str], None] = lambda reason: None) -> None:
         self.metrics = metrics or ServeMetrics()
         self._load_pipeline = load_pipeline
         self._batching = batching
         self._warm = warm
+        self._wait_for_bundle_s = wait_for_bundle_s
+        self._on_failure = on_failure
+        self._stopping = threading.Event()
         self._batcher: Batcher | None = None
         self._info: ModelInfo | None = None
         self._failure: str | None = None
@@ -82,7 +90,9 @@ class LocalImageService:
 
     def _load(self) -> None:
         try:
-            pipe = self._load_pipeline()
+            pipe = self._load_when_present()
+            if pipe is None:  # stopped while waiting for the bundle
+                return
             pipe.set_progress_bar_config(disable=True)
             if self._warm:
                 started = time.perf_counter()
@@ -91,12 +101,32 @@ class LocalImageService:
             self._info = ModelInfo.of(pipe)
             self._batcher = Batcher(lambda requests, should_stop: generate_batch(pipe, requests, should_stop),
                                     self._batching, self.metrics)
-        except Exception as exc:  # noqa: BLE001 - the server stays up to say why in /readyz
-            logger.exception("loading the pipeline failed")
+        except Exception as exc:  # noqa: BLE001 - /readyz says why until on_failure stops the server
             self._failure = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SdrtError):  # a message that names the problem: its traceback would add nothing
+                logger.error("loading the pipeline failed: %s", self._failure)
+            else:
+                logger.exception("loading the pipeline failed")
+            self._on_failure(self._failure)
+
+    def _load_when_present(self) -> StableDiffusionPipeline | None:
+        """The loaded pipeline; with wait_for_bundle_s, None when stopped while still waiting for the bundle."""
+        waiting_for = None
+        while True:
+            try:
+                return self._load_pipeline()
+            except BundleError as exc:
+                if self._wait_for_bundle_s is None:
+                    raise
+                if str(exc) != waiting_for:  # logged once per reason, not once per try
+                    waiting_for = str(exc)
+                    logger.warning("waiting for the bundle (trying again every %g s): %s", self._wait_for_bundle_s, exc)
+            if self._stopping.wait(self._wait_for_bundle_s):
+                return None
 
     async def stop(self) -> None:
         self._draining = True
+        self._stopping.set()
         if self._loader is not None:
             await asyncio.to_thread(self._loader.join)
         if self._batcher is not None:

@@ -106,3 +106,18 @@ def test_forged_verification_record_is_ignored_for_a_rewritten_file(bundle_copy:
     os.utime(path, ns=(record["tokenizer/merges.txt"]["stat"][1],) * 2)
     with pytest.raises(BundleError, match=r"merges.txt does not match its sha256"):
         sdrt.engine.load(bundle_copy)
+
+
+def test_named_samplers_use_the_scheduler_config_verified_at_load(bundle_copy: Path) -> None:
+    """The scheduler config is read (and its sha256 checked) at load, not when a named sampler is first asked for: a
+    tampered config fails the load, and one changed after the load never reaches a sampler."""
+    from sdrt.engine.schedulers import DDIMConfig
+
+    path = bundle_copy / "scheduler/scheduler_config.json"
+    original = json.loads(path.read_text())
+    pipe = sdrt.engine.load(bundle_copy, safety_checker=False)
+    tampered = {**original, "beta_end": 0.02}
+    path.write_text(json.dumps(tampered))
+    assert pipe.sampler("ddim").config == DDIMConfig.from_dict(original) != DDIMConfig.from_dict(tampered)
+    with pytest.raises(BundleError, match=r"scheduler_config.json is \d+ bytes.*truncated or replaced"):
+        sdrt.engine.load(bundle_copy)

@@ -302,7 +302,7 @@ def test_bundles_with_a_fixed_text_context_refuse_long_prompts_only(tiny_pipe) -
         for t in unet.inputs)
     old = dataclasses.replace(manifest, components={**manifest.components, Component.UNET: dataclasses.replace(unet, inputs=fixed)})
     pipe = StableDiffusionPipeline(tiny_pipe.bundle_dir, old, tiny_pipe.backend, tiny_pipe.tokenizer, tiny_pipe.scheduler,
-                                   None, SafetyPolicy.OFF)
+                                   None, SafetyPolicy.OFF, tiny_pipe.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(_latents(pipe, "a (red:1.2) circle", BOTH), _latents(tiny_pipe, "a (red:1.2) circle", BOTH))
     with pytest.raises(InvalidArgumentError, match=rf"prompt: needs a text context of {2 * window} tokens .* fixed text "

@@ -9,12 +9,14 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from sdrt.engine.errors import BundleError  # noqa: E402
 from sdrt.serve import AppSettings, BatcherConfig, Limits, create_app  # noqa: E402
 from sdrt.serve.schemas import GenerationParams  # noqa: E402
 from sdrt.serve.service import ClientDisconnectedError, LocalImageService  # noqa: E402
@@ -69,7 +72,8 @@ def _client(pipe, batching: BatcherConfig = BatcherConfig(max_wait_s=0.0), warm:
 
 
 def wait_until_ready(base_url: str, server: subprocess.Popen, timeout_s: float) -> None:
-    """Poll a server process's /readyz until it answers 200; fail if it exits or `timeout_s` passes first."""
+    """Poll a server process's /readyz until it answers 200; if it exits or `timeout_s` passes first, kill it and
+    fail with its output (stdout, stderr merged into it)."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -79,7 +83,12 @@ def wait_until_ready(base_url: str, server: subprocess.Popen, timeout_s: float) 
                 return
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline and server.poll() is None, f"the server at {base_url} never became ready"
+        if time.monotonic() >= deadline or server.poll() is not None:
+            server.kill()
+            server.wait()
+            output = server.stdout.read().decode(errors="replace")
+            pytest.fail(f"the server at {base_url} never became ready (exit status {server.returncode}); its output "
+                        f"ends:\n{output[-6000:]}")
         time.sleep(0.1)
 
 
@@ -143,8 +152,25 @@ def test_generation_answers_openai_shape_with_n_images_of_the_size(spy):
     ({"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
     ({"prompt": "x", "num_inference_steps": 151}, 422, "num_inference_steps"),
     ({"prompt": "x", "guidance_scale": "high"}, 422, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": 30.5}, 422, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": -0.5}, 422, "guidance_scale"),
     ({"prompt": "x", "seed": -1}, 422, "seed"),
     ({"prompt": "x", "response_format": "url"}, 422, "response_format"),
+    # strict types: nothing is coerced
+    ({"prompt": "x", "n": True}, 422, "n"),
+    ({"prompt": "x", "n": "2"}, 422, "n"),
+    ({"prompt": "x", "n": 2.0}, 422, "n"),
+    ({"prompt": "x", "seed": "7"}, 422, "seed"),
+    ({"prompt": "x", "guidance_scale": True}, 422, "guidance_scale"),
+    ({"prompt": "x", "size": "64x64\n"}, 422, "size"),  # `$` would match before the newline
+    ({"prompt": 5}, 422, "prompt"),
+    # OpenAI's fields: values outside their choices
+    ({"prompt": "x", "output_format": "gif"}, 422, "output_format"),
+    ({"prompt": "x", "output_compression": 101}, 422, "output_compression"),
+    ({"prompt": "x", "quality": "ultra"}, 422, "quality"),
+    ({"prompt": "x", "style": "pastel"}, 422, "style"),
+    ({"prompt": "x", "moderation": "off"}, 422, "moderation"),
+    ({"prompt": "x", "background": "transparent"}, 422, "background"),
     ({"prompt": ""}, 422, "prompt"),
     ({"prompt": ["a", "b"]}, 422, "prompt"),
     ({"n": 1}, 422, "prompt"),
@@ -159,6 +185,99 @@ def test_invalid_requests_name_the_parameter(tiny_pipe, body, status, param):
         error = response.json()["error"]
         assert error["param"] == param and error["message"].startswith(param), error
         assert _metric(client, "sdrt_requests_rejected_total", '{reason="invalid"}') == 1
+
+
+def test_unsupported_openai_values_say_what_to_use(tiny_pipe):
+    with _client(tiny_pipe) as client:
+        _wait_ready(client)
+        url = client.post(GENERATE, json={"prompt": "x", "response_format": "url"}).json()["error"]["message"]
+        assert "'b64_json'" in url and "'url'" in url, url
+        transparent = client.post(GENERATE, json={"prompt": "x", "background": "transparent"}).json()["error"]
+        assert "'opaque'" in transparent["message"], transparent
+
+
+def test_openai_fields_accepted_and_ignored_leave_the_images_unchanged(tiny_pipe):
+    request = {"prompt": "a red circle", "seed": 5, **SMALL}
+    openai_only = {"quality": "hd", "style": "natural", "moderation": "low", "background": "opaque",
+                   "model": "dall-e-3", "user": "u", "response_format": "b64_json", "output_format": "png",
+                   "output_compression": 50}
+    with _client(tiny_pipe) as client:
+        _wait_ready(client)
+        plain = client.post(GENERATE, json=request).json()
+        dressed = client.post(GENERATE, json={**request, **openai_only}).json()
+        auto = client.post(GENERATE, json={**request, "size": "auto", "num_inference_steps": 1}).json()
+    assert (plain["output_format"], plain["size"]) == ("png", "64x64")
+    assert dressed["output_format"] == "png"
+    np.testing.assert_array_equal(_decode(dressed["data"][0]), _decode(plain["data"][0]))
+    default = tiny_pipe.manifest.model.default_image_size
+    assert auto["size"] == f"{default}x{default}" and _decode(auto["data"][0]).shape == (default, default, 3)
+
+
+def test_output_format_and_compression_encode_the_same_image(tiny_pipe):
+    request = {"prompt": "a red circle", "seed": 5, **SMALL}
+    with _client(tiny_pipe) as client:
+        _wait_ready(client)
+        png = client.post(GENERATE, json=request).json()["data"][0]
+        other_seed = client.post(GENERATE, json={**request, "seed": 6}).json()["data"][0]
+        encoded = {}
+        for output_format, compression in (("jpeg", None), ("jpeg", 10), ("webp", 90), ("webp", 10)):
+            body = {**request, "output_format": output_format}
+            if compression is not None:
+                body["output_compression"] = compression
+            answer = client.post(GENERATE, json=body).json()
+            assert answer["output_format"] == output_format
+            encoded[output_format, compression] = base64.b64decode(answer["data"][0]["b64_json"])
+    reference = _decode(png).astype(np.int16)  # the lossless image of the same seed
+    unrelated = np.abs(_decode(other_seed).astype(np.int16) - reference).mean()
+    error = {}
+    for key, data in encoded.items():
+        image = Image.open(io.BytesIO(data))
+        assert image.format == key[0].upper()
+        error[key] = np.abs(np.asarray(image.convert("RGB")).astype(np.int16) - reference).mean()
+        assert error[key] < unrelated / 1.5, (key, error[key], unrelated)  # lossy, but the seed's picture
+    # default 100: the least compression; 10: smaller files, further from the lossless image
+    assert len(encoded["jpeg", 10]) < len(encoded["jpeg", None]) and error["jpeg", 10] > error["jpeg", None]
+    assert len(encoded["webp", 10]) < len(encoded["webp", 90]) and error["webp", 10] > error["webp", 90]
+
+
+def test_every_error_has_the_openai_shape(tiny_pipe, caplog):
+    """400, 404, 405, 422, and 500s both from a failing pipeline and from an unexpected exception: one shape, each
+    500 counted as "failed" and logged once with its traceback."""
+
+    class FailingPipe(SpyPipe):
+        def __call__(self, prompt, **kwargs):
+            raise RuntimeError("the accelerator fell over")
+
+    service = LocalImageService(lambda: FailingPipe(tiny_pipe), BatcherConfig(max_wait_s=0.0), warm=False)
+    with TestClient(create_app(service)) as client:
+        _wait_ready(client)
+        answers = {
+            400: client.post(GENERATE, content=b'{"prompt": ', headers={"content-type": "application/json"}),
+            404: client.get("/v1/models"),
+            405: client.get(GENERATE),
+            422: client.post(GENERATE, json={"prompt": "x", "n": 0}),
+        }
+        with caplog.at_level("ERROR"):
+            caplog.clear()
+            answers[500] = client.post(GENERATE, json={"prompt": "x", **SMALL})
+            assert [r.exc_info[1].args for r in caplog.records if r.exc_info] == [("the accelerator fell over",)]
+
+            async def unexpected(*args):
+                raise KeyError("a bug")
+
+            service.generate = unexpected
+            caplog.clear()
+            bug = client.post(GENERATE, json={"prompt": "x", **SMALL})
+            assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [KeyError]
+        assert _metric(client, "sdrt_requests_rejected_total", '{reason="failed"}') == 2
+    for status, response in [*answers.items(), (500, bug)]:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert answers[405].headers["allow"] == "POST"
+    assert "accelerator" not in answers[500].text and "a bug" not in bug.text  # the details are in the log only
+    assert (answers[422].json()["error"]["code"], answers[500].json()["error"]["code"]) == ("invalid", "failed")
 
 
 def test_bad_json_oversized_body_and_scheduler(tiny_pipe):
@@ -184,9 +303,17 @@ def test_api_key_guards_everything_but_health(tiny_pipe):
             assert client.get("/metrics", headers=headers).status_code == 401
             response = client.post(GENERATE, json={"prompt": "x", **SMALL}, headers=headers)
             assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        # the key is checked before the body is read: a bad body or an unknown path without it is a 401 too
+        bad_json = client.post(GENERATE, content=b'{"prompt": ', headers={"content-type": "application/json"})
+        assert bad_json.status_code == 401 and bad_json.json()["error"]["code"] == "unauthorized"
+        assert client.post(GENERATE, json={"prompt": "x", "n": True}).status_code == 401
+        assert client.get("/v1/models").status_code == 401
         good = {"Authorization": "Bearer s3cret"}
         assert client.post(GENERATE, json={"prompt": "x", **SMALL}, headers=good).status_code == 200
         assert client.get("/metrics", headers=good).status_code == 200
+        assert client.get("/v1/models", headers=good).status_code == 404
+        bad_json = client.post(GENERATE, content=b'{"prompt": ', headers={**good, "content-type": "application/json"})
+        assert bad_json.status_code == 400
     with _client(tiny_pipe) as client:  # no key configured: open
         _wait_ready(client)
         assert client.get("/metrics").status_code == 200
@@ -213,10 +340,43 @@ def test_ready_only_after_load_and_warm_up(spy):
         _wait_ready(client)
         assert spy.calls[0] == (1, 1)  # the warm-up: one image, one step
         assert client.post(GENERATE, json={"prompt": "x", **SMALL}).status_code == 200
-    failing = LocalImageService(lambda: (_ for _ in ()).throw(OSError("no bundle here")), BatcherConfig())
+    failures: list[str] = []
+    failing = LocalImageService(lambda: (_ for _ in ()).throw(OSError("no bundle here")), BatcherConfig(),
+                                on_failure=failures.append)
     with TestClient(create_app(failing)) as client:
         time.sleep(0.2)
         assert client.get("/readyz").status_code == 503 and "no bundle here" in client.get("/readyz").json()["status"]
+    assert failures == ["OSError: no bundle here"]  # once: the server stops on it
+
+
+def test_waiting_for_the_bundle_retries_only_bundle_errors(spy):
+    attempts: list[float] = []
+
+    def load():
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise BundleError("bundle directory /mnt/later does not exist")
+        return spy
+
+    failures: list[str] = []
+    waiting = LocalImageService(load, BatcherConfig(max_wait_s=0.0), warm=False, wait_for_bundle_s=0.05,
+                                on_failure=failures.append)
+    with TestClient(create_app(waiting)) as client:
+        _wait_ready(client)
+        assert client.post(GENERATE, json={"prompt": "x", **SMALL}).status_code == 200
+    assert len(attempts) == 3 and failures == [] and attempts[2] - attempts[0] >= 0.1
+    # another error is final even when waiting; and a stop while waiting ends the wait at once
+    broken = LocalImageService(lambda: (_ for _ in ()).throw(OSError("disk")), BatcherConfig(), wait_for_bundle_s=0.05,
+                               on_failure=failures.append)
+    with TestClient(create_app(broken)):
+        time.sleep(0.2)
+    assert failures == ["OSError: disk"]
+    never = LocalImageService(lambda: (_ for _ in ()).throw(BundleError("not yet")), BatcherConfig(),
+                              wait_for_bundle_s=3600)
+    started = time.monotonic()
+    with TestClient(create_app(never)) as client:
+        assert client.get("/readyz").json()["status"] == "loading"
+    assert time.monotonic() - started < 10
 
 
 def test_metrics_count_images_stages_and_rejections(spy):
@@ -438,6 +598,61 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_bundle):
     assert "shutting down: finishing accepted requests" in output or "Shutting down" in output, output
 
 
+def _serve_command(bundle, port: int, *options: str) -> list[str]:
+    return [sys.executable, "-m", "sdrt.engine.cli", "serve", str(bundle), "--port", str(port), "--backend",
+            "onnxruntime-cpu", "--safety-checker", "off", *options]
+
+
+def test_a_bundle_that_cannot_load_makes_serve_exit(tiny_bundle, tmp_path):
+    """Missing: refused before the port is bound (status 2, as `sdrt generate` would). Damaged: the server stops once
+    loading finds it (status 1). Neither waits for anything."""
+    nowhere = tmp_path / "nowhere"
+    missing = subprocess.run(_serve_command(nowhere, _free_port()), capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == f"sdrt: error: bundle directory {nowhere} does not exist"
+    damaged = Path(shutil.copytree(tiny_bundle, tmp_path / "damaged"))
+    data = bytearray((damaged / "unet/model.onnx").read_bytes())
+    data[-5] ^= 0x01  # same size, another sha256
+    (damaged / "unet/model.onnx").write_bytes(bytes(data))
+    failed = subprocess.run(_serve_command(damaged, _free_port()), capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sdrt: error: loading the bundle {damaged} failed: BundleError: "), last
+    assert "unet/model.onnx does not match its sha256" in last, last
+
+
+def test_wait_for_bundle_serves_once_the_bundle_appears(tiny_bundle, tmp_path):
+    import httpx
+
+    later, port = tmp_path / "mounted-later", _free_port()
+    server = subprocess.Popen(_serve_command(later, port, "--wait-for-bundle", "--no-warm-up"),
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{base}/healthz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server never answered /healthz"
+                time.sleep(0.1)
+        assert health.status_code == 200 and httpx.get(f"{base}/readyz").json()["status"] == "loading"
+        refused = httpx.post(f"{base}{GENERATE}", json={"prompt": "x", **SMALL})
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+        shutil.copytree(tiny_bundle, later)
+        wait_until_ready(base, server, timeout_s=60)
+        assert httpx.post(f"{base}{GENERATE}", json={"prompt": "x", **SMALL}, timeout=60).status_code == 200
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if server.poll() is None:
+            server.kill()
+        output = server.stdout.read().decode(errors="replace")
+    assert output.count("waiting for the bundle") == 1, output  # logged once, not once per try
+
+
 def test_cli_checks_serve_options_and_names_the_missing_extra(tiny_bundle, monkeypatch, capsys):
     from sdrt.engine.cli import main
 
@@ -445,6 +660,8 @@ def test_cli_checks_serve_options_and_names_the_missing_extra(tiny_bundle, monke
     assert "--replicas: Ray options need --ray" in capsys.readouterr().err
     assert main(["serve", str(tiny_bundle), "--max-queue", "0"]) == 2
     assert "--max-queue" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bundle), "--ray-temp-dir", "/tmp/r"]) == 2
+    assert "--ray-temp-dir: Ray options need --ray" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "sdrt.serve", None)  # as if fastapi & co. were not installed
     assert main(["serve", str(tiny_bundle)]) == 2
     assert "pip install 'sdrt[serve]'" in capsys.readouterr().err

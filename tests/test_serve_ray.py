@@ -1,16 +1,21 @@
 """`sdrt serve --ray`: the same API on a local Ray cluster (started by the command itself): images equal to the
 local server's for the same seed, concurrent requests answered (a bad one failing alone, with its parameter), and a
-drain on SIGTERM that finishes the request in flight. Slow: Ray takes 20-40 s to start on 2 cores."""
+drain on SIGTERM that finishes the request in flight. Slow: Ray takes 20-40 s to start on 2 cores.
+
+The server starts a Ray instance of its own (never one already running on the machine, which `ray.init()` would
+join), with its own temp dir (session files, sockets) and free ports, so the test passes beside other Ray users."""
 from __future__ import annotations
 
 import base64
 import concurrent.futures
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,10 +49,14 @@ def _pixels(item: dict) -> np.ndarray:
 def test_ray_serve_answers_like_the_local_server_and_drains(tiny_bundle, tiny_pipe):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
+    # Short, under /tmp: Ray's socket paths inside it must stay under 108 characters.
+    ray_temp_dir = tempfile.mkdtemp(prefix="sdrt-ray-", dir="/tmp")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     server = subprocess.Popen(
         [sys.executable, "-m", "sdrt.engine.cli", "serve", str(tiny_bundle), "--ray", "--port", str(port), "--backend",
-         "onnxruntime-cpu", "--safety-checker", "off", "--replicas", "1", "--max-wait-ms", "500"],
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "onnxruntime-cpu", "--safety-checker", "off", "--replicas", "1", "--max-wait-ms", "500",
+         "--ray-temp-dir", ray_temp_dir],
+        env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     request = {"prompt": "a blue triangle", "size": "64x64", "num_inference_steps": 3, "seed": 99, "n": 2}
     try:
@@ -69,7 +78,10 @@ def test_ray_serve_answers_like_the_local_server_and_drains(tiny_bundle, tiny_pi
     finally:
         if server.poll() is None:
             server.kill()
+            server.wait()
         log = server.stdout.read().decode(errors="replace")
+        print(log[-6000:])  # pytest shows it when the test fails
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
     assert "stopping: Ray Serve finishes" in log, log[-3000:]
     # The local server's images for the same request: the same function generated both
     with TestClient(create_app(LocalImageService(lambda: tiny_pipe, BatcherConfig(max_wait_s=0.0), warm=False))) as client:
