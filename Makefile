@@ -25,7 +25,8 @@ test: $(VENV)/.installed
 BENCH_DIR ?= bench-data
 BENCH_ARGS ?= --runs 3 --sizes 512 -s 20
 OPTIMUM_VENV ?= .venv-optimum
-.PHONY: bench
+.PHONY: bench bench-build
+OPTIMUM_INTEL_VENV ?= .venv-optimum-intel
 
 $(OPTIMUM_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_VENV)
@@ -42,3 +43,17 @@ bench: $(VENV)/.installed $(OPTIMUM_VENV)/.installed
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 $(BENCH_ARGS) \
 	    --optimum-python $(OPTIMUM_VENV)/bin/python --optimum-model $(BENCH_DIR)/sd15-optimum \
 	    --out $(BENCH_DIR)/out --results benchmarks/RESULTS.md
+
+$(OPTIMUM_INTEL_VENV)/.installed:
+	python3 -m venv $(OPTIMUM_INTEL_VENV)
+	$(OPTIMUM_INTEL_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OPTIMUM_INTEL_VENV)/bin/python -m pip install --quiet 'optimum-intel[openvino]' 'transformers<5' diffusers
+	touch $@
+
+# Regenerates benchmarks/EXPORT.md: peak memory and time of `sdrt export` and `sdrt quantize` on the SD 1.5-architecture
+# checkpoint beside optimum-intel's and optimum's exports of it, one at a time. About 15 minutes on 2 cores.
+bench-build: $(VENV)/.installed $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_VENV)/.installed
+	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
+	$(PY) -m sdrt.benchmarks.build_memory $(BENCH_DIR)/sd15 $(BENCH_DIR)/build \
+	    --optimum-intel-python $(OPTIMUM_INTEL_VENV)/bin/python --optimum-python $(OPTIMUM_VENV)/bin/python \
+	    --out $(BENCH_DIR)/build.json --results benchmarks/EXPORT.md

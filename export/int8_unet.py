@@ -6,6 +6,7 @@ Needs openvino and nncf (`pip install 'sdrt[quantize]'`), not torch: it reads th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ import sdrt.engine
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.openvino_cpu import IR_FILE, int8_unet_file
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
@@ -56,16 +58,27 @@ class Calibration:
 def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration()) -> Path:
     """Quantize the bundle's U-Net to int8 and store it in the bundle (atomically, replacing an earlier one);
     return its path. The openvino-int8 backend then runs it."""
-    import nncf
     import openvino
 
     bundle_dir = Path(bundle_dir)
-    pipe = sdrt.engine.load(bundle_dir, backend="exact", safety_checker=False)
-    samples = _unet_inputs(pipe, calibration)
-    unet = pipe.backend.components[Component.UNET]
+    unet_path, unet_digest, samples = _calibration_samples(bundle_dir, calibration)
     logger.info("quantizing the U-Net on %d calibration samples", len(samples))
-    quantized = nncf.quantize(
-        openvino.Core().read_model(str(unet.path)), nncf.Dataset(samples), subset_size=len(samples),
+    # OpenVINO maps the U-Net's weights from the bundle and NNCF compiles a copy of them: hand the mapped pages back
+    # as they are read, so the two copies are not resident together.
+    with handing_back_mapped_pages(bundle_dir):
+        quantized = _quantize(openvino.Core().read_model(str(unet_path)), samples)
+    target = int8_unet_file(bundle_dir, unet_digest)
+    with atomic_directory(target.parent, replace=True) as staging:
+        openvino.save_model(quantized, str(staging / IR_FILE), compress_to_fp16=True)
+    return target
+
+
+def _quantize(model: Any, samples: list[dict[str, np.ndarray]]) -> Any:
+    """NNCF's post-training int8 quantization of the U-Net `model`, calibrated on `samples`."""
+    import nncf
+
+    return nncf.quantize(
+        model, nncf.Dataset(samples), subset_size=len(samples),
         model_type=nncf.ModelType.TRANSFORMER,  # keeps softmax, normalizations and the attention scores in float
         advanced_parameters=nncf.AdvancedQuantizationParameters(
             # As OpenVINO's Stable Diffusion quantization does; SmoothQuant is for LLMs' outlier channels.
@@ -74,10 +87,19 @@ def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration()) ->
             disable_bias_correction=True,
         ),
     )
-    target = int8_unet_file(bundle_dir, unet.digest)
-    with atomic_directory(target.parent, replace=True) as staging:
-        openvino.save_model(quantized, str(staging / IR_FILE), compress_to_fp16=True)
-    return target
+
+
+def _calibration_samples(bundle_dir: Path, calibration: Calibration) -> tuple[Path, str, list[dict[str, np.ndarray]]]:
+    """The U-Net's file and digest, and its inputs in the calibration runs of the bundle's fp32 pipeline. The pipeline
+    is released (its compiled models and their heap) before this returns: NNCF then compiles a copy of its own."""
+    pipe = sdrt.engine.load(bundle_dir, backend="exact", safety_checker=False)
+    samples = _unet_inputs(pipe, calibration)
+    unet = pipe.backend.components[Component.UNET]
+    unet_path, unet_digest = unet.path, unet.digest
+    del pipe, unet
+    gc.collect()  # the pipeline's reference cycles
+    return_freed_heap()
+    return unet_path, unet_digest, samples
 
 
 def _unet_inputs(pipe: Any, calibration: Calibration) -> list[dict[str, np.ndarray]]:

@@ -1,0 +1,146 @@
+"""Peak memory and time of building a bundle: `sdrt export` and `sdrt quantize`, beside the peers' own exports of the
+same checkpoint (optimum-intel's OpenVINO export, optimum's ONNX export), each measured by `/usr/bin/time -v` in a
+process of its own, one at a time.
+
+    python -m sdrt.benchmarks.build_memory CHECKPOINT WORKDIR [--quantize-size 256]
+        [--optimum-intel-python VENV/bin/python] [--optimum-python VENV/bin/python] [--out RUN.json] [--results EXPORT.md]
+
+The peers run from their own virtual environments (optimum-intel and optimum-onnx each need transformers 4.x); a
+peer whose python is not given is left out. WORKDIR receives the bundle and the peers' exports (replaced on each run).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sdrt.benchmarks.bench import _machine
+from sdrt.engine.atomic import atomic_file
+
+logger = logging.getLogger(__name__)
+
+GNU_TIME = "/usr/bin/time"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One build step: what ran, its wall-clock seconds and peak resident memory (of the process and its children)."""
+
+    name: str
+    command: list[str]
+    wall_s: float
+    peak_rss_gb: float
+    exit_status: int
+
+
+def _wall_seconds(text: str) -> float:
+    """GNU time's "h:mm:ss" or "m:ss.ss" in seconds."""
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
+def measure(name: str, command: Sequence[str], log_path: Path) -> Measurement:
+    """Run `command` under GNU time, its output to `log_path`; raise RuntimeError if it fails."""
+    logger.info("%s: %s", name, shlex.join(command))
+    with open(log_path, "w") as log:
+        status = subprocess.run([GNU_TIME, "-v", *command], stdout=log, stderr=subprocess.STDOUT).returncode
+    text = log_path.read_text(errors="replace")
+    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    if status != 0 or peak_kb is None or wall is None:
+        raise RuntimeError(f"{name} failed (exit {status}); its output is in {log_path}")
+    result = Measurement(name, list(command), _wall_seconds(wall.group(1)), int(peak_kb.group(1)) * 1024 / 1e9, status)
+    logger.info("%s: %.0f s, peak RSS %.2f GB", name, result.wall_s, result.peak_rss_gb)
+    return result
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def run(checkpoint: Path, workdir: Path, quantize_size: int | None, optimum_intel_python: Path | None,
+        optimum_python: Path | None) -> list[Measurement]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    sdrt = [sys.executable, "-m", "sdrt.engine.cli"]
+    bundle = _fresh(workdir / "bundle")
+    steps = [("sdrt export", [*sdrt, "export", str(checkpoint), str(bundle)])]
+    if quantize_size is not None:
+        steps.append((f"sdrt quantize --size {quantize_size}", [*sdrt, "quantize", str(bundle), "--size", str(quantize_size)]))
+    for label, python, kind in (("optimum-intel (OpenVINO IR)", optimum_intel_python, "openvino"),
+                                ("optimum (ONNX)", optimum_python, "onnx")):
+        if python is not None:
+            cli = str(Path(python).parent / "optimum-cli")
+            steps.append((label, [cli, "export", kind, "--model", str(checkpoint), "--task", "text-to-image",
+                                  str(_fresh(workdir / f"optimum-{kind}"))]))
+    return [measure(name, command, workdir / f"{index}.log") for index, (name, command) in enumerate(steps)]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    reference = next((m for m in results["measurements"] if m["name"].startswith("optimum-intel")), None)
+    lines = [
+        "# Building a bundle: peak memory and time",
+        "",
+        f"- Run: {results['date']}, `{results['command']}`",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; Python {machine['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+        f"- Checkpoint: `{results['checkpoint']}`. Each step ran alone in a process of its own under `/usr/bin/time -v`; "
+        "peak RSS is the largest resident set of the process or any of its children.",
+        "",
+        "| step | wall time | peak RSS GB |" + (" peak ÷ optimum-intel |" if reference else ""),
+        "|---|---|---|" + ("---|" if reference else ""),
+    ]
+    for m in results["measurements"]:
+        minutes, seconds = divmod(m["wall_s"], 60)
+        ratio = f" {m['peak_rss_gb'] / reference['peak_rss_gb']:.2f}× |" if reference else ""
+        lines.append(f"| {m['name']} | {int(minutes)} min {seconds:.0f} s | {m['peak_rss_gb']:.2f} |{ratio}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.build_memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a diffusers checkpoint (e.g. `sdrt make-checkpoint DIR --arch sd15`)")
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--quantize-size", type=int, default=256, help="`sdrt quantize --size`; 0 leaves quantize out")
+    parser.add_argument("--optimum-intel-python", type=Path, default=None, help="python of a venv with optimum-intel[openvino]")
+    parser.add_argument("--optimum-python", type=Path, default=None, help="python of a venv with optimum-onnx")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--results", type=Path, default=None, help="write the markdown report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if shutil.which(GNU_TIME) is None:
+        parser.error(f"{GNU_TIME} (GNU time) is needed: apt-get install time")
+    measurements = run(args.checkpoint.resolve(), args.workdir.resolve(), args.quantize_size or None,
+                       args.optimum_intel_python, args.optimum_python)
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "sdrt.benchmarks.build_memory", *(sys.argv[1:] if argv is None else argv)]),
+        "checkpoint": str(args.checkpoint), "machine": _machine(),
+        "measurements": [dataclasses.asdict(m) for m in measurements],
+    }
+    report = markdown(results)
+    print(report)
+    if args.out is not None:
+        with atomic_file(args.out) as staging:
+            staging.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.results is not None:
+        with atomic_file(args.results) as staging:
+            staging.write_text(report, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
