@@ -21,6 +21,25 @@ def test_every_request_is_counted_once():
     assert summary["images_per_s"] == 0.5 and summary["latency_p50_s"] == 2.0 and summary["latency_p95_s"] == 3.0
 
 
+def test_refusals_over_the_memory_budget_count_only_when_they_name_it():
+    outcomes = [Outcome(200, 1.0, True), Outcome(413, 0.01, False, refusal_named_limit=True), Outcome(413, 0.01, False)]
+    summary = summarize(outcomes, wall_s=1.0, planned=3)
+    assert (summary["ok"], summary["rejected_413"], summary["failed"]) == (1, 1, 1)
+
+
+def test_the_verdict_fails_a_server_past_its_budget():
+    mode = {"failed": 0, "server_peak_rss_gb": 7.9, "memory_budget_gb": 8.0}
+    assert serve_load.passed({"batched": mode, "unbatched": None})
+    assert not serve_load.passed({"batched": {**mode, "server_peak_rss_gb": 8.1}, "unbatched": None})
+    assert not serve_load.passed({"batched": mode, "unbatched": {**mode, "failed": 1}})
+
+
+def test_every_kth_request_is_oversized(tmp_path):
+    plan = serve_load.LoadPlan(bundle=tmp_path, size=512, oversized_every=4, oversized_size=2048)
+    sizes = [(serve_load.request_body(plan, i)["size"], serve_load.request_body(plan, i)["n"]) for i in range(8)]
+    assert sizes == [("512x512", 1)] * 3 + [("2048x2048", 4)] + [("512x512", 1)] * 3 + [("2048x2048", 4)]
+
+
 def test_each_kind_replaces_only_its_own_section(tmp_path):
     path = tmp_path / "SERVING.md"
     path.write_text("# Hand-written notes\n\nkept\n")
