@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sdrt")
 
 # The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
-ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint")
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint", "sd15-small")
 EXIT_USAGE = 2
 # Generation finished but the safety checker blocked at least one image, which was therefore not written.
 EXIT_BLOCKED = 3

@@ -17,6 +17,7 @@ import numpy as np
 
 from sdrt.engine import StableDiffusionPipeline
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
+from sdrt.engine.memory_return import return_freed_heap
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.serve.schemas import GenerationParams
 
@@ -82,13 +83,22 @@ def generate_batch(
 
     `should_stop()` is asked after each denoising step (once per step); a reason (not None) stops the batch there by raising
     GenerationCancelled with it. InvalidArgumentError from the pipeline is raised with the API's parameter name.
+    However it ends, the heap the batch freed goes back to the system (glibc keeps it otherwise: see the README's
+    serving section for the figure), so the process's resting RSS stays what the memory budget counted on.
     """
+    try:
+        return _generate(pipe, requests, should_stop)
+    finally:
+        return_freed_heap()
+
+
+def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams], should_stop: Callable[[], str | None]) -> BatchResult:
     first = requests[0]
     if any(r.batch_key != first.batch_key for r in requests):
         raise ValueError("generate_batch: requests of one batch must share their batch_key")
     if len(requests) > 1 and pipe.sampler(first.scheduler).needs_noise:
         # A stochastic sampler draws its step noise from the call's seed: each request runs alone to keep its own.
-        results = [generate_batch(pipe, [request], should_stop) for request in requests]
+        results = [_generate(pipe, [request], should_stop) for request in requests]
         timings = {stage: sum(r.timings.get(stage, 0.0) for r in results) for stage in results[0].timings}
         return BatchResult([images for result in results for images in result.images], timings)
     prompts = [r.prompt for r in requests for _ in range(r.n)]

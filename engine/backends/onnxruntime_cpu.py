@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
 from sdrt.engine.specs import Component
 
 #: the components run many times per request, whose buffers stay in the arena between their runs
@@ -48,6 +48,12 @@ def _shrinking_run() -> ort.RunOptions:
 class OnnxRuntimeCPUBackend(Backend):
     name = "onnxruntime-cpu"
     exact = True
+    # Fitted on the test bundles (tiny, tiny-alt, demo, and a 0.5 GB SD 1.x-shaped one) at 128² to 512²: the
+    # estimate came within 1.01-1.16x of every measured peak (benchmarks/memory_estimate.py). Self-attention's scores
+    # are held once and a fifth (the Softmax's output replaces its input; its buffers besides).
+    memory_profile = MemoryProfile(weights_per_file_byte=1.05, runtime_bytes=32 << 20, attention_scores=1.22,
+                                   unet_feature_maps=100, decoder_feature_maps=5.5, decoder_pixel_values=64,
+                                   request_bytes=8 << 20)
 
     def __init__(
         self, bundle_dir: Path, components: Mapping[Component, ComponentFile], memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED
