@@ -26,6 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import sdrt.engine
+from sdrt.benchmarks.bench import _machine
+from sdrt.engine.atomic import atomic_file
+from sdrt.engine.host_memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
+from sdrt.engine.memory_estimate import MemoryModel
+from sdrt.engine.specs import runs_unconditional_pass
+from sdrt.serve.execution import generate_batch, warm_up
+from sdrt.serve.schemas import GenerationParams
+
 logger = logging.getLogger(__name__)
 
 _POINT = re.compile(r"^([1-9][0-9]*)(?:x([1-9][0-9]*))?$")
@@ -52,19 +61,10 @@ def measure(bundle: Path, backend: str, points: Sequence[Point], steps: int, gui
             safety_checker: str) -> list[dict[str, Any]]:
     """Run in the process measured: load as `sdrt serve` does, warm up, then each point's request in turn, its peak
     measured from the RSS at rest before it (tests/test_memory_estimate.py measures several points per process)."""
-    import sdrt.engine
-    from sdrt.engine.backends import backend_class
-    from sdrt.engine.host_memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
-    from sdrt.engine.memory_estimate import TEXT_TO_IMAGE, MemoryModel
-    from sdrt.engine.specs import Component, runs_unconditional_pass
-    from sdrt.serve.execution import generate_batch, warm_up
-    from sdrt.serve.schemas import GenerationParams
-
     pipe = sdrt.engine.load(bundle, backend=backend, safety_checker=safety_checker)
     pipe.set_progress_bar_config(disable=True)
-    base = process_rss_bytes()
-    components = [c for c in TEXT_TO_IMAGE if c is not Component.SAFETY_CHECKER or pipe.safety_checker is not None]
-    model = MemoryModel.for_bundle(pipe.manifest, backend_class(pipe.backend.name), base, components)
+    base = process_rss_bytes()  # the pipeline opened, none of its models run yet: the model's base
+    model = MemoryModel.for_pipeline(pipe, base)
     warm_up(pipe)  # as the server, it returns freed heap at the end of its batch
     rows = []
     for point in points:
@@ -131,8 +131,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write_section(path: Path, key: str, section: str) -> None:
     """Replace this bundle and backend's section of the results file (or add it), keeping the others."""
-    from sdrt.engine.atomic import atomic_file
-
     begin, end = SECTION.format(key=key, edge="begin"), SECTION.format(key=key, edge="end")
     text = path.read_text(encoding="utf-8") if path.is_file() else (
         "# Memory estimate against measured peaks\n\nWritten by `python -m sdrt.benchmarks.memory_estimate` (each run "
@@ -162,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(measure(args.bundle, args.backend, args.measure, args.steps, args.guidance_scale, args.safety_checker)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from sdrt.benchmarks.bench import _machine
-
     machine = _machine()
     rows = run_points(args.bundle, args.backend, args.points, args.steps, args.guidance_scale, args.safety_checker)
     backends = sorted({row["backend"] for row in rows if "backend" in row})

@@ -20,6 +20,7 @@ import numpy as np
 from sdrt.engine.atomic import atomic_file
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
+from sdrt.engine.host_memory import DEFAULT_BUDGET_FRACTION, MemoryBudget
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
@@ -215,7 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
                                      max_queue=args.max_queue),
         app=serve.AppSettings(limits=serve.Limits(max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes),
                               request_timeout_s=args.request_timeout, api_key=api_key_from(args.api_key)),
-        warm_up=not args.no_warm_up, graceful_shutdown_s=args.graceful_shutdown,
+        warm_up=not args.no_warm_up, graceful_shutdown_s=args.graceful_shutdown, memory_budget=args.memory_budget,
     )
     if args.ray:
         from sdrt.serve.ray_app import RayOptions, run_ray
@@ -226,6 +227,13 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         serve.run(config)
     return 0
+
+
+def _memory_budget(text: str) -> MemoryBudget:
+    try:
+        return MemoryBudget.parse(text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("memory_budget: ")) from None
 
 
 def _replicas(text: str) -> tuple[int, int]:
@@ -518,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--graceful-shutdown", type=_positive(float), default=None,
                        help="seconds open requests get to finish after SIGTERM (default: as long as they need)")
     serve.add_argument("--no-warm-up", action="store_true", help="ready as soon as loaded, without a first image")
+    serve.add_argument("--memory-budget", type=_memory_budget, default=MemoryBudget(), metavar="SIZE|FRACTION",
+                       help="what the process may grow to: bytes (12G, 800M) or a fraction of available memory (0.5); "
+                       f"a request estimated over it even alone gets 413 (default {DEFAULT_BUDGET_FRACTION}; not with --ray)")
     ray = serve.add_argument_group("Ray Serve (ray extra)")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment: replicas, autoscaling, multi-node")
     ray.add_argument("--ray-address", default=None, help="join this Ray cluster (\"auto\": the one `ray start` began "

@@ -87,8 +87,11 @@ class MemoryBudget:
         if match is None:
             raise InvalidArgumentError("memory_budget", f"must be a size such as 12G or 800M, or a fraction such as 0.8; got {text!r}")
         number, unit, byte_suffix = float(match.group(1)), match.group(2).upper(), match.group(3)
-        if not unit and not byte_suffix and number <= 1.0:
-            return cls(fraction=number)
+        if not unit and not byte_suffix:
+            if number <= 1.0:
+                return cls(fraction=number)
+            if not number.is_integer():
+                raise InvalidArgumentError("memory_budget", f"a fraction must be in (0, 1], got {text!r}")
         return cls(bytes=int(number * _UNITS[unit]))
 
     def resolve(self) -> int:

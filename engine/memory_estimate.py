@@ -28,10 +28,14 @@ import logging
 import math
 import posixpath
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from sdrt.engine.backends.base import Backend, MemoryPolicy, MemoryProfile
 from sdrt.engine.manifest import Manifest
 from sdrt.engine.specs import Component
+
+if TYPE_CHECKING:
+    from sdrt.engine.pipeline import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,13 @@ class MemoryModel:
         held = max(weights, default=0) if memory is MemoryPolicy.ONE_AT_A_TIME else sum(weights)
         resident = base_bytes + backend.memory_profile.runtime_bytes + held * backend.memory_profile.weights_per_file_byte
         return cls(Architecture.of(manifest), backend.memory_profile, backend.batched_decode, int(resident))
+
+    @classmethod
+    def for_pipeline(cls, pipe: StableDiffusionPipeline, base_bytes: int) -> MemoryModel:
+        """The model of a loaded pipeline's text-to-image requests (with its safety checker where it has one), in a
+        process whose RSS was `base_bytes` before loading."""
+        components = [c for c in TEXT_TO_IMAGE if c is not Component.SAFETY_CHECKER or pipe.safety_checker is not None]
+        return cls.for_bundle(pipe.manifest, type(pipe.backend), base_bytes, components, pipe.backend.memory)
 
     def with_resident(self, resident_bytes: int) -> MemoryModel:
         """The same model with a measured resting RSS in place of the estimated one."""

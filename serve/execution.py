@@ -45,15 +45,18 @@ class BatchResult:
     timings: dict[str, float]
 
 
-def compatible_batch(items: Sequence[T], params_of: Callable[[T], GenerationParams], max_images: int) -> list[T]:
+def compatible_batch(items: Sequence[T], params_of: Callable[[T], GenerationParams], max_images: int,
+                     fits: Callable[[Sequence[GenerationParams]], bool] | None = None) -> list[T]:
     """The first item, and the later ones that may share its U-Net batch (same `batch_key`), in order, within
-    `max_images` images. The first always runs, even alone over the budget."""
+    `max_images` images and, given `fits` (whether a batch of these requests fits the memory budget), within the
+    budget. The first always runs, even alone over either bound."""
     head = params_of(items[0])
-    batch, images = [items[0]], head.n
+    batch, chosen, images = [items[0]], [head], head.n
     for item in items[1:]:
         params = params_of(item)
-        if params.batch_key == head.batch_key and images + params.n <= max_images:
+        if params.batch_key == head.batch_key and images + params.n <= max_images and (fits is None or fits([*chosen, params])):
             batch.append(item)
+            chosen.append(params)
             images += params.n
     return batch
 

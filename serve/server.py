@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from sdrt.engine.host_memory import MemoryBudget
 from sdrt.serve.app import AppSettings, create_app
 from sdrt.serve.batcher import BatcherConfig
 from sdrt.serve.service import LocalImageService
@@ -33,6 +34,8 @@ class ServeConfig:
     batching: BatcherConfig = BatcherConfig()
     app: AppSettings = AppSettings()
     warm_up: bool = True
+    #: what the process may grow to: requests whose estimated memory does not fit wait, or are refused (413)
+    memory_budget: MemoryBudget = MemoryBudget()
     #: seconds uvicorn gives open requests to finish after SIGTERM before closing them (None: no limit)
     graceful_shutdown_s: float | None = None
 
@@ -42,7 +45,7 @@ def build_app(config: ServeConfig):
     from sdrt.engine import load
 
     service = LocalImageService(lambda: load(config.bundle, backend=config.backend, safety_checker=config.safety_checker),
-                                config.batching, warm=config.warm_up)
+                                config.batching, warm=config.warm_up, memory_budget=config.memory_budget)
     return create_app(service, config.app)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from sdrt.engine.backends import MemoryPolicy, OnnxRuntimeCPUBackend, OpenVINOBF16Backend, backend_class
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.host_memory import MemoryBudget
 from sdrt.engine.manifest import MANIFEST_NAME, read_manifest
 from sdrt.engine.memory_estimate import SD1_UNET_ATTENTION_HEADS, Architecture, MemoryModel
 from sdrt.engine.specs import Component
@@ -153,3 +155,27 @@ def test_estimate_bounds_the_measured_peak_and_memory_goes_back(tiny_bundle, bac
     largest = rows[-1]
     if name == "onnxruntime-cpu":  # the largest request did grow the process, by its self-attention's scores
         assert largest["peak_bytes"] - largest["resting_bytes"] > 0.5 * GiB
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("12G", MemoryBudget(bytes=12 * GiB)), ("800M", MemoryBudget(bytes=800 << 20)), ("1.5g", MemoryBudget(bytes=3 * GiB // 2)),
+    ("12GiB", MemoryBudget(bytes=12 * GiB)), ("8589934592", MemoryBudget(bytes=8 * GiB)), ("0.8", MemoryBudget(fraction=0.8)),
+    ("1", MemoryBudget(fraction=1.0)),
+])
+def test_memory_budget_reads_sizes_and_fractions(text, expected):
+    assert MemoryBudget.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12X", "", "G", "0", "1.5", "-1G"])
+def test_memory_budget_refuses_anything_else_naming_the_option(text):
+    with pytest.raises(InvalidArgumentError, match="^memory_budget: "):
+        MemoryBudget.parse(text)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/meminfo")
+def test_a_fraction_is_of_the_available_memory_and_the_process_own():
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    expected = 0.5 * (int(meminfo["MemAvailable"].split()[0]) + int(status["VmRSS"].split()[0])) * 1024
+    assert MemoryBudget.parse("0.5").resolve() == pytest.approx(expected, rel=0.05)
+    assert MemoryBudget.parse("3G").resolve() == 3 * GiB
