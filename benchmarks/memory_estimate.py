@@ -32,6 +32,7 @@ from sdrt.engine.atomic import atomic_file
 from sdrt.engine.host_memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
 from sdrt.engine.memory_estimate import MemoryModel
 from sdrt.engine.specs import runs_unconditional_pass
+from sdrt.serve import execution
 from sdrt.serve.execution import generate_batch, warm_up
 from sdrt.serve.schemas import GenerationParams
 
@@ -58,9 +59,12 @@ class Point:
 
 
 def measure(bundle: Path, backend: str, points: Sequence[Point], steps: int, guidance_scale: float,
-            safety_checker: str) -> list[dict[str, Any]]:
+            safety_checker: str, keep_freed_heap: bool = False) -> list[dict[str, Any]]:
     """Run in the process measured: load as `sdrt serve` does, warm up, then each point's request in turn, its peak
-    measured from the RSS at rest before it (tests/test_memory_estimate.py measures several points per process)."""
+    measured from the RSS at rest before it (tests/test_memory_estimate.py measures several points per process).
+    `keep_freed_heap`: without the server's return of freed heap after each batch, to measure what it returns."""
+    if keep_freed_heap:
+        execution.return_freed_heap = lambda: None
     pipe = sdrt.engine.load(bundle, backend=backend, safety_checker=safety_checker)
     pipe.set_progress_bar_config(disable=True)
     base = process_rss_bytes()  # the pipeline opened, none of its models run yet: the model's base
@@ -85,14 +89,14 @@ def measure(bundle: Path, backend: str, points: Sequence[Point], steps: int, gui
 
 
 def run_points(bundle: Path, backend: str, points: Sequence[Point], steps: int, guidance_scale: float,
-               safety_checker: str) -> list[dict[str, Any]]:
+               safety_checker: str, keep_freed_heap: bool = False) -> list[dict[str, Any]]:
     """Each point in a fresh process (`--measure`), in order; progress is logged."""
     rows = []
     for index, point in enumerate(points, 1):
         logger.info("point %d/%d: %dx%d, %d image(s), backend %s", index, len(points), point.size, point.size, point.images, backend)
         command = [sys.executable, "-m", "sdrt.benchmarks.memory_estimate", str(bundle), "--backend", backend, "--steps", str(steps),
                    "--guidance-scale", str(guidance_scale), "--safety-checker", safety_checker,
-                   "--measure", f"{point.size}x{point.images}"]
+                   "--measure", f"{point.size}x{point.images}", *(["--keep-freed-heap"] if keep_freed_heap else [])]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             logger.error("point %dx%d failed:\n%s", point.size, point.images, result.stderr[-4000:])
@@ -113,9 +117,10 @@ def markdown(results: dict[str, Any]) -> str:
              f"- Run: {results['run']}, `{results['command']}`",
              f"- Machine: {results['machine']}",
              f"- Each point: a fresh process, loaded and warmed up as `sdrt serve` does, then one request "
-             f"({results['steps']} steps, guidance {results['guidance_scale']}, safety checker {results['safety_checker']}). "
-             "GB = 10⁹ bytes. Estimate: from the bundle (RSS before loading + runtime + weights + working memory); "
-             "admitted: the server's (measured resting RSS + working memory).", "",
+             f"({results['steps']} steps, guidance {results['guidance_scale']}, safety checker {results['safety_checker']}"
+             f"{'; without the return of freed heap' if results['keep_freed_heap'] else ''}). "
+             "GB = 10⁹ bytes. Estimate: from the bundle (the RSS once the pipeline is opened, before any model ran + "
+             "runtime + weights + working memory); admitted: the server's (measured resting RSS + working memory).", "",
              "| size | images | peak RSS | estimate | ÷ peak | admitted | ÷ peak | resting RSS | RSS after | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
@@ -134,7 +139,8 @@ def write_section(path: Path, key: str, section: str) -> None:
     begin, end = SECTION.format(key=key, edge="begin"), SECTION.format(key=key, edge="end")
     text = path.read_text(encoding="utf-8") if path.is_file() else (
         "# Memory estimate against measured peaks\n\nWritten by `python -m sdrt.benchmarks.memory_estimate` (each run "
-        "replaces its bundle and backend's section).\n")
+        "replaces its bundle and backend's section). Random-weight bundles measure like real ones: "
+        "`sdrt make-checkpoint CKPT --arch ARCH && sdrt export CKPT BUNDLE`.\n")
     block = f"{begin}\n{section}{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
@@ -151,31 +157,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-s", "--steps", type=int, default=2, help="denoising steps per request (the peak does not grow with them)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--safety-checker", default="block", choices=["block", "flag", "off"])
+    parser.add_argument("--keep-freed-heap", action="store_true",
+                        help="skip the server's malloc_trim after each batch, to measure what it returns")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--results", type=Path, default=None, help="markdown file whose section for this bundle and backend is replaced")
     # the measured process's points: a JSON list of rows on its last line of output
     parser.add_argument("--measure", type=Point.parse, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure is not None:
-        print(json.dumps(measure(args.bundle, args.backend, args.measure, args.steps, args.guidance_scale, args.safety_checker)))
+        print(json.dumps(measure(args.bundle, args.backend, args.measure, args.steps, args.guidance_scale, args.safety_checker,
+                                 args.keep_freed_heap)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     machine = _machine()
-    rows = run_points(args.bundle, args.backend, args.points, args.steps, args.guidance_scale, args.safety_checker)
+    rows = run_points(args.bundle, args.backend, args.points, args.steps, args.guidance_scale, args.safety_checker,
+                      args.keep_freed_heap)
     backends = sorted({row["backend"] for row in rows if "backend" in row})
     results = {
         "run": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "sdrt.benchmarks.memory_estimate", *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB",
         "bundle": str(args.bundle), "backend": ", ".join(backends) or args.backend, "steps": args.steps,
-        "guidance_scale": args.guidance_scale, "safety_checker": args.safety_checker, "rows": rows,
+        "guidance_scale": args.guidance_scale, "safety_checker": args.safety_checker, "keep_freed_heap": args.keep_freed_heap,
+        "rows": rows,
     }
     section = markdown(results)
     print(section)
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.results is not None:
-        write_section(args.results, f"{args.bundle.name}:{results['backend']}", section)
+        key = f"{args.bundle.name}:{results['backend']}" + (":keep-freed-heap" if args.keep_freed_heap else "")
+        write_section(args.results, key, section)
     return 0 if all("error" not in row for row in rows) else 1
 
 

@@ -1,12 +1,13 @@
 """How much memory a request needs: a model of a process's peak resident set, from the bundle and the backend.
 
-    peak = resident + request + max(U-Net stage, decode stage)
+    peak = resident + request + compile + max(U-Net stage, decode stage)
 
 `resident` is the process at rest with the pipeline loaded: the interpreter and libraries (measured: the process's
 RSS before loading), the backend's runtime (`MemoryProfile.runtime_bytes`) and the weights (the bundle's file sizes
 × `MemoryProfile.weights_per_file_byte`). The stages run one after the other and each gives its working memory back
 before the next (the backends see to it), so the peak is the larger one's, plus what any request holds
-(`MemoryProfile.request_bytes`):
+(`MemoryProfile.request_bytes`) and, where the backend compiles its models for a request's shapes, what compiling
+holds (in proportion to the largest component's weights):
 
     U-Net stage   B × (a × 4·max_l(heads_l × tokens_l²) + u × 4·tokens_0 × channels_0)
     decode stage  d × (4·H·W × (v × decoder channels at full size + p) + a × 4·(h·w)²) + images × H·W × output bytes
@@ -94,6 +95,7 @@ class MemoryModel:
     profile: MemoryProfile
     batched_decode: bool
     resident_bytes: int
+    compile_bytes: int  # what compiling for a request's shapes holds
 
     @classmethod
     def for_bundle(cls, manifest: Manifest, backend: type[Backend], base_bytes: int,
@@ -104,10 +106,12 @@ class MemoryModel:
         ValueError for a backend whose memory is not modelled (`Backend.memory_profile` None)."""
         if backend.memory_profile is None:
             raise ValueError(f"backend {backend.name}'s memory is not modelled (its models live in device memory)")
+        profile = backend.memory_profile
         weights = [weight_file_bytes(manifest, c) for c in components if c in manifest.components]
         held = max(weights, default=0) if memory is MemoryPolicy.ONE_AT_A_TIME else sum(weights)
-        resident = base_bytes + backend.memory_profile.runtime_bytes + held * backend.memory_profile.weights_per_file_byte
-        return cls(Architecture.of(manifest), backend.memory_profile, backend.batched_decode, int(resident))
+        resident = base_bytes + profile.runtime_bytes + held * profile.weights_per_file_byte
+        compiling = max(weights, default=0) * profile.compile_bytes_per_file_byte
+        return cls(Architecture.of(manifest), profile, backend.batched_decode, int(resident), int(compiling))
 
     @classmethod
     def for_pipeline(cls, pipe: StableDiffusionPipeline, base_bytes: int) -> MemoryModel:
@@ -142,7 +146,7 @@ class MemoryModel:
     def working_bytes(self, height: int, width: int, images: int, guided: bool) -> int:
         """What a request of `images` images of height x width pixels adds to the resting RSS at its peak."""
         stages = max(self.unet_bytes(height, width, images, guided), self.decode_bytes(height, width, images))
-        return self.profile.request_bytes + stages
+        return self.profile.request_bytes + self.compile_bytes + stages
 
     def peak_bytes(self, height: int, width: int, images: int, guided: bool) -> int:
         """The process's peak RSS while it runs such a request."""

@@ -52,6 +52,9 @@ class MemoryProfile:
     decoder_pixel_values: float
     #: what any request holds besides its size's terms (text context, per-call buffers, the resting RSS's jitter)
     request_bytes: int
+    #: what compiling a model for a request's new shapes holds, per byte of the largest component's fp32 files
+    #: (OpenVINO compiles the U-Net again for a new size, the decoder for each new size); 0 where nothing compiles
+    compile_bytes_per_file_byte: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
