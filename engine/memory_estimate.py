@@ -3,7 +3,7 @@
     peak = resident + request + compile + max(U-Net stage, decode stage)
 
 `resident` is the process at rest with the pipeline loaded: the interpreter and libraries (measured: the process's
-RSS before loading), the backend's runtime (`MemoryProfile.runtime_bytes`) and the weights (the bundle's file sizes
+RSS once the pipeline is opened, before any of its models ran), the backend's runtime (`MemoryProfile.runtime_bytes`) and the weights (the bundle's file sizes
 × `MemoryProfile.weights_per_file_byte`). The stages run one after the other and each gives its working memory back
 before the next (the backends see to it), so the peak is the larger one's, plus what any request holds
 (`MemoryProfile.request_bytes`) and, where the backend compiles its models for a request's shapes, what compiling
@@ -101,7 +101,7 @@ class MemoryModel:
     def for_bundle(cls, manifest: Manifest, backend: type[Backend], base_bytes: int,
                    components: Collection[Component] = TEXT_TO_IMAGE,
                    memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED) -> MemoryModel:
-        """The model of a process whose RSS is `base_bytes` before loading, running `components` of the bundle with
+        """The model of a process whose RSS is `base_bytes` before any model ran, running `components` of the bundle with
         `backend` (every component of them loaded with KEEP_LOADED, the largest with ONE_AT_A_TIME). Raise
         ValueError for a backend whose memory is not modelled (`Backend.memory_profile` None)."""
         if backend.memory_profile is None:
@@ -116,7 +116,7 @@ class MemoryModel:
     @classmethod
     def for_pipeline(cls, pipe: StableDiffusionPipeline, base_bytes: int) -> MemoryModel:
         """The model of a loaded pipeline's text-to-image requests (with its safety checker where it has one), in a
-        process whose RSS was `base_bytes` before loading."""
+        process whose RSS was `base_bytes` before any of its models ran."""
         components = [c for c in TEXT_TO_IMAGE if c is not Component.SAFETY_CHECKER or pipe.safety_checker is not None]
         return cls.for_bundle(pipe.manifest, type(pipe.backend), base_bytes, components, pipe.backend.memory)
 
