@@ -20,6 +20,7 @@ import numpy as np
 from sdrt.engine.atomic import atomic_file
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
+from sdrt.engine.host_memory import DEFAULT_BUDGET_FRACTION, MemoryBudget
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sdrt")
 
 # The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
-ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint")
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint", "sd15-small")
 EXIT_USAGE = 2
 # `sdrt serve`: the bundle passed the check before the port was bound, then failed to load.
 EXIT_LOAD_FAILED = 1
@@ -223,6 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
         app=serve.AppSettings(limits=serve.Limits(max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes),
                               request_timeout_s=args.request_timeout, api_key=api_key_from(args.api_key)),
         warm_up=not args.no_warm_up, graceful_shutdown_s=args.graceful_shutdown, wait_for_bundle=args.wait_for_bundle,
+        memory_budget=args.memory_budget,
     )
     try:
         if args.ray:
@@ -237,6 +239,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"sdrt: error: {exc}", file=sys.stderr)
         return EXIT_LOAD_FAILED
     return 0
+
+
+def _memory_budget(text: str) -> MemoryBudget:
+    try:
+        return MemoryBudget.parse(text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("memory_budget: ")) from None
 
 
 def _replicas(text: str) -> tuple[int, int]:
@@ -533,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--wait-for-bundle", action="store_true",
                        help="while BUNDLE is missing or incomplete, answer 503 and keep trying to load it instead of "
                        "exiting (for a bundle mounted after the server starts); not with --ray")
+    serve.add_argument("--memory-budget", type=_memory_budget, default=MemoryBudget(), metavar="SIZE|FRACTION",
+                       help="what the process may grow to: bytes (12G, 800M) or a fraction of available memory (0.5); "
+                       f"a request estimated over it even alone gets 413 (default {DEFAULT_BUDGET_FRACTION}; not with --ray)")
     ray = serve.add_argument_group("Ray Serve (ray extra)")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment: replicas, autoscaling, multi-node")
     ray.add_argument("--ray-address", default=None, help="join this Ray cluster (\"auto\": the one `ray start` began "

@@ -68,10 +68,18 @@ class ModelConfig:
     # The U-Net's input channels: latent_channels for a standard U-Net, 2 * latent_channels + 1 for an inpainting one
     # (latents, mask, masked-image latents). Absent from bundles exported before inpainting: latent_channels.
     unet_in_channels: int | None = None
+    # The sizes a request's working memory grows with (sdrt.engine.memory_estimate), each level full size first.
+    # Absent from bundles exported before they were recorded: the estimate then assumes SD 1.x's.
+    unet_block_out_channels: tuple[int, ...] | None = None  # the U-Net's channels at each resolution level
+    unet_attention_heads: tuple[int, ...] | None = None  # its self-attention heads at each level, 0 where none
+    vae_block_out_channels: tuple[int, ...] | None = None  # the VAE's channels at each level
 
     def __post_init__(self) -> None:
         if self.unet_in_channels is None:
             object.__setattr__(self, "unet_in_channels", self.latent_channels)
+        for name in ("unet_block_out_channels", "unet_attention_heads", "vae_block_out_channels"):
+            if getattr(self, name) is not None:  # JSON gives lists
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def default_image_size(self) -> int:

@@ -56,7 +56,7 @@ from sdrt.engine.schedulers import (
     check_scheduler_name,
     scheduler_by_name,
 )
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import Component, runs_unconditional_pass
 from sdrt.engine.checks import is_finite_number, is_int
 from sdrt.engine.tokenizer import CLIPTokenizer
 
@@ -115,8 +115,7 @@ class _Request:
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        # diffusers runs the unconditional pass only when guidance strengthens the prompt
-        return self.guidance_scale > 1.0
+        return runs_unconditional_pass(self.guidance_scale)
 
 
 def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:

@@ -162,6 +162,9 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
         text_hidden_size=source.text_hidden_size,
         max_image_size=max_image_size,
         unet_in_channels=source.unet_in_channels,
+        unet_block_out_channels=tuple(int(c) for c in source.unet_config["block_out_channels"]),
+        unet_attention_heads=source.unet_attention_heads,
+        vae_block_out_channels=tuple(int(c) for c in source.vae_config["block_out_channels"]),
     )
 
 

@@ -69,6 +69,22 @@ class SourceCheckpoint:
         return int(self.unet_config.get("in_channels", self.latent_channels))
 
     @property
+    def unet_attention_heads(self) -> tuple[int, ...]:
+        """Self-attention heads at each U-Net resolution level, full latent size first, 0 where no block of the level
+        attends: as diffusers' UNet2DConditionModel builds them (`num_attention_heads`, which older configs give as
+        `attention_head_dim`; cross-attention blocks down and up; the mid block, at the smallest level)."""
+        config = self.unet_config
+        levels = len(config["block_out_channels"])
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        heads = [int(h) for h in heads] if isinstance(heads, (list, tuple)) else [int(heads)] * levels
+        down = config.get("down_block_types", ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",))
+        up = list(reversed(config.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1))))
+        mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn") or ""
+        attends = [("CrossAttn" in down[i]) or ("CrossAttn" in up[i]) or (i == levels - 1 and "CrossAttn" in mid)
+                   for i in range(levels)]
+        return tuple(h if a else 0 for h, a in zip(heads, attends))
+
+    @property
     def text_hidden_size(self) -> int:
         return int(self.text_encoder_config["hidden_size"])
 

@@ -187,6 +187,13 @@ ARCHES: dict[str, CheckpointArch] = {
 
 # "tiny" with an inpainting U-Net (9 input channels), as SD inpainting checkpoints have.
 ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=True)
+# SD 1.5's layout (cross-attention with 8 heads at the first three of four levels, 2 layers per block, a 4-level VAE)
+# at 0.3x its U-Net's channels and half its VAE's: a 0.3 GB U-Net that exports in a minute in 2.5 GB, to calibrate the
+# memory estimate (benchmarks/memory_estimate.py) on SD 1.5's proportions where the full model does not fit.
+ARCHES["sd15-small"] = dataclasses.replace(
+    ARCHES["sd15"], unet_block_out_channels=(96, 192, 384, 384), vae_block_out_channels=(64, 128, 256, 256), text_hidden_size=256,
+    text_layers=4, text_heads=4, text_intermediate_size=1024, safety_checker=ARCHES["tiny"].safety_checker,
+)
 
 
 def _unet(arch: CheckpointArch) -> UNet2DConditionModel:

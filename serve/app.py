@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.engine.schedulers import SCHEDULER_NAMES
+from sdrt.serve.admission import RequestTooLargeError
 from sdrt.serve.batcher import DeadlineExceededError, QueueFullError, ShuttingDownError
 from sdrt.serve.execution import GenerationFailedError
 from sdrt.serve.metrics import Rejection, ServeMetrics
@@ -218,6 +219,8 @@ def create_app(service: ImageService, settings: AppSettings = AppSettings()) -> 
         params = _to_params(body, service, settings.limits)
         try:
             images = await service.generate(params, arrived + settings.request_timeout_s, request.is_disconnected)
+        except RequestTooLargeError as exc:
+            raise _ApiError(413, Rejection.TOO_LARGE, str(exc), exc.parameter) from None
         except QueueFullError as exc:
             raise _ApiError(429, Rejection.QUEUE_FULL, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ShuttingDownError as exc:

@@ -1,14 +1,17 @@
 """A bounded request queue and the one worker thread that runs it as micro-batches on the process's pipeline.
 
 The oldest waiting request decides the next batch: every waiting request with its `batch_key` (same size, steps,
-scheduler, guidance) joins it, in arrival order, up to `max_batch_images` images; the batch starts when it is full or
-when the oldest request has waited `max_wait_s`. Requests whose client left or whose deadline passed are dropped
-before their batch starts, and a running batch stops between denoising steps once none of its requests is wanted.
+scheduler, guidance) joins it, in arrival order, up to `max_batch_images` images and while the batch's estimated
+memory fits the server's budget (serve/admission.py); the batch starts when it is full or when the oldest request has
+waited `max_wait_s`. A request that does not fit the budget even alone is refused before it queues. Requests whose
+client left or whose deadline passed are dropped before their batch starts, and a running batch stops between
+denoising steps once none of its requests is wanted.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import threading
@@ -16,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
+from sdrt.serve.admission import MemoryAdmission
 from sdrt.serve.execution import BatchResult, GeneratedImage, answers_for, compatible_batch
 from sdrt.serve.metrics import ServeMetrics
 from sdrt.serve.schemas import GenerationParams
@@ -80,12 +84,15 @@ class Job:
 
 
 class Batcher:
-    """The queue and its worker thread. `submit` from any thread; `close` drains the queue and stops the worker."""
+    """The queue and its worker thread. `submit` from any thread; `close` drains the queue and stops the worker.
+    With `admission`, batches keep to its memory budget; without, only to `max_batch_images`."""
 
-    def __init__(self, run_batch: BatchRunner, config: BatcherConfig, metrics: ServeMetrics) -> None:
+    def __init__(self, run_batch: BatchRunner, config: BatcherConfig, metrics: ServeMetrics,
+                 admission: MemoryAdmission | None = None) -> None:
         self._run_batch = run_batch
         self.config = config
         self._metrics = metrics
+        self._admission = admission
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -95,7 +102,10 @@ class Batcher:
 
     # ---- the request side --------------------------------------------------------------------------------------------
     def submit(self, params: GenerationParams, deadline: float) -> Job:
-        """Queue a request. Raise QueueFullError or ShuttingDownError rather than wait."""
+        """Queue a request. Raise RequestTooLargeError (over the memory budget even alone), QueueFullError or
+        ShuttingDownError rather than wait."""
+        if self._admission is not None:
+            self._admission.check(params)
         with self._cond:
             if self._closed:
                 raise ShuttingDownError("the server is shutting down")
@@ -142,7 +152,8 @@ class Batcher:
             head = self._queue[0]
             flush_at = head.enqueued_at + self.config.max_wait_s
             while True:
-                batch = compatible_batch(list(self._queue), lambda job: job.params, self.config.max_batch_images)
+                batch = compatible_batch(list(self._queue), lambda job: job.params, self.config.max_batch_images,
+                                         self._admission.fits if self._admission is not None else None)
                 remaining = flush_at - time.monotonic()
                 if self._closed or remaining <= 0 or sum(j.params.n for j in batch) >= self.config.max_batch_images:
                     break
@@ -168,8 +179,10 @@ class Batcher:
         for job in wanted:
             self._metrics.queue_seconds.observe(now - job.enqueued_at)
         self._metrics.in_flight.inc(len(wanted))
+        admitted = self._admission.running([job.params for job in wanted]) if self._admission is not None else contextlib.nullcontext()
         try:
-            self._run_wanted(wanted)
+            with admitted:
+                self._run_wanted(wanted)
         finally:
             self._metrics.in_flight.dec(len(wanted))
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.monotonic() - now)

@@ -17,6 +17,7 @@ import numpy as np
 
 from sdrt.engine import StableDiffusionPipeline
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
+from sdrt.engine.memory_return import return_freed_heap
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.serve.schemas import GenerationParams, ImageEncoding, ImageFormat
 
@@ -50,15 +51,18 @@ class BatchResult:
     timings: dict[str, float]
 
 
-def compatible_batch(items: Sequence[T], params_of: Callable[[T], GenerationParams], max_images: int) -> list[T]:
+def compatible_batch(items: Sequence[T], params_of: Callable[[T], GenerationParams], max_images: int,
+                     fits: Callable[[Sequence[GenerationParams]], bool] | None = None) -> list[T]:
     """The first item, and the later ones that may share its U-Net batch (same `batch_key`), in order, within
-    `max_images` images. The first always runs, even alone over the budget."""
+    `max_images` images and, given `fits` (whether a batch of these requests fits the memory budget), within the
+    budget. The first always runs, even alone over either bound."""
     head = params_of(items[0])
-    batch, images = [items[0]], head.n
+    batch, chosen, images = [items[0]], [head], head.n
     for item in items[1:]:
         params = params_of(item)
-        if params.batch_key == head.batch_key and images + params.n <= max_images:
+        if params.batch_key == head.batch_key and images + params.n <= max_images and (fits is None or fits([*chosen, params])):
             batch.append(item)
+            chosen.append(params)
             images += params.n
     return batch
 
@@ -91,13 +95,22 @@ def generate_batch(
 
     `should_stop()` is asked after each denoising step (once per step); a reason (not None) stops the batch there by raising
     GenerationCancelled with it. InvalidArgumentError from the pipeline is raised with the API's parameter name.
+    However it ends, the heap the batch freed goes back to the system (glibc keeps it otherwise: see the README's
+    serving section for the figure), so the process's resting RSS stays what the memory budget counted on.
     """
+    try:
+        return _generate(pipe, requests, should_stop)
+    finally:
+        return_freed_heap()
+
+
+def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams], should_stop: Callable[[], str | None]) -> BatchResult:
     first = requests[0]
     if any(r.batch_key != first.batch_key for r in requests):
         raise ValueError("generate_batch: requests of one batch must share their batch_key")
     if len(requests) > 1 and pipe.sampler(first.scheduler).needs_noise:
         # A stochastic sampler draws its step noise from the call's seed: each request runs alone to keep its own.
-        results = [generate_batch(pipe, [request], should_stop) for request in requests]
+        results = [_generate(pipe, [request], should_stop) for request in requests]
         timings = {stage: sum(r.timings.get(stage, 0.0) for r in results) for stage in results[0].timings}
         return BatchResult([images for result in results for images in result.images], timings)
     prompts = [r.prompt for r in requests for _ in range(r.n)]

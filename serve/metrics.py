@@ -17,7 +17,8 @@ class Rejection(str, enum.Enum):
     QUEUE_FULL = "queue_full"  # 429
     DEADLINE = "deadline"  # 504
     DISCONNECTED = "disconnected"  # the client left; nobody reads the answer
-    INVALID = "invalid"  # 400 / 413 / 422
+    INVALID = "invalid"  # 400 / 413 (body) / 422
+    TOO_LARGE = "too_large"  # 413: the request's estimated memory is over the budget even alone
     UNAUTHORIZED = "unauthorized"  # 401
     NOT_READY = "not_ready"  # 503: loading, or draining for shutdown
     FAILED = "failed"  # 500
@@ -25,7 +26,7 @@ class Rejection(str, enum.Enum):
 
 class ServeMetrics:
     """Queue depth, per-stage and end-to-end latency histograms, batch sizes, images generated and blocked,
-    rejections by reason."""
+    rejections by reason, the memory budget and the admitted work's estimate."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -42,6 +43,9 @@ class ServeMetrics:
         self.denoising_steps = Counter("sdrt_denoising_steps", "Denoising steps run (one U-Net batch call each)", registry=r)
         self.images_generated = Counter("sdrt_images_generated", "Images generated", registry=r)
         self.images_blocked = Counter("sdrt_images_blocked", "Images withheld by the safety checker", registry=r)
+        self.memory_budget = Gauge("sdrt_memory_budget_bytes", "What the process may grow to (--memory-budget)", registry=r)
+        self.memory_admitted = Gauge("sdrt_memory_admitted_bytes", "Estimated peak RSS of the admitted work: the resting RSS "
+                                     "(measured after the last batch) plus the running batch's working memory", registry=r)
         self.rejections = Counter("sdrt_requests_rejected", "Requests answered without images, by reason", ["reason"], registry=r)
         for reason in Rejection:  # every series present from the start, so a dashboard sees zeros, not gaps
             self.rejections.labels(reason.value)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.host_memory import MemoryBudget
 from sdrt.engine.manifest import read_manifest
 from sdrt.serve.app import NOT_READY_RETRY_AFTER_S, AppSettings, create_app
 from sdrt.serve.batcher import BatcherConfig
@@ -40,6 +41,8 @@ class ServeConfig:
     batching: BatcherConfig = BatcherConfig()
     app: AppSettings = AppSettings()
     warm_up: bool = True
+    #: what the process may grow to: requests whose estimated memory does not fit wait, or are refused (413)
+    memory_budget: MemoryBudget = MemoryBudget()
     #: seconds uvicorn gives open requests to finish after SIGTERM before closing them (None: no limit)
     graceful_shutdown_s: float | None = None
     #: for deployments that mount the bundle later: while it is missing or incomplete, answer 503 (Retry-After) and
@@ -64,7 +67,7 @@ def build_app(config: ServeConfig, on_load_failure: Callable[[str], None] = lamb
     from sdrt.engine import load
 
     service = LocalImageService(lambda: load(config.bundle, backend=config.backend, safety_checker=config.safety_checker),
-                                config.batching, warm=config.warm_up,
+                                config.batching, warm=config.warm_up, memory_budget=config.memory_budget,
                                 wait_for_bundle_s=NOT_READY_RETRY_AFTER_S if config.wait_for_bundle else None,
                                 on_failure=on_load_failure)
     return create_app(service, config.app)

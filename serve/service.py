@@ -12,6 +12,9 @@ from typing import Protocol
 
 from sdrt.engine import StableDiffusionPipeline
 from sdrt.engine.errors import BundleError, GenerationCancelled, SdrtError
+from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
+from sdrt.engine.memory_estimate import MemoryModel
+from sdrt.serve.admission import MemoryAdmission
 from sdrt.serve.batcher import Batcher, BatcherConfig, DeadlineExceededError, ShuttingDownError
 from sdrt.serve.execution import GeneratedImage, generate_batch, warm_up
 from sdrt.serve.metrics import ServeMetrics
@@ -57,24 +60,28 @@ class ImageService(Protocol):
 
     async def generate(self, params: GenerationParams, deadline: float,
                        disconnected: Callable[[], Awaitable[bool]]) -> list[GeneratedImage]:
-        """The request's images. Raise QueueFullError, ShuttingDownError, DeadlineExceededError (deadline: a
-        time.monotonic() value), ClientDisconnectedError (when `disconnected()` turns true) or InvalidArgumentError."""
+        """The request's images. Raise RequestTooLargeError, QueueFullError, ShuttingDownError, DeadlineExceededError
+        (deadline: a time.monotonic() value), ClientDisconnectedError (when `disconnected()` turns true) or
+        InvalidArgumentError."""
 
 
 class LocalImageService:
-    """One pipeline in this process, loaded and warmed in a background thread, fed by a Batcher.
+    """One pipeline in this process, loaded and warmed in a background thread, fed by a Batcher that keeps to
+    `memory_budget` (resolved when loading starts; None: no budget).
 
     `wait_for_bundle_s`: while loading raises BundleError (the bundle is not there yet, or incomplete), try again
     after this many seconds instead of failing; None: fail at once. `on_failure(reason)`: called once when loading
     has failed for good, from the loading thread (the server stops on it)."""
 
     def __init__(self, load_pipeline: Callable[[], StableDiffusionPipeline], batching: BatcherConfig,
-                 metrics: ServeMetrics | None = None, warm: bool = True, wait_for_bundle_s: float | None = None,
+                 metrics: ServeMetrics | None = None, warm: bool = True,
+                 memory_budget: MemoryBudget | None = MemoryBudget(), wait_for_bundle_s: float | None = None,
                  on_failure: Callable[[str], None] = lambda reason: None) -> None:
         self.metrics = metrics or ServeMetrics()
         self._load_pipeline = load_pipeline
         self._batching = batching
         self._warm = warm
+        self._memory_budget = memory_budget
         self._wait_for_bundle_s = wait_for_bundle_s
         self._on_failure = on_failure
         self._stopping = threading.Event()
@@ -90,17 +97,20 @@ class LocalImageService:
 
     def _load(self) -> None:
         try:
+            budget = self._memory_budget.resolve() if self._memory_budget is not None else None
             pipe = self._load_when_present()
             if pipe is None:  # stopped while waiting for the bundle
                 return
             pipe.set_progress_bar_config(disable=True)
+            base = process_rss_bytes() or 0  # the pipeline opened, none of its models run yet
             if self._warm:
                 started = time.perf_counter()
                 warm_up(pipe)
                 logger.info("warm-up done in %.2f s", time.perf_counter() - started)
+            admission = self._admission(pipe, budget, base) if budget is not None else None
             self._info = ModelInfo.of(pipe)
             self._batcher = Batcher(lambda requests, should_stop: generate_batch(pipe, requests, should_stop),
-                                    self._batching, self.metrics)
+                                    self._batching, self.metrics, admission)
         except Exception as exc:  # noqa: BLE001 - /readyz says why until on_failure stops the server
             self._failure = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, SdrtError):  # a message that names the problem: its traceback would add nothing
@@ -123,6 +133,24 @@ class LocalImageService:
                     logger.warning("waiting for the bundle (trying again every %g s): %s", self._wait_for_bundle_s, exc)
             if self._stopping.wait(self._wait_for_bundle_s):
                 return None
+
+    def _admission(self, pipe: StableDiffusionPipeline, budget: int, base: int) -> MemoryAdmission | None:
+        """The budget against the pipeline's memory model, from the RSS measured now, at rest after the warm-up
+        (`base`: before the first model ran, for a pipeline not warmed up). None where the backend's memory is not
+        modelled."""
+        if type(pipe.backend).memory_profile is None:
+            logger.info("no memory budget: backend %s keeps its models in device memory, which is not modelled", pipe.backend.name)
+            return None
+        model = MemoryModel.for_pipeline(pipe, base)
+        resting = process_rss_bytes()
+        if self._warm and resting is not None:
+            model = model.with_resident(resting)
+        if model.resident_bytes > budget:
+            raise SdrtError(f"the loaded model holds {format_bytes(model.resident_bytes)}, over the memory budget of "
+                            f"{format_bytes(budget)} (--memory-budget): raise it, or serve on a machine with more memory")
+        logger.info("memory budget %s (%s); %s at rest", format_bytes(budget), self._memory_budget.describe(),
+                    format_bytes(model.resident_bytes))
+        return MemoryAdmission(model, budget, pipe.manifest.model.max_image_size, self.metrics)
 
     async def stop(self) -> None:
         self._draining = True

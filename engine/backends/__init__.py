@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
 from sdrt.engine.backends.onnxruntime_cpu import OnnxRuntimeCPUBackend
 from sdrt.engine.backends.onnxruntime_cuda import OnnxRuntimeCUDABackend, OnnxRuntimeCUDAFP16Backend
 from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend
@@ -70,6 +70,6 @@ def backend_class(
 
 
 __all__ = [
-    "Backend", "ComponentFile", "MemoryPolicy", "BACKENDS", "backend_class", "OnnxRuntimeCPUBackend", "OnnxRuntimeCUDABackend",
+    "Backend", "ComponentFile", "MemoryPolicy", "MemoryProfile", "BACKENDS", "backend_class", "OnnxRuntimeCPUBackend", "OnnxRuntimeCUDABackend",
     "OnnxRuntimeCUDAFP16Backend", "OpenVINOBF16Backend", "OpenVINOFP32Backend", "OpenVINOInt8Backend", "TensorRTBackend",
 ]

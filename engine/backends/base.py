@@ -32,6 +32,32 @@ class MemoryPolicy(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryProfile:
+    """How much host memory a backend holds, in the terms of sdrt.engine.memory_estimate's model. Each coefficient is
+    calibrated against measured peaks (benchmarks/memory_estimate.py) and rounded up."""
+
+    #: resident bytes per byte of a component's fp32 files in the bundle, once the component has run
+    weights_per_file_byte: float
+    #: what the backend's libraries, compiled kernels and thread pools add to the process once its models ran
+    runtime_bytes: int
+    #: bytes held per fp32 self-attention score (batch × heads × tokens²), in bytes of the scores: about 1 where
+    #: attention runs as the exported MatMul -> Softmax -> MatMul, 0 where a fused kernel never holds a head's scores
+    attention_scores: float
+    #: level-0 feature maps (tokens × the U-Net's first channels, fp32) held per U-Net sample besides the scores
+    unet_feature_maps: float
+    #: full-resolution feature maps (pixels × the decoder's channels there, fp32) held per image decoded at once
+    decoder_feature_maps: float
+    #: fp32 values per pixel held per image decoded at once besides those feature maps (however many channels the
+    #: decoder has: its 3-channel output and the backend's own buffers)
+    decoder_pixel_values: float
+    #: what any request holds besides its size's terms (text context, per-call buffers, the resting RSS's jitter)
+    request_bytes: int
+    #: what compiling a model for a request's new shapes holds, per byte of the largest component's fp32 files
+    #: (OpenVINO compiles the U-Net again for a new size, the decoder for each new size); 0 where nothing compiles
+    compile_bytes_per_file_byte: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ComponentFile:
     """A component's model file and the digest of its files in the manifest (`Manifest.component_digest`: the key
     of caches derived from it), and its fp16 variant's file where the bundle has one (`sdrt export --fp16-onnx`)."""
@@ -57,6 +83,9 @@ class Backend(abc.ABC):
     #: 2.8 GB peak batched, 26.0 s and 1.0 GB one at a time, bit-identical (the U-Net over 8 samples: 17.7 s
     #: batched, 17.9 s one at a time; it stays batched, as small models and serving's micro-batching gain from it).
     batched_decode: ClassVar[bool] = False
+    #: the host memory its models and requests take (sdrt.engine.memory_estimate); None where it is not modelled:
+    #: the GPU backends, whose weights and activations live in device memory
+    memory_profile: ClassVar[MemoryProfile | None] = None
 
     def __init__(
         self, bundle_dir: Path, components: Mapping[Component, ComponentFile], memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED

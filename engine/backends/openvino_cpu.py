@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
-from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
 from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
 from sdrt.engine.backends.guidance_prefix import halves_identical, share_guidance_prefix
 from sdrt.engine.backends.upsample_phases import ConstantStore, rewrite_upsampling_convolutions
@@ -343,6 +343,13 @@ class OpenVINOBF16Backend(_OpenVINOBackend):
     precision = "bf16"
     exact = False
     fp16_weights = True
+    # Fitted as onnxruntime-cpu's (benchmarks/memory_estimate.py). OpenVINO fuses self-attention: no scores held.
+    # Its compiled kernels (the runtime) take 90-140 MB whatever the model's size; weights end up in bf16, with
+    # buffers and constants besides. A request of a new size compiles (the U-Net once, the decoder each time): the
+    # weights' mapped pages between two hand-backs and the compiler's own, up to 0.2 of the U-Net's file on sd15-small.
+    memory_profile = MemoryProfile(weights_per_file_byte=0.7, runtime_bytes=150 << 20, attention_scores=0.0,
+                                   unet_feature_maps=60, decoder_feature_maps=2.5, decoder_pixel_values=40,
+                                   request_bytes=32 << 20, compile_bytes_per_file_byte=0.25)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -357,6 +364,12 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
     precision = "f32"
     exact = True
     fp16_weights = False
+    # Fitted as bf16's; more than its fp32 files' weight at rest (Winograd's transformed weights, its planned
+    # buffers), and Winograd tiles in the decoder's working memory. On the test bundles, not on SD 1.5, whose
+    # exact-mode peak (benchmarks/MEMORY.md) suggests weights nearer 1x: recalibrate from a full-size run.
+    memory_profile = MemoryProfile(weights_per_file_byte=1.6, runtime_bytes=150 << 20, attention_scores=0.0,
+                                   unet_feature_maps=150, decoder_feature_maps=3.5, decoder_pixel_values=160,
+                                   request_bytes=32 << 20, compile_bytes_per_file_byte=0.25)
     # SD 1.5 at 512²: 8.9 -> 7.9-8.4 s per U-Net call from Winograd, within 2.3e-5 of direct convolutions. Not in
     # bf16, whose rounding the transforms would amplify.
     rewrites = {Component.UNET: (WINOGRAD,)}
