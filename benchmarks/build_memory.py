@@ -74,7 +74,7 @@ def _fresh(path: Path) -> Path:
 def run(checkpoint: Path, workdir: Path, quantize_size: int | None, optimum_intel_python: Path | None,
         optimum_python: Path | None) -> list[Measurement]:
     workdir.mkdir(parents=True, exist_ok=True)
-    sdrt = [sys.executable, "-m", "sdrt.engine.cli"]
+    sdrt = [sys.executable, "-m", "sdrt.cli"]
     bundle = _fresh(workdir / "bundle")
     steps = [("sdrt export", [*sdrt, "export", str(checkpoint), str(bundle)])]
     if quantize_size is not None:

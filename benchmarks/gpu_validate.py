@@ -608,7 +608,7 @@ def validate_command(out_dir: Path, full: bool | None, steps: int, runs: int, co
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m sdrt.benchmarks.gpu_validate OUT_DIR [options]`: `sdrt doctor --gpu OUT_DIR [options]` by another name."""
-    from sdrt.engine.cli import main as sdrt_main
+    from sdrt.cli.main import main as sdrt_main
 
     return sdrt_main(["doctor", "--gpu", *(sys.argv[1:] if argv is None else argv)])
 

@@ -78,7 +78,7 @@ def _free_port() -> int:
 
 
 def _server_command(plan: LoadPlan, port: int, batch_images: int) -> list[str]:
-    command = [sys.executable, "-m", "sdrt.engine.cli", "serve", str(plan.bundle), "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "sdrt.cli", "serve", str(plan.bundle), "--host", "127.0.0.1", "--port", str(port),
                "--backend", plan.backend, "--safety-checker", "off", "--max-batch-images", str(batch_images),
                "--max-wait-ms", str(plan.max_wait_ms), "--max-queue", str(max(64, plan.clients * 2))]
     if plan.ray:

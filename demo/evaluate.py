@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sdrt.demo.default_model import default_bundle_dir
 from sdrt.demo.scenes import Scene, all_scenes, held_out_scenes
 from sdrt.demo.scorer import Score, read_image, score
 from sdrt.demo.sweep import Call, generate
@@ -63,7 +64,6 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     import sdrt.engine
-    from sdrt.engine.default_model import default_bundle_dir
 
     parser = argparse.ArgumentParser(prog="python -m sdrt.demo.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", type=Path, help="default: the embedded demo model")

@@ -4,7 +4,6 @@
     out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=50, seed=0)
     out.images[0].save("astronaut.png")
 """
-from sdrt.engine.default_model import default_bundle_dir
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
@@ -23,7 +22,6 @@ from sdrt.engine.version import SDRT_VERSION as __version__
 
 __all__ = [
     "load",
-    "default_bundle_dir",
     "StableDiffusionPipeline",
     "PipelineOutput",
     "PromptOptions",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 
 
 def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.images import read_png_parameters
 
 
@@ -83,7 +83,7 @@ def test_bad_bundle_one_line_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_console_script_no_traceback(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "sdrt.engine.cli", "generate", str(tmp_path), "x", "-o", str(tmp_path / "o.png")],
+    result = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", str(tmp_path), "x", "-o", str(tmp_path / "o.png")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("sdrt: error:")
@@ -99,7 +99,7 @@ def test_export_command(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_make_checkpoint_command(tmp_path: Path, capsys) -> None:
-    from sdrt.engine.cli import ARCH_NAMES
+    from sdrt.cli.build import ARCH_NAMES
     from sdrt.export.checkpoints import ARCHES
 
     assert set(ARCH_NAMES) == set(ARCHES)

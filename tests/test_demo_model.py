@@ -10,7 +10,7 @@ import pytest
 import sdrt.engine
 from sdrt.demo.evaluate import evaluate
 from sdrt.demo.scenes import all_scenes, held_out_scenes
-from sdrt.engine.default_model import default_bundle_dir, demo_checkpoint_dir
+from sdrt.demo.default_model import default_bundle_dir, demo_checkpoint_dir
 
 # A dozen prompts over every shape, colour, background and position, 4 of them held out of training. 20 PNDM steps
 # keep it under a minute; the full evaluation (180 prompts, 50 steps) is in demo/model/README.md. Measured here: 11 of

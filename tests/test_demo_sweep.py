@@ -19,7 +19,7 @@ from PIL import Image
 from sdrt.demo import plots, sweep
 from sdrt.demo.scenes import Attribute, held_out_scenes, parse_caption
 from sdrt.demo.scorer import read_image, score
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.errors import InvalidArgumentError
 
 PROMPTS, STEPS, SIZE, SEED = 3, 2, (64, 64), 0

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import sdrt.engine
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.errors import InvalidArgumentError, LoraError, UnknownLoraKeysError
 from sdrt.engine.manifest import MANIFEST_NAME, FusedLoraEntry, read_manifest
 from sdrt.export import bundle as bundle_module

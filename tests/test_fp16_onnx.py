@@ -15,7 +15,7 @@ import pytest
 
 from sdrt.engine.backends import OnnxRuntimeCUDABackend, OnnxRuntimeCUDAFP16Backend, backend_class
 from sdrt.engine.backends import onnxruntime_cuda
-from sdrt.engine.cli import build_parser, main
+from sdrt.cli.main import build_parser, main
 from sdrt.engine.errors import BundleError, InvalidArgumentError
 from sdrt.engine.loading import component_files
 from sdrt.engine.manifest import read_manifest, verify_files

@@ -28,7 +28,7 @@ from sdrt.benchmarks.gpu_validate import (
 )
 from sdrt.engine import diagnostics
 from sdrt.engine.backends import BACKENDS, OnnxRuntimeCUDABackend, TensorRTBackend
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.cuda_device import CudaDevice
 from sdrt.engine.errors import GpuError, InvalidArgumentError
 from sdrt.engine.manifest import ModelConfig

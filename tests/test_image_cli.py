@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.images import read_png_parameters
 from tests.test_img2img import make_image
 from tests.test_inpaint import make_mask

@@ -98,7 +98,7 @@ def test_calibration_settings_are_checked(field: str, value: int) -> None:
 
 
 def test_the_cli_quantizes_and_prints_where(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
-    from sdrt.engine.cli import main
+    from sdrt.cli.main import main
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     assert main(["quantize", str(bundle), "--prompts", "1", "-s", "1", "--size", "64"]) == 0

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import Component
 from sdrt.engine.tensorrt.profile import EngineProfile, Precision, component_shapes, default_profile

@@ -14,7 +14,7 @@ import transformers
 import sdrt.engine
 from sdrt.engine import InvalidArgumentError, PromptOptions
 from sdrt.engine.backends import BACKENDS
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.images import read_png_parameters
 from sdrt.engine.manifest import TensorEntry
 from sdrt.engine.pipeline import StableDiffusionPipeline

@@ -14,7 +14,7 @@ def test_generation_never_imports_build_time_libraries(tiny_bundle: Path, tmp_pa
     script = f"""
 import sys
 import sdrt.engine
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 pipe = sdrt.engine.load({str(tiny_bundle)!r}, safety_checker=False)
 pipe.set_progress_bar_config(disable=True)
 out = pipe("a cat", num_inference_steps=2, height=64, width=64, seed=0)

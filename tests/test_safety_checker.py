@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
 import sdrt.engine
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.images import read_png_parameters
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle

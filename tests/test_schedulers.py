@@ -509,7 +509,7 @@ def test_pipeline_refuses_unknown_scheduler_names(tiny_pipe, name: object) -> No
 
 
 def test_cli_generate_with_scheduler(tiny_bundle: Path, tmp_path: Path) -> None:
-    from sdrt.engine.cli import main
+    from sdrt.cli.main import main
     from sdrt.engine.images import read_png_parameters
 
     out = tmp_path / "euler_a.png"

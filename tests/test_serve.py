@@ -573,7 +573,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_bundle):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "sdrt.engine.cli", "serve", str(tiny_bundle), "--port", str(port), "--backend",
+        [sys.executable, "-m", "sdrt.cli", "serve", str(tiny_bundle), "--port", str(port), "--backend",
          "onnxruntime-cpu", "--safety-checker", "off", "--max-wait-ms", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -599,7 +599,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_bundle):
 
 
 def _serve_command(bundle, port: int, *options: str) -> list[str]:
-    return [sys.executable, "-m", "sdrt.engine.cli", "serve", str(bundle), "--port", str(port), "--backend",
+    return [sys.executable, "-m", "sdrt.cli", "serve", str(bundle), "--port", str(port), "--backend",
             "onnxruntime-cpu", "--safety-checker", "off", *options]
 
 
@@ -654,7 +654,7 @@ def test_wait_for_bundle_serves_once_the_bundle_appears(tiny_bundle, tmp_path):
 
 
 def test_cli_checks_serve_options_and_names_the_missing_extra(tiny_bundle, monkeypatch, capsys):
-    from sdrt.engine.cli import main
+    from sdrt.cli.main import main
 
     assert main(["serve", str(tiny_bundle), "--replicas", "2"]) == 2
     assert "--replicas: Ray options need --ray" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_ray_serve_answers_like_the_local_server_and_drains(tiny_bundle, tiny_pi
     ray_temp_dir = tempfile.mkdtemp(prefix="sdrt-ray-", dir="/tmp")
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "sdrt.engine.cli", "serve", str(tiny_bundle), "--ray", "--port", str(port), "--backend",
+        [sys.executable, "-m", "sdrt.cli", "serve", str(tiny_bundle), "--ray", "--port", str(port), "--backend",
          "onnxruntime-cpu", "--safety-checker", "off", "--replicas", "1", "--max-wait-ms", "500",
          "--ray-temp-dir", ray_temp_dir],
         env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import sdrt.engine
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.export import CheckpointError, export_bundle
 from sdrt.export.checkpoints import ARCHES, write_config_directory

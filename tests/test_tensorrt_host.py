@@ -27,7 +27,7 @@ from sdrt.engine.backends import (
     backend_class,
 )
 from sdrt.engine.backends import tensorrt as tensorrt_backend
-from sdrt.engine.cli import main
+from sdrt.cli.main import main
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
@@ -907,7 +907,7 @@ import sys
 for name in ("tensorrt", "cuda", "cuda.bindings", "torch"):
     sys.modules[name] = None  # any import of them fails
 import sdrt.engine
-import sdrt.engine.cli
+import sdrt.cli.main
 import sdrt.export.tensorrt_build
 from sdrt.engine.backends import backend_class
 from sdrt.engine.tensorrt.library import libraries_unavailable_reason

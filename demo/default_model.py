@@ -1,9 +1,10 @@
-"""The embedded default model: the demo checkpoint shipped in `sdrt.demo`, exported to a bundle on first use and
+"""The embedded default model: the demo checkpoint shipped in this package, exported to a bundle on first use and
 cached, so `sdrt generate "a red circle on a blue background"` needs nothing else.
 
 The demo model is small and trained here on procedural scenes (see demo/model/README.md): it draws coloured shapes
 on coloured backgrounds, nothing else. Building the bundle needs the `export` extra (torch, diffusers); using the
-cached bundle afterwards does not.
+cached bundle afterwards does not. It lives with the checkpoint it builds, not in the runtime: sdrt.engine loads
+bundles and knows nothing of the exporter (the CLI and demo/evaluate.py ask here for the default bundle).
 """
 from __future__ import annotations
 
