@@ -28,7 +28,7 @@ from typing import Any
 
 import sdrt.engine
 from sdrt.benchmarks.bench import _machine
-from sdrt.engine.atomic import atomic_file
+from sdrt.benchmarks.sections import replace_section
 from sdrt.engine.host_memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
 from sdrt.engine.memory_estimate import MemoryModel
 from sdrt.engine.specs import runs_unconditional_pass
@@ -137,15 +137,10 @@ def markdown(results: dict[str, Any]) -> str:
 def write_section(path: Path, key: str, section: str) -> None:
     """Replace this bundle and backend's section of the results file (or add it), keeping the others."""
     begin, end = SECTION.format(key=key, edge="begin"), SECTION.format(key=key, edge="end")
-    text = path.read_text(encoding="utf-8") if path.is_file() else (
+    replace_section(path, begin, end, section, (
         "# Memory estimate against measured peaks\n\nWritten by `python -m sdrt.benchmarks.memory_estimate` (each run "
         "replaces its bundle and backend's section). Random-weight bundles measure like real ones: "
-        "`sdrt make-checkpoint CKPT --arch ARCH && sdrt export CKPT BUNDLE`.\n")
-    block = f"{begin}\n{section}{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
-    with atomic_file(path) as staging:
-        staging.write_text(text, encoding="utf-8")
+        "`sdrt make-checkpoint CKPT --arch ARCH && sdrt export CKPT BUNDLE`.\n"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.benchmarks.bench import _machine
+from sdrt.benchmarks.sections import replace_section
 from sdrt.engine.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -293,14 +294,9 @@ def markdown(results: dict[str, Any], command: str) -> str:
 def write_section(path: Path, kind: str, section: str) -> None:
     """Replace this kind's marked section of `path` (or add it), keeping everything else; atomically."""
     begin, end = SECTION.format(kind=kind, edge="begin"), SECTION.format(kind=kind, edge="end")
-    text = path.read_text(encoding="utf-8") if path.exists() else (
+    replace_section(path, begin, end, section, (
         "# sdrt serving load tests\n\nWritten by `python -m sdrt.benchmarks.serve_load` (one section per kind of server; "
-        "each run replaces its own). Benchmarks of the pipeline itself: [RESULTS.md](RESULTS.md).\n")
-    block = f"{begin}\n{section}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
-    with atomic_file(path) as staging:
-        staging.write_text(text, encoding="utf-8")
+        "each run replaces its own). Benchmarks of the pipeline itself: [RESULTS.md](RESULTS.md).\n"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
