@@ -2,7 +2,7 @@
 (weights streamed to one external file when large) and validate them with onnx.checker.
 
 Memory: a traced full-size U-Net has 3.4 GB of weights, which the traced file keeps external. Folding and cleanup
-see the weights only as graph inputs (`_detached_weights`), so they work on a graph of a few megabytes; the weights
+see the weights only as graph inputs (`_detach_weights`), so they work on a graph of a few megabytes; the weights
 are copied from the traced files into the bundle's one data file a tensor at a time (`save_onnx`). The folds that
 matter (shape arithmetic, scalars, position ids) never read a weight; a fold that would read one is not done, and
 the tensors it would have produced stay computed at run time.
