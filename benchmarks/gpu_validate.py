@@ -2,7 +2,7 @@
 `sdrt doctor --gpu OUT_DIR ...`): the NVIDIA path validated end to end on this machine's GPU, in one command.
 
 For a tiny random-weight checkpoint, and with --full (the default on GPUs with 16 GB or more) for one with Stable
-Diffusion 1.5's exact architecture: make the checkpoint (sdrt.export.checkpoints), export its bundle with fp16 ONNX
+Diffusion 1.5's exact architecture: make the checkpoint (sdrt.export.random_checkpoint), export its bundle with fp16 ONNX
 variants, build TensorRT engines in fp32 and fp16, generate from the same initial latents with the CPU fp32 reference
 (onnxruntime-cpu) and with tensorrt fp32, tensorrt fp16, cuda and cuda-fp16, and compare their images with the
 reference's (max abs pixel difference and PSNR, against each engine's Tolerance); then time end-to-end generation,
@@ -118,7 +118,7 @@ PARITY_CASES = (
 
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
-    """A checkpoint validated: its name in the report, its sdrt.export.checkpoints architecture, and whether its
+    """A checkpoint validated: its name in the report, its sdrt.export.random_checkpoint architecture, and whether its
     TensorRT engines are built for the validation's size only (a full-size model's dynamic engines take much longer
     to build and more memory; the tiny model's exercise the dynamic-shape path)."""
 
@@ -292,7 +292,7 @@ class LocalActions:
     """Actions on this machine: the exporter, `sdrt build-engines`' builder and the benchmark worker."""
 
     def make_checkpoint(self, arch: str, out_dir: Path) -> None:
-        from sdrt.export.checkpoints import make_random_checkpoint
+        from sdrt.export.random_checkpoint import make_random_checkpoint
 
         make_random_checkpoint(out_dir, arch, seed=SEED)
 

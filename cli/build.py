@@ -19,14 +19,14 @@ from sdrt.engine.tokenizer import CLIPTokenizer
 if TYPE_CHECKING:
     from sdrt.export.lora_fusion import LoraSpec
 
-# The architectures of sdrt.export.checkpoints.ARCHES, named here so `sdrt --help` works without the export extra.
+# The architectures of sdrt.export.random_checkpoint.ARCHES, named here so `sdrt --help` works without the export extra.
 ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint", "sd15-small")
 
 
 def _import_export_extra(command: str):
     try:
         import sdrt.export.bundle
-        import sdrt.export.checkpoints
+        import sdrt.export.random_checkpoint
         import sdrt.export
     except ImportError as exc:
         raise SdrtError(

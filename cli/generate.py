@@ -13,7 +13,7 @@ from sdrt.cli.common import EXIT_BLOCKED, UsageError
 from sdrt.demo.default_model import default_bundle_dir
 from sdrt.engine import PromptOptions, load
 from sdrt.engine.backends.base import MemoryPolicy
-from sdrt.engine.images import save_png
+from sdrt.engine.image_io import save_png
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdrt.engine.version import SDRT_VERSION

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sdrt.demo.scenes import ALL_ATTRIBUTES, Attribute, Scene, render, training_scenes
 from sdrt.engine.tokenizer import CLIPTokenizer
-from sdrt.export.checkpoints import ARCHES, SD15_SCHEDULER_CONFIG, Models, build_models, save_checkpoint
+from sdrt.export.random_checkpoint import ARCHES, SD15_SCHEDULER_CONFIG, Models, build_models, save_checkpoint
 from sdrt.export.clip_vocab import clip_merges, clip_vocab
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdrt.engine.backends import Backend
 from sdrt.engine.errors import InvalidArgumentError
-from sdrt.engine.image_inputs import (
+from sdrt.engine.image_io import (
     MASK_THRESHOLD,
     ImageInput,
     floor_to_multiple,
@@ -30,8 +30,8 @@ from sdrt.engine.image_inputs import (
     preprocess_image,
     preprocess_mask,
 )
-from sdrt.engine.images import decoded_to_unit_range, to_pil
-from sdrt.engine.init_image import (
+from sdrt.engine.image_io import decoded_to_unit_range, to_pil
+from sdrt.engine.image_to_image import (
     TEXT_TO_IMAGE,
     DenoiseHooks,
     ImageInit,
@@ -486,7 +486,7 @@ class StableDiffusionPipeline:
         `prompt_options`: `PromptOptions(long_prompts=True)` encodes prompts longer than the text encoder's window in
         chunks, `PromptOptions(weighting=True)` reads `(word:1.3)`-style weights (sdrt.engine.prompts); the default
         reads prompts as diffusers does.
-        `image` (a PIL image, numpy array or file path; see sdrt.engine.image_inputs for conversions) makes it image
+        `image` (a PIL image, numpy array or file path; see sdrt.engine.image_io for conversions) makes it image
         to image, as diffusers' StableDiffusionImg2ImgPipeline: the image is VAE-encoded, its latents sampled and
         noised to the level of step `num_inference_steps - int(num_inference_steps * strength)`, and only the
         remaining steps run (`strength`, default 0.8: 1 starts from the image fully noised, near 0 keeps it). It runs

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sdrt.engine.backends import Backend
-from sdrt.engine.clip_image import CLIPImageProcessorConfig, clip_pixel_values
+from sdrt.engine.clip_image_processor import CLIPImageProcessorConfig, clip_pixel_values
 from sdrt.engine.errors import BundleError, InvalidArgumentError
 from sdrt.engine.specs import Component
 

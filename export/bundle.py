@@ -33,7 +33,7 @@ from sdrt.engine.manifest import (
 from sdrt.engine.refit_map import REFITTABLE_COMPONENTS, refit_map_file, write_refit_map
 from sdrt.engine.specs import SPECS, Component
 from sdrt.engine.version import SDRT_VERSION
-from sdrt.export.checkpoint import (
+from sdrt.export.source_checkpoint import (
     OPTIONAL_TOKENIZER_FILES,
     PREPROCESSOR_CONFIG_FILE,
     SCHEDULER_CONFIG_FILE,
@@ -195,7 +195,7 @@ def export_bundle(
 
     `checkpoint` is a diffusers checkpoint directory, or a single-file SD 1.x checkpoint (`.safetensors`, or `.ckpt`
     read with torch's weights-only loader only) in the original LDM layout, as model sites share them. A single file
-    is read offline, with the configs sdrt writes for its detected architecture (export/checkpoints.py) or those in
+    is read offline, with the configs sdrt writes for its detected architecture (export/random_checkpoint.py) or those in
     `config` (a diffusers checkpoint or config directory: unet/, vae/, text_encoder/); the manifest records its sha256.
 
     `loras` are fused into the U-Net and text-encoder weights, each's deltas times its scale, summed; the manifest

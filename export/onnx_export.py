@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sdrt.engine.specs import SPECS, Component, ComponentSpec
-from sdrt.export.checkpoint import SourceCheckpoint
+from sdrt.export.source_checkpoint import SourceCheckpoint
 from sdrt.export.errors import ExportError
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ checkpoint directory, which the exporter then reads like any other.
 The file holds the original LDM/CompVis layout (`model.diffusion_model.*` U-Net, `first_stage_model.*` VAE,
 `cond_stage_model.transformer.*` CLIP text encoder) and no configs. diffusers' single-file loaders convert the
 weights; the configs they would fetch from the Hub come from a local directory instead: by default one written from
-sdrt's own description of the detected architecture (export/checkpoints.py), or one the caller gives.
+sdrt's own description of the detected architecture (export/random_checkpoint.py), or one the caller gives.
 
 `.ckpt` files are pickles, which can run code when loaded: they are only ever read with torch's weights-only
 unpickler, and refused when they need more than tensors and plain containers.
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from sdrt.export.checkpoint import pad_token_of
-from sdrt.export.checkpoints import (
+from sdrt.export.source_checkpoint import pad_token_of
+from sdrt.export.random_checkpoint import (
     ARCHES,
     CLIP_VOCAB_SIZE,
     SD15_SCHEDULER_CONFIG,
@@ -187,7 +187,7 @@ def open_single_file(path: Path, config_dir: Path | None, workdir: Path) -> Sing
 
 
 def convert_single_file(single: SingleFile, out_dir: Path) -> Path:
-    """Write `single` as a diffusers checkpoint directory at `out_dir` (fp32, laid out as export/checkpoints.py
+    """Write `single` as a diffusers checkpoint directory at `out_dir` (fp32, laid out as export/random_checkpoint.py
     writes checkpoints); return its path."""
     models = _load_models(single)
     pad_token = pad_token_of(_read_config(single.config_dir / "tokenizer/tokenizer_config.json", {}))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sdrt.export import export_bundle
-from sdrt.export.checkpoints import make_random_checkpoint
+from sdrt.export.random_checkpoint import make_random_checkpoint
 
 ARCHES = ("tiny", "tiny-alt")
 

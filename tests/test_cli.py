@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdrt.cli.main import main
-from sdrt.engine.images import read_png_parameters
+from sdrt.engine.image_io import read_png_parameters
 
 
 def test_generate_writes_png_with_parameters(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
@@ -100,7 +100,7 @@ def test_export_command(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
 
 def test_make_checkpoint_command(tmp_path: Path, capsys) -> None:
     from sdrt.cli.build import ARCH_NAMES
-    from sdrt.export.checkpoints import ARCHES
+    from sdrt.export.random_checkpoint import ARCHES
 
     assert set(ARCH_NAMES) == set(ARCHES)
     out = tmp_path / "ckpt"

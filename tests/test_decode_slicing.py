@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sdrt.engine
-from sdrt.engine.images import decoded_to_unit_range
+from sdrt.engine.image_io import decoded_to_unit_range
 from sdrt.engine.specs import Component
 
 

@@ -14,7 +14,7 @@ from polygraphy.backend.onnx import fold_constants
 
 from sdrt.engine.specs import Component
 from sdrt.export import graph_cleanup
-from sdrt.export.checkpoint import load_checkpoint
+from sdrt.export.source_checkpoint import load_checkpoint
 from sdrt.export.onnx_export import export_component, traceable_model
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sdrt.cli.main import main
-from sdrt.engine.images import read_png_parameters
+from sdrt.engine.image_io import read_png_parameters
 from tests.test_img2img import make_image
 from tests.test_inpaint import make_mask
 

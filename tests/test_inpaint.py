@@ -14,7 +14,7 @@ import sdrt.engine
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.manifest import read_manifest
 from sdrt.export import export_bundle
-from sdrt.export.checkpoints import make_random_checkpoint
+from sdrt.export.random_checkpoint import make_random_checkpoint
 from tests.same_noise import record_our_noise, replay_to_diffusers
 from tests.test_img2img import make_image
 from tests.test_parity import MAX_PIXEL_DIFF
@@ -144,7 +144,7 @@ def test_exporter_refuses_other_unet_inputs(tiny_checkpoint: Path, tmp_path: Pat
     import json
     import shutil
 
-    from sdrt.export.checkpoint import load_checkpoint
+    from sdrt.export.source_checkpoint import load_checkpoint
     from sdrt.export.errors import CheckpointError
 
     copy = tmp_path / "ckpt"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from sdrt.export.checkpoints import SD15_SCHEDULER_CONFIG
+from sdrt.export.random_checkpoint import SD15_SCHEDULER_CONFIG
 from sdrt.engine.schedulers import (
     PNDMScheduler,
     PNDMState,

@@ -15,7 +15,7 @@ import sdrt.engine
 from sdrt.engine import InvalidArgumentError, PromptOptions
 from sdrt.engine.backends import BACKENDS
 from sdrt.cli.main import main
-from sdrt.engine.images import read_png_parameters
+from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.manifest import TensorEntry
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.prompts import NEGLIGIBLE_MEAN, WeightedText, emphasize, parse_weights, tokenize_prompt

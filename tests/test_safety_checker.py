@@ -14,7 +14,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 
 import sdrt.engine
 from sdrt.cli.main import main
-from sdrt.engine.images import read_png_parameters
+from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
 from sdrt.export.onnx_export import _SafetyChecker
@@ -153,7 +153,7 @@ def test_exported_checker_has_dynamic_batch(calibrated) -> None:
 
 
 def test_checkpoint_without_checker(checkpoints: dict[str, Path], tmp_path: Path, caplog) -> None:
-    from sdrt.export.checkpoints import make_random_checkpoint
+    from sdrt.export.random_checkpoint import make_random_checkpoint
 
     checkpoint = make_random_checkpoint(tmp_path / "ckpt", "tiny", with_safety_checker=False)
     bundle = export_bundle(checkpoint, tmp_path / "bundle")

@@ -35,7 +35,7 @@ from sdrt.engine.schedulers import (
     scheduler_from_config,
 )
 from sdrt.engine.schedulers.lms import lms_coefficients
-from sdrt.export.checkpoints import SD15_SCHEDULER_CONFIG
+from sdrt.export.random_checkpoint import SD15_SCHEDULER_CONFIG
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -510,7 +510,7 @@ def test_pipeline_refuses_unknown_scheduler_names(tiny_pipe, name: object) -> No
 
 def test_cli_generate_with_scheduler(tiny_bundle: Path, tmp_path: Path) -> None:
     from sdrt.cli.main import main
-    from sdrt.engine.images import read_png_parameters
+    from sdrt.engine.image_io import read_png_parameters
 
     out = tmp_path / "euler_a.png"
     assert main(["generate", str(tiny_bundle), "a cat", "-o", str(out), "-s", "2", "--height", "64", "--width", "64",

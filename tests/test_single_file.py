@@ -16,7 +16,7 @@ import sdrt.engine
 from sdrt.cli.main import main
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.export import CheckpointError, export_bundle
-from sdrt.export.checkpoints import ARCHES, write_config_directory
+from sdrt.export.random_checkpoint import ARCHES, write_config_directory
 from sdrt.export.single_file import convert_single_file, detect_arch, open_single_file
 from tests.ldm_layout import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm, write_single_file
 from tests.test_parity import MAX_PIXEL_DIFF

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdrt.engine.clip_image import (
+from sdrt.engine.clip_image_processor import (
     CLIPImageConfigError,
     CLIPImageProcessorConfig,
     clip_pixel_values,
 )
 from sdrt.engine.errors import BundleError
-from sdrt.export.checkpoints import SD_PREPROCESSOR_CONFIG
+from sdrt.export.random_checkpoint import SD_PREPROCESSOR_CONFIG
 
 transformers = pytest.importorskip("transformers")
 
@@ -236,7 +236,7 @@ def test_rejects_bad_image_arguments(rng: np.random.Generator) -> None:
 
 def test_module_imports_no_build_time_library() -> None:
     script = (
-        "import sys, sdrt.engine.clip_image\n"
+        "import sys, sdrt.engine.clip_image_processor\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'torchvision', 'transformers'}))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdrt.engine.errors import InvalidArgumentError
-from sdrt.engine.image_inputs import load_image, load_mask, preprocess_image, preprocess_mask
+from sdrt.engine.image_io import load_image, load_mask, preprocess_image, preprocess_mask
 from tests.test_img2img import make_image
 from tests.test_inpaint import make_mask
 
