@@ -19,6 +19,7 @@ The orchestration (steps, checks, report, exit status) is plain Python, tested o
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import enum
@@ -590,15 +591,18 @@ def run_validation(plan: ValidationPlan, actions: Actions, command: Sequence[str
     return results
 
 
-def validate_command(out_dir: Path, full: bool | None, steps: int, runs: int, command: Sequence[str], actions: Actions | None = None) -> int:
+def validate_command(out_dir: Path | None, full: bool | None, steps: int | None, runs: int | None, command: Sequence[str],
+                     actions: Actions | None = None) -> int:
     """The body of `python -m sdrt.benchmarks.gpu_validate` and `sdrt doctor --gpu`: validate, print where the
-    report is, and return the exit status (EXIT_NO_DEVICE, after one line on stderr, without a CUDA device)."""
+    report is, and return the exit status (EXIT_NO_DEVICE, after one line on stderr, without a CUDA device). None
+    means the default."""
     reason = cuda_device_unavailable_reason()
     if reason is not None:
         print(f"sdrt: cannot validate the GPU path here: {reason}", file=sys.stderr)
         return EXIT_NO_DEVICE
     logger.setLevel(logging.INFO)  # progress is what this command shows, whatever the caller's log level
-    plan = plan_for(out_dir, cuda_device(), full, steps, runs)
+    plan = plan_for(Path(DEFAULT_OUT_DIR) if out_dir is None else out_dir, cuda_device(), full,
+                    DEFAULT_STEPS if steps is None else steps, DEFAULT_RUNS if runs is None else runs)
     results = run_validation(plan, actions if actions is not None else LocalActions(), command)
     counts = {status: sum(r.status is status for r in results) for status in Status}
     print(f"{plan.out_dir / REPORT_MARKDOWN}: {counts[Status.PASSED]} passed, {counts[Status.FAILED]} failed, "
@@ -606,11 +610,28 @@ def validate_command(out_dir: Path, full: bool | None, steps: int, runs: int, co
     return exit_status(results)
 
 
+def add_arguments(parser: argparse.ArgumentParser, help_prefix: str = "") -> None:
+    """The validation's options on `parser` (here and under `sdrt doctor --gpu`). They default to None and get their
+    defaults in `validate_command`, so that `sdrt doctor` can refuse one given without --gpu rather than ignore it."""
+    parser.add_argument("out_dir", nargs="?", type=Path, default=None, metavar="OUT_DIR",
+                        help=f"{help_prefix}where the report, checkpoints, bundles and engines go (default {DEFAULT_OUT_DIR})")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{help_prefix}also validate Stable Diffusion 1.5's full-size architecture (default: on GPUs "
+                        "with 16 GB or more)")
+    parser.add_argument("--steps", type=int, default=None, help=f"{help_prefix}denoising steps per image (default {DEFAULT_STEPS})")
+    parser.add_argument("--runs", type=int, default=None,
+                        help=f"{help_prefix}timed runs per engine, each in a fresh process (default {DEFAULT_RUNS})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m sdrt.benchmarks.gpu_validate OUT_DIR [options]`: `sdrt doctor --gpu OUT_DIR [options]` by another name."""
-    from sdrt.cli.main import main as sdrt_main
-
-    return sdrt_main(["doctor", "--gpu", *(sys.argv[1:] if argv is None else argv)])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.gpu_validate",
+                                     description="Validate the NVIDIA path end to end (the same as sdrt doctor --gpu).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return validate_command(args.out_dir, args.full, args.steps, args.runs,
+                            command=["python", "-m", "sdrt.benchmarks.gpu_validate", *argv])
 
 
 if __name__ == "__main__":

@@ -51,13 +51,7 @@ def _doctor(args: argparse.Namespace) -> int:
         print("\n".join(describe(environment())))
         print("validate the GPU path end to end: sdrt doctor --gpu [OUT_DIR]")
         return 0
-    return gpu_validate.validate_command(
-        Path(gpu_validate.DEFAULT_OUT_DIR) if args.out_dir is None else args.out_dir,
-        full=args.full,
-        steps=gpu_validate.DEFAULT_STEPS if args.steps is None else args.steps,
-        runs=gpu_validate.DEFAULT_RUNS if args.runs is None else args.runs,
-        command=["sdrt", *args.argv],
-    )
+    return gpu_validate.validate_command(args.out_dir, args.full, args.steps, args.runs, command=["sdrt", *args.argv])
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -123,16 +117,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                  "checkpoints, export, TensorRT engines, parity against the CPU fp32 backend, timings; "
                                  "report.json and report.md in OUT_DIR; exit status 1 if a check failed, 2 without a GPU.")
     doctor.add_argument("--gpu", action="store_true", help="validate the GPU path end to end")
-    # The validation's options default to None and get their defaults in _doctor, so that an option given without
-    # --gpu is refused rather than ignored.
-    doctor.add_argument("out_dir", nargs="?", type=Path, default=None, metavar="OUT_DIR",
-                        help=f"with --gpu: where the report, checkpoints, bundles and engines go (default {gpu_validate.DEFAULT_OUT_DIR})")
-    doctor.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --gpu: also validate Stable Diffusion 1.5's full-size architecture (default: on GPUs "
-                        "with 16 GB or more)")
-    doctor.add_argument("--steps", type=int, default=None, help=f"with --gpu: denoising steps per image (default {gpu_validate.DEFAULT_STEPS})")
-    doctor.add_argument("--runs", type=int, default=None,
-                        help=f"with --gpu: timed runs per engine, each in a fresh process (default {gpu_validate.DEFAULT_RUNS})")
+    gpu_validate.add_arguments(doctor, help_prefix="with --gpu: ")
     doctor.set_defaults(handler=_doctor)
 
     sweeps = commands.add_parser("sweep", help="the chapter's experiments on the demo model: contact sheets, curves, JSON",

@@ -1,4 +1,5 @@
-"""sdrt.engine is the lean runtime: importing and running it loads none of the application packages (export, serve,
+"""The packages depend on each other in one direction (a test walks every import, cycles refused), and sdrt.engine is
+the lean runtime: importing and running it loads none of the application packages (export, serve,
 benchmarks, demo, cli) nor torch, diffusers or transformers. Checked twice: what a real run loads (sys.modules in a
 fresh interpreter), and every import statement written under engine/ at any depth (function-local ones included)."""
 from __future__ import annotations
@@ -54,3 +55,33 @@ def test_no_engine_module_imports_an_application_package_at_any_depth() -> None:
     offenders = [f"{path.relative_to(ENGINE_DIR)}: {module}" for path in sources
                  for module in _imported_modules(ast.parse(path.read_text(encoding="utf-8"))) if _forbidden(module)]
     assert offenders == []
+
+
+PACKAGES = ("engine", "export", "serve", "benchmarks", "demo", "cli")
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """sdrt package -> the other sdrt packages its modules import, at any depth (function-local imports included)."""
+    root = ENGINE_DIR.parent
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        imported = {module.split(".")[1] for path in (root / package).rglob("*.py")
+                    for module in _imported_modules(ast.parse(path.read_text(encoding="utf-8")))
+                    if module.startswith("sdrt.") and module.count(".") >= 1}
+        graph[package] = imported & set(PACKAGES) - {package}
+    return graph
+
+
+def test_the_packages_import_each_other_without_a_cycle() -> None:
+    graph = _package_graph()
+    assert graph["cli"] >= {"engine", "export", "serve", "benchmarks", "demo"}  # the walk sees the lazy imports too
+    cycles = [(a, b) for a in graph for b in graph[a] if a in graph[b]]
+    order: list[str] = []
+    remaining = {package: set(deps) for package, deps in graph.items()}
+    while remaining:
+        ready = sorted(package for package, deps in remaining.items() if not deps - set(order))
+        assert ready, f"a cycle among {sorted(remaining)}: {remaining} (pairs: {cycles})"
+        order.extend(ready)
+        for package in ready:
+            del remaining[package]
+    assert order[0] == "engine"
