@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.upsample_phases import ConstantStore
+from sdrt.engine.backends.openvino.constants import ConstantStore
 
 logger = logging.getLogger(__name__)
 

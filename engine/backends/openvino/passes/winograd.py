@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
-from sdrt.engine.backends.upsample_phases import ConstantStore
+from sdrt.engine.backends.openvino.constants import ConstantStore
+from sdrt.engine.backends.openvino.passes.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
 
 logger = logging.getLogger(__name__)
 

@@ -25,20 +25,17 @@ and its pipeline's peak over a 1-step and a 3-step request rose by 0.07 GB (6.57
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
+from sdrt.engine.backends.openvino.constants import ConstantStore
+from sdrt.engine.backends.openvino.passes.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
 
 logger = logging.getLogger(__name__)
 
 SCALE = 2
-#: Makes constants of a model's arrays, named by `key` (unique in the model), of these shapes: returns OpenVINO
-#: outputs holding them (float16 arrays as OpenVINO's fp32 decompression of them, the form in which its CPU plugin
-#: keeps fp16 weights in fp16). It calls the function that computes the arrays only when it does not hold them already.
-ConstantStore = Callable[[str, Sequence[tuple[int, ...]], Callable[[], Sequence[np.ndarray]]], Sequence[Any]]
 #: The largest 3x3 weights (elements) rewritten without a ConstantStore (a read-only bundle has no cache to map them
 #: from): the phases' kernels are 16/9 of the 3x3 weights, held in the heap beside OpenVINO's repacked copy. SD 1.5 in
 #: exact mode, two 4-step requests at 512²: peak 6.69 GB unrewritten, 6.56 GB with this limit (the U-Net's 640-channel
