@@ -49,8 +49,8 @@ class CompileShapes(enum.Enum):
     EACH = "each"
     #: the first call's shapes; should they ever change, any shapes from then on (no model compiles twice over,
     #: however a server's batches vary). For large models: the compiled-model cache is not used for the first
-    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (SD 1.5's fp32
-    #: U-Net: 14.5 s from the cache, 13 s without; and no 3.5 GB blob on disk per shape)
+    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (and it would
+    #: write a blob of gigabytes per shape)
     FIRST = "first"
 
 
@@ -76,20 +76,17 @@ class _OpenVINOBackend(Backend):
     #: OpenVINO's INFERENCE_PRECISION_HINT
     precision: ClassVar[str]
     #: compile from an fp16-weight copy of the ONNX (cached in the bundle): bf16 inference loses nothing to it, and
-    #: OpenVINO memory-maps the copy, so the fp32 weights never become resident (U-Net peak 6.1 -> 3.9 GB at 512²)
+    #: OpenVINO memory-maps the copy, so the fp32 weights never become resident
     fp16_weights: ClassVar[bool]
     #: the graph rewrites applied to each component's model, in order (passes.registry.GRAPH_REWRITES)
     rewrites: ClassVar[Mapping[Component, tuple[GraphRewrite, ...]]]
     #: the shapes each component is compiled for (CompileShapes.ANY where absent). The VAE decoder, whose activations
-    #: outweigh its weights, for each request's: SD 1.5 at 512² in fp32, buffers 1.21 -> 0.81 GB, and 14.7 -> 13.2 s;
-    #: a request of a new size pays a compilation (about 2 s at 512²; later processes find it in the compiled-model
-    #: cache). The U-Net for its first shapes (a request's CFG batch and size), which also lets it run its
-    #: text-independent prefix once for both halves of the batch (passes/guidance_prefix.py). SD 1.5 at 512², alternate calls
-    #: in one process: fp32 (2-core AVX-512 EPYC) 8.89 -> 8.35 s per call before the prefix, and the U-Net holds
-    #: 0.6 GB less (planned buffers); on a 2-core AMX Xeon, int8 1.42 -> 1.18 s and bf16 1.77 -> 1.48 s, same accuracy
-    #: (relative RMS error against fp32 0.098 -> 0.099 and 0.048 -> 0.048). A process's first request pays the
-    #: compilation (not loaded from the cache; fp32 about 10 s more, int8 and bf16 2-4 s); the gain repays it within
-    #: one 20-step request.
+    #: outweigh its weights, for each request's: smaller planned buffers and faster calls, while a request of a new
+    #: size pays a compilation (later processes find it in the compiled-model cache). The U-Net for its first shapes
+    #: (a request's CFG batch and size): faster calls and less memory in every precision, at the same accuracy, and it
+    #: lets the U-Net run its text-independent prefix once for both halves of the batch (passes/guidance_prefix.py).
+    #: A process's first request pays the compilation (not loaded from the cache); the gain repays it within one
+    #: 20-step request (measurements: docs/design-notes.md).
     compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
         Component.VAE_DECODER: CompileShapes.EACH, Component.UNET: CompileShapes.FIRST,
     }
@@ -169,8 +166,8 @@ class _OpenVINOBackend(Backend):
         return model
 
     def _load(self, component: Component) -> _LoadedModel:
-        # A new stage is starting: the last one's buffers go before this model compiles, not after (exact mode, SD 1.5
-        # at 512²: the VAE decoder's 1.3 GB were still held while the safety checker compiled, the first request's peak).
+        # A new stage is starting: the last one's buffers go before this model compiles, not after (in exact mode, the
+        # VAE decoder's buffers still held while the safety checker compiled were the first request's peak).
         self._release_buffers_unless(None)
         model = _LoadedModel(component)
         if self._compiled_shapes(component) is CompileShapes.ANY:
@@ -198,7 +195,7 @@ class _OpenVINOBackend(Backend):
                 logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source, store))
         model.compiled = model.request = None  # the previous shapes' model goes before the next one is built
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
-        # request's peak in exact mode (the fp32 safety checker loading beside everything else: 7.2 -> 6.1 GB).
+        # request's peak in exact mode (the fp32 safety checker loading beside everything else).
         with handing_back_mapped_pages(self.bundle_dir):
             model.compiled = self._core.compile_model(source, "CPU", config)
         model.request = model.compiled.create_infer_request()
@@ -220,9 +217,8 @@ class _OpenVINOBackend(Backend):
 
         A request that moves on to its next stage (text encoder -> U-Net -> VAE decoder -> safety checker) does not
         need the previous model's buffers, sized for its largest inputs, until the next request reaches it. Kept, they
-        add up across stages (SD 1.5 at 512² in bf16: 0.6 GB for the VAE decoder, 0.15 GB for the U-Net). Re-allocating
-        them costs each stage's next call some page faults: about 0.4 s per request in all at 512² in bf16, whatever
-        the number of steps."""
+        add up across stages. Re-allocating them costs each stage's next call some page faults, once per request
+        whatever the number of steps (measurements: docs/design-notes.md)."""
         previous = self._last_run() if self._last_run is not None else None
         if previous is not None and previous is not model:
             previous.compiled.release_memory()
@@ -250,8 +246,7 @@ class _OpenVINOBackend(Backend):
         else:
             # The first inference repacks the weights, reading the mapped files (in the bundle or its cache) once;
             # their pages are handed back as it goes, so the two copies are never resident together. The few pages
-            # read again later come back from the file: about 1 s over the next calls of a full-size U-Net, once
-            # per load.
+            # read again later come back from the file, once per load.
             with handing_back_mapped_pages(self.bundle_dir):
                 request.infer(dict(feeds))
             model.weights_repacked = True
@@ -281,9 +276,9 @@ class OpenVINOBF16Backend(_OpenVINOBackend):
     rewrites = GRAPH_REWRITES[precision]
     static_shape_rewrites = STATIC_SHAPE_REWRITES[precision]
     # Fitted as onnxruntime-cpu's (benchmarks/memory_estimate.py). OpenVINO fuses self-attention: no scores held.
-    # Its compiled kernels (the runtime) take 90-140 MB whatever the model's size; weights end up in bf16, with
+    # Its compiled kernels (the runtime) take about the same whatever the model's size; weights end up in bf16, with
     # buffers and constants besides. A request of a new size compiles (the U-Net once, the decoder each time): the
-    # weights' mapped pages between two hand-backs and the compiler's own, up to 0.2 of the U-Net's file on sd15-small.
+    # weights' mapped pages between two hand-backs and the compiler's own (the fit: docs/design-notes.md).
     memory_profile = MemoryProfile(weights_per_file_byte=0.7, runtime_bytes=150 << 20, attention_scores=0.0,
                                    unet_feature_maps=60, decoder_feature_maps=2.5, decoder_pixel_values=40,
                                    request_bytes=32 << 20, compile_bytes_per_file_byte=0.25)
@@ -313,7 +308,7 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
     """The bf16 fast mode with the U-Net's convolutions and matrix products in int8 (AVX-512 VNNI runs twice as many
-    int8 products per instruction as bf16): SD 1.5 at 512², 3.09 s per U-Net call against 4.51 s in bf16. Quantizing
+    int8 products per instruction as bf16), for faster U-Net calls (docs/design-notes.md). Quantizing
     activations changes images more than bf16 rounding does (see PSNR in the benchmark results), so it runs only
     for bundles whose owner made an int8 U-Net with `sdrt quantize`; "auto" then prefers it, as it prefers TensorRT
     where engines were built."""

@@ -56,7 +56,7 @@ WINOGRAD_DECODER = StaticShapeRewrite(
 )
 # a U-Net's large 3x3 convolutions (those WINOGRAD leaves) on inputs of MIN_STATIC_INPUT_AREA and up, their weight
 # transform in chunks (winograd.py); without a store (a read-only bundle) none: their rearranged weights would stay in
-# the heap, 0.95 GB for SD 1.5, breaking exact mode's memory bound
+# the heap, breaking exact mode's memory bound
 WINOGRAD_LARGE = StaticShapeRewrite(
     f"winograd{REVISION}-from-{MIN_STATIC_INPUT_AREA}-chunks-{CHUNK_WEIGHT_ELEMENTS}",
     lambda model, store: 0 if store is None else rewrite_convolutions(
@@ -64,8 +64,8 @@ WINOGRAD_LARGE = StaticShapeRewrite(
 )
 
 #: by OpenVINO inference precision (INFERENCE_PRECISION_HINT): the rewrites of each component's model when it is
-#: converted, in order. Winograd only in fp32 (SD 1.5 at 512²: 8.9 -> 7.9-8.4 s per U-Net call, within 2.3e-5 of
-#: direct convolutions), not in bf16, whose rounding the transforms would amplify.
+#: converted, in order. Winograd only in fp32 (within 2.3e-5 of direct convolutions), not in bf16, whose rounding the
+#: transforms would amplify.
 GRAPH_REWRITES: Mapping[str, Mapping[Component, tuple[GraphRewrite, ...]]] = {
     "bf16": {},
     "f32": {Component.UNET: (WINOGRAD,)},
@@ -73,9 +73,8 @@ GRAPH_REWRITES: Mapping[str, Mapping[Component, tuple[GraphRewrite, ...]]] = {
 #: by OpenVINO inference precision: the rewrites of each component compiled for static shapes, in order. Each
 #: nearest 2x upsampling's convolution as phases in every precision; the U-Net's GEGLU projections as two products in
 #: bf16 only (in fp32 the two products gained nothing). In fp32, the VAE decoder's smaller convolutions in Winograd
-#: once its shapes are known: SD 1.5 at 512², 7.4-7.5 -> 6.0-6.2 s per decode, within 6e-5 of direct convolutions,
-#: its own peak +0.2 GB (the patch-and-product Winograd took 0.2 GB off the U-Net's); and the U-Net's larger
-#: convolutions: 7.87 -> 7.19 s per call at 512² (WINOGRAD_LARGE).
+#: once its shapes are known (within 6e-5 of direct convolutions), and the U-Net's larger convolutions
+#: (WINOGRAD_LARGE). Their gains: docs/design-notes.md.
 STATIC_SHAPE_REWRITES: Mapping[str, Mapping[Component, tuple[StaticShapeRewrite, ...]]] = {
     "bf16": {Component.UNET: (GEGLU_HALVES, UPSAMPLE_PHASES), Component.VAE_DECODER: (UPSAMPLE_PHASES,)},
     "f32": {Component.UNET: (UPSAMPLE_PHASES, WINOGRAD_LARGE), Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)},
