@@ -38,13 +38,13 @@ import numpy as np
 from sdrt.benchmarks.bench import psnr, run_worker, summarize
 from sdrt.benchmarks.worker import DIFFUSERS_ENGINES, SDRT_ENGINES, RunConfig, diffusers_unavailable_reason
 from sdrt.engine.atomic import atomic_file
+from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision
 from sdrt.engine.checks import is_int
 from sdrt.engine.cuda_device import CudaDevice, cuda_device, cuda_device_unavailable_reason
 from sdrt.engine.diagnostics import environment
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.manifest import MANIFEST_NAME, read_manifest
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision
 from sdrt.engine.version import SDRT_VERSION
 
 logger = logging.getLogger(__name__)

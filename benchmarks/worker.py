@@ -106,7 +106,7 @@ class _StageClock:
 
 def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
     import sdrt.engine
-    from sdrt.engine.backends.tensorrt import CUDA_GRAPHS_ENV
+    from sdrt.engine.backends.tensorrt.backend import CUDA_GRAPHS_ENV
 
     spec = SDRT_ENGINES[engine]
     if not spec.cuda_graphs:

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdrt.cli.common import UsageError, positive
+from sdrt.engine.backends.tensorrt.engines.profile import (
+    PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes, default_profile,
+)
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
-from sdrt.engine.tensorrt.profile import (PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes,
-                                          default_profile)
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:

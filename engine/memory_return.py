@@ -3,18 +3,16 @@ pages of memory-mapped model files once a backend holds its own copy of the weig
 
 OpenVINO memory-maps the file it compiles from (the bundle's ONNX weights, its fp16 IR or its compiled-model cache)
 and, on a model's first inference, repacks the weights into its kernels' layouts in memory of its own. It does not
-read most of the mapping again, yet the pages stay resident: for the fp32 SD 1.5 U-Net at 512², 3.4 GB of 7.6 GB.
-MADV_DONTNEED drops them from the process; they stay in the kernel's page cache, reclaimable like any file read, so
-the few pages read again later (biases and other constants used in place) come back as minor faults, and the next
-process to load the bundle finds its files cached. (MADV_PAGEOUT, used before, evicted them from the cache too: the
-same RSS, but each page read again was a disk read, about 290 of them in a 512² exact-mode request after the first,
-e.g. its safety checker 1.53 -> 1.28 s, and every new process read the bundle from disk.) No data can be lost: only
-mappings that are not writable are advised, and a page touched again is read back from its file.
+read most of the mapping again, yet the pages stay resident. MADV_DONTNEED drops them from the process; they stay
+in the kernel's page cache, reclaimable like any file read, so the few pages read again later (biases and other
+constants used in place) come back as minor faults, and the next process to load the bundle finds its files cached.
+(MADV_PAGEOUT would evict them from the cache too: the same RSS, but each page read again a disk read.) No data can
+be lost: only mappings that are not writable are advised, and a page touched again is read back from its file.
 
 Compiling reads the whole mapping, and so does the repacking: handing the pages back only afterwards still leaves a
 moment when both copies are resident, and that moment is the process's peak. `handing_back_mapped_pages` hands them
-back every fraction of a second while the work runs (fp32 U-Net at 512²: peak 7.6 -> 4.6 GB; bf16 from its fp16 IR:
-3.9 -> 2.2 GB; the first call's time is unchanged).
+back every fraction of a second while the work runs, which lowers that peak at no cost in time (measurements:
+docs/design-notes.md).
 
 glibc keeps freed blocks below its mmap threshold (up to 32 MB) in its heap; `return_freed_heap` trims them.
 """
@@ -32,8 +30,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-#: how often `handing_back_mapped_pages` advises: a repack reads well under 1 GB in this time, and each advice costs
-#: about 30 ms (walking the page tables of a 3.4 GB mapping) on a thread that mostly waits
+#: how often `handing_back_mapped_pages` advises: a repack reads well under 1 GB in this time, and each advice walks
+#: the mapping's page tables (tens of milliseconds for a full-size U-Net) on a thread that mostly waits
 HAND_BACK_INTERVAL_S = 0.25
 
 

@@ -58,7 +58,7 @@ class ComponentSpec:
 FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
 #: Classifier-free guidance runs a batch of [unconditional; conditional] halves: these inputs hold the same values in
-#: both halves (only the context differs), which a backend may exploit (backends/guidance_prefix.py)
+#: both halves (only the context differs), which a backend may exploit (backends/openvino/passes/guidance_prefix.py)
 GUIDANCE_REPEATED_INPUTS: dict[Component, tuple[str, ...]] = {Component.UNET: ("sample", "timestep")}
 
 

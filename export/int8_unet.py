@@ -16,7 +16,7 @@ import numpy as np
 
 import sdrt.engine
 from sdrt.engine.atomic import atomic_directory
-from sdrt.engine.backends.openvino_cpu import IR_FILE, int8_unet_file
+from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
@@ -69,7 +69,7 @@ def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration()) ->
         quantized = _quantize(openvino.Core().read_model(str(unet_path)), samples)
     target = int8_unet_file(bundle_dir, unet_digest)
     with atomic_directory(target.parent, replace=True) as staging:
-        openvino.save_model(quantized, str(staging / IR_FILE), compress_to_fp16=True)
+        openvino.save_model(quantized, str(staging / target.name), compress_to_fp16=True)
     return target
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.engine.backends.tensorrt.engines.profile import Precision, ShapeRange
 from sdrt.engine.manifest import ComponentEntry
-from sdrt.engine.tensorrt.profile import Precision, ShapeRange
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ def first_divergence(
 
 
 def probe_feeds(entry: ComponentEntry, shapes: Mapping[str, ShapeRange], token_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs of `entry`'s component at the opt of their `shapes` (sdrt.engine.tensorrt.profile.component_shapes):
-    unit-normal floats, and `token_ids` (one tokenized prompt, (sequence,)) in every row of an integer input."""
+    """Inputs of `entry`'s component at the opt of their `shapes`
+    (sdrt.engine.backends.tensorrt.engines.profile.component_shapes): unit-normal floats, and `token_ids` (one
+    tokenized prompt, (sequence,)) in every row of an integer input."""
     rng = np.random.default_rng(PROBE_SEED)
     feeds = {}
     for tensor in entry.inputs:

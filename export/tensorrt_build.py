@@ -1,9 +1,9 @@
 """`sdrt build-engines`: TensorRT engines for every component of a bundle, built from its ONNX on this machine's GPU
-and stored in the bundle (sdrt.engine.tensorrt.store), for the TensorRT backend.
+and stored in the bundle (sdrt.engine.backends.tensorrt.engines.store), for the TensorRT backend.
 
-Each engine is stored under its key (sdrt.engine.tensorrt.identity.EngineKey): a build reuses an engine whose key it
-already holds and builds the others, each written atomically, then publishes the index the runtime reads, so an
-interrupted build leaves the previous one in use and a rerun builds only what is missing. TensorRT's timing cache
+Each engine is stored under its key (sdrt.engine.backends.tensorrt.engines.identity.EngineKey): a build reuses an
+engine whose key it already holds and builds the others, each written atomically, then publishes the index the
+runtime reads, so an interrupted build leaves the previous one in use and a rerun builds only what is missing. TensorRT's timing cache
 is kept beside the engines across builds. In fp16, each VAE engine first runs once on a sample input: if that
 yields NaN or infinity (some VAEs overflow fp16's range), it is built in fp32 instead, and the finding is recorded
 so that later builds skip the fp16 attempt.
@@ -20,16 +20,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from sdrt.engine.atomic import atomic_file
+from sdrt.engine.backends.tensorrt.cuda import Stream
+from sdrt.engine.backends.tensorrt.engines.identity import BuildEnvironment, EngineKey
+from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision, ShapeRange, component_shapes, default_profile
+from sdrt.engine.backends.tensorrt.engines.store import CACHE_SUBDIR, EngineIndex, EngineStore
+from sdrt.engine.backends.tensorrt.library import current_environment, libraries_unavailable_reason, tensorrt, trt_logger
+from sdrt.engine.backends.tensorrt.runner import EngineRunner
 from sdrt.engine.cuda_device import cuda_device_unavailable_reason
 from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.manifest import ModelConfig, read_manifest, verify_files
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.cuda import Stream
-from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey
-from sdrt.engine.tensorrt.library import current_environment, libraries_unavailable_reason, tensorrt, trt_logger
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision, ShapeRange, component_shapes, default_profile
-from sdrt.engine.tensorrt.runner import EngineRunner
-from sdrt.engine.tensorrt.store import CACHE_SUBDIR, EngineIndex, EngineStore
 from sdrt.export.errors import EngineBuildError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class TensorRTCompiler:
         config.set_timing_cache(cache, ignore_mismatch=False)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path} (see the sdrt.engine.tensorrt.trt log)")
+            raise EngineBuildError(
+                f"TensorRT could not build an engine from {onnx_path} (see the sdrt.engine.backends.tensorrt.trt log)"
+            )
         with atomic_file(timing_cache) as staging:
             staging.write_bytes(config.get_timing_cache().serialize())
         return plan
@@ -117,8 +119,8 @@ def build_engines(
     compiler: EngineCompiler | None = None,
 ) -> Path:
     """Build (or reuse) an engine for every component of the bundle at `bundle_dir`, for requests within `profile`
-    (None: sdrt.engine.tensorrt.profile.default_profile of the bundle's model) in `precision`; `refittable` lets
-    their weights be replaced later without a rebuild. Return the directory holding them.
+    (None: sdrt.engine.backends.tensorrt.engines.profile.default_profile of the bundle's model) in `precision`;
+    `refittable` lets their weights be replaced later without a rebuild. Return the directory holding them.
 
     Raise BundleError if the bundle is missing or modified, InvalidArgumentError if `profile` does not suit its
     model, EngineBuildError if TensorRT fails or the bundle is read-only, BackendUnavailableError without a GPU and

@@ -11,7 +11,9 @@ import pytest
 
 import sdrt.engine
 from sdrt.engine.backends import BACKENDS, backend_class
-from sdrt.engine.backends.openvino_cpu import CACHE_SUBDIR, OpenVINOBF16Backend, OpenVINOFP32Backend
+from sdrt.engine.backends.openvino.backend import OpenVINOBF16Backend, OpenVINOFP32Backend
+from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR
+from sdrt.engine.specs import Component
 
 needs_openvino = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
 needs_bf16 = pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not None, reason="no OpenVINO bf16 on this CPU")
@@ -69,10 +71,10 @@ def test_compiled_models_are_cached_in_the_bundle(tiny_bundle: Path, tmp_path: P
 def test_read_only_bundle_compiles_without_a_cache(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # Root ignores file modes, so make the bundle read-only the way the backend sees it.
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend
 
     real_access = os.access
-    monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
+    monkeypatch.setattr(openvino_backend.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
     _run_openvino_fp32(bundle)
     assert not (bundle / CACHE_SUBDIR).exists()
 
@@ -87,7 +89,6 @@ def _cache_listing(bundle: Path) -> set[str]:
 def test_compiled_models_are_cached_per_model_and_stale_entries_removed(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     import dataclasses
 
-    from sdrt.engine.backends import openvino_cpu
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     _run_openvino_fp32(bundle)
@@ -111,8 +112,8 @@ def test_compiled_models_are_cached_per_model_and_stale_entries_removed(tiny_bun
     assert _cache_listing(bundle) == current | {"ir/.unet-x.partial/model.xml", "compiled/notes/c.txt"}
 
     # A rewrite whose name changes (say, its weight limit) makes the U-Net's previous conversion stale.
-    renamed = tuple(dataclasses.replace(r, name=f"{r.name}-v2") for r in OpenVINOFP32Backend.rewrites[openvino_cpu.Component.UNET])
-    monkeypatch.setattr(OpenVINOFP32Backend, "rewrites", {openvino_cpu.Component.UNET: renamed})
+    renamed = tuple(dataclasses.replace(r, name=f"{r.name}-v2") for r in OpenVINOFP32Backend.rewrites[Component.UNET])
+    monkeypatch.setattr(OpenVINOFP32Backend, "rewrites", {Component.UNET: renamed})
     _run_openvino_fp32(bundle)
     converted = {d.name for d in (cache / "ir").iterdir() if d.name.startswith("unet-")}
     assert len([name for name in converted if "winograd" in name]) == 1 and all(name.endswith("-v2") for name in converted if "winograd" in name)
@@ -130,12 +131,12 @@ def test_fast_mode_compiles_an_fp16_copy_converted_once(tiny_bundle: Path, tmp_p
     onnx_bytes = sum(f.stat().st_size for f in (bundle / "unet").iterdir())
     assert (unet_ir / "model.bin").stat().st_size < 0.6 * onnx_bytes  # fp16 weights: about half
 
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(openvino_cpu._openvino(), "save_model", no_conversion)
+    monkeypatch.setattr(openvino_backend._openvino(), "save_model", no_conversion)
     again = sdrt.engine.load(bundle, backend="openvino-bf16", safety_checker=False)
     again.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(again("a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="np").images, first)
@@ -147,7 +148,7 @@ def test_openvino_hands_back_mapped_weights_while_compiling_and_first_running(ti
     # the weights are repacked, and later calls must not pay for the advice again.
     import contextlib
 
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend
 
     advised: list[Path] = []
 
@@ -156,7 +157,7 @@ def test_openvino_hands_back_mapped_weights_while_compiling_and_first_running(ti
         advised.append(directory)
         yield
 
-    monkeypatch.setattr(openvino_cpu, "handing_back_mapped_pages", record_hand_back)
+    monkeypatch.setattr(openvino_backend, "handing_back_mapped_pages", record_hand_back)
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for seed in (0, 1):
@@ -250,16 +251,16 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     # buffers 1.21 -> 0.81 GB; the U-Net 0.6 GB less, and 6 % faster). The decoder is recompiled for each new size;
     # exact mode's U-Net for its first shapes, then, once they change, for any shapes, never again. The pixels are
     # those of models compiled for any shapes.
-    from sdrt.engine.backends import openvino_cpu
-    from sdrt.engine.specs import Component
+    from sdrt.engine.backends.openvino import backend as openvino_backend
+    from sdrt.engine.backends.openvino.passes import registry
 
     # and every upsampling convolution of a model compiled for static shapes runs as phase convolutions
     rewrites: list[int] = []
-    phases = openvino_cpu.UPSAMPLE_PHASES
+    phases = registry.UPSAMPLE_PHASES
     counted = dataclasses.replace(phases, apply=lambda model, store: rewrites.append(phases.apply(model, store)) or rewrites[-1])
-    monkeypatch.setattr(openvino_cpu.OpenVINOFP32Backend, "static_shape_rewrites", {
+    monkeypatch.setattr(openvino_backend.OpenVINOFP32Backend, "static_shape_rewrites", {
         component: tuple(counted if r is phases else r for r in component_rewrites)
-        for component, component_rewrites in openvino_cpu.OpenVINOFP32Backend.static_shape_rewrites.items()
+        for component, component_rewrites in openvino_backend.OpenVINOFP32Backend.static_shape_rewrites.items()
     })
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -280,7 +281,7 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     assert all(shapes is None for component, shapes in compiled if component not in (Component.VAE_DECODER, Component.UNET))
     assert len(rewrites) == len(sizes) + 1 and all(count >= 1 for count in rewrites)  # the decoders', the U-Net's
 
-    monkeypatch.setattr(openvino_cpu.OpenVINOFP32Backend, "compile_shapes", {})
+    monkeypatch.setattr(openvino_backend.OpenVINOFP32Backend, "compile_shapes", {})
     any_shape = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     any_shape.set_progress_bar_config(disable=True)
     for (h, w), image in zip(sizes, images):
@@ -296,12 +297,12 @@ def test_static_shape_rewrites_keep_their_constants_in_mapped_files(tmp_path: Pa
 
     import openvino
 
-    from sdrt.engine.backends.openvino_cpu import _mapped_constants
+    from sdrt.engine.backends.openvino.constants import mapped_constants
 
     core = openvino.Core()
     arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2), np.full((4, 1), -1.5, np.float32)]
     def store(key, arrays):
-        return _mapped_constants(core, tmp_path, key, [array.shape for array in arrays], lambda: arrays)
+        return mapped_constants(core, tmp_path, key, [array.shape for array in arrays], lambda: arrays)
 
     constants = store("up/conv", arrays)
     for constant, array in zip(constants, arrays):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend
+from sdrt.engine.backends.openvino.backend import OpenVINOBF16Backend, OpenVINOFP32Backend
+from sdrt.engine.specs import Component
 
 pytestmark = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
 
@@ -66,7 +67,7 @@ def _store(stored: list):
 @pytest.mark.parametrize("options", [{}, dict(transpose_b=True), dict(int8_weights=True), dict(int8_weights=True, transpose_b=True)],
                          ids=["fp16-weights", "transposed", "int8-weights", "int8-transposed"])
 def test_projection_as_two_products_matches_one_sliced(options) -> None:
-    from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
+    from sdrt.engine.backends.openvino.passes.geglu_halves import rewrite_geglu_projections
 
     inputs = np.random.default_rng(0).standard_normal((2, TOKENS, IN_FEATURES)).astype(np.float32)
     expected, = _run(_geglu_model(**options), inputs)
@@ -87,7 +88,7 @@ def test_projection_as_two_products_matches_one_sliced(options) -> None:
 
 @pytest.mark.parametrize("options", [dict(bounds=((0, 5), (4, 9))), dict(extra_reader=True)], ids=["not-halves", "third-reader"])
 def test_projections_it_is_not_for_are_left_alone(options) -> None:
-    from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
+    from sdrt.engine.backends.openvino.passes.geglu_halves import rewrite_geglu_projections
 
     model = _geglu_model(**options)
     before = [op.get_type_name() for op in model.get_ordered_ops()]
@@ -97,7 +98,7 @@ def test_projections_it_is_not_for_are_left_alone(options) -> None:
 
 def test_without_a_store_nothing_is_rewritten() -> None:
     # held in the heap, the halves would stay resident beside OpenVINO's repacked copy
-    from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
+    from sdrt.engine.backends.openvino.passes.geglu_halves import rewrite_geglu_projections
 
     assert rewrite_geglu_projections(_geglu_model(), None) == 0
 
@@ -107,13 +108,13 @@ def test_fast_mode_rewrites_its_unets_geglu_projections_and_exact_mode_does_not(
     import dataclasses
 
     import sdrt.engine
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino.passes import registry
 
-    unet = openvino_cpu.Component.UNET
-    assert openvino_cpu.GEGLU_HALVES not in OpenVINOFP32Backend.static_shape_rewrites[unet]
+    unet = Component.UNET
+    assert registry.GEGLU_HALVES not in OpenVINOFP32Backend.static_shape_rewrites[unet]
     counts: list[int] = []
-    counted = dataclasses.replace(openvino_cpu.GEGLU_HALVES,
-                                  apply=lambda model, store: counts.append(openvino_cpu.GEGLU_HALVES.apply(model, store)) or counts[-1])
+    counted = dataclasses.replace(registry.GEGLU_HALVES,
+                                  apply=lambda model, store: counts.append(registry.GEGLU_HALVES.apply(model, store)) or counts[-1])
 
     def images(rewrites: tuple, name: str) -> np.ndarray:
         monkeypatch.setattr(OpenVINOBF16Backend, "static_shape_rewrites", {**OpenVINOBF16Backend.static_shape_rewrites, unet: rewrites})
@@ -122,9 +123,9 @@ def test_fast_mode_rewrites_its_unets_geglu_projections_and_exact_mode_does_not(
         pipe.set_progress_bar_config(disable=True)
         return pipe("a red circle", num_inference_steps=2, height=64, width=64, seed=0, output_type="np").images
 
-    assert openvino_cpu.GEGLU_HALVES in OpenVINOBF16Backend.static_shape_rewrites[unet]
-    rewritten = images((counted, openvino_cpu.UPSAMPLE_PHASES), "rewritten")
+    assert registry.GEGLU_HALVES in OpenVINOBF16Backend.static_shape_rewrites[unet]
+    rewritten = images((counted, registry.UPSAMPLE_PHASES), "rewritten")
     assert counts and counts[0] > 0  # the tiny U-Net's transformer blocks use GEGLU, as SD 1.5's do
-    whole = images((openvino_cpu.UPSAMPLE_PHASES,), "whole")
+    whole = images((registry.UPSAMPLE_PHASES,), "whole")
     # bf16 rounds the products' accumulations differently: close, not equal
     assert np.abs(rewritten - whole).mean() < 0.005 and np.abs(rewritten - whole).max() < 0.05

@@ -29,10 +29,10 @@ from sdrt.benchmarks.gpu_validate import (
 from sdrt.engine import diagnostics
 from sdrt.engine.backends import BACKENDS, OnnxRuntimeCUDABackend, TensorRTBackend
 from sdrt.cli.main import main
+from sdrt.engine.backends.tensorrt.engines.profile import Precision
 from sdrt.engine.cuda_device import CudaDevice
 from sdrt.engine.errors import GpuError, InvalidArgumentError
 from sdrt.engine.manifest import ModelConfig
-from sdrt.engine.tensorrt.profile import Precision
 from sdrt.export.errors import EngineBuildError
 from tests.test_tensorrt_host import _fake_bundle
 

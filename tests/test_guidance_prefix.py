@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sdrt.engine
-from sdrt.engine.backends.openvino_cpu import OpenVINOFP32Backend
+from sdrt.engine.backends.openvino.backend import OpenVINOFP32Backend
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
 
@@ -47,7 +47,7 @@ def _read_unet(bundle: Path):
 
 @pytest.mark.parametrize("images", [1, 2])
 def test_shared_prefix_predicts_the_same_noise_on_half_the_batch(tiny_bundle: Path, images: int) -> None:
-    from sdrt.engine.backends.guidance_prefix import share_guidance_prefix
+    from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_prefix
 
     feeds = _guided_feeds(tiny_bundle, images)
     expected = _noise_prediction(_read_unet(tiny_bundle), feeds)
@@ -68,7 +68,7 @@ def test_without_a_text_input_or_the_repeated_inputs_nothing_is_rewritten(tiny_b
     import openvino as ov
     from openvino import opset13 as ops
 
-    from sdrt.engine.backends.guidance_prefix import share_guidance_prefix
+    from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_prefix
 
     model = _read_unet(tiny_bundle)
     before = len(model.get_ordered_ops())
@@ -86,7 +86,7 @@ def test_a_prefix_tensor_without_a_batch_axis_leaves_the_model_alone() -> None:
     import openvino as ov
     from openvino import opset13 as ops
 
-    from sdrt.engine.backends.guidance_prefix import share_guidance_prefix
+    from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_prefix
 
     # a reduction over the batch is not per sample: halving its input would change it
     sample, context = ops.parameter([-1, 4], ov.Type.f32, name="sample"), ops.parameter([-1, 4], ov.Type.f32, name="context")
@@ -110,7 +110,7 @@ def test_a_prefix_tensor_without_a_batch_axis_leaves_the_model_alone() -> None:
     ],
 )
 def test_halves_identical(arrays: dict[str, np.ndarray], identical: bool) -> None:
-    from sdrt.engine.backends.guidance_prefix import halves_identical
+    from sdrt.engine.backends.openvino.passes.guidance_prefix import halves_identical
 
     assert halves_identical(arrays, ("a", "b")) is identical
 
@@ -119,7 +119,7 @@ def test_exact_mode_shares_the_prefix_for_guided_batches_only(tiny_bundle: Path,
     # A guided request's first call compiles the shared-prefix U-Net; an unguided request of the same batch size
     # (its halves differ) compiles the whole model for any shapes, and every image matches a backend that never
     # shares.
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend
 
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -135,7 +135,7 @@ def test_exact_mode_shares_the_prefix_for_guided_batches_only(tiny_bundle: Path,
     assert unet_compiles == [(True, True), (False, False)]
     assert pipe.backend._loaded[Component.UNET].guided_halves is False
 
-    monkeypatch.setattr(openvino_cpu, "GUIDANCE_REPEATED_INPUTS", {})
+    monkeypatch.setattr(openvino_backend, "GUIDANCE_REPEATED_INPUTS", {})
     whole = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     whole.set_progress_bar_config(disable=True)
     for request, image in zip(requests, images):

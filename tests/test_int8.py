@@ -10,7 +10,8 @@ import pytest
 
 import sdrt.engine
 from sdrt.engine.backends import backend_class
-from sdrt.engine.backends.openvino_cpu import OpenVINOInt8Backend, int8_unet_file
+from sdrt.engine.backends.openvino.backend import OpenVINOInt8Backend
+from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError
 from sdrt.engine.specs import Component
 

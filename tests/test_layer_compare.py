@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sdrt.cli.main import main
+from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision, component_shapes, default_profile
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision, component_shapes, default_profile
 from sdrt.export.layer_compare import LayerTolerance, compare_layers, first_divergence, probe_feeds
 from tests.test_tensorrt_host import _fake_bundle
 

@@ -18,16 +18,16 @@ from onnx import numpy_helper
 from safetensors.torch import save_file
 
 import sdrt.engine
-from sdrt.engine.backends import tensorrt as tensorrt_backend
 from sdrt.engine.backends.base import Backend
-from sdrt.engine.backends.tensorrt import TensorRTBackend
+from sdrt.engine.backends.tensorrt import backend as tensorrt_backend
+from sdrt.engine.backends.tensorrt import runner as runner_module
+from sdrt.engine.backends.tensorrt.backend import TensorRTBackend
+from sdrt.engine.backends.tensorrt.engines.profile import Precision
 from sdrt.engine.errors import GpuError, NoRefitMapError, UnknownLoraKeysError, WeightsNotReplaceableError
 from sdrt.engine.manifest import MANIFEST_NAME, describe_files
 from sdrt.engine.onnx_weights import read_initializers
 from sdrt.engine.refit_map import read_refit_map
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt import runner as runner_module
-from sdrt.engine.tensorrt.profile import Precision
 from sdrt.export.tensorrt_build import build_engines
 from tests.test_parity import MAX_PIXEL_DIFF
 from tests.test_tensorrt_host import H100, FakeCompiler, _component_files, _fake_bundle, _x, fake_gpu  # noqa: F401

@@ -11,8 +11,8 @@ import pytest
 
 import sdrt.engine
 from sdrt.engine.backends import OnnxRuntimeCUDABackend, TensorRTBackend
+from sdrt.engine.backends.tensorrt.engines.profile import AxisRange, EngineProfile, Precision
 from sdrt.engine.errors import ProfileMismatchError
-from sdrt.engine.tensorrt.profile import AxisRange, EngineProfile, Precision
 
 TENSORRT_REASON = TensorRTBackend.unavailable_reason()
 CUDA_REASON = OnnxRuntimeCUDABackend.unavailable_reason()

@@ -26,8 +26,23 @@ from sdrt.engine.backends import (
     TensorRTBackend,
     backend_class,
 )
-from sdrt.engine.backends import tensorrt as tensorrt_backend
+from sdrt.engine.backends.tensorrt import backend as tensorrt_backend
 from sdrt.cli.main import main
+from sdrt.engine.backends.tensorrt import cuda as cuda_module
+from sdrt.engine.backends.tensorrt import runner as runner_module
+from sdrt.engine.backends.tensorrt.engines.compatibility import build_command, check_context_length, check_request, resolve_engines
+from sdrt.engine.backends.tensorrt.engines.identity import BuildEnvironment, EngineKey, GpuIdentity
+from sdrt.engine.backends.tensorrt.engines.profile import (
+    AxisRange,
+    EngineProfile,
+    Precision,
+    ShapeRange,
+    axis_ranges,
+    component_shapes,
+    default_profile,
+)
+from sdrt.engine.backends.tensorrt.engines.store import CACHE_SUBDIR, INDEX_FILE, EngineStore
+from sdrt.engine.backends.tensorrt.lru import LRUCache
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
@@ -51,21 +66,6 @@ from sdrt.engine.manifest import (
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.specs import DYNAMIC_AXES, FP16_DEFAULT_COMPONENTS, SPECS, Component
-from sdrt.engine.tensorrt import cuda as cuda_module
-from sdrt.engine.tensorrt import runner as runner_module
-from sdrt.engine.tensorrt.compatibility import build_command, check_context_length, check_request, resolve_engines
-from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey, GpuIdentity
-from sdrt.engine.tensorrt.lru import LRUCache
-from sdrt.engine.tensorrt.profile import (
-    AxisRange,
-    EngineProfile,
-    Precision,
-    ShapeRange,
-    axis_ranges,
-    component_shapes,
-    default_profile,
-)
-from sdrt.engine.tensorrt.store import CACHE_SUBDIR, INDEX_FILE, EngineStore
 from sdrt.export import tensorrt_build
 from sdrt.export.errors import EngineBuildError
 from sdrt.export.tensorrt_build import build_engines
@@ -910,7 +910,7 @@ import sdrt.engine
 import sdrt.cli.main
 import sdrt.export.tensorrt_build
 from sdrt.engine.backends import backend_class
-from sdrt.engine.tensorrt.library import libraries_unavailable_reason
+from sdrt.engine.backends.tensorrt.library import libraries_unavailable_reason
 print("REASON", libraries_unavailable_reason())
 print("AUTO", backend_class("auto").name)
 """

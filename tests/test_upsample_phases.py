@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdrt.engine.backends.openvino_cpu import OpenVINOFP32Backend
+from sdrt.engine.backends.openvino.backend import OpenVINOFP32Backend
 
 pytestmark = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
 
@@ -54,7 +54,7 @@ def _is_rewritten(model) -> bool:
     ],
 )
 def test_phases_match_the_convolution_of_the_upsampled_image(shape, out_channels, fp16_weights) -> None:
-    from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
+    from sdrt.engine.backends.openvino.passes.upsample_phases import rewrite_upsampling_convolutions
 
     inputs = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     expected = _run(_upsampling_convolution_model(shape, out_channels, fp16_weights=fp16_weights), inputs)
@@ -80,7 +80,7 @@ def test_phases_match_the_convolution_of_the_upsampled_image(shape, out_channels
     ids=["odd-target", "linear", "half-pixel", "strided"],
 )
 def test_upsamplings_it_is_not_exact_for_are_left_alone(options) -> None:
-    from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
+    from sdrt.engine.backends.openvino.passes.upsample_phases import rewrite_upsampling_convolutions
 
     model = _upsampling_convolution_model((1, 4, 5, 6), 4, **options)
     assert rewrite_upsampling_convolutions(model) == 0
@@ -91,7 +91,7 @@ def test_dynamic_shapes_are_left_alone() -> None:
     """Without static shapes the upsampled size cannot be proved to be a doubling; once reshaped, it can."""
     import openvino as ov
 
-    from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
+    from sdrt.engine.backends.openvino.passes.upsample_phases import rewrite_upsampling_convolutions
 
     model = _upsampling_convolution_model((1, 4, 5, 6), 4)
     model.reshape({0: ov.PartialShape([-1, 4, 5, 6])})
@@ -104,7 +104,7 @@ def test_dynamic_shapes_are_left_alone() -> None:
 def test_weights_above_the_limit_are_left_alone_unless_a_store_holds_the_kernels() -> None:
     """Held in the heap, the phases' kernels (16/9 of the 3x3 weights) stay resident beside OpenVINO's repacked copy:
     exact mode's memory bounds which ones pay. A store (files OpenVINO maps) takes any."""
-    from sdrt.engine.backends.upsample_phases import rewrite_upsampling_convolutions
+    from sdrt.engine.backends.openvino.passes.upsample_phases import rewrite_upsampling_convolutions
 
     elements = 6 * 4 * 9
     assert rewrite_upsampling_convolutions(_upsampling_convolution_model((1, 4, 5, 6), 6), max_weight_elements=elements - 1) == 0

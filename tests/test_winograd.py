@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt.engine.backends.openvino_cpu import OpenVINOFP32Backend
+from sdrt.engine.backends.openvino.backend import OpenVINOFP32Backend
+from sdrt.engine.specs import Component
 
 pytestmark = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
 
@@ -55,7 +56,7 @@ def _run(model, inputs: np.ndarray) -> np.ndarray:
     ],
 )
 def test_winograd_matches_direct_convolution(batch, in_channels, out_channels, height, width, bias) -> None:
-    from sdrt.engine.backends.winograd import rewrite_convolutions
+    from sdrt.engine.backends.openvino.passes.winograd import rewrite_convolutions
 
     inputs = np.random.default_rng(0).standard_normal((batch, in_channels, height, width)).astype(np.float32)
     expected = _run(_convolution_model(in_channels, out_channels, bias=bias), inputs)
@@ -83,7 +84,7 @@ def test_winograd_matches_direct_convolution(batch, in_channels, out_channels, h
     ids=["stride-2", "1x1", "unpadded", "dilated", "upsampling"],
 )
 def test_convolutions_it_is_not_for_are_left_alone(options) -> None:
-    from sdrt.engine.backends.winograd import rewrite_convolutions
+    from sdrt.engine.backends.openvino.passes.winograd import rewrite_convolutions
 
     model = _convolution_model(4, 8, **options)
     before = [op.get_type_name() for op in model.get_ordered_ops()]
@@ -93,14 +94,14 @@ def test_convolutions_it_is_not_for_are_left_alone(options) -> None:
 
 
 def test_weights_above_the_limit_are_left_alone() -> None:
-    from sdrt.engine.backends.winograd import rewrite_convolutions
+    from sdrt.engine.backends.openvino.passes.winograd import rewrite_convolutions
 
     assert rewrite_convolutions(_convolution_model(16, 16), max_weight_elements=16 * 16 * 9 - 1) == 0
     assert rewrite_convolutions(_convolution_model(16, 16), max_weight_elements=16 * 16 * 9) == 1
 
 
 def test_input_limit_rewrites_only_static_inputs_of_at_most_that_many_elements() -> None:
-    from sdrt.engine.backends.winograd import rewrite_convolutions
+    from sdrt.engine.backends.openvino.passes.winograd import rewrite_convolutions
 
     shape = [1, 8, 12, 10]
     elements = int(np.prod(shape))
@@ -130,7 +131,7 @@ def _store(stored: list):
 
 @pytest.mark.parametrize("out_channels", [12, 7], ids=["even-chunks", "uneven-chunks"])
 def test_large_weights_are_transformed_in_chunks_of_output_channels(out_channels, monkeypatch) -> None:
-    from sdrt.engine.backends import winograd
+    from sdrt.engine.backends.openvino.passes import winograd
 
     in_channels = 5
     monkeypatch.setattr(winograd, "CHUNK_WEIGHT_ELEMENTS", 3 * in_channels * 9)  # at most 3 output channels a chunk
@@ -152,7 +153,7 @@ def test_large_weights_are_transformed_in_chunks_of_output_channels(out_channels
 
 
 def test_input_area_limit_rewrites_only_static_inputs_of_at_least_that_area() -> None:
-    from sdrt.engine.backends.winograd import rewrite_convolutions
+    from sdrt.engine.backends.openvino.passes.winograd import rewrite_convolutions
 
     assert rewrite_convolutions(_convolution_model(4, 4), min_input_area=1) == 0  # dynamic: size unknown
     for shape, rewritten in (([2, 4, 3, 5], 0), ([2, 4, 4, 4], 1), ([1, 4, 2, 9], 1)):
@@ -163,22 +164,23 @@ def test_input_area_limit_rewrites_only_static_inputs_of_at_least_that_area() ->
 
 def test_exact_mode_rewrites_its_vae_decoder_once_shapes_are_static(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # Not its full-resolution convolutions: their activations set the decoder's peak.
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend
+    from sdrt.engine.backends.openvino.passes import registry
 
-    decoder = openvino_cpu.Component.VAE_DECODER
-    assert openvino_cpu.WINOGRAD_DECODER in OpenVINOFP32Backend.static_shape_rewrites[decoder]
-    assert openvino_cpu.WINOGRAD_DECODER not in openvino_cpu.OpenVINOBF16Backend.static_shape_rewrites[decoder]  # fp32 only
+    decoder = Component.VAE_DECODER
+    assert registry.WINOGRAD_DECODER in OpenVINOFP32Backend.static_shape_rewrites[decoder]
+    assert registry.WINOGRAD_DECODER not in openvino_backend.OpenVINOBF16Backend.static_shape_rewrites[decoder]  # fp32 only
     counts: list[int] = []
-    counted = dataclasses.replace(openvino_cpu.WINOGRAD_DECODER,
-                                  apply=lambda model, store: counts.append(openvino_cpu.WINOGRAD_DECODER.apply(model, store)) or counts[-1])
+    counted = dataclasses.replace(registry.WINOGRAD_DECODER,
+                                  apply=lambda model, store: counts.append(registry.WINOGRAD_DECODER.apply(model, store)) or counts[-1])
     monkeypatch.setattr(OpenVINOFP32Backend, "static_shape_rewrites", {
-        **OpenVINOFP32Backend.static_shape_rewrites, decoder: (openvino_cpu.UPSAMPLE_PHASES, counted)})
+        **OpenVINOFP32Backend.static_shape_rewrites, decoder: (registry.UPSAMPLE_PHASES, counted)})
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     rewritten = _exact_images(bundle)
     assert counts and counts[0] > 0
 
     monkeypatch.setattr(OpenVINOFP32Backend, "static_shape_rewrites", {
-        **OpenVINOFP32Backend.static_shape_rewrites, decoder: (openvino_cpu.UPSAMPLE_PHASES,)})
+        **OpenVINOFP32Backend.static_shape_rewrites, decoder: (registry.UPSAMPLE_PHASES,)})
     direct = _exact_images(Path(shutil.copytree(tiny_bundle, tmp_path / "direct", ignore=shutil.ignore_patterns(".cache"))))
     np.testing.assert_allclose(rewritten, direct, atol=1e-4)
 
@@ -187,37 +189,38 @@ def test_exact_mode_rewrites_its_unets_large_convolutions_once_shapes_are_static
     """Those WINOGRAD leaves (weights above its limit), on inputs of at least MIN_STATIC_INPUT_AREA, chunked, their
     rearranged weights stored in the bundle's cache; none in a read-only bundle, which has no cache to map them from.
     The tiny U-Net's convolutions and inputs are all small: here the IR-level rewrite is off and the limits small."""
-    from sdrt.engine.backends import openvino_cpu, winograd
+    from sdrt.engine.backends.openvino import backend as openvino_backend, cache, constants
+    from sdrt.engine.backends.openvino.passes import registry, winograd
 
-    unet = openvino_cpu.Component.UNET
-    assert openvino_cpu.WINOGRAD_LARGE in OpenVINOFP32Backend.static_shape_rewrites[unet]
-    assert openvino_cpu.WINOGRAD_LARGE not in openvino_cpu.OpenVINOBF16Backend.static_shape_rewrites[unet]  # fp32 only
+    unet = Component.UNET
+    assert registry.WINOGRAD_LARGE in OpenVINOFP32Backend.static_shape_rewrites[unet]
+    assert registry.WINOGRAD_LARGE not in openvino_backend.OpenVINOBF16Backend.static_shape_rewrites[unet]  # fp32 only
     monkeypatch.setattr(OpenVINOFP32Backend, "rewrites", {})
     monkeypatch.setattr(winograd, "CHUNK_WEIGHT_ELEMENTS", 32 * 32 * 9 // 2)
-    monkeypatch.setattr(openvino_cpu, "MIN_STATIC_INPUT_AREA", 8 * 8)  # a 64² image's latents
+    monkeypatch.setattr(registry, "MIN_STATIC_INPUT_AREA", 8 * 8)  # a 64² image's latents
     counts: list[int] = []
-    counted = dataclasses.replace(openvino_cpu.WINOGRAD_LARGE,
-                                  apply=lambda model, store: counts.append(openvino_cpu.WINOGRAD_LARGE.apply(model, store)) or counts[-1])
+    counted = dataclasses.replace(registry.WINOGRAD_LARGE,
+                                  apply=lambda model, store: counts.append(registry.WINOGRAD_LARGE.apply(model, store)) or counts[-1])
 
     def images(rewrites: tuple, name: str, read_only: bool = False) -> np.ndarray:
         monkeypatch.setattr(OpenVINOFP32Backend, "static_shape_rewrites", {**OpenVINOFP32Backend.static_shape_rewrites, unet: rewrites})
         bundle = Path(shutil.copytree(tiny_bundle, tmp_path / name, ignore=shutil.ignore_patterns(".cache")))
         if read_only:
             real_access = os.access  # root ignores file modes: make the bundle read-only the way the backend sees it
-            monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
+            monkeypatch.setattr(openvino_backend.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
         return _exact_images(bundle), bundle
 
     def stored(bundle: Path) -> int:
-        compiled = bundle / openvino_cpu.CACHE_SUBDIR / openvino_cpu.COMPILED_SUBDIR
-        return len(list(compiled.glob(f"unet-*/{openvino_cpu.CONSTANTS_SUBDIR}/*")))
+        compiled = bundle / cache.CACHE_SUBDIR / cache.COMPILED_SUBDIR
+        return len(list(compiled.glob(f"unet-*/{constants.CONSTANTS_SUBDIR}/*")))
 
-    rewritten, bundle = images((openvino_cpu.UPSAMPLE_PHASES, counted), "rewritten")
+    rewritten, bundle = images((registry.UPSAMPLE_PHASES, counted), "rewritten")
     assert counts and counts[0] > 0
-    direct, direct_bundle = images((openvino_cpu.UPSAMPLE_PHASES,), "direct")
+    direct, direct_bundle = images((registry.UPSAMPLE_PHASES,), "direct")
     assert stored(bundle) - stored(direct_bundle) == counts[0]  # one set of chunks per convolution
     np.testing.assert_allclose(rewritten, direct, atol=1e-4)
 
-    images((openvino_cpu.UPSAMPLE_PHASES, counted), "read-only", read_only=True)
+    images((registry.UPSAMPLE_PHASES, counted), "read-only", read_only=True)
     assert counts[-1] == 0
 
 
@@ -228,7 +231,7 @@ def test_winograd_domain_weights_are_computed_per_call_not_held(static_shape) ->
     also when compiled for static shapes, where OpenVINO folds everything that depends on shapes alone."""
     import openvino as ov
 
-    from sdrt.engine.backends.winograd import POINTS, rewrite_convolutions
+    from sdrt.engine.backends.openvino.passes.winograd import POINTS, rewrite_convolutions
 
     out_channels, in_channels = 16, 8
     model = _convolution_model(in_channels, out_channels)
@@ -263,31 +266,33 @@ def _count_winograd_rewrites(monkeypatch) -> list[int]:
     """Record how many convolutions each Winograd rewrite of exact mode's U-Net changes."""
     import dataclasses
 
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend
+    from sdrt.engine.backends.openvino.passes import registry
 
     counts: list[int] = []
 
     def counted(model) -> int:
-        counts.append(openvino_cpu.WINOGRAD.apply(model))
+        counts.append(registry.WINOGRAD.apply(model))
         return counts[-1]
 
     unet_rewrites = tuple(
-        dataclasses.replace(r, apply=counted) if r is openvino_cpu.WINOGRAD else r
-        for r in openvino_cpu.OpenVINOFP32Backend.rewrites[openvino_cpu.Component.UNET]
+        dataclasses.replace(r, apply=counted) if r is registry.WINOGRAD else r
+        for r in openvino_backend.OpenVINOFP32Backend.rewrites[Component.UNET]
     )
-    monkeypatch.setattr(openvino_cpu.OpenVINOFP32Backend, "rewrites", {openvino_cpu.Component.UNET: unet_rewrites})
+    monkeypatch.setattr(openvino_backend.OpenVINOFP32Backend, "rewrites", {Component.UNET: unet_rewrites})
     return counts
 
 
 def test_exact_mode_converts_its_unet_once_into_the_bundle_cache(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import cache
+    from sdrt.engine.backends.openvino.passes import registry
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     rewritten = _count_winograd_rewrites(monkeypatch)
     first = _exact_images(bundle)
 
-    converted = [d.name for d in (bundle / openvino_cpu.CACHE_SUBDIR / "ir").iterdir()]
-    assert len(converted) == 1 and converted[0].startswith("unet-") and openvino_cpu.WINOGRAD.name in converted[0]
+    converted = [d.name for d in (bundle / cache.CACHE_SUBDIR / "ir").iterdir()]
+    assert len(converted) == 1 and converted[0].startswith("unet-") and registry.WINOGRAD.name in converted[0]
     assert len(rewritten) == 1 and rewritten[0] > 0  # the tiny U-Net's 3x3 convolutions are all small
 
     again = _exact_images(bundle)
@@ -296,16 +301,16 @@ def test_exact_mode_converts_its_unet_once_into_the_bundle_cache(tiny_bundle: Pa
 
 
 def test_read_only_bundle_rewrites_in_memory_on_each_load(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
-    from sdrt.engine.backends import openvino_cpu
+    from sdrt.engine.backends.openvino import backend as openvino_backend, cache
 
     writable = Path(shutil.copytree(tiny_bundle, tmp_path / "writable", ignore=shutil.ignore_patterns(".cache")))
     expected = _exact_images(writable)
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "read-only", ignore=shutil.ignore_patterns(".cache")))
     real_access = os.access  # root ignores file modes: make the bundle read-only the way the backend sees it
-    monkeypatch.setattr(openvino_cpu.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
+    monkeypatch.setattr(openvino_backend.os, "access", lambda path, mode: Path(path) != bundle and real_access(path, mode))
     rewritten = _count_winograd_rewrites(monkeypatch)
 
     np.testing.assert_array_equal(_exact_images(bundle), expected)
     np.testing.assert_array_equal(_exact_images(bundle), expected)
     assert len(rewritten) == 2
-    assert not (bundle / openvino_cpu.CACHE_SUBDIR).exists()
+    assert not (bundle / cache.CACHE_SUBDIR).exists()

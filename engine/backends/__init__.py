@@ -13,8 +13,8 @@ from pathlib import Path
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
 from sdrt.engine.backends.onnxruntime_cpu import OnnxRuntimeCPUBackend
 from sdrt.engine.backends.onnxruntime_cuda import OnnxRuntimeCUDABackend, OnnxRuntimeCUDAFP16Backend
-from sdrt.engine.backends.openvino_cpu import OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend
-from sdrt.engine.backends.tensorrt import TensorRTBackend
+from sdrt.engine.backends.openvino.backend import OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend
+from sdrt.engine.backends.tensorrt.backend import TensorRTBackend
 from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.specs import Component
 

@@ -79,9 +79,8 @@ class Backend(abc.ABC):
     opt_in: ClassVar[bool] = False
     #: the VAE decodes a batch in one call (GPUs, where batching costs less per image) rather than one image at a
     #: time. On the CPU, batching costs the same per sample at full size while a batched decode's full-resolution
-    #: activations multiply its peak memory: OpenVINO bf16, SD 1.5 at 512², VAE decode of 4 images 27.3 s and
-    #: 2.8 GB peak batched, 26.0 s and 1.0 GB one at a time, bit-identical (the U-Net over 8 samples: 17.7 s
-    #: batched, 17.9 s one at a time; it stays batched, as small models and serving's micro-batching gain from it).
+    #: activations multiply its peak memory, for bit-identical images; the U-Net stays batched there, as small models
+    #: and serving's micro-batching gain from it (measurements: docs/design-notes.md).
     batched_decode: ClassVar[bool] = False
     #: the host memory its models and requests take (sdrt.engine.memory_estimate); None where it is not modelled:
     #: the GPU backends, whose weights and activations live in device memory

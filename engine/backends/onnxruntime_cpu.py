@@ -5,12 +5,9 @@ allocator), grown by exactly what is asked, not in powers of two. The U-Net, run
 buffers in the arena from step to step; every other component's run shrinks the arena when it ends, handing its unused
 memory back to the system, so what the U-Net held goes back after the request's decode, and what a cancelled request
 left goes back at the next request's text encoding, before its U-Net runs. With an arena per session, onnxruntime's
-default, each session kept its largest run's buffers for good: on an sd15-small bundle (`sdrt make-checkpoint --arch
-sd15-small`), after the server's warm-up at 512x512, the resting RSS was 2.65 GB and a 384x384 request's peak 3.21 GB,
-3.19 GB after it; with the shared arena 0.58, 1.11 and 0.57 GB, in the same time (8 steps: 19.8-20.2 s against
-19.8-21.2 s; `python -m sdrt.benchmarks.memory_estimate BUNDLE --backend onnxruntime-cpu -s 8 --points 384x1`, 2-core
-EPYC). Without any arena memory went back after every run, but the U-Net's buffers were faulted in again at every
-step: on the same request 1.3 M more page faults, 3 s more system time.
+default, each session kept its largest run's buffers for good; the shared arena holds a fraction of that at rest
+and at a request's peak, in the same time. Without any arena memory went back after every run, but the U-Net's
+buffers were faulted in again at every step (measurements: docs/design-notes.md).
 """
 from __future__ import annotations
 
@@ -48,8 +45,8 @@ def _shrinking_run() -> ort.RunOptions:
 class OnnxRuntimeCPUBackend(Backend):
     name = "onnxruntime-cpu"
     exact = True
-    # Fitted on the test bundles (tiny, tiny-alt, demo, and a 0.5 GB SD 1.x-shaped one) at 128² to 512²: the
-    # estimate came within 1.01-1.16x of every measured peak (benchmarks/memory_estimate.py). Self-attention's scores
+    # Fitted on the test bundles (tiny, tiny-alt, demo, and a 0.5 GB SD 1.x-shaped one) at 128² to 512², rounded up
+    # (benchmarks/memory_estimate.py; the fit: docs/design-notes.md). Self-attention's scores
     # are held once and a fifth (the Softmax's output replaces its input; its buffers besides).
     memory_profile = MemoryProfile(weights_per_file_byte=1.05, runtime_bytes=32 << 20, attention_scores=1.22,
                                    unet_feature_maps=100, decoder_feature_maps=5.5, decoder_pixel_values=64,
@@ -73,7 +70,7 @@ class OnnxRuntimeCPUBackend(Backend):
         options.add_session_config_entry("session.use_env_allocators", "1")
         # A memory pattern allocates each run's buffers as one block, planned after the first run of a shape: the
         # second U-Net step then found the first's freed buffers too small and grew the arena by the whole block
-        # (tiny bundle, 384x384 n=2: peak 1.80 GB with it, 1.02 GB without, the same speed)
+        # (a far higher peak, at the same speed)
         options.enable_mem_pattern = False
         overrides = self._weights.get(component, {})
         # ORT_ENABLE_ALL's NCHWc layout transformer reorders Conv weights from the file, ignoring initializers

@@ -1,27 +1,22 @@
-"""OpenVINO on the CPU, reading the bundle's ONNX directly: bf16 (fast mode) or fp32 (exact mode).
+"""OpenVINO on the CPU, reading the bundle's ONNX directly: bf16 (fast mode), fp32 (exact mode), or bf16 with an
+int8 U-Net made by `sdrt quantize`.
 
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
-of accuracy (PSNR against the fp32 engine). In fp32, the U-Net's small 3x3 convolutions (and, once its shapes are
-known, its large ones on inputs of 16² and up), and the VAE decoder's on all but its largest activations, run as
-Winograd F(4x4, 3x3) (`winograd.py`). Models compiled for static shapes run each
-nearest-2x upsampling's convolution as four 2x2 phase convolutions (`upsample_phases.py`), in every precision; in
-such a U-Net, what does not read the text runs once for both halves of a classifier-free guidance batch
-(`guidance_prefix.py`), and in the fast modes each GEGLU projection runs as two products (`geglu_halves.py`).
-Converted and compiled models are cached under the bundle's `.cache/openvino`, one directory per model, so a later
-process skips most of the compilation; entries no current backend would read (a re-exported component, a changed
-rewrite) are removed when a backend opens the bundle.
+of accuracy (PSNR against the fp32 engine). Each component's model is rewritten before it compiles (`passes/`:
+which rewrites, per precision, in `passes/registry.py`), and the U-Net and VAE decoder are compiled for static
+shapes, which more rewrites need. Converted and compiled models are cached in the bundle (`cache.py`), so a later
+process skips most of the compilation; the constants static-shape rewrites make are stored beside the compiled
+models (`constants.py`).
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import functools
-import hashlib
 import logging
 import os
-import shutil
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,48 +24,18 @@ import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
-from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
-from sdrt.engine.backends.guidance_prefix import halves_identical, share_guidance_prefix
-from sdrt.engine.backends.upsample_phases import ConstantStore, rewrite_upsampling_convolutions
-from sdrt.engine.backends.winograd import (
-    CHUNK_WEIGHT_ELEMENTS, MAX_DECODER_INPUT_ELEMENTS, MAX_WEIGHT_ELEMENTS, MIN_STATIC_INPUT_AREA, REVISION, rewrite_convolutions,
+from sdrt.engine.backends.openvino import cache
+from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR, IR_FILE, IR_SUBDIR
+from sdrt.engine.backends.openvino.constants import CONSTANTS_SUBDIR, ConstantStore, mapped_constants
+from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
+from sdrt.engine.backends.openvino.passes.guidance_prefix import halves_identical, share_guidance_prefix
+from sdrt.engine.backends.openvino.passes.registry import (
+    GRAPH_REWRITES, STATIC_SHAPE_REWRITES, GraphRewrite, StaticShapeRewrite,
 )
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
 
 logger = logging.getLogger(__name__)
-
-CACHE_SUBDIR = ".cache/openvino"
-IR_SUBDIR = "ir"  # in CACHE_SUBDIR: converted models (fp16 weights, graph rewrites), one directory each
-COMPILED_SUBDIR = "compiled"  # in CACHE_SUBDIR: OpenVINO's compiled-model cache, one directory per model
-CONSTANTS_SUBDIR = "constants"  # in a model's compiled directory: constants that static-shape rewrites made, as IR
-IR_FILE = "model.xml"  # OpenVINO IR: the weights go beside it in model.bin
-INT8_SUBDIR = "int8"  # in the bundle: U-Nets quantized by `sdrt quantize`, one per U-Net digest
-
-
-def int8_unet_file(bundle_dir: Path, unet_digest: str) -> Path:
-    """Where `sdrt quantize` writes the int8 U-Net for the bundle's U-Net of this digest (a stale one is never
-    read: a re-exported U-Net has a new digest)."""
-    return Path(bundle_dir) / INT8_SUBDIR / f"unet-{unet_digest[:16]}" / IR_FILE
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphRewrite:
-    """A change to a component's OpenVINO model before it compiles, same outputs, less time. The converted model is
-    cached under a directory named after its rewrites: a rewrite whose output changes needs a new name."""
-
-    name: str
-    #: rewrites the model in place; returns how many places it changed
-    apply: Callable[[Any], int]
-
-
-@dataclasses.dataclass(frozen=True)
-class StaticShapeRewrite:
-    """A GraphRewrite for a model reshaped to static shapes; it makes its new constants with the ConstantStore
-    given (None: in the heap)."""
-
-    name: str
-    apply: Callable[[Any, ConstantStore | None], int]
 
 
 class CompileShapes(enum.Enum):
@@ -84,34 +49,9 @@ class CompileShapes(enum.Enum):
     EACH = "each"
     #: the first call's shapes; should they ever change, any shapes from then on (no model compiles twice over,
     #: however a server's batches vary). For large models: the compiled-model cache is not used for the first
-    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (SD 1.5's fp32
-    #: U-Net: 14.5 s from the cache, 13 s without; and no 3.5 GB blob on disk per shape)
+    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (and it would
+    #: write a blob of gigabytes per shape)
     FIRST = "first"
-
-
-# small 3x3 convolutions (winograd.py); the name carries the rewrite's revision and the weight limit, which decides
-# what is rewritten
-WINOGRAD = GraphRewrite(f"winograd{REVISION}-f4x4-{MAX_WEIGHT_ELEMENTS}", rewrite_convolutions)
-# Static-shape rewrites run on a model compiled for static shapes, after reshaping: they need the shapes (the
-# upsampling of an odd size is not a doubling; a convolution's input size). Their names go into the compiled-model
-# cache's directory names of the components compiled that way, so that blobs compiled, and constants stored
-# (CONSTANTS_SUBDIR), before a rewrite changed are pruned: a rewrite whose constants change needs a new name.
-UPSAMPLE_PHASES = StaticShapeRewrite("upsample-phases", rewrite_upsampling_convolutions)
-# a GEGLU feed-forward's projection as two products, one per half of its output (geglu_halves.py)
-GEGLU_HALVES = StaticShapeRewrite("geglu-halves", rewrite_geglu_projections)
-# a VAE decoder's 3x3 convolutions on all but its largest activations (winograd.py)
-WINOGRAD_DECODER = StaticShapeRewrite(
-    f"winograd{REVISION}-to-{MAX_DECODER_INPUT_ELEMENTS}",
-    lambda model, store: rewrite_convolutions(model, max_input_elements=MAX_DECODER_INPUT_ELEMENTS),
-)
-# a U-Net's large 3x3 convolutions (those WINOGRAD leaves) on inputs of MIN_STATIC_INPUT_AREA and up, their weight
-# transform in chunks (winograd.py); without a store (a read-only bundle) none: their rearranged weights would stay in
-# the heap, 0.95 GB for SD 1.5, breaking exact mode's memory bound
-WINOGRAD_LARGE = StaticShapeRewrite(
-    f"winograd{REVISION}-from-{MIN_STATIC_INPUT_AREA}-chunks-{CHUNK_WEIGHT_ELEMENTS}",
-    lambda model, store: 0 if store is None else rewrite_convolutions(
-        model, max_weight_elements=None, min_input_area=MIN_STATIC_INPUT_AREA, store=store),
-)
 
 
 def _openvino() -> Any | None:
@@ -136,28 +76,23 @@ class _OpenVINOBackend(Backend):
     #: OpenVINO's INFERENCE_PRECISION_HINT
     precision: ClassVar[str]
     #: compile from an fp16-weight copy of the ONNX (cached in the bundle): bf16 inference loses nothing to it, and
-    #: OpenVINO memory-maps the copy, so the fp32 weights never become resident (U-Net peak 6.1 -> 3.9 GB at 512²)
+    #: OpenVINO memory-maps the copy, so the fp32 weights never become resident
     fp16_weights: ClassVar[bool]
-    #: the graph rewrites applied to each component's model, in order
-    rewrites: ClassVar[Mapping[Component, tuple[GraphRewrite, ...]]] = {}
+    #: the graph rewrites applied to each component's model, in order (passes.registry.GRAPH_REWRITES)
+    rewrites: ClassVar[Mapping[Component, tuple[GraphRewrite, ...]]]
     #: the shapes each component is compiled for (CompileShapes.ANY where absent). The VAE decoder, whose activations
-    #: outweigh its weights, for each request's: SD 1.5 at 512² in fp32, buffers 1.21 -> 0.81 GB, and 14.7 -> 13.2 s;
-    #: a request of a new size pays a compilation (about 2 s at 512²; later processes find it in the compiled-model
-    #: cache). The U-Net for its first shapes (a request's CFG batch and size), which also lets it run its
-    #: text-independent prefix once for both halves of the batch (guidance_prefix.py). SD 1.5 at 512², alternate calls
-    #: in one process: fp32 (2-core AVX-512 EPYC) 8.89 -> 8.35 s per call before the prefix, and the U-Net holds
-    #: 0.6 GB less (planned buffers); on a 2-core AMX Xeon, int8 1.42 -> 1.18 s and bf16 1.77 -> 1.48 s, same accuracy
-    #: (relative RMS error against fp32 0.098 -> 0.099 and 0.048 -> 0.048). A process's first request pays the
-    #: compilation (not loaded from the cache; fp32 about 10 s more, int8 and bf16 2-4 s); the gain repays it within
-    #: one 20-step request.
+    #: outweigh its weights, for each request's: smaller planned buffers and faster calls, while a request of a new
+    #: size pays a compilation (later processes find it in the compiled-model cache). The U-Net for its first shapes
+    #: (a request's CFG batch and size): faster calls and less memory in every precision, at the same accuracy, and it
+    #: lets the U-Net run its text-independent prefix once for both halves of the batch (passes/guidance_prefix.py).
+    #: A process's first request pays the compilation (not loaded from the cache); the gain repays it within one
+    #: 20-step request (measurements: docs/design-notes.md).
     compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
         Component.VAE_DECODER: CompileShapes.EACH, Component.UNET: CompileShapes.FIRST,
     }
-    #: the static-shape rewrites of each component compiled for static shapes, in order: each nearest 2x
-    #: upsampling's convolution as phases, and the U-Net's GEGLU projections as two products
-    static_shape_rewrites: ClassVar[Mapping[Component, tuple[StaticShapeRewrite, ...]]] = {
-        Component.UNET: (GEGLU_HALVES, UPSAMPLE_PHASES), Component.VAE_DECODER: (UPSAMPLE_PHASES,),
-    }
+    #: the static-shape rewrites of each component compiled for static shapes, in order
+    #: (passes.registry.STATIC_SHAPE_REWRITES)
+    static_shape_rewrites: ClassVar[Mapping[Component, tuple[StaticShapeRewrite, ...]]]
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -183,22 +118,19 @@ class _OpenVINOBackend(Backend):
     def _converted_name(cls, component: Component, source: ComponentFile) -> str | None:
         """The cache directory of the component's converted model, or None where it compiles the bundle's file as is.
         The name carries what the conversion depends on: the source's digest and the rewrites."""
-        rewrites = cls.rewrites.get(component, ())
-        if not (cls.fp16_weights or rewrites):
-            return None
-        return "-".join([component.value, source.digest[:16], *(r.name for r in rewrites)])
+        return cache.converted_name(component, source.digest, cls.fp16_weights, (r.name for r in cls.rewrites.get(component, ())))
 
     @classmethod
     def _compiled_name(cls, component: Component, source: ComponentFile) -> str:
         """The cache directory of the component's compiled models (one per set of input shapes it is compiled for)."""
         static = cls._compiled_shapes(component) is not CompileShapes.ANY
         static_rewrites = cls.static_shape_rewrites.get(component, ()) if static else ()
-        return "-".join([cls._source_name(component, source), *(r.name for r in static_rewrites), cls.precision])
+        return cache.compiled_name(cls._source_name(component, source), (r.name for r in static_rewrites), cls.precision)
 
     @classmethod
     def _source_name(cls, component: Component, source: ComponentFile) -> str:
         """Names the model the component compiles from: its converted model, or the bundle's file."""
-        return cls._converted_name(component, source) or f"{component.value}-{source.digest[:16]}"
+        return cls._converted_name(component, source) or cache.model_name(component, source.digest)
 
     @classmethod
     def _compiled_shapes(cls, component: Component) -> CompileShapes:
@@ -234,8 +166,8 @@ class _OpenVINOBackend(Backend):
         return model
 
     def _load(self, component: Component) -> _LoadedModel:
-        # A new stage is starting: the last one's buffers go before this model compiles, not after (exact mode, SD 1.5
-        # at 512²: the VAE decoder's 1.3 GB were still held while the safety checker compiled, the first request's peak).
+        # A new stage is starting: the last one's buffers go before this model compiles, not after (in exact mode, the
+        # VAE decoder's buffers still held while the safety checker compiled were the first request's peak).
         self._release_buffers_unless(None)
         model = _LoadedModel(component)
         if self._compiled_shapes(component) is CompileShapes.ANY:
@@ -263,7 +195,7 @@ class _OpenVINOBackend(Backend):
                 logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source, store))
         model.compiled = model.request = None  # the previous shapes' model goes before the next one is built
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
-        # request's peak in exact mode (the fp32 safety checker loading beside everything else: 7.2 -> 6.1 GB).
+        # request's peak in exact mode (the fp32 safety checker loading beside everything else).
         with handing_back_mapped_pages(self.bundle_dir):
             model.compiled = self._core.compile_model(source, "CPU", config)
         model.request = model.compiled.create_infer_request()
@@ -278,16 +210,15 @@ class _OpenVINOBackend(Backend):
         if self._cache_dir is None:
             return None
         compiled_name = self._compiled_name(component, self.components[component])
-        return functools.partial(_mapped_constants, self._core, self._cache_dir / COMPILED_SUBDIR / compiled_name / CONSTANTS_SUBDIR)
+        return functools.partial(mapped_constants, self._core, self._cache_dir / COMPILED_SUBDIR / compiled_name / CONSTANTS_SUBDIR)
 
     def _release_buffers_unless(self, model: _LoadedModel | None) -> None:
         """Release the intermediate buffers of the model that ran last, unless it is `model`.
 
         A request that moves on to its next stage (text encoder -> U-Net -> VAE decoder -> safety checker) does not
         need the previous model's buffers, sized for its largest inputs, until the next request reaches it. Kept, they
-        add up across stages (SD 1.5 at 512² in bf16: 0.6 GB for the VAE decoder, 0.15 GB for the U-Net). Re-allocating
-        them costs each stage's next call some page faults: about 0.4 s per request in all at 512² in bf16, whatever
-        the number of steps."""
+        add up across stages. Re-allocating them costs each stage's next call some page faults, once per request
+        whatever the number of steps (measurements: docs/design-notes.md)."""
         previous = self._last_run() if self._last_run is not None else None
         if previous is not None and previous is not model:
             previous.compiled.release_memory()
@@ -315,8 +246,7 @@ class _OpenVINOBackend(Backend):
         else:
             # The first inference repacks the weights, reading the mapped files (in the bundle or its cache) once;
             # their pages are handed back as it goes, so the two copies are never resident together. The few pages
-            # read again later come back from the file: about 1 s over the next calls of a full-size U-Net, once
-            # per load.
+            # read again later come back from the file, once per load.
             with handing_back_mapped_pages(self.bundle_dir):
                 request.infer(dict(feeds))
             model.weights_repacked = True
@@ -328,7 +258,7 @@ class _OpenVINOBackend(Backend):
 class _LoadedModel:
     """A component's compiled model (None until the first call of a component compiled for exact shapes), its
     infer request, the shapes it was compiled for (None: any), whether it was rewritten for classifier-free guidance
-    batches (guidance_prefix.py), and whether it has run once (its weights repacked)."""
+    batches (passes/guidance_prefix.py), and whether it has run once (its weights repacked)."""
 
     component: Component
     compiled: Any = None
@@ -343,10 +273,12 @@ class OpenVINOBF16Backend(_OpenVINOBackend):
     precision = "bf16"
     exact = False
     fp16_weights = True
+    rewrites = GRAPH_REWRITES[precision]
+    static_shape_rewrites = STATIC_SHAPE_REWRITES[precision]
     # Fitted as onnxruntime-cpu's (benchmarks/memory_estimate.py). OpenVINO fuses self-attention: no scores held.
-    # Its compiled kernels (the runtime) take 90-140 MB whatever the model's size; weights end up in bf16, with
+    # Its compiled kernels (the runtime) take about the same whatever the model's size; weights end up in bf16, with
     # buffers and constants besides. A request of a new size compiles (the U-Net once, the decoder each time): the
-    # weights' mapped pages between two hand-backs and the compiler's own, up to 0.2 of the U-Net's file on sd15-small.
+    # weights' mapped pages between two hand-backs and the compiler's own (the fit: docs/design-notes.md).
     memory_profile = MemoryProfile(weights_per_file_byte=0.7, runtime_bytes=150 << 20, attention_scores=0.0,
                                    unet_feature_maps=60, decoder_feature_maps=2.5, decoder_pixel_values=40,
                                    request_bytes=32 << 20, compile_bytes_per_file_byte=0.25)
@@ -364,26 +296,19 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
     precision = "f32"
     exact = True
     fp16_weights = False
+    rewrites = GRAPH_REWRITES[precision]
+    static_shape_rewrites = STATIC_SHAPE_REWRITES[precision]
     # Fitted as bf16's; more than its fp32 files' weight at rest (Winograd's transformed weights, its planned
     # buffers), and Winograd tiles in the decoder's working memory. On the test bundles, not on SD 1.5, whose
     # exact-mode peak (benchmarks/MEMORY.md) suggests weights nearer 1x: recalibrate from a full-size run.
     memory_profile = MemoryProfile(weights_per_file_byte=1.6, runtime_bytes=150 << 20, attention_scores=0.0,
                                    unet_feature_maps=150, decoder_feature_maps=3.5, decoder_pixel_values=160,
                                    request_bytes=32 << 20, compile_bytes_per_file_byte=0.25)
-    # SD 1.5 at 512²: 8.9 -> 7.9-8.4 s per U-Net call from Winograd, within 2.3e-5 of direct convolutions. Not in
-    # bf16, whose rounding the transforms would amplify.
-    rewrites = {Component.UNET: (WINOGRAD,)}
-    # and the VAE decoder's smaller convolutions once its shapes are known: SD 1.5 at 512², 7.4-7.5 -> 6.0-6.2 s per
-    # decode, within 6e-5 of direct convolutions, its own peak +0.2 GB (the patch-and-product Winograd took 0.2 GB off
-    # the U-Net's).
-    # Its GEGLU projections stay whole: in fp32 the two products gained nothing. Its U-Net's larger convolutions in
-    # Winograd once shapes are static: 7.87 -> 7.19 s per call at 512² (WINOGRAD_LARGE).
-    static_shape_rewrites = {Component.UNET: (UPSAMPLE_PHASES, WINOGRAD_LARGE), Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)}
 
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
     """The bf16 fast mode with the U-Net's convolutions and matrix products in int8 (AVX-512 VNNI runs twice as many
-    int8 products per instruction as bf16): SD 1.5 at 512², 3.09 s per U-Net call against 4.51 s in bf16. Quantizing
+    int8 products per instruction as bf16), for faster U-Net calls (docs/design-notes.md). Quantizing
     activations changes images more than bf16 rounding does (see PSNR in the benchmark results), so it runs only
     for bundles whose owner made an int8 U-Net with `sdrt quantize`; "auto" then prefers it, as it prefers TensorRT
     where engines were built."""
@@ -401,7 +326,7 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
     @classmethod
     def _source_name(cls, component: Component, source: ComponentFile) -> str:
         if component is Component.UNET:
-            return f"{component.value}-{source.digest[:16]}-int8"
+            return f"{cache.model_name(component, source.digest)}-int8"
         return super()._source_name(component, source)
 
     def _model_file(self, component: Component) -> str:
@@ -413,64 +338,12 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
 _BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
 
 
-def _mapped_constants(core: Any, directory: Path, key: str, shapes: Sequence[tuple[int, ...]],
-                      compute: Callable[[], Sequence[np.ndarray]]) -> list[Any]:
-    """OpenVINO constants of these `shapes`, read (memory-mapped) from an IR under `directory` named after `key`;
-    computed and written there first, atomically, unless it already holds arrays of these shapes (a model's rewrite
-    makes the same constants on every compile: weights never change in a bundle's component)."""
-    import openvino
-    from openvino import opset13 as ops
-
-    target = directory / hashlib.sha256(key.encode()).hexdigest()[:16]
-    shapes = [list(shape) for shape in shapes]
-
-    def read() -> list[Any] | None:
-        if not (target / IR_FILE).is_file():
-            return None
-        constants = [result.input_value(0) for result in core.read_model(str(target / IR_FILE)).get_results()]
-        return constants if [list(c.get_shape()) for c in constants] == shapes else None
-
-    constants = read()
-    if constants is None:
-        arrays = list(compute())
-        # fp16 arrays are saved compressed (as fp32 constants compressed on saving, which is what marks their
-        # conversion back as a decompression when read): all or none, as compression applies to the whole file
-        compressed = all(array.dtype == np.float16 for array in arrays)
-        if not compressed and any(array.dtype == np.float16 for array in arrays):
-            raise ValueError(f"{key}: a stored set of constants is all float16 or none")
-        try:
-            with atomic_directory(target, replace=target.exists()) as staging:
-                stored = openvino.Model([ops.result(ops.constant(array.astype(np.float32) if compressed else array)) for array in arrays], [])
-                openvino.save_model(stored, str(staging / IR_FILE), compress_to_fp16=compressed)
-        except OSError:  # FileExistsError included: another process published it first
-            if read() is None:
-                raise
-        constants = read()
-    return constants
-
-
 def _remove_stale_cache_entries(cache_dir: Path, components: Mapping[Component, ComponentFile]) -> None:
-    """Remove the cache's converted and compiled models of these components that no OpenVINO backend would read
-    now: those of an earlier export (another digest) or of a rewrite since changed. Each full-size entry is gigabytes
-    (SD 1.5's fp32 U-Net: a 3.4 GB IR and a 3.3 GB compiled blob), and nothing else would ever delete them. Entries
-    of other components, and the hidden staging directories of conversions under way, are left alone."""
+    """Remove the cache's converted and compiled models of these components that no OpenVINO backend would read now."""
     current = {
         name
         for backend in _BACKENDS
         for component, source in components.items()
         for name in (backend._converted_name(component, source), backend._compiled_name(component, source))
     }
-    prefixes = tuple(f"{component.value}-" for component in components)
-    for subdir in (IR_SUBDIR, COMPILED_SUBDIR):
-        directory = cache_dir / subdir
-        if not directory.is_dir():
-            continue
-        for entry in directory.iterdir():
-            # blobs directly in compiled/ were written by versions that shared one cache directory for all models
-            shared_layout_blob = subdir == COMPILED_SUBDIR and entry.is_file()
-            if shared_layout_blob or (entry.name.startswith(prefixes) and entry.name not in current):
-                logger.info("removing stale OpenVINO cache entry %s", entry)
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+    cache.remove_stale_entries(cache_dir, components.keys(), current)

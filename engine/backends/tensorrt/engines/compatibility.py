@@ -6,11 +6,11 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
+from sdrt.engine.backends.tensorrt.engines.identity import BuildEnvironment
+from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision
+from sdrt.engine.backends.tensorrt.engines.store import EngineIndex, EngineStore, built_environments
 from sdrt.engine.errors import EnginesNotBuiltError, InvalidArgumentError, ProfileMismatchError
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.identity import BuildEnvironment
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision
-from sdrt.engine.tensorrt.store import EngineIndex, EngineStore, built_environments
 
 
 def build_command(

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.engine.atomic import atomic_file
+from sdrt.engine.backends.tensorrt.engines.identity import BuildEnvironment, EngineKey
+from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.identity import BuildEnvironment, EngineKey
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision
 
 logger = logging.getLogger(__name__)
 

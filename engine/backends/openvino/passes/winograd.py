@@ -9,23 +9,16 @@ output tiles. (A first version built the transforms from 36 depthwise convolutio
 additions: the same arithmetic, but its transforms' memory traffic ate the saving on large activations.)
 
 The Winograd-domain weights are four times the size of the 3x3 weights (36 values where there were 9). Kept
-resident, the rewrite would add 0.9 GB to SD 1.5's fp32 U-Net, and exact mode must never use more memory than
+resident, they would add that much to SD 1.5's fp32 U-Net, and exact mode must never use more memory than
 diffusers: so they are computed on every call from the 3x3 weights, which stay the only copy held. That costs
 bandwidth in proportion to the weights, while the saving grows with the activations: the rewrite pays only for
 convolutions with small weights, which in a U-Net are those at high resolution. Once shapes are static, the larger
 ones on inputs of 16² and up gain too, with their weight transform done in chunks of output channels, each chunk's
 products right after it, so that only one chunk's Winograd-domain weights are held (CHUNK_WEIGHT_ELEMENTS).
 
-Measured on SD 1.5's U-Net at 512², CFG batch 2, fp32, with the 19 convolutions MAX_WEIGHT_ELEMENTS selects (a
-2-core AVX-512 AMX Xeon; each variant in its own process, 3 calls after the first): the patch-and-product form
-against the first version, 5.0-5.25 -> 4.7-5.0 s per call, peak RSS 4.24 -> 4.02 GB, the first call (compilation)
-27.8 -> 14.7 s; output within 2.1e-5 of the first version's. One convolution at a time (medians of 4): 320 channels
-at 64², 81 ms direct, 54 ms in Winograd; 640 channels at 32², 73 -> 49 ms; the VAE decoder's 512 channels at 128²
-(batch 1), 431 -> 212 ms. Larger weights lose where the activations are small (1280 channels at 8²: 28 -> 68 ms)
-and, where they gain (at 16²: 81-93 -> 71-73 ms), their per-call Winograd-domain weights cost memory: all of the
-U-Net's convolutions on inputs of 16² and up, 5.0 -> 4.7 s per call but +1.1 GB, with each convolution's transform
-in one product; in chunks, the same gain costs almost nothing (MIN_STATIC_INPUT_AREA). Convolutions of a nearest
-upsampling are left to `upsample_phases.py`, which does more for them.
+Larger weights lose where the activations are small and, where they gain, their per-call Winograd-domain weights
+cost memory, unless transformed in chunks (MIN_STATIC_INPUT_AREA). Convolutions of a nearest upsampling are left to
+`upsample_phases.py`, which does more for them. Measurements: docs/design-notes.md.
 """
 from __future__ import annotations
 
@@ -35,38 +28,29 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
-from sdrt.engine.backends.upsample_phases import ConstantStore
+from sdrt.engine.backends.openvino.constants import ConstantStore
+from sdrt.engine.backends.openvino.passes.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
 
 logger = logging.getLogger(__name__)
 
 TILE = 4  # outputs per tile side: F(4x4, 3x3)
 POINTS = TILE + 2  # Winograd-domain points per tile side (the input tile is 6x6)
 #: The largest 3x3 weights (elements) rewritten. The per-call Winograd-domain weights also add to the model's
-#: intermediate buffers, and those set exact mode's peak. SD 1.5's U-Net at 512², exact mode's peak RSS over two
-#: requests: 6.39 GB direct, 6.65 GB with this limit (20 convolutions: those of at most 640x640 channels), 6.84 GB
-#: with 12 M (24: up to 1920 -> 640 channels), diffusers fp32 6.7-6.9 GB. Its 1280-channel convolutions (14.7 M
-#: elements and up) lose time as well (first version's figures; the patch-and-product form holds less).
+#: intermediate buffers, and those set exact mode's peak: this limit (SD 1.5's convolutions of at most 640x640
+#: channels) keeps it below diffusers fp32's, and larger ones lose time as well.
 MAX_WEIGHT_ELEMENTS = 4_000_000
 #: The largest 3x3 weights (elements) whose Winograd-domain weights are computed in one product; larger ones are
 #: computed and used one chunk of output channels at a time, so that the intermediate buffers hold one chunk's (four
-#: times its 3x3 weights: 64 MB here) rather than the whole convolution's. SD 1.5's 2560 -> 1280 channels at 16², CFG
-#: batch 2, fp32, each variant in its own process: 200 ms direct, peak RSS 0.52 GB; in one product 116 ms, 1.00 GB;
-#: in chunks of 256 output channels (5.9 M elements) 106 ms, 0.65 GB; of 64, 110 ms, 0.56 GB.
+#: times its 3x3 weights: 64 MB here) rather than the whole convolution's: as fast as one product, for a fraction of
+#: its memory.
 CHUNK_WEIGHT_ELEMENTS = 4_000_000
 #: The smallest input (height x width) on which a model compiled for static shapes has its convolutions of any weight
 #: size rewritten, in chunks (the U-Net's in exact mode, which MAX_WEIGHT_ELEMENTS leaves direct in the converted
-#: model). SD 1.5 at 512², CFG batch 2, fp32, one convolution (medians of 7, 2-core AMX Xeon, 105 MB L3): 1920 -> 640
-#: channels at 32², 291 -> 113 ms; 1280 -> 1280 at 16², 87 -> 51-65 ms; 640 -> 1280 at 16², 49 -> 39-41 ms; but 1280
-#: -> 1280 at 8², 24 -> 44-62 ms (four tiles per sample: the weight transform outweighs the products). Its whole
-#: U-Net, 13 convolutions more (alternate calls in one process, medians of 6): 7.87 -> 7.19 s per call, output within
-#: 2.4e-5 (of values up to 1.7); peak RSS of two exact-mode requests 6.43 -> 6.45 GB (with the rearranged weights
-#: mapped from the bundle's cache: held in the heap they would add their 0.95 GB).
+#: model). On smaller inputs the weight transform outweighs the products (at 8², four tiles per sample). The
+#: rearranged weights are mapped from the bundle's cache: held in the heap, they would raise exact mode's peak.
 MIN_STATIC_INPUT_AREA = 16 * 16
 #: The largest inputs (elements) of a VAE decoder's convolutions rewritten: its activations, not its weights, set its
-#: peak. SD 1.5 at 512² (2-core AMX Xeon, the decoder alone, one process each, medians of 3 calls): 7.38-7.54 s
-#: direct, 6.46-6.52 s up to 128² x 512 channels (8.4 M), 6.00-6.17 s with this limit (up to 256² x 256 channels:
-#: all but the full-resolution level), 5.95-6.19 s with all; peak RSS 1.18, 1.37, 1.38 and 2.05 GB.
+#: peak. All but the full-resolution level: rewriting that too gains nothing more and raises the peak by half.
 MAX_DECODER_INPUT_ELEMENTS = 256 * 256 * 256
 #: Names the rewritten graph in caches of converted models: bump it whenever the rewrite's output changes (2: the
 #: weight transform kept per call under static shapes too; 3: upsampling convolutions left to the phase rewrite; 4:

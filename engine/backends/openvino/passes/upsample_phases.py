@@ -10,41 +10,31 @@ The identity holds when the upsampled size is exactly twice the input's; the U-N
 connections' sizes, which are odd for latents not divisible by its downsampling. So the rewrite needs static
 shapes, and leaves alone an upsampling it cannot prove to be 2x.
 
-Measured (2-core AVX-512 CPU, one convolution, fp32): SD 1.5's VAE decoder's upsamplers at 512², 512 channels from
-64² and 128², 256 from 256²: 363 -> 167, 1609 -> 692 and 1619 -> 811 ms; its U-Net's at 512² with CFG batch 2, 640
-channels from 32²: 274 -> 123 ms (137 ms in Winograd). Outputs within 2e-5. In exact mode's pipeline (two 4-step
-requests at 512²) a VAE decode took 13.7 -> 12.3 s and the peak went down, 6.69 -> 6.56 GB.
-
-The U-Net's 1280-channel upsamplers gain as much (268 -> 117 ms from 16²), but their kernels are large: held in the
-process's heap, OpenVINO keeps them beside its own repacked copy (+0.37 GB of peak for the two). Given a
-`ConstantStore` that maps them from files (the backend's cache), only the repacked copy stays resident, and every
-upsampling is rewritten; without one, only weights of up to MAX_WEIGHT_ELEMENTS are. With the store, exact mode's
-U-Net call took 8.25 -> 7.95 s (SD 1.5 at 512², medians of 8 alternate calls in one process, output within 2.2e-5)
-and its pipeline's peak over a 1-step and a 3-step request rose by 0.07 GB (6.57 -> 6.64 and 6.81 GB in two runs).
+Each upsampling convolution runs in about half the time, outputs within 2e-5 (measurements:
+docs/design-notes.md). The U-Net's 1280-channel upsamplers gain as much, but their kernels are large: held in the
+process's heap, OpenVINO keeps them beside its own repacked copy. Given a `ConstantStore` that maps them from files
+(the backend's cache), only the repacked copy stays resident, and every upsampling is rewritten; without one, only
+weights of up to MAX_WEIGHT_ELEMENTS are.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
+from sdrt.engine.backends.openvino.constants import ConstantStore
+from sdrt.engine.backends.openvino.passes.graph_patterns import is_nearest_upsampling, is_size_preserving_convolution
 
 logger = logging.getLogger(__name__)
 
 SCALE = 2
-#: Makes constants of a model's arrays, named by `key` (unique in the model), of these shapes: returns OpenVINO
-#: outputs holding them (float16 arrays as OpenVINO's fp32 decompression of them, the form in which its CPU plugin
-#: keeps fp16 weights in fp16). It calls the function that computes the arrays only when it does not hold them already.
-ConstantStore = Callable[[str, Sequence[tuple[int, ...]], Callable[[], Sequence[np.ndarray]]], Sequence[Any]]
 #: The largest 3x3 weights (elements) rewritten without a ConstantStore (a read-only bundle has no cache to map them
-#: from): the phases' kernels are 16/9 of the 3x3 weights, held in the heap beside OpenVINO's repacked copy. SD 1.5 in
-#: exact mode, two 4-step requests at 512²: peak 6.69 GB unrewritten, 6.56 GB with this limit (the U-Net's 640-channel
-#: upsampler and the VAE decoder's), 7.06 GB with the U-Net's 1280-channel ones too, above diffusers fp32. Computed
-#: per call instead, those lose most of the gain to per-call weight reorders (from 16²: 283 -> 176 ms against 132 ms
-#: held; from 8²: 68 -> 70 ms).
+#: from): the phases' kernels are 16/9 of the 3x3 weights, held in the heap beside OpenVINO's repacked copy. This
+#: limit (SD 1.5's 640-channel U-Net upsampler and the VAE decoder's) lowers exact mode's peak; the U-Net's
+#: 1280-channel ones too would raise it above diffusers fp32's. Computed per call instead, those lose most of the
+#: gain to per-call weight reorders.
 MAX_WEIGHT_ELEMENTS = 4_000_000
 # The 3x3 kernel's rows onto the 2 input rows an output row of each phase reads: phase 0 reads rows i - 1 (tap 0)
 # and i (taps 1 and 2), phase 1 rows i (taps 0 and 1) and i + 1 (tap 2). Columns alike.

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.engine.backends.tensorrt.cuda import CudaGraph, DeviceBuffer, Stream
+from sdrt.engine.backends.tensorrt.library import tensorrt, trt_logger
+from sdrt.engine.backends.tensorrt.lru import LRUCache
 from sdrt.engine.errors import GpuError
-from sdrt.engine.tensorrt.cuda import CudaGraph, DeviceBuffer, Stream
-from sdrt.engine.tensorrt.library import tensorrt, trt_logger
-from sdrt.engine.tensorrt.lru import LRUCache
 
 #: shapes kept per engine (buffers, and a CUDA graph where captured): a server alternating a few sizes keeps them
 #: all, and memory stays bounded however many sizes it is asked for
@@ -49,7 +49,7 @@ class EngineRunner:
         self._runtime = trt.Runtime(trt_logger())
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise GpuError("TensorRT could not deserialise the engine (see the sdrt.engine.tensorrt.trt log)")
+            raise GpuError("TensorRT could not deserialise the engine (see the sdrt.engine.backends.tensorrt.trt log)")
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise GpuError("TensorRT could not create an execution context (out of device memory?)")
@@ -94,7 +94,7 @@ class EngineRunner:
             if not refitter.set_named_weights(name, trt.Weights(array)):
                 raise GpuError(f"TensorRT refused new weights for {name} {array.shape}: not a refittable weight of this engine, or of another shape")
         if not refitter.refit_cuda_engine():
-            raise GpuError("TensorRT refit_cuda_engine failed (see the sdrt.engine.tensorrt.trt log)")
+            raise GpuError("TensorRT refit_cuda_engine failed (see the sdrt.engine.backends.tensorrt.trt log)")
         # A captured graph replays kernels with the weight addresses of its capture. TensorRT refits in place, so
         # they should still hold, but that is not a documented guarantee: drop every shape's graph (and its
         # buffers), to be captured again on next use, rather than risk replaying stale weights.
@@ -127,4 +127,4 @@ class EngineRunner:
 
     def _execute(self) -> None:
         if not self._context.execute_async_v3(self._stream.ptr):
-            raise GpuError("TensorRT execute_async_v3 failed (see the sdrt.engine.tensorrt.trt log)")
+            raise GpuError("TensorRT execute_async_v3 failed (see the sdrt.engine.backends.tensorrt.trt log)")

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
+from sdrt.engine.backends.tensorrt.cuda import Stream
+from sdrt.engine.backends.tensorrt.engines.compatibility import build_command, check_context_length, check_request, resolve_engines
+from sdrt.engine.backends.tensorrt.library import current_environment, libraries_unavailable_reason
+from sdrt.engine.backends.tensorrt.runner import EngineRunner
 from sdrt.engine.cuda_device import cuda_device_unavailable_reason
 from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError, WeightsNotReplaceableError
 from sdrt.engine.onnx_weights import read_initializers
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.compatibility import build_command, check_context_length, check_request, resolve_engines
-from sdrt.engine.tensorrt.cuda import Stream
-from sdrt.engine.tensorrt.library import current_environment, libraries_unavailable_reason
-from sdrt.engine.tensorrt.runner import EngineRunner
 
 #: components whose calls are captured in CUDA graphs: the U-Net runs at every step with the same shapes, so a
 #: replay saves its many kernel launches each time; the others run once per request, where a capture costs more

@@ -13,11 +13,7 @@ the dynamic batch leaves the model as it is.
 Shapes are the subtle part. Inside the prefix, shapes read from its tensors (OpenVINO `ShapeOf`) give the half
 batch, as its own reshapes need; where a shape computed there reaches the context-dependent part (a transformer
 block reshaping its output to its input's shape), it must give the whole batch: that shape computation is copied,
-reading the repeated tensors.
-
-Measured (2-core AVX-512 CPU, SD 1.5's U-Net at 512², CFG batch 2, fp32 with exact mode's other rewrites, the two
-models compiled in one process and called alternately): 1250 of its nodes run on half the batch, and a call takes
-8.01 -> 7.79 s and 9.47 -> 9.20 s (medians of 7 and 3 calls each, two runs), output within 2.1e-5.
+reading the repeated tensors. Measurements: docs/design-notes.md.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.engine.backends.tensorrt.engines.identity import GpuIdentity
 from sdrt.engine.errors import BackendUnavailableError, GpuError
-from sdrt.engine.tensorrt.identity import GpuIdentity
 
 GPU_EXTRA_HINT = "pip install 'sdrt[gpu]'"
 

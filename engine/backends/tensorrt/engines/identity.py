@@ -9,8 +9,8 @@ import json
 import re
 from typing import Any
 
+from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision, ShapeRange
 from sdrt.engine.specs import Component
-from sdrt.engine.tensorrt.profile import EngineProfile, Precision, ShapeRange
 
 
 @dataclasses.dataclass(frozen=True)

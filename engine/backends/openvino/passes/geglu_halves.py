@@ -6,9 +6,8 @@ two halves then reach the GELU and the product of the halves through memory. Two
 its consumer reads it. The weights and bias are cut in two along the projection's output: the same values, so the
 same results up to the order of the products' accumulation.
 
-Measured on SD 1.5's U-Net at 512² with CFG batch 2 (2-core AMX Xeon, alternate calls in one process, medians of
-8): bf16 1.52 -> 1.47 s per call, int8 1.18 -> 1.11 s, relative error against fp32 unchanged; compiling takes up to
-2 s longer. Not in exact mode, whose fp32 products gained nothing from it in three trials.
+It makes the fast modes' U-Net calls a few percent faster at unchanged accuracy (measurements:
+docs/design-notes.md); not in exact mode, whose fp32 products gained nothing from it.
 
 The halves are new constants: they are made with a ConstantStore (the backend's cache, memory-mapped), so that
 once OpenVINO has repacked them their pages are handed back like the weights'; held in the heap they would stay
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.upsample_phases import ConstantStore
+from sdrt.engine.backends.openvino.constants import ConstantStore
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ def _sliced(output: Any, axis: int, width: int, start: int, stop: int, store: Co
     kind = node.get_type_name()
     if _is_fp16_decompression(node):
         # The store gives fp16 halves back as OpenVINO's decompression of them, which its CPU plugin keeps in fp16: a
-        # plain conversion would be folded into fp32 weights (+0.5 GB for SD 1.5's U-Net in bf16).
+        # plain conversion would be folded into fp32 weights, twice the size.
         return _sliced(node.input_value(0), axis, width, start, stop, store)
     if kind == "Constant":
         data = node.get_data()

@@ -7,11 +7,11 @@ import logging
 from types import ModuleType
 from typing import Any
 
+from sdrt.engine.backends.tensorrt.cuda import GPU_EXTRA_HINT, cudart, current_gpu
+from sdrt.engine.backends.tensorrt.engines.identity import BuildEnvironment
 from sdrt.engine.errors import BackendUnavailableError
-from sdrt.engine.tensorrt.cuda import GPU_EXTRA_HINT, cudart, current_gpu
-from sdrt.engine.tensorrt.identity import BuildEnvironment
 
-logger = logging.getLogger("sdrt.engine.tensorrt.trt")
+logger = logging.getLogger("sdrt.engine.backends.tensorrt.trt")
 
 
 def tensorrt() -> ModuleType:
