@@ -9,11 +9,10 @@ from sdrt.engine import InvalidArgumentError
 OK = dict(prompt="a cat", num_inference_steps=1, height=64, width=64)
 
 BAD = [
-    ("num_inference_steps", dict(num_inference_steps=0), "1..1000"),
-    ("num_inference_steps", dict(num_inference_steps=1001), "1..1000"),
-    ("num_inference_steps", dict(num_inference_steps=2.5), "1..1000"),
-    # SD 1.x's steps_offset=1 with leading spacing would need timestep 1000 of 0..999 (diffusers: IndexError).
-    ("num_inference_steps", dict(num_inference_steps=1000), "past the last training timestep 999"),
+    # SD 1.x's steps_offset=1 with leading spacing: 1000 steps would need timestep 1000 of 0..999 (diffusers: IndexError).
+    ("num_inference_steps", dict(num_inference_steps=0), "1..999"),
+    ("num_inference_steps", dict(num_inference_steps=1000), "1..999"),
+    ("num_inference_steps", dict(num_inference_steps=2.5), "1..999"),
     ("height", dict(height=60), "multiple of 8"),
     ("width", dict(width=0), "multiple of 8"),
     ("width", dict(width=-64), "multiple of 8"),
