@@ -56,7 +56,8 @@ from sdrt.engine.schedulers import (
     check_scheduler_name,
     scheduler_by_name,
 )
-from sdrt.engine.specs import Component, runs_unconditional_pass
+from sdrt.engine import guidance_batch
+from sdrt.engine.specs import Component
 from sdrt.engine.checks import is_finite_number, is_int
 from sdrt.engine.tokenizer import CLIPTokenizer
 
@@ -115,7 +116,7 @@ class _Request:
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return runs_unconditional_pass(self.guidance_scale)
+        return guidance_batch.is_guided(self.guidance_scale)
 
 
 def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
@@ -381,7 +382,7 @@ class StableDiffusionPipeline:
                 uncond = np.broadcast_to(np.tile(self.empty_prompt_embedding(), (1, chunks, 1)), cond.shape)  # (B, KL, D)
             else:
                 uncond = self._encode(uncond_tokens, chunks, timings)  # (B, KL, D)
-            cond = np.concatenate([uncond, cond])  # (2B, KL, D)
+            cond = guidance_batch.batch(uncond, cond)  # (2B, KL, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 
     def encode_image(self, pixels: np.ndarray, noise: RequestNoise, timings: dict[str, float] | None = None) -> np.ndarray:
@@ -415,8 +416,8 @@ class StableDiffusionPipeline:
             return latents, KnownRegionBlend(request.scheduler, request.schedule, image_latents, noise, mask)
         masked_pixels = (init.pixels * (init.mask < MASK_THRESHOLD)).astype(np.float32)  # (1, 3, H, W), repainted part 0
         masked_latents = np.repeat(self.encode_image(masked_pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
-        copies = 2 if request.do_classifier_free_guidance else 1  # [uncond; cond], as the context
-        return latents, MaskChannels(np.concatenate([mask] * copies), np.concatenate([masked_latents] * copies))
+        guided = request.do_classifier_free_guidance
+        return latents, MaskChannels(guidance_batch.repeat(mask, guided), guidance_batch.repeat(masked_latents, guided))  # (2BN, ...)
 
     def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
                  noise_source: RequestNoise, timings: dict[str, float],
@@ -424,8 +425,7 @@ class StableDiffusionPipeline:
         state, scheduler = request.schedule, request.scheduler
         guided = request.do_classifier_free_guidance
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
-            # Same batch order as the context: [uncond; cond].
-            model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
+            model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
@@ -433,8 +433,7 @@ class StableDiffusionPipeline:
                     Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
                 )[0]  # (2BN or BN, C, h, w)
             if guided:
-                noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
-                noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
+                noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
             # Stochastic samplers draw their step noise from the request's generator, after every other draw.
             step_noise = noise_source.draw(latents.shape) if scheduler.needs_noise else None
             latents, state = scheduler.step(state, noise_pred, step_index, latents, step_noise)

@@ -30,13 +30,14 @@ import numpy as np
 from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
 from sdrt.engine.backends.geglu_halves import rewrite_geglu_projections
-from sdrt.engine.backends.guidance_prefix import halves_identical, share_guidance_prefix
+from sdrt.engine.backends.guidance_prefix import share_guidance_prefix
 from sdrt.engine.backends.upsample_phases import ConstantStore, rewrite_upsampling_convolutions
 from sdrt.engine.backends.winograd import (
     CHUNK_WEIGHT_ELEMENTS, MAX_DECODER_INPUT_ELEMENTS, MAX_WEIGHT_ELEMENTS, MIN_STATIC_INPUT_AREA, REVISION, rewrite_convolutions,
 )
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
-from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
+from sdrt.engine.guidance_batch import REPEATED_INPUTS, halves_identical
+from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class _OpenVINOBackend(Backend):
 
     def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None, guided_halves: bool = False) -> None:
         """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held;
-        with `guided_halves` (static shapes only), for inputs whose GUIDANCE_REPEATED_INPUTS have identical halves."""
+        with `guided_halves` (static shapes only), for inputs whose guidance_batch.REPEATED_INPUTS have identical halves."""
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         first_shapes_only = shapes is not None and self.compile_shapes[model.component] is CompileShapes.FIRST
         if self._cache_dir is not None and not first_shapes_only:
@@ -256,7 +257,7 @@ class _OpenVINOBackend(Backend):
             source = self._core.read_model(source) if isinstance(source, str) else source
             if guided_halves:
                 # before reshaping: the rewrite keeps the batch dynamic (half of it runs the prefix)
-                guided_halves = share_guidance_prefix(source, GUIDANCE_REPEATED_INPUTS[model.component]) > 0
+                guided_halves = share_guidance_prefix(source, REPEATED_INPUTS[model.component]) > 0
             source.reshape(shapes)
             store = self._constant_store(model.component)
             for rewrite in self.static_shape_rewrites.get(model.component, ()):
@@ -299,7 +300,7 @@ class _OpenVINOBackend(Backend):
         self._last_run = weakref.ref(model)
         if model.compiled is None or model.shapes is not None:  # not compiled yet, or compiled for exact shapes
             shapes = {name: list(array.shape) for name, array in feeds.items()}
-            repeated = GUIDANCE_REPEATED_INPUTS.get(model.component)
+            repeated = REPEATED_INPUTS.get(model.component)
             guided_halves = repeated is not None and halves_identical(feeds, repeated)
             if shapes != model.shapes or (model.guided_halves and not guided_halves):
                 if model.compiled is not None and self.compile_shapes[model.component] is CompileShapes.FIRST:

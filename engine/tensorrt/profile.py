@@ -12,6 +12,7 @@ from typing import Any
 
 from sdrt.engine.checks import is_int
 from sdrt.engine.errors import BundleError, InvalidArgumentError
+from sdrt.engine.guidance_batch import batch_size
 from sdrt.engine.manifest import ComponentEntry, ModelConfig
 from sdrt.engine.specs import Component
 
@@ -140,8 +141,8 @@ def default_profile(model: ModelConfig) -> EngineProfile:
 def component_batch(component: Component, images: AxisRange) -> AxisRange:
     """The batch `component`'s engine sees when requests make `images` images (as the pipeline calls it)."""
     if component is Component.UNET:
-        # [unconditional; conditional] doubles the batch when guidance_scale > 1, the default; <= 1 runs it alone
-        return AxisRange(images.min, 2 * images.opt, 2 * images.max)
+        # guided (guidance_scale > 1, the default) doubles the batch; unguided runs the images alone
+        return AxisRange(batch_size(images.min, guided=False), batch_size(images.opt, guided=True), batch_size(images.max, guided=True))
     if component is Component.TEXT_ENCODER:
         # one row per prompt (at most one per image), and the empty prompt of guidance on its own
         return AxisRange(1, images.opt, images.max)
