@@ -90,13 +90,11 @@ class EngineProfile:
 
     def validate_for(self, model: ModelConfig) -> None:
         """Raise InvalidArgumentError unless every height and width is a size the model's pipeline accepts."""
-        factor = model.vae_scale_factor
+        sides = model.image_sides
         for name in ("height", "width"):
             axis = getattr(self, name)
-            if any(size % factor or size > model.max_image_size for size in (axis.min, axis.opt, axis.max)):
-                raise InvalidArgumentError(
-                    name, f"min, opt and max must be multiples of {factor} between {factor} and {model.max_image_size}, got {axis}"
-                )
+            if not all(sides.contains(size) for size in (axis.min, axis.opt, axis.max)):
+                raise InvalidArgumentError(name, f"min, opt and max must each be {sides.describe()}, got {axis}")
 
     def covering(self, batch: int, height: int, width: int) -> EngineProfile:
         """This profile widened just enough to hold a request of `batch` images of `height` x `width`."""
@@ -131,9 +129,9 @@ class ShapeRange:
 
 def default_profile(model: ModelConfig) -> EngineProfile:
     """Batch 1 to 4 (opt 1), sides from half to twice the model's default image side (opt: the default)."""
-    side, factor = model.default_image_size, model.vae_scale_factor
-    low = max(factor, side // DEFAULT_SIZE_SPAN // factor * factor)
-    high = min(model.max_image_size // factor * factor, side * DEFAULT_SIZE_SPAN)
+    side, factor, sides = model.default_image_size, model.vae_scale_factor, model.image_sides
+    low = max(sides.minimum, side // DEFAULT_SIZE_SPAN // factor * factor)
+    high = min(sides.maximum, side * DEFAULT_SIZE_SPAN)
     size = AxisRange(low, side, high)
     return EngineProfile(AxisRange(*DEFAULT_BATCH), size, size)
 
