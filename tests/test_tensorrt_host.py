@@ -174,8 +174,8 @@ def test_profile_ranges_are_validated(axes, parameter, message) -> None:
 
 
 @pytest.mark.parametrize(("axes", "parameter", "message"), [
-    ({"height": AxisRange(252, 512, 1024)}, "height", "multiples of 8 between 8 and 2048, got 252:512:1024"),
-    ({"width": AxisRange(256, 512, 4096)}, "width", "multiples of 8 between 8 and 2048"),
+    ({"height": AxisRange(252, 512, 1024)}, "height", "must each be a multiple of 8 in 128..2048, got 252:512:1024"),
+    ({"width": AxisRange(256, 512, 4096)}, "width", "must each be a multiple of 8 in 128..2048"),
 ])
 def test_profile_sizes_must_suit_the_model(axes, parameter, message) -> None:
     with pytest.raises(InvalidArgumentError, match=message) as error:
