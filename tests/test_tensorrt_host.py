@@ -423,7 +423,7 @@ def test_refittable_engines_are_requested_and_keyed_apart(tmp_path: Path) -> Non
 def test_build_refuses_bad_profile_and_read_only_bundle_before_building(tmp_path: Path, monkeypatch) -> None:
     bundle = _fake_bundle(tmp_path)
     compiler = FakeCompiler()
-    with pytest.raises(InvalidArgumentError, match="height: min, opt and max must be multiples of 8"):
+    with pytest.raises(InvalidArgumentError, match="height: min, opt and max must each be a multiple of 8"):
         build_engines(bundle, dataclasses.replace(SD15_PROFILE, height=AxisRange(250, 512, 1024)), compiler=compiler)
     monkeypatch.setattr(tensorrt_build.os, "access", lambda path, mode: False)
     with pytest.raises(EngineBuildError, match="read-only"):
@@ -507,7 +507,7 @@ def test_cli_build_engines_turns_flags_into_a_profile(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize(("flags", "message"), [
     (["--batch", "1:2"], "argument --batch: expected N or MIN:OPT:MAX, got '1:2'"),
     (["--batch", "4:1:2"], "sdrt: error: batch: must be integers with 1 <= min <= opt <= max, got min 4, opt 1, max 2"),
-    (["--height", "250:512:1024"], "sdrt: error: height: min, opt and max must be multiples of 8"),
+    (["--height", "250:512:1024"], "sdrt: error: height: min, opt and max must each be a multiple of 8"),
 ])
 def test_cli_build_engines_bad_profile_is_one_line_and_status_2(tmp_path: Path, capsys, flags, message) -> None:
     bundle = _fake_bundle(tmp_path)
