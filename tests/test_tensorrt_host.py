@@ -484,7 +484,7 @@ def test_pipeline_asks_the_backend_before_running_anything(tmp_path: Path) -> No
 
     manifest = read_manifest(_fake_bundle(tmp_path))
     pipe = StableDiffusionPipeline(bundle_dir=tmp_path, manifest=manifest, backend=RefusingBackend(), tokenizer=None,
-                                   scheduler=types.SimpleNamespace(start=lambda steps: "schedule"), safety_checker=None,
+                                   scheduler=types.SimpleNamespace(start=lambda steps: "schedule", min_inference_steps=1, max_inference_steps=999), safety_checker=None,
                                    safety_policy=SafetyPolicy.OFF, scheduler_config={})
     with pytest.raises(ProfileMismatchError):
         pipe(["a cat", "a dog"], num_images_per_prompt=3, height=64, width=96, num_inference_steps=1)
