@@ -487,8 +487,8 @@ def test_pipeline_asks_the_backend_before_running_anything(tmp_path: Path) -> No
                                    scheduler=types.SimpleNamespace(start=lambda steps: "schedule", min_inference_steps=1, max_inference_steps=999), safety_checker=None,
                                    safety_policy=SafetyPolicy.OFF, scheduler_config={})
     with pytest.raises(ProfileMismatchError):
-        pipe(["a cat", "a dog"], num_images_per_prompt=3, height=64, width=96, num_inference_steps=1)
-    assert asked == [(6, 64, 96)]
+        pipe(["a cat", "a dog"], num_images_per_prompt=3, height=128, width=192, num_inference_steps=1)
+    assert asked == [(6, 128, 192)]
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------
