@@ -31,7 +31,7 @@ from sdrt.benchmarks.bench import _machine
 from sdrt.benchmarks.sections import replace_section
 from sdrt.engine.host_memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
 from sdrt.engine.memory_estimate import MemoryModel
-from sdrt.engine.specs import runs_unconditional_pass
+from sdrt.engine.guidance_batch import is_guided
 from sdrt.serve import execution
 from sdrt.serve.execution import generate_batch, warm_up
 from sdrt.serve.schemas import GenerationParams
@@ -80,7 +80,7 @@ def measure(bundle: Path, backend: str, points: Sequence[Point], steps: int, gui
                                                point.size, steps, guidance_scale, 0, None)])
         seconds = time.perf_counter() - started
         peak, after = peak_rss_bytes(), process_rss_bytes()
-        working = model.working_bytes(point.size, point.size, point.images, runs_unconditional_pass(guidance_scale))
+        working = model.working_bytes(point.size, point.size, point.images, is_guided(guidance_scale))
         rows.append({"backend": pipe.backend.name, "size": point.size, "images": point.images, "base_bytes": base,
                      "resting_bytes": resting, "peak_bytes": peak, "after_bytes": after,
                      "estimate_bytes": model.resident_bytes + working, "admitted_bytes": resting + working,

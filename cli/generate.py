@@ -11,7 +11,7 @@ import numpy as np
 
 from sdrt.cli.common import EXIT_BLOCKED, UsageError
 from sdrt.demo.default_model import default_bundle_dir
-from sdrt.engine import PromptOptions, load
+from sdrt.engine import GenerationRequest, PromptOptions, load
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.image_io import save_png
 from sdrt.engine.safety_checker import SafetyPolicy
@@ -70,19 +70,22 @@ def _generate(args: argparse.Namespace) -> int:
                   prompt_options=PromptOptions(long_prompts=args.long_prompts, weighting=args.prompt_weighting))
     # What the command adds to the request; recorded in the PNG as given (paths as strings).
     extra = {name: getattr(args, name) for name in _COMMAND_ARGUMENTS[args.command] if getattr(args, name) is not None}
+    # Validated before any model runs: a bad argument ends here as `sdrt: error: <parameter>: <allowed range>`.
     if args.command == "outpaint":
         margins = {name: value for name, value in extra.items() if name != "image"}
-        out = pipe.outpaint(extra["image"], prompt, **margins, **common)
+        request = GenerationRequest.create_outpainting(pipe.limits, extra["image"], prompt, **margins, **common)
     else:
-        out = pipe(prompt, height=args.height, width=args.width, latents=latents, **extra, **common)
+        request = GenerationRequest.create(pipe.limits, prompt, height=args.height, width=args.width, latents=latents,
+                                           **extra, **common)
+    out = pipe.generate(request)
 
     parameters = {
         "prompt": prompt,
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
-        "height": out.images[0].height,
-        "width": out.images[0].width,
+        "height": request.height,
+        "width": request.width,
         "seed": seed,
         "scheduler": args.scheduler,
         **({"latents": str(args.latents) if args.latents is not None else None} if args.command == "generate" else {}),

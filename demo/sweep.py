@@ -297,8 +297,9 @@ def _value_text(value: Any) -> str:
 
 
 def _check_size(experiment: Experiment, size: Any, model: ModelConfig) -> tuple[int, int]:
-    factor, largest = model.vae_scale_factor, model.max_image_size
-    smallest = factor * math.ceil(MIN_SIDE / factor)  # the scorer reads nothing smaller than MIN_SIDE
+    factor, largest = model.vae_scale_factor, model.image_sides.maximum
+    # the scorer reads nothing smaller than MIN_SIDE
+    smallest = max(model.image_sides.minimum, factor * math.ceil(MIN_SIDE / factor))
     valid = (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(side) for side in size)
              and all(smallest <= side <= largest and side % factor == 0 for side in size))
     if not valid:

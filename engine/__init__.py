@@ -18,6 +18,7 @@ from sdrt.engine.errors import (
 from sdrt.engine.loading import load
 from sdrt.engine.pipeline import PipelineOutput, StableDiffusionPipeline
 from sdrt.engine.prompts import PromptOptions
+from sdrt.engine.request import GenerationRequest, RequestLimits
 from sdrt.engine.version import SDRT_VERSION as __version__
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "StableDiffusionPipeline",
     "PipelineOutput",
     "PromptOptions",
+    "GenerationRequest",
+    "RequestLimits",
     "SdrtError",
     "InvalidArgumentError",
     "BundleError",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sdrt.engine.backends import ComponentFile, MemoryPolicy, backend_class
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.host_memory import MemoryBudget
 from sdrt.engine.manifest import Manifest, read_manifest, verify_files
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy
@@ -23,6 +24,7 @@ def load(
     backend: str = "auto",
     safety_checker: bool | str = True,
     memory: str | MemoryPolicy = MemoryPolicy.KEEP_LOADED,
+    memory_budget: MemoryBudget | None = MemoryBudget(),
 ) -> StableDiffusionPipeline:
     """Load the bundle at `bundle_dir` for inference.
 
@@ -34,6 +36,8 @@ def load(
     the checker. Bundles exported without a checker report nsfw_content_detected = None.
     `memory`: "keep-loaded" (default) keeps each component loaded after first use; "one-at-a-time" keeps only the
     component in use, for the lowest peak memory at the cost of reloading each stage's model per request.
+    `memory_budget`: requests whose estimated peak memory is over it are refused when validated (default: 0.8 of
+    the memory available when each request is validated); None: no check.
     Every bundle file is checked against its size and sha256 in the manifest first: a missing, truncated or
     modified file raises BundleError (a ValueError) naming it. Hashes are recorded in the bundle's cache, so a
     later load re-hashes only files whose size, modification or change time differ.
@@ -68,6 +72,7 @@ def load(
         safety_checker=checker,
         safety_policy=policy,
         scheduler_config=scheduler_config,
+        memory_budget=memory_budget,
     )
 
 

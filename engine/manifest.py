@@ -55,6 +55,29 @@ class ComponentEntry:
     refit_map: str | None = None
 
 
+#: Requests run at sides within [trained / SIDE_SPAN, trained * SIDE_SPAN] of the model's trained side (sample_size x
+#: VAE scale factor). A quarter of it leaves SD's deepest U-Net level 2 latent pixels (below that its convolutions see
+#: mostly padding and images are meaningless tiles); four times it costs 16x the pixels and 256x the attention of the
+#: trained size, where the model only repeats its subject in tiles (SD 1.5: 128 to 2048 px; the 64-px default model:
+#: 16 to 256 px, where 2048 px took 11 minutes).
+SIDE_SPAN = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SideRange:
+    """The heights and widths a model runs: multiples of `multiple` (the VAE scale factor) in minimum..maximum."""
+
+    minimum: int
+    maximum: int
+    multiple: int
+
+    def contains(self, side: int) -> bool:
+        return self.minimum <= side <= self.maximum and side % self.multiple == 0
+
+    def describe(self) -> str:
+        return f"a multiple of {self.multiple} in {self.minimum}..{self.maximum}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Constants read from the checkpoint's own configs."""
@@ -84,6 +107,14 @@ class ModelConfig:
     @property
     def default_image_size(self) -> int:
         return self.sample_size * self.vae_scale_factor
+
+    @property
+    def image_sides(self) -> SideRange:
+        """The sides requests may ask for: SIDE_SPAN around the trained side, within the bundle's max_image_size."""
+        factor, trained = self.vae_scale_factor, self.default_image_size
+        smallest = max(factor, -(-trained // SIDE_SPAN // factor) * factor)  # rounded up to a multiple of factor
+        largest = min(trained * SIDE_SPAN, self.max_image_size) // factor * factor
+        return SideRange(smallest, largest, factor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from sdrt.engine.backends.base import Backend, MemoryPolicy, MemoryProfile
+from sdrt.engine.guidance_batch import batch_size
 from sdrt.engine.manifest import Manifest
 from sdrt.engine.specs import Component
 
@@ -127,7 +128,7 @@ class MemoryModel:
     def unet_bytes(self, height: int, width: int, images: int, guided: bool) -> int:
         """Working memory of the denoising loop: attention scores at the level where they are largest, and feature maps."""
         arch, profile = self.architecture, self.profile
-        batch = images * (2 if guided else 1)
+        batch = batch_size(images, guided)
         scores = max(heads * arch.latent_tokens(height, width, level) ** 2
                      for level, heads in enumerate(arch.unet_attention_heads))  # per sample
         feature_map = arch.latent_tokens(height, width, 0) * arch.unet_channels[0]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdrt.engine.checks import is_int
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.manifest import SideRange
 
 #: the default seam width, in latent pixels (times the VAE scale factor in image pixels)
 DEFAULT_FEATHER_LATENT_PIXELS = 4
@@ -47,11 +48,10 @@ class Canvas:
         return slice(self.top, self.top + self.image_height), slice(self.left, self.left + self.image_width)
 
 
-def plan_canvas(image_size: tuple[int, int], left: Any, right: Any, top: Any, bottom: Any, factor: int,
-                max_size: int) -> Canvas:
+def plan_canvas(image_size: tuple[int, int], left: Any, right: Any, top: Any, bottom: Any, sides: SideRange) -> Canvas:
     """The canvas for an image of `image_size` (width, height) grown by the margins (non-negative pixel counts, not
-    all zero), rounded up to multiples of `factor` (module docstring); InvalidArgumentError naming the margin that is
-    bad or the pair that makes a side longer than `max_size`."""
+    all zero), rounded up to multiples of `sides.multiple` (module docstring); InvalidArgumentError naming the margin
+    that is bad or the pair that makes a side the model cannot run (outside `sides`)."""
     margins = {"left": left, "right": right, "top": top, "bottom": bottom}
     for name, value in margins.items():
         if not is_int(value) or value < 0:
@@ -59,18 +59,18 @@ def plan_canvas(image_size: tuple[int, int], left: Any, right: Any, top: Any, bo
     if not any(margins.values()):
         raise InvalidArgumentError("left", "left, right, top and bottom are all 0: give at least one margin to fill")
     width, height = image_size
-    left, right = _round_up(width, int(left), int(right), factor, "left, right", max_size)
-    top, bottom = _round_up(height, int(top), int(bottom), factor, "top, bottom", max_size)
+    left, right = _round_up(width, int(left), int(right), sides, "left, right")
+    top, bottom = _round_up(height, int(top), int(bottom), sides, "top, bottom")
     return Canvas(height=top + height + bottom, width=left + width + right, top=top, left=left,
                   image_height=height, image_width=width)
 
 
-def _round_up(side: int, before: int, after: int, factor: int, names: str, max_size: int) -> tuple[int, int]:
+def _round_up(side: int, before: int, after: int, sides: SideRange, names: str) -> tuple[int, int]:
     total = before + side + after
-    extra = -total % factor
-    if total + extra > max_size:
+    extra = -total % sides.multiple
+    if not sides.contains(total + extra):
         raise InvalidArgumentError(
-            names, f"grow the image side of {side} px to {total + extra} px, more than this bundle's largest side {max_size} px"
+            names, f"grow the image side of {side} px to {total + extra} px: the canvas side must be {sides.describe()} for this model"
         )
     return (before + extra, after) if before and not after else (before, after + extra)
 

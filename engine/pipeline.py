@@ -7,70 +7,43 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import inspect
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sdrt.engine import guidance_batch
 from sdrt.engine.backends import Backend
+from sdrt.engine.checks import is_finite_number
 from sdrt.engine.errors import InvalidArgumentError
-from sdrt.engine.image_io import (
-    MASK_THRESHOLD,
-    ImageInput,
-    floor_to_multiple,
-    load_image,
-    load_mask,
-    preprocess_image,
-    preprocess_mask,
-)
-from sdrt.engine.image_io import decoded_to_unit_range, to_pil
-from sdrt.engine.image_to_image import (
-    TEXT_TO_IMAGE,
-    DenoiseHooks,
-    ImageInit,
-    KnownRegionBlend,
-    MaskChannels,
-    denoising_steps,
-    first_call,
-    latent_mask,
-    sample_posterior,
-)
+from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
+from sdrt.engine.image_io import MASK_THRESHOLD, ImageInput, decoded_to_unit_range, to_pil
+from sdrt.engine.image_to_image import TEXT_TO_IMAGE, DenoiseHooks, KnownRegionBlend, MaskChannels, latent_mask, sample_posterior
 from sdrt.engine.lora_weights import LoraWeights
 from sdrt.engine.manifest import Manifest
-from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_context, tokenize_prompt
+from sdrt.engine.memory_estimate import MemoryModel
 from sdrt.engine.noise import RequestNoise
-from sdrt.engine.outpaint import feathered_mask, grow, paste_original, plan_canvas, seam_width
+from sdrt.engine.outpaint import paste_original
+from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_context, tokenize_prompt
+from sdrt.engine.request import GenerationRequest, OutputType, RequestLimits
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
-from sdrt.engine.schedulers import (
-    DEFAULT_SCHEDULER,
-    Scheduler,
-    SchedulerConfigError,
-    SchedulerState,
-    check_scheduler_name,
-    scheduler_by_name,
-)
-from sdrt.engine.specs import Component, runs_unconditional_pass
-from sdrt.engine.checks import is_finite_number, is_int
+from sdrt.engine.schedulers import DEFAULT_SCHEDULER, Scheduler, SchedulerConfigError, check_scheduler_name, scheduler_by_name
+from sdrt.engine.specs import Component
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
-OutputType = Literal["pil", "np", "latent"]
 #: diffusers' `callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict`: called after each denoising
 #: step with {"latents": ...}; a "latents" entry in the returned dict replaces them. Raising (e.g. GenerationCancelled)
 #: stops the generation between steps.
 StepEndCallback = Callable[["StableDiffusionPipeline", int, float, dict[str, np.ndarray]], dict[str, np.ndarray] | None]
-_OUTPUT_TYPES = ("pil", "np", "latent")
-# diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's
-IMG2IMG_STRENGTH = 0.8
-INPAINT_STRENGTH = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,43 +62,6 @@ class PipelineOutput:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    """A validated call: everything the denoising loop needs, nothing left to check."""
-
-    prompts: tuple[str, ...]
-    negative_prompts: tuple[str, ...] | None
-    scheduler: Scheduler  # the sampler this call runs
-    schedule: SchedulerState  # the planned run of num_inference_steps steps
-    guidance_scale: float
-    num_images_per_prompt: int
-    height: int
-    width: int
-    seed: int | None
-    latents: np.ndarray | None
-    output_type: OutputType
-    prompt_options: PromptOptions = PromptOptions()
-    init: ImageInit | None = None  # image to image and inpainting: the image to start from
-    # applied to the decoded (N, H, W, 3) images before the safety check (outpainting's paste-back)
-    finish: Callable[[np.ndarray], np.ndarray] | None = None
-
-    @property
-    def num_images(self) -> int:
-        return len(self.prompts) * self.num_images_per_prompt
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return runs_unconditional_pass(self.guidance_scale)
-
-
-def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, Sequence) and value and all(isinstance(p, str) for p in value):
-        return tuple(value)
-    raise InvalidArgumentError(name, f"must be a string or a non-empty list of strings, got {type(value).__name__}: {value!r:.80}")
-
-
 class StableDiffusionPipeline:
     """A loaded bundle, ready to generate. Create it with `sdrt.engine.load`; call it like diffusers' pipeline."""
 
@@ -139,9 +75,12 @@ class StableDiffusionPipeline:
         safety_checker: SafetyChecker | None,
         safety_policy: SafetyPolicy,
         scheduler_config: Mapping[str, Any],
+        memory_budget: MemoryBudget | None = MemoryBudget(),
     ) -> None:
         """`scheduler_config`: the bundle's scheduler_config.json, read when its hash was verified at load; named
-        samplers are built from it, so a file damaged or removed after load changes nothing."""
+        samplers are built from it, so a file damaged or removed after load changes nothing. `memory_budget`: what
+        a request's estimated peak memory must fit (sdrt.engine.memory_estimate), checked when it is validated;
+        None: no check (a server admitting work by its own budget)."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -154,6 +93,17 @@ class StableDiffusionPipeline:
         self._progress_bar_config: dict[str, Any] = {}
         self._lora = LoraWeights(bundle_dir, manifest, backend)
         self._named_schedulers: dict[str, Scheduler] = {}
+        self.memory_budget = memory_budget
+        self._opened_rss_bytes = process_rss_bytes() or 0  # before any of its models ran: the memory estimate's base
+        self._memory_model: MemoryModel | None = None
+        model = manifest.model
+        #: what requests are validated against (GenerationRequest.create)
+        self.limits = RequestLimits(
+            vae_scale_factor=model.vae_scale_factor, latent_channels=model.latent_channels,
+            default_image_size=model.default_image_size, image_sides=model.image_sides,
+            unet_takes_mask=model.unet_in_channels != model.latent_channels, sampler=self.sampler,
+            check_images=self._check_images,
+        )
 
     # ---- configuration -------------------------------------------------------------------------------------------
     @property
@@ -198,118 +148,33 @@ class StableDiffusionPipeline:
                 raise InvalidArgumentError("scheduler", f"{name!r} cannot run this checkpoint's noise schedule: {exc}") from None
         return self._named_schedulers[name]
 
-    # ---- validation ----------------------------------------------------------------------------------------------
-    def _validate_size(self, name: str, value: Any) -> int:
-        if value is None:
-            return self.manifest.model.default_image_size
-        factor, largest = self.vae_scale_factor, self.manifest.model.max_image_size
-        if not is_int(value) or not factor <= value <= largest or value % factor:
-            raise InvalidArgumentError(name, f"must be a multiple of {factor} between {factor} and {largest}, got {value!r}")
-        return int(value)
-
-    def _validate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                  height, width, seed, latents, output_type, scheduler=None, prompt_options=PromptOptions(), image=None,
-                  mask_image=None, strength=None, binarize_mask=True) -> _Request:
-        prompts = _as_prompt_list("prompt", prompt)
-        negative_prompts = None
-        if negative_prompt is not None:
-            negative_prompts = _as_prompt_list("negative_prompt", negative_prompt)
-            if len(negative_prompts) == 1 and len(prompts) > 1 and isinstance(negative_prompt, str):
-                negative_prompts = negative_prompts * len(prompts)
-            if len(negative_prompts) != len(prompts):
-                raise InvalidArgumentError(
-                    "negative_prompt", f"has {len(negative_prompts)} entries but prompt has {len(prompts)}: give one per prompt"
-                )
-        sampler = self.sampler(scheduler)
-        try:
-            # The scheduler knows its limits (training steps, warm-up length, steps_offset): planning the run checks them.
-            schedule = sampler.start(num_inference_steps)
-        except ValueError as exc:
-            raise InvalidArgumentError("num_inference_steps", str(exc)) from None
-        if not is_finite_number(guidance_scale):
-            raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
-        if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
-            raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
-        init = None
-        if image is None:
-            if mask_image is not None:
-                raise InvalidArgumentError("mask_image", "needs `image`, the picture to inpaint")
-            if strength is not None:
-                raise InvalidArgumentError("strength", "applies only with `image` (image to image, inpainting)")
-            if self._unet_takes_mask:
-                raise InvalidArgumentError("mask_image", f"this bundle's U-Net is an inpainting U-Net "
-                                           f"({self.manifest.model.unet_in_channels} input channels): give image and mask_image")
-            height, width = self._validate_size("height", height), self._validate_size("width", width)
-        else:
-            if self._unet_takes_mask and mask_image is None:
-                raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
-            if latents is not None:
-                raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
-            init, height, width = self._validate_image(image, mask_image, strength, height, width, binarize_mask)
-            # Start part-way, as diffusers' get_timesteps; the steps count was checked by the plan above.
-            if denoising_steps(num_inference_steps, init.strength) < 1:
-                raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
-                                           "strength * num_inference_steps must be at least 1")
-            try:
-                schedule = sampler.start(num_inference_steps, first_call(num_inference_steps, init.strength, sampler.order))
-            except ValueError as exc:
-                raise InvalidArgumentError("strength", str(exc)) from None
-        if seed is not None and (not is_int(seed) or seed < 0):
-            raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
-        if output_type not in _OUTPUT_TYPES:
-            raise InvalidArgumentError("output_type", f"must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(prompt_options, PromptOptions):
-            raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
-        request = _Request(prompts, negative_prompts, sampler, schedule, float(guidance_scale), int(num_images_per_prompt),
-                           height, width, seed, None, output_type, prompt_options=prompt_options, init=init)
-        self.backend.check_request(request.num_images, height, width)  # e.g. a size TensorRT's engines were not built for
-        if latents is not None:
-            expected = self._latent_shape(request)
-            if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != expected:
-                got = f"{latents.dtype} array of shape {latents.shape}" if isinstance(latents, np.ndarray) else type(latents).__name__
-                raise InvalidArgumentError("latents", f"must be a float32 numpy array of shape {expected}, got {got}")
-            if not np.isfinite(latents).all():
-                raise InvalidArgumentError("latents", "contains NaN or infinity")
-            request = dataclasses.replace(request, latents=latents)
-        return request
-
-    def _validate_image(self, image, mask_image, strength, height, width, binarize_mask) -> tuple[ImageInit, int, int]:
-        """The preprocessed image (and mask) and the size to run at: `height`/`width` where given; else, as diffusers,
-        the image's own side rounded down to a multiple of the VAE scale factor for image to image, the model's
-        default size for inpainting."""
-        picture = load_image(image, "image")
-        mask = load_mask(mask_image, "mask_image") if mask_image is not None else None
-        if mask is not None and mask.size != picture.size:
-            raise InvalidArgumentError("mask_image", f"is {mask.width}x{mask.height} but image is "
-                                       f"{picture.width}x{picture.height}: give a mask of the image's size")
-        if strength is None:
-            strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
-        if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
-            raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
-        if mask is None:
-            own_height, own_width = floor_to_multiple(picture, self.vae_scale_factor)
-            smallest, largest = self.vae_scale_factor, self.manifest.model.max_image_size
-            if (height is None and not smallest <= own_height <= largest) or (width is None and not smallest <= own_width <= largest):
-                raise InvalidArgumentError("image", f"is {picture.width}x{picture.height}: this bundle runs sides of "
-                                           f"{smallest} to {largest} px; pass height and width to resize it")
-            height, width = own_height if height is None else height, own_width if width is None else width
-        height, width = self._validate_size("height", height), self._validate_size("width", width)
-        pixels = preprocess_image(picture, height, width)  # (1, 3, H, W)
-        mask_pixels = preprocess_mask(mask, height, width, binarize_mask) if mask is not None else None  # (1, 1, H, W)
-        return ImageInit(pixels, float(strength), mask_pixels), height, width
-
-    @property
-    def _unet_takes_mask(self) -> bool:
-        """An inpainting U-Net: mask and masked-image latents are inputs besides the latents."""
-        return self.manifest.model.unet_in_channels != self.manifest.model.latent_channels
-
-    def _latent_shape(self, request: _Request) -> tuple[int, int, int, int]:
-        return self.latent_shape(request.num_images, request.height, request.width)
+    # ---- request bounds ----------------------------------------------------------------------------------------
+    def _check_images(self, prompts: int, num_images_per_prompt: int, height: int, width: int, guided: bool) -> None:
+        """RequestLimits.check_images: the backend's bounds, then the memory budget's (where the backend's memory is
+        modelled): refused when the estimate of the request's peak is over it."""
+        images = prompts * num_images_per_prompt
+        self.backend.check_request(images, height, width)
+        if self.memory_budget is None or type(self.backend).memory_profile is None:
+            return
+        if self._memory_model is None:
+            self._memory_model = MemoryModel.for_pipeline(self, self._opened_rss_bytes)
+        model, budget = self._memory_model, self.memory_budget.resolve()
+        needed = model.peak_bytes(height, width, images, guided)
+        if needed <= budget:
+            return
+        over = (f"{images} images of {width}x{height} need about {format_bytes(needed)}, over this machine's memory "
+                f"budget of {format_bytes(budget)} ({self.memory_budget.describe()})")
+        most = model.most_images(height, width, guided, budget, images - 1) // prompts
+        if most:
+            raise InvalidArgumentError("num_images_per_prompt", f"must be at most {most} here ({prompts} prompt(s)): {over}")
+        step = self.vae_scale_factor
+        side = model.largest_square(images, guided, budget, step, self.manifest.model.image_sides.maximum)
+        fits = f"at most {side}x{side} fits" if side >= self.manifest.model.image_sides.minimum else "no size fits"
+        raise InvalidArgumentError("height", f"{over}; {fits}")
 
     def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
         """The shape of the initial noise for `num_images` images of height x width pixels."""
-        f = self.vae_scale_factor
-        return (num_images, self.manifest.model.latent_channels, height // f, width // f)
+        return self.limits.latent_shape(num_images, height, width)
 
     def draw_noise(self, seed: int | None, num_images: int, height: int, width: int) -> np.ndarray:
         """The initial noise a text-to-image call with `seed` draws when given no `latents` (its first draw): float32
@@ -365,10 +230,10 @@ class StableDiffusionPipeline:
             )
         self.backend.check_context_length(length)
 
-    def _text_context(self, request: _Request, timings: dict[str, float]) -> np.ndarray:
+    def _text_context(self, request: GenerationRequest, timings: dict[str, float]) -> np.ndarray:
         """U-Net conditioning: [unconditional; conditional] when guiding, each prompt repeated per image, every
         prompt padded to the same number of chunks."""
-        options, guided = request.prompt_options, request.do_classifier_free_guidance
+        options, guided = request.prompt_options, request.guided
         cond_tokens = self._tokenize("prompt", request.prompts, options, timings)
         uncond_tokens = []
         if guided and request.negative_prompts is not None:
@@ -381,7 +246,7 @@ class StableDiffusionPipeline:
                 uncond = np.broadcast_to(np.tile(self.empty_prompt_embedding(), (1, chunks, 1)), cond.shape)  # (B, KL, D)
             else:
                 uncond = self._encode(uncond_tokens, chunks, timings)  # (B, KL, D)
-            cond = np.concatenate([uncond, cond])  # (2B, KL, D)
+            cond = guidance_batch.batch(uncond, cond)  # (2B, KL, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 
     def encode_image(self, pixels: np.ndarray, noise: RequestNoise, timings: dict[str, float] | None = None) -> np.ndarray:
@@ -391,41 +256,40 @@ class StableDiffusionPipeline:
         sample_noise = noise.draw((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]))  # (1, C, h, w)
         return sample_posterior(moments, sample_noise, self.manifest.model.vae_scaling_factor)
 
-    def _initial_latents(self, request: _Request, noise_source: RequestNoise,
+    def _initial_latents(self, request: GenerationRequest, noise_source: RequestNoise,
                          timings: dict[str, float]) -> tuple[np.ndarray, DenoiseHooks]:
         """The latents the loop starts from and what it does besides text to image. Noise is drawn in diffusers'
         order: the image's latent sample, the initial noise, then the masked image's latent sample."""
-        init, shape, sigma = request.init, self._latent_shape(request), np.float32(request.schedule.init_noise_sigma)
+        init, shape, sigma = request.init, self.latent_shape(request.num_images, request.height, request.width), np.float32(request.schedule.init_noise_sigma)
         if init is None:
             latents = request.latents if request.latents is not None else noise_source.draw(shape)
             return (latents * sigma).astype(np.float32), TEXT_TO_IMAGE  # (BN, C, H/f, W/f)
         # An inpainting U-Net started from pure noise (strength 1) never sees the unmasked image's latents.
         image_latents = None
-        if init.mask is None or not self._unet_takes_mask or init.strength < 1.0:
+        if init.mask is None or not self.limits.unet_takes_mask or init.strength < 1.0:
             image_latents = np.repeat(self.encode_image(init.pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
         noise = noise_source.draw(shape)  # (BN, C, h, w)
         if init.mask is not None and init.strength == 1.0:
             latents = (noise * sigma).astype(np.float32)  # as text to image: the image enters through the mask
         else:
-            latents = request.scheduler.add_noise(request.schedule, image_latents, noise, 0)  # (BN, C, h, w)
+            latents = request.sampler.add_noise(request.schedule, image_latents, noise, 0)  # (BN, C, h, w)
         if init.mask is None:
             return latents, TEXT_TO_IMAGE
         mask = np.repeat(latent_mask(init.mask, self.vae_scale_factor), request.num_images, axis=0)  # (BN, 1, h, w)
-        if not self._unet_takes_mask:
-            return latents, KnownRegionBlend(request.scheduler, request.schedule, image_latents, noise, mask)
+        if not self.limits.unet_takes_mask:
+            return latents, KnownRegionBlend(request.sampler, request.schedule, image_latents, noise, mask)
         masked_pixels = (init.pixels * (init.mask < MASK_THRESHOLD)).astype(np.float32)  # (1, 3, H, W), repainted part 0
         masked_latents = np.repeat(self.encode_image(masked_pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
-        copies = 2 if request.do_classifier_free_guidance else 1  # [uncond; cond], as the context
-        return latents, MaskChannels(np.concatenate([mask] * copies), np.concatenate([masked_latents] * copies))
+        guided = request.guided
+        return latents, MaskChannels(guidance_batch.repeat(mask, guided), guidance_batch.repeat(masked_latents, guided))  # (2BN, ...)
 
-    def _denoise(self, request: _Request, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
+    def _denoise(self, request: GenerationRequest, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
                  noise_source: RequestNoise, timings: dict[str, float],
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
-        state, scheduler = request.schedule, request.scheduler
-        guided = request.do_classifier_free_guidance
+        state, scheduler = request.schedule, request.sampler
+        guided = request.guided
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
-            # Same batch order as the context: [uncond; cond].
-            model_input = np.concatenate([latents, latents]) if guided else latents  # (2BN or BN, C, h, w)
+            model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
@@ -433,8 +297,7 @@ class StableDiffusionPipeline:
                     Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
                 )[0]  # (2BN or BN, C, h, w)
             if guided:
-                noise_uncond, noise_text = np.split(noise_pred, 2)  # (BN, C, h, w) each
-                noise_pred = noise_uncond + np.float32(request.guidance_scale) * (noise_text - noise_uncond)
+                noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
             # Stochastic samplers draw their step noise from the request's generator, after every other draw.
             step_noise = noise_source.draw(latents.shape) if scheduler.needs_noise else None
             latents, state = scheduler.step(state, noise_pred, step_index, latents, step_noise)
@@ -455,7 +318,7 @@ class StableDiffusionPipeline:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | GenerationRequest,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -498,35 +361,33 @@ class StableDiffusionPipeline:
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
         diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
-        Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range.
+        Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
+        model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
+        passed as `prompt`, with no other argument but `callback_on_step_end`.
         """
+        if isinstance(prompt, GenerationRequest):
+            arguments = locals()
+            given = [name for name, default in _CALL_DEFAULTS.items() if arguments[name] is not default]
+            if given:
+                raise InvalidArgumentError(given[0], "cannot be given with a GenerationRequest: it holds every argument")
+            return self.generate(prompt, callback_on_step_end)
+        request = GenerationRequest.create(
+            self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
+            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength)
+        return self.generate(request, callback_on_step_end)
+
+    def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
+        """Run `request`, validated with this pipeline's `limits` (GenerationRequest.create); `callback_on_step_end`
+        as in `__call__`."""
+        if not isinstance(request, GenerationRequest) or request.limits is not self.limits:
+            raise InvalidArgumentError("request", "must be a GenerationRequest built with this pipeline's limits "
+                                       "(GenerationRequest.create(pipe.limits, ...))")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise InvalidArgumentError("callback_on_step_end", f"must be callable or None, got {type(callback_on_step_end).__name__}")
-        request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 height, width, seed, latents, output_type, scheduler, prompt_options, image, mask_image,
-                                 strength)
-        return self._run(request, return_safety_scores, callback_on_step_end)
+        return self._run(request, callback_on_step_end)
 
-    def outpaint(
-        self,
-        image: ImageInput,
-        prompt: str | Sequence[str],
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        feather: int | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        strength: float = INPAINT_STRENGTH,
-        seed: int | None = None,
-        output_type: Literal["pil", "np"] = "pil",
-        return_safety_scores: bool = False,
-        scheduler: str | None = None,
-        prompt_options: PromptOptions = PromptOptions(),
-    ) -> PipelineOutput:
+    def outpaint(self, image: ImageInput, prompt: str | Sequence[str], left: int = 0, right: int = 0, top: int = 0,
+                 bottom: int = 0, feather: int | None = None, **options: Any) -> PipelineOutput:
         """Extend `image` by `left`, `right`, `top`, `bottom` pixels and fill the new margins for `prompt`.
 
         The canvas is rounded up to multiples of the VAE scale factor (the extra pixels widen the right and bottom
@@ -535,22 +396,14 @@ class StableDiffusionPipeline:
         outwards (default 4 latent pixels, capped at half the widest margin); with a standard U-Net the seam's
         latents are a blend of the repeated edge and the generated ones at every step, so the new content grows out
         of the image's border; an inpainting U-Net takes a hard mask. The result is the inpainted canvas with the
-        original pixels pasted back unchanged. The other arguments are those of `__call__`.
+        original pixels pasted back unchanged. `options` are `__call__`'s other arguments (negative_prompt,
+        num_inference_steps, guidance_scale, num_images_per_prompt, strength (default 1), seed, output_type ("pil"
+        or "np"), return_safety_scores, scheduler, prompt_options): GenerationRequest.create_outpainting.
         """
-        if output_type not in ("pil", "np"):
-            raise InvalidArgumentError("output_type", f"outpainting returns images: must be 'pil' or 'np', got {output_type!r}")
-        original = load_image(image, "image")
-        canvas = plan_canvas(original.size, left, right, top, bottom, self.vae_scale_factor, self.manifest.model.max_image_size)
-        seam = seam_width(canvas, feather, self.vae_scale_factor)
-        mask = feathered_mask(canvas, 0 if self._unet_takes_mask else seam)  # (H, W)
-        request = self._validate(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                                 canvas.height, canvas.width, seed, None, output_type, scheduler, prompt_options,
-                                 grow(original, canvas), mask, strength, binarize_mask=False)
-        finish = functools.partial(paste_original, original=original, canvas=canvas)
-        return self._run(dataclasses.replace(request, finish=finish), return_safety_scores)
+        return self.generate(GenerationRequest.create_outpainting(self.limits, image, prompt, left, right, top, bottom,
+                                                                  feather, **options))
 
-    def _run(self, request: _Request, return_safety_scores: bool,
-             callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
+    def _run(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None) -> PipelineOutput:
         timings: dict[str, float] = {}
         context = self._text_context(request, timings)
         noise_source = RequestNoise(request.seed)
@@ -564,8 +417,8 @@ class StableDiffusionPipeline:
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings)
         with _timed(timings, "decode"):
             images = self.decode(latents)  # (N, H, W, 3)
-        if request.finish is not None:
-            images = request.finish(images)  # (N, H, W, 3)
+        if request.outpainting is not None:
+            images = paste_original(images, request.outpainting.original, request.outpainting.canvas)  # (N, H, W, 3)
         # The checker sees the 8-bit images, as diffusers' feature extractor does.
         pil_images = to_pil(images) if request.output_type == "pil" or self.safety_checker is not None else []
         scores = None
@@ -577,7 +430,7 @@ class StableDiffusionPipeline:
             images=pil_images if request.output_type == "pil" else images,
             nsfw_content_detected=[s.nsfw for s in scores] if scores is not None else None,
             backend=self.backend.name,
-            safety_scores=scores if return_safety_scores else None,
+            safety_scores=scores if request.return_safety_scores else None,
             timings=timings,
         )
 
@@ -595,6 +448,11 @@ class StableDiffusionPipeline:
         images[flagged] = 0.0  # (N, H, W, 3), flagged ones black
         pil_images = [Image.new("RGB", image.size) if i in flagged else image for i, image in enumerate(pil_images)]
         return images, pil_images
+
+
+#: `__call__`'s request arguments and their defaults: none may be given with a ready GenerationRequest
+_CALL_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(StableDiffusionPipeline.__call__).parameters.items()
+                  if parameter.default is not inspect.Parameter.empty and name != "callback_on_step_end"}
 
 
 @contextlib.contextmanager

@@ -57,16 +57,6 @@ class ComponentSpec:
 #: (its decoder's activations pass 65504), and the safety checker runs once per request, so both stay fp32
 FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
-#: Classifier-free guidance runs a batch of [unconditional; conditional] halves: these inputs hold the same values in
-#: both halves (only the context differs), which a backend may exploit (backends/openvino/passes/guidance_prefix.py)
-GUIDANCE_REPEATED_INPUTS: dict[Component, tuple[str, ...]] = {Component.UNET: ("sample", "timestep")}
-
-
-def runs_unconditional_pass(guidance_scale: float) -> bool:
-    """Whether classifier-free guidance at `guidance_scale` runs the unconditional half, doubling the U-Net's batch:
-    as diffusers, only when guidance strengthens the prompt."""
-    return guidance_scale > 1.0
-
 _LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
 _IMAGE = ("batch", "rgb", "height", "width")
 

@@ -40,7 +40,8 @@ CALIBRATION_PROMPTS = (
 class Calibration:
     """The denoising runs whose U-Net inputs calibrate the quantization: `prompts` of CALIBRATION_PROMPTS, each for
     `num_inference_steps` steps at `size`² (None: the model's default size) with guidance as at inference. Each
-    U-Net call is one sample (prompts x (steps + 1) with PNDM)."""
+    U-Net call is one sample (prompts x (steps + 1) with PNDM): a guided batch of 2, [uncond; cond]
+    (sdrt.engine.guidance_batch), as the U-Net runs at inference."""
 
     prompts: int = 4
     num_inference_steps: int = 10

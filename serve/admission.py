@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from sdrt.engine.host_memory import format_bytes, process_rss_bytes
 from sdrt.engine.memory_estimate import MemoryModel
-from sdrt.engine.specs import runs_unconditional_pass
+from sdrt.engine.guidance_batch import is_guided
 from sdrt.serve.metrics import ServeMetrics
 from sdrt.serve.schemas import GenerationParams
 
@@ -46,7 +46,7 @@ class MemoryAdmission:
     def peak_bytes(self, requests: Sequence[GenerationParams]) -> int:
         """The process's estimated peak RSS while it runs `requests` as one batch (they share a `batch_key`)."""
         first = requests[0]
-        return self.model.peak_bytes(first.height, first.width, sum(r.n for r in requests), runs_unconditional_pass(first.guidance_scale))
+        return self.model.peak_bytes(first.height, first.width, sum(r.n for r in requests), is_guided(first.guidance_scale))
 
     def fits(self, requests: Sequence[GenerationParams]) -> bool:
         return self.peak_bytes(requests) <= self.budget_bytes
@@ -56,7 +56,7 @@ class MemoryAdmission:
         needed = self.peak_bytes([params])
         if needed <= self.budget_bytes:
             return
-        guided = runs_unconditional_pass(params.guidance_scale)
+        guided = is_guided(params.guidance_scale)
         fewer = self.model.most_images(params.height, params.width, guided, self.budget_bytes, params.n - 1)
         step = SUGGESTED_SIZE_LATENT_STEP * self.model.architecture.vae_scale_factor
         side = self.model.largest_square(params.n, guided, self.budget_bytes, step, self.max_image_size)

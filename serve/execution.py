@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from sdrt.engine import StableDiffusionPipeline
+from sdrt.engine import GenerationRequest, StableDiffusionPipeline
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.engine.memory_return import return_freed_heap
 from sdrt.engine.safety_checker import SafetyPolicy
@@ -127,7 +127,8 @@ def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams
         return tensors
 
     try:
-        out = pipe(
+        request = GenerationRequest.create(
+            pipe.limits,
             prompts,
             negative_prompt=negatives,
             num_inference_steps=first.num_inference_steps,
@@ -136,12 +137,12 @@ def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams
             width=first.width,
             **noise,
             output_type="pil",
-            callback_on_step_end=on_step_end,
             scheduler=first.scheduler,
         )
     except InvalidArgumentError as exc:
         parameter = API_PARAMETER.get(exc.parameter, exc.parameter)
         raise InvalidArgumentError(parameter, str(exc)) from exc
+    out = pipe.generate(request, on_step_end)
     flags = out.nsfw_content_detected or [None] * len(out.images)
     withhold = pipe.safety_policy is SafetyPolicy.BLOCK
     per_request, start = [], 0

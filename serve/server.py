@@ -66,7 +66,9 @@ def build_app(config: ServeConfig, on_load_failure: Callable[[str], None] = lamb
     """The ASGI app for `config` (loading starts when the app starts; `on_load_failure(reason)` if it fails)."""
     from sdrt.engine import load
 
-    service = LocalImageService(lambda: load(config.bundle, backend=config.backend, safety_checker=config.safety_checker),
+    # The server admits work by its own --memory-budget (serve/admission.py), not the pipeline's default budget.
+    service = LocalImageService(lambda: load(config.bundle, backend=config.backend, safety_checker=config.safety_checker,
+                                             memory_budget=None),
                                 config.batching, warm=config.warm_up, memory_budget=config.memory_budget,
                                 wait_for_bundle_s=NOT_READY_RETRY_AFTER_S if config.wait_for_bundle else None,
                                 on_failure=on_load_failure)

@@ -150,7 +150,7 @@ class LocalImageService:
                             f"{format_bytes(budget)} (--memory-budget): raise it, or serve on a machine with more memory")
         logger.info("memory budget %s (%s); %s at rest", format_bytes(budget), self._memory_budget.describe(),
                     format_bytes(model.resident_bytes))
-        return MemoryAdmission(model, budget, pipe.manifest.model.max_image_size, self.metrics)
+        return MemoryAdmission(model, budget, pipe.manifest.model.image_sides.maximum, self.metrics)
 
     async def stop(self) -> None:
         self._draining = True

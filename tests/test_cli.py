@@ -53,10 +53,15 @@ def test_latents_file(tiny_bundle: Path, tmp_path: Path) -> None:
 
 
 BAD = [
-    (["-s", "0"], "num_inference_steps must be an integer in 1..1000"),
-    (["-s", "5000"], "num_inference_steps"),
-    (["--height", "65"], "height: must be a multiple of 8"),
-    (["--width", "99999"], "width: must be a multiple of 8 between 8 and 2048"),
+    # `sdrt: error: <parameter>: <allowed range>`, every bound from the model (the tiny one: SD 1.5's scheduler
+    # config, trained at 256 px)
+    (["-s", "0"], "sdrt: error: num_inference_steps: must be an integer in 1..999"),
+    (["-s", "1000"], "sdrt: error: num_inference_steps: must be an integer in 1..999"),
+    (["-s", "1001", "--scheduler", "euler"], "sdrt: error: num_inference_steps: must be an integer in 1..1000"),
+    (["--height", "65"], "sdrt: error: height: must be a multiple of 8 in 64..1024"),
+    (["--height", "8"], "sdrt: error: height: must be a multiple of 8 in 64..1024"),
+    (["--width", "99999"], "sdrt: error: width: must be a multiple of 8 in 64..1024"),
+    (["-n", "100000"], "sdrt: error: num_images_per_prompt: must be at most "),
     (["-g", "nan"], "guidance_scale: must be a finite number"),
     (["-n", "0"], "num_images_per_prompt"),
     (["--seed", "-3"], "seed"),

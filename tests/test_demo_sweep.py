@@ -34,13 +34,18 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
 
 
+#: the sizes experiment's sides are the 64-px default model's; the tiny model (trained at 256 px) runs 64..1024
+TINY_SIZES = ((64, 64), (72, 72), (96, 96), (64, 96), (128, 128))
+EXPERIMENTS = {**sweep.EXPERIMENTS, "sizes": dataclasses.replace(sweep.EXPERIMENTS["sizes"], values=TINY_SIZES)}
+
+
 @pytest.fixture(scope="module")
 def results(tiny_pipe) -> dict[str, sweep.SweepResult]:
     return {
         name: sweep.run(tiny_pipe, experiment, seed=SEED, sample_prompts=PROMPTS,
                         steps=None if experiment.parameter == "num_inference_steps" else STEPS,
                         size=None if experiment.parameter == "size" else SIZE)
-        for name, experiment in sweep.EXPERIMENTS.items()
+        for name, experiment in EXPERIMENTS.items()
     }
 
 
@@ -91,7 +96,7 @@ def test_sheet_size_is_the_grid_plus_labels(written, name, rows, columns) -> Non
 
 
 def test_sizes_sheet_keeps_each_size(written) -> None:
-    sizes = sweep.EXPERIMENTS["sizes"].values
+    sizes = TINY_SIZES
     scale = math.ceil(plots.MIN_CELL_SIDE / min(min(size) for size in sizes))
     with Image.open(written["sizes"][0]) as image:
         assert image.size == (
@@ -153,7 +158,7 @@ def test_batches_beyond_the_cap_give_the_same_images(tiny_pipe, monkeypatch) -> 
 @pytest.mark.parametrize("name", ["guidance", "steps", "sizes", "images-per-prompt"])
 def test_accuracy_is_the_scorers_on_the_same_images(results, written, name) -> None:
     result, document = results[name], _strict_json(written[name][-1])
-    experiment = sweep.EXPERIMENTS[name]
+    experiment = EXPERIMENTS[name]
     assert document["values"] == [list(v) if isinstance(v, tuple) else v for v in experiment.values]
     assert len(document["columns"]) == len(experiment.values) == len(document["accuracy"])
     for index, column in enumerate(result.columns):
@@ -177,7 +182,7 @@ def test_sampled_prompts_and_swept_arguments_are_recorded(results, written) -> N
     assert [c["arguments"]["guidance_scale"] for c in document["columns"]] == list(sweep.EXPERIMENTS["guidance"].values)
     sizes = _strict_json(written["sizes"][-1])
     assert [[c["arguments"]["height"], c["arguments"]["width"]] for c in sizes["columns"]] == sizes["values"]
-    assert [c.images.shape[1:3] for c in results["sizes"].columns] == list(sweep.EXPERIMENTS["sizes"].values)
+    assert [c.images.shape[1:3] for c in results["sizes"].columns] == list(EXPERIMENTS["sizes"].values)
     steps = _strict_json(written["steps"][-1])
     assert [c["arguments"]["num_inference_steps"] for c in steps["columns"]] == [1, 3, 10, 50]
 

@@ -11,12 +11,13 @@ import pytest
 import sdrt.engine
 from sdrt.engine.backends.openvino.backend import OpenVINOFP32Backend
 from sdrt.engine.manifest import read_manifest
-from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
+from sdrt.engine.guidance_batch import REPEATED_INPUTS
+from sdrt.engine.specs import Component
 
 pytestmark = pytest.mark.skipif(OpenVINOFP32Backend.unavailable_reason() is not None, reason="openvino not installed")
 
 FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
-REPEATED = GUIDANCE_REPEATED_INPUTS[Component.UNET]
+REPEATED = REPEATED_INPUTS[Component.UNET]
 
 
 def _guided_feeds(bundle: Path, images: int, size: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -98,23 +99,6 @@ def test_a_prefix_tensor_without_a_batch_axis_leaves_the_model_alone() -> None:
     assert len(model.get_ordered_ops()) == before
 
 
-@pytest.mark.parametrize(
-    ("arrays", "identical"),
-    [
-        ({"a": np.array([1.0, 2.0, 1.0, 2.0]), "b": np.zeros((2, 3))}, True),
-        ({"a": np.array([1.0, 2.0, 1.0, 2.5]), "b": np.zeros((2, 3))}, False),
-        ({"a": np.array([1.0, 1.0]), "b": np.arange(6.0).reshape(2, 3)}, False),  # one input differs
-        ({"a": np.array([1.0, 1.0, 1.0]), "b": np.zeros((4, 3))}, False),  # odd batch
-        ({"a": np.array([1.0]), "b": np.zeros((2, 3))}, False),
-        ({"a": np.zeros(0), "b": np.zeros((2, 3))}, False),
-    ],
-)
-def test_halves_identical(arrays: dict[str, np.ndarray], identical: bool) -> None:
-    from sdrt.engine.backends.openvino.passes.guidance_prefix import halves_identical
-
-    assert halves_identical(arrays, ("a", "b")) is identical
-
-
 def test_exact_mode_shares_the_prefix_for_guided_batches_only(tiny_bundle: Path, monkeypatch) -> None:
     # A guided request's first call compiles the shared-prefix U-Net; an unguided request of the same batch size
     # (its halves differ) compiles the whole model for any shapes, and every image matches a backend that never
@@ -135,7 +119,7 @@ def test_exact_mode_shares_the_prefix_for_guided_batches_only(tiny_bundle: Path,
     assert unet_compiles == [(True, True), (False, False)]
     assert pipe.backend._loaded[Component.UNET].guided_halves is False
 
-    monkeypatch.setattr(openvino_backend, "GUIDANCE_REPEATED_INPUTS", {})
+    monkeypatch.setattr(openvino_backend, "REPEATED_INPUTS", {})
     whole = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     whole.set_progress_bar_config(disable=True)
     for request, image in zip(requests, images):

@@ -265,20 +265,21 @@ def test_half_precision_inputs_give_float32() -> None:
 # --- construction and validation ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_steps", [0, -1, 1001, 2.5, True, "10", None])
+@pytest.mark.parametrize("num_steps", [0, -1, 1000, 2.5, True, "10", None])
 def test_bad_num_inference_steps_raise(num_steps: object) -> None:
-    with pytest.raises(ValueError, match=r"num_inference_steps .*1\.\.1000"):
+    # SD 1.5's steps_offset 1 with leading spacing: 1000 steps would need timestep 1000 of 0..999
+    with pytest.raises(ValueError, match=r"num_inference_steps .*1\.\.999"):
         PNDMScheduler(SD15_CONFIG).start(num_steps)
 
 
 def test_runge_kutta_warmup_needs_four_steps() -> None:
-    with pytest.raises(ValueError, match=r"num_inference_steps .*4\.\.1000"):
+    with pytest.raises(ValueError, match=r"num_inference_steps .*4\.\.999"):
         PNDMScheduler(_config("prk_warmup")).start(3)
 
 
-def test_steps_offset_past_last_timestep_raises() -> None:
-    with pytest.raises(ValueError, match="steps_offset=1"):
-        PNDMScheduler(SD15_CONFIG).start(1000)
+def test_a_steps_offset_that_leaves_no_run_is_a_config_error() -> None:
+    with pytest.raises(SchedulerConfigError, match="steps_offset=1000"):
+        PNDMScheduler({**SD15_CONFIG, "steps_offset": 1000})
 
 
 def test_scheduler_contract() -> None:

@@ -342,16 +342,55 @@ def test_scheduler_contract(sampler: str) -> None:
 @pytest.mark.parametrize("num_steps", [0, -1, 1001, 2.5, True, None])
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpm++2m", "lms"])
 def test_bad_num_inference_steps_raise(sampler: str, num_steps: object) -> None:
-    with pytest.raises(ValueError, match=r"num_inference_steps .*1\.\.1000"):
+    with pytest.raises(ValueError, match=r"num_inference_steps .*1\.\.(999|1000)"):
         SAMPLERS[sampler].ours("sd15").start(num_steps)
 
 
-def test_ddim_refuses_a_timestep_past_training_and_a_bad_eta() -> None:
-    with pytest.raises(ValueError, match="steps_offset=1"):
-        DDIMScheduler({**SD15_CONFIG, "timestep_spacing": "leading"}).start(1000)
+def test_ddim_refuses_a_bad_eta() -> None:
     for eta in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="eta"):
             DDIMScheduler(SD15_CONFIG, eta=eta)
+
+
+def _top_timestep(config: dict, num_steps: int) -> int:
+    """The largest timestep of "leading" spacing, as diffusers computes it (arange * (T // N) + steps_offset)."""
+    return (num_steps - 1) * (config["num_train_timesteps"] // num_steps) + config["steps_offset"]
+
+
+# "offset_3": a steps_offset under which the counts that plan are not one range (500 needs timestep 1001, 997 does
+# not): the maximum is the end of the first run of counts that all plan.
+STEP_LIMIT_VARIANTS = {**VARIANTS, "leading_offset_3": {"timestep_spacing": "leading", "steps_offset": 3}}
+
+
+#: every sampler class, built from SD 1.5's config with its own fixed keys
+LIMIT_SAMPLERS = {"pndm": ("PNDMScheduler", {}), **{name: (spec.diffusers_class, dict(spec.fixed)) for name, spec in SAMPLERS.items()}}
+
+
+@pytest.mark.parametrize("variant", STEP_LIMIT_VARIANTS)
+@pytest.mark.parametrize("sampler", LIMIT_SAMPLERS)
+def test_every_sampler_plans_its_max_steps_and_refuses_one_more(sampler: str, variant: str) -> None:
+    class_name, fixed = LIMIT_SAMPLERS[sampler]
+    config = {**SD15_CONFIG, **STEP_LIMIT_VARIANTS[variant], **fixed}
+    scheduler = SCHEDULERS[class_name](config)
+    top = scheduler.max_inference_steps
+    timestep_based = class_name in ("PNDMScheduler", "DDIMScheduler")  # their default spacing is "leading"
+    if timestep_based and config.get("timestep_spacing", "leading") == "leading" and config["steps_offset"]:
+        # The reference: the first count whose top timestep passes the last training one (diffusers: IndexError).
+        first_past = next(n for n in range(1, 1001) if _top_timestep(config, n) >= 1000)
+        assert top == first_past - 1 < 1000
+    else:
+        assert top == 1000  # sigma samplers interpolate any count; the other spacings end at timestep 999
+    assert len(scheduler.start(top).timesteps) >= top
+    with pytest.raises(ValueError, match=rf"num_inference_steps must be an integer in \d\.\.{top}, got {top + 1}"):
+        scheduler.start(top + 1)
+
+
+@pytest.mark.parametrize("variant", ["sd15", "leading_offset_3"])
+@pytest.mark.parametrize("scheduler_class", [PNDMScheduler, DDIMScheduler])
+def test_every_count_up_to_the_max_plans(scheduler_class: type, variant: str) -> None:
+    scheduler = scheduler_class({**SD15_CONFIG, **STEP_LIMIT_VARIANTS[variant]})
+    for num_steps in range(1, scheduler.max_inference_steps + 1):
+        assert scheduler.start(num_steps).timesteps.max() < 1000
 
 
 # --- config reading and selection by name -----------------------------------------------------------

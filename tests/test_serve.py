@@ -51,13 +51,13 @@ class SpyPipe:
     def __getattr__(self, name):
         return getattr(self._pipe, name)
 
-    def __call__(self, prompt, **kwargs):
-        self.calls.append((len(prompt), kwargs["num_inference_steps"]))
+    def generate(self, request, callback_on_step_end=None):
+        self.calls.append((request.num_images, request.num_inference_steps))
         self.entered.set()
         assert self.gate.wait(30), "test gate never opened"
         if self.step_seconds:
-            kwargs["callback_on_step_end"] = self._slowed(kwargs.get("callback_on_step_end"))
-        return self._pipe(prompt, **kwargs)
+            callback_on_step_end = self._slowed(callback_on_step_end)
+        return self._pipe.generate(request, callback_on_step_end)
 
     def _slowed(self, callback):
         def slowed(pipe, step_index, timestep, tensors):
@@ -124,14 +124,14 @@ def spy(tiny_pipe) -> SpyPipe:
 def test_generation_answers_openai_shape_with_n_images_of_the_size(spy):
     with _client(spy) as client:
         _wait_ready(client)
-        response = client.post(GENERATE, json={"prompt": "a red circle", "n": 3, "size": "64x32", "num_inference_steps": 2,
+        response = client.post(GENERATE, json={"prompt": "a red circle", "n": 3, "size": "64x72", "num_inference_steps": 2,
                                                "seed": 11, "negative_prompt": "blue", "guidance_scale": 5.0,
                                                "response_format": "b64_json", "model": "sdrt", "user": "test"})
         assert response.status_code == 200, response.text
         body = response.json()
         assert isinstance(body["created"], int) and len(body["data"]) == 3
         for item in body["data"]:
-            assert _decode(item).shape == (32, 64, 3)  # size is WIDTHxHEIGHT
+            assert _decode(item).shape == (72, 64, 3)  # size is WIDTHxHEIGHT
             assert item["seed"] == 11 and item["nsfw_content_detected"] is None  # tiny_pipe runs without a checker
         # no seed given: one is drawn and returned, and it reproduces the image
         first = client.post(GENERATE, json={"prompt": "a red circle", **SMALL}).json()["data"][0]
@@ -245,7 +245,7 @@ def test_every_error_has_the_openai_shape(tiny_pipe, caplog):
     500 counted as "failed" and logged once with its traceback."""
 
     class FailingPipe(SpyPipe):
-        def __call__(self, prompt, **kwargs):
+        def generate(self, request, callback_on_step_end=None):
             raise RuntimeError("the accelerator fell over")
 
     service = LocalImageService(lambda: FailingPipe(tiny_pipe), BatcherConfig(max_wait_s=0.0), warm=False)
@@ -510,10 +510,10 @@ def test_compatible_requests_share_a_batch_and_incompatible_ones_do_not(spy):
     with _client(spy, batching=BatcherConfig(max_batch_images=8, max_wait_s=1.0)) as client:
         _wait_ready(client)
         bodies = [{"prompt": f"p{i}", "size": "64x64", "num_inference_steps": 2 + i % 2, "n": 1 + i // 2} for i in range(4)]
-        bodies += [{"prompt": "other size", "size": "64x32", "num_inference_steps": 2}]
+        bodies += [{"prompt": "other size", "size": "64x72", "num_inference_steps": 2}]
         responses = _parallel(client, bodies)
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-        # steps 2: n=1 and n=2 (3 images); steps 3: n=1 and n=2 (3 images); 64x32 alone
+        # steps 2: n=1 and n=2 (3 images); steps 3: n=1 and n=2 (3 images); 64x72 alone
         assert sorted(spy.calls) == [(1, 2), (3, 2), (3, 3)]
         assert [len(r.json()["data"]) for r in responses] == [1, 1, 2, 2, 1]
     spy.calls.clear()

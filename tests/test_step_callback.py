@@ -43,8 +43,8 @@ def test_callback_can_replace_latents_and_stop_the_run(tiny_pipe):
 
 
 def test_draw_noise_is_the_noise_a_seeded_call_draws(tiny_pipe):
-    noise = tiny_pipe.draw_noise(7, 2, 64, 32)
-    assert noise.shape == tiny_pipe.latent_shape(2, 64, 32) and noise.dtype == np.float32
-    seeded = tiny_pipe(**{**ARGS, "width": 32}, num_images_per_prompt=2, seed=7).images
-    given = tiny_pipe(**{**ARGS, "width": 32}, num_images_per_prompt=2, latents=noise).images
+    noise = tiny_pipe.draw_noise(7, 2, 64, 72)
+    assert noise.shape == tiny_pipe.latent_shape(2, 64, 72) and noise.dtype == np.float32
+    seeded = tiny_pipe(**{**ARGS, "width": 72}, num_images_per_prompt=2, seed=7).images
+    given = tiny_pipe(**{**ARGS, "width": 72}, num_images_per_prompt=2, latents=noise).images
     assert np.array_equal(seeded, given)

@@ -174,8 +174,8 @@ def test_profile_ranges_are_validated(axes, parameter, message) -> None:
 
 
 @pytest.mark.parametrize(("axes", "parameter", "message"), [
-    ({"height": AxisRange(252, 512, 1024)}, "height", "multiples of 8 between 8 and 2048, got 252:512:1024"),
-    ({"width": AxisRange(256, 512, 4096)}, "width", "multiples of 8 between 8 and 2048"),
+    ({"height": AxisRange(252, 512, 1024)}, "height", "must each be a multiple of 8 in 128..2048, got 252:512:1024"),
+    ({"width": AxisRange(256, 512, 4096)}, "width", "must each be a multiple of 8 in 128..2048"),
 ])
 def test_profile_sizes_must_suit_the_model(axes, parameter, message) -> None:
     with pytest.raises(InvalidArgumentError, match=message) as error:
@@ -423,7 +423,7 @@ def test_refittable_engines_are_requested_and_keyed_apart(tmp_path: Path) -> Non
 def test_build_refuses_bad_profile_and_read_only_bundle_before_building(tmp_path: Path, monkeypatch) -> None:
     bundle = _fake_bundle(tmp_path)
     compiler = FakeCompiler()
-    with pytest.raises(InvalidArgumentError, match="height: min, opt and max must be multiples of 8"):
+    with pytest.raises(InvalidArgumentError, match="height: min, opt and max must each be a multiple of 8"):
         build_engines(bundle, dataclasses.replace(SD15_PROFILE, height=AxisRange(250, 512, 1024)), compiler=compiler)
     monkeypatch.setattr(tensorrt_build.os, "access", lambda path, mode: False)
     with pytest.raises(EngineBuildError, match="read-only"):
@@ -484,11 +484,11 @@ def test_pipeline_asks_the_backend_before_running_anything(tmp_path: Path) -> No
 
     manifest = read_manifest(_fake_bundle(tmp_path))
     pipe = StableDiffusionPipeline(bundle_dir=tmp_path, manifest=manifest, backend=RefusingBackend(), tokenizer=None,
-                                   scheduler=types.SimpleNamespace(start=lambda steps: "schedule"), safety_checker=None,
+                                   scheduler=types.SimpleNamespace(start=lambda steps: "schedule", min_inference_steps=1, max_inference_steps=999), safety_checker=None,
                                    safety_policy=SafetyPolicy.OFF, scheduler_config={})
     with pytest.raises(ProfileMismatchError):
-        pipe(["a cat", "a dog"], num_images_per_prompt=3, height=64, width=96, num_inference_steps=1)
-    assert asked == [(6, 64, 96)]
+        pipe(["a cat", "a dog"], num_images_per_prompt=3, height=128, width=192, num_inference_steps=1)
+    assert asked == [(6, 128, 192)]
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------
@@ -507,7 +507,7 @@ def test_cli_build_engines_turns_flags_into_a_profile(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize(("flags", "message"), [
     (["--batch", "1:2"], "argument --batch: expected N or MIN:OPT:MAX, got '1:2'"),
     (["--batch", "4:1:2"], "sdrt: error: batch: must be integers with 1 <= min <= opt <= max, got min 4, opt 1, max 2"),
-    (["--height", "250:512:1024"], "sdrt: error: height: min, opt and max must be multiples of 8"),
+    (["--height", "250:512:1024"], "sdrt: error: height: min, opt and max must each be a multiple of 8"),
 ])
 def test_cli_build_engines_bad_profile_is_one_line_and_status_2(tmp_path: Path, capsys, flags, message) -> None:
     bundle = _fake_bundle(tmp_path)

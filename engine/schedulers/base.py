@@ -70,6 +70,9 @@ class Scheduler(Protocol[StateT]):
     """
 
     num_train_timesteps: int
+    #: the fewest and the most steps ``start`` plans for this checkpoint's noise schedule (every count between runs)
+    min_inference_steps: int
+    max_inference_steps: int
     #: diffusers' `scheduler.order`: U-Net calls per step for multi-call solvers (Heun), 1 for the others
     order: int
     #: True for stochastic samplers (ancestral): `step()` needs fresh standard-normal noise shaped like the sample,
@@ -311,14 +314,23 @@ def cosine_betas(num_train_timesteps: int) -> np.ndarray:
 # --- inference timesteps -----------------------------------------------------------------------
 
 
-def check_num_inference_steps(num_inference_steps: object, num_train_timesteps: int, minimum: int = 1) -> int:
-    """``num_inference_steps`` as an int in minimum..num_train_timesteps; ValueError naming it otherwise."""
-    in_range = is_int(num_inference_steps) and minimum <= num_inference_steps <= num_train_timesteps
+def check_num_inference_steps(num_inference_steps: object, minimum: int, maximum: int) -> int:
+    """``num_inference_steps`` as an int in minimum..maximum (a scheduler's min/max_inference_steps); ValueError
+    naming it otherwise."""
+    in_range = is_int(num_inference_steps) and minimum <= num_inference_steps <= maximum
     if not in_range:
-        raise ValueError(
-            f"num_inference_steps must be an integer in {minimum}..{num_train_timesteps}, got {num_inference_steps!r}"
-        )
+        raise ValueError(f"num_inference_steps must be an integer in {minimum}..{maximum}, got {num_inference_steps!r}")
     return int(num_inference_steps)
+
+
+def most_spaced_steps(config: NoiseScheduleConfig) -> int:
+    """The most steps N such that the runs of 1..N steps all visit training timesteps only. With "leading" spacing
+    ``steps_offset`` shifts every timestep up, so the top one passes the last training timestep from some N on
+    (SD 1.x's steps_offset 1: 1000 steps would need timestep 1000 of 0..999; diffusers fails with IndexError)."""
+    for num_steps in range(1, config.num_train_timesteps + 1):
+        if spaced_timesteps(config, num_steps)[-1] >= config.num_train_timesteps:
+            return num_steps - 1
+    return config.num_train_timesteps
 
 
 def spaced_timesteps(config: NoiseScheduleConfig, num_inference_steps: int) -> np.ndarray:

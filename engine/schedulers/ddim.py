@@ -14,11 +14,13 @@ import numpy as np
 
 from .base import (
     NoiseScheduleConfig,
+    SchedulerConfigError,
     add_noise_at_alpha_prod,
     alphas_cumprod_from_betas,
     betas_from_config,
     check_num_inference_steps,
     check_step_index,
+    most_spaced_steps,
     read_bool,
     read_float,
     read_only,
@@ -85,6 +87,10 @@ class DDIMScheduler:
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
         self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
+        self.min_inference_steps, self.max_inference_steps = 1, most_spaced_steps(self.config.schedule)
+        if self.max_inference_steps < 1:
+            raise SchedulerConfigError(f"scheduler config steps_offset={self.config.schedule.steps_offset} leaves no "
+                                       "run within the training timesteps")
         self.alphas_cumprod = read_only(alphas_cumprod_from_betas(betas_from_config(self.config.schedule)))  # (T,)
         self.final_alpha_cumprod = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
@@ -92,18 +98,13 @@ class DDIMScheduler:
         """Plan a run of ``num_inference_steps`` steps from step ``begin_index`` on (diffusers' img2img loop over
         ``timesteps[begin_index:]``; DDIM's update depends only on the timestep).
 
-        Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps, if ``begin_index`` is
-        not in 0..num_inference_steps-1, or if steps_offset pushes a timestep past the last training timestep.
+        Raises ValueError if ``num_inference_steps`` is not an int in 1..max_inference_steps or if ``begin_index`` is
+        not in 0..num_inference_steps-1.
         """
-        num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        num_steps = check_num_inference_steps(num_inference_steps, 1, self.max_inference_steps)
         timesteps = spaced_timesteps(self.config.schedule, num_steps)[::-1]  # (N,) descending
         if not isinstance(begin_index, (int, np.integer)) or isinstance(begin_index, bool) or not 0 <= begin_index < num_steps:
             raise ValueError(f"begin_index must be in 0..{num_steps - 1} for {num_steps} steps, got {begin_index!r}")
-        if timesteps[0] >= self.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_steps} with steps_offset={self.config.schedule.steps_offset} needs timestep "
-                f"{timesteps[0]}, past the last training timestep {self.num_train_timesteps - 1}; use fewer steps"
-            )
         timesteps = timesteps[begin_index:].copy()  # (num_calls,)
         # diffusers moves by num_train // N per step whatever the spacing, and so do we.
         previous = timesteps - self.num_train_timesteps // num_steps  # (num_calls,)

@@ -94,14 +94,16 @@ class DPMSolverMultistepScheduler:
         refuse_unsupported(config, type(self).__name__, _DPM_OPTIONS)
         self.config = DPMSolverConfig.from_dict(config)
         self.num_train_timesteps: int = self.config.sigmas.schedule.num_train_timesteps
+        # timesteps and sigmas are interpolated within the training schedule, for any count up to its length
+        self.min_inference_steps, self.max_inference_steps = 1, self.num_train_timesteps
 
     def start(self, num_inference_steps: int, begin_index: int = 0) -> SigmaState:
         """Plan a run of ``num_inference_steps`` steps from step ``begin_index`` on (diffusers' ``set_begin_index``).
 
-        Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps or ``begin_index`` is
+        Raises ValueError if ``num_inference_steps`` is not an int in 1..max_inference_steps or ``begin_index`` is
         not in 0..num_inference_steps-1.
         """
-        num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        num_steps = check_num_inference_steps(num_inference_steps, self.min_inference_steps, self.max_inference_steps)
         config = self.config.sigmas
         train_sigmas = training_sigmas(alphas_cumprod(config.schedule))  # (T,)
         if config.use_karras_sigmas:

@@ -77,14 +77,21 @@ class DiscreteSigmaSampler:
     karras_bounds_from_config = False
     config: SigmaConfig
     num_train_timesteps: int
+    min_inference_steps = 1
+
+    @property
+    def max_inference_steps(self) -> int:
+        """Any count up to the training timesteps: sigmas are interpolated between those of the training timesteps,
+        clamped at the schedule's ends, as diffusers does."""
+        return self.num_train_timesteps
 
     def start(self, num_inference_steps: int, begin_index: int = 0) -> SigmaState:
         """Plan a run of ``num_inference_steps`` steps from step ``begin_index`` on (diffusers' ``set_begin_index``).
 
-        Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps or ``begin_index`` is
+        Raises ValueError if ``num_inference_steps`` is not an int in 1..max_inference_steps or ``begin_index`` is
         not in 0..num_inference_steps-1.
         """
-        num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        num_steps = check_num_inference_steps(num_inference_steps, self.min_inference_steps, self.max_inference_steps)
         plan = plan_discrete_sigmas(self.config, num_steps, karras_bounds_from_config=self.karras_bounds_from_config)
         noise_sigma = init_noise_sigma(plan.sigmas, self.config.schedule.timestep_spacing)
         return start_sigma_run(plan.timesteps, plan.sigmas, begin_index, noise_sigma)

@@ -26,11 +26,13 @@ import numpy as np
 
 from .base import (
     NoiseScheduleConfig,
+    SchedulerConfigError,
     add_noise_at_alpha_prod,
     alphas_cumprod_from_betas,
     betas_from_config,
     check_num_inference_steps,
     check_step_index,
+    most_spaced_steps,
     read_bool,
     read_only,
     spaced_timesteps,
@@ -119,6 +121,12 @@ class PNDMScheduler:
         """Build from a scheduler_config.json dict; raises SchedulerConfigError for bad values."""
         self.config = PNDMConfig.from_dict(config)
         self.num_train_timesteps: int = self.config.schedule.num_train_timesteps
+        # The Runge-Kutta warm-up steps between the top 4 timesteps; every call's timestep lies within the spaced ones.
+        self.min_inference_steps = 1 if self.config.skip_prk_steps else _RUNGE_KUTTA_STEPS + 1
+        self.max_inference_steps = most_spaced_steps(self.config.schedule)
+        if self.max_inference_steps < self.min_inference_steps:
+            raise SchedulerConfigError(f"scheduler config steps_offset={self.config.schedule.steps_offset} leaves no run "
+                                       f"of {self.min_inference_steps} steps within the training timesteps")
         self.alphas_cumprod = read_only(alphas_cumprod_from_betas(betas_from_config(self.config.schedule)))  # (T,)
         # alpha-bar "before" timestep 0, where the last update lands.
         self.final_alpha_cumprod = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
@@ -131,12 +139,10 @@ class PNDMScheduler:
         and its Heun redo, whatever timesteps they fall on. Only the PLMS warm-up can start part-way
         (diffusers fails with the Runge-Kutta one).
 
-        Raises ValueError if ``num_inference_steps`` is not an int in 1..num_train_timesteps
-        (4..num_train_timesteps with the Runge-Kutta warm-up), if ``begin_index`` leaves no call,
-        or if steps_offset pushes a timestep past the last training timestep.
+        Raises ValueError if ``num_inference_steps`` is not an int in min_inference_steps..max_inference_steps
+        or if ``begin_index`` leaves no call.
         """
-        minimum = 1 if self.config.skip_prk_steps else _RUNGE_KUTTA_STEPS + 1
-        num_steps = check_num_inference_steps(num_inference_steps, self.num_train_timesteps, minimum)
+        num_steps = check_num_inference_steps(num_inference_steps, self.min_inference_steps, self.max_inference_steps)
         descending = spaced_timesteps(self.config.schedule, num_steps)[::-1]  # (N,)
         # diffusers moves by num_train // N per step whatever the spacing, and so do we.
         stride = self.num_train_timesteps // num_steps
@@ -152,7 +158,6 @@ class PNDMScheduler:
         else:
             calls = _runge_kutta_warmup_plan(descending, stride)
         timesteps, updates, from_timesteps, to_timesteps = zip(*calls)
-        self._check_in_training_range(max(timesteps + from_timesteps + to_timesteps), num_steps)
         return PNDMState(
             timesteps=read_only(np.array(timesteps, dtype=np.int64)),
             updates=tuple(updates),
@@ -210,15 +215,6 @@ class PNDMScheduler:
         index = np.array(timesteps, dtype=np.int64)  # (num_calls,)
         alphas = self.alphas_cumprod[np.maximum(index, 0)]  # (num_calls,)
         return np.where(index >= 0, alphas, self.final_alpha_cumprod).astype(np.float32)  # (num_calls,)
-
-    def _check_in_training_range(self, latest: int, num_steps: int) -> None:
-        """Reject a plan reaching past the last training timestep (diffusers fails with IndexError)."""
-        if latest >= self.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_steps} with steps_offset={self.config.schedule.steps_offset} and "
-                f"timestep_spacing={self.config.schedule.timestep_spacing!r} needs timestep {latest}, "
-                f"past the last training timestep {self.num_train_timesteps - 1}; use fewer steps"
-            )
 
 
 # A planned U-Net call: (timestep, update, alpha-bar index the update starts from, index it lands on).

@@ -28,12 +28,13 @@ from sdrt.engine.backends.openvino import cache
 from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR, IR_FILE, IR_SUBDIR
 from sdrt.engine.backends.openvino.constants import CONSTANTS_SUBDIR, ConstantStore, mapped_constants
 from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
-from sdrt.engine.backends.openvino.passes.guidance_prefix import halves_identical, share_guidance_prefix
+from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_prefix
 from sdrt.engine.backends.openvino.passes.registry import (
     GRAPH_REWRITES, STATIC_SHAPE_REWRITES, GraphRewrite, StaticShapeRewrite,
 )
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
-from sdrt.engine.specs import GUIDANCE_REPEATED_INPUTS, Component
+from sdrt.engine.guidance_batch import REPEATED_INPUTS, halves_identical
+from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class _OpenVINOBackend(Backend):
 
     def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None, guided_halves: bool = False) -> None:
         """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held;
-        with `guided_halves` (static shapes only), for inputs whose GUIDANCE_REPEATED_INPUTS have identical halves."""
+        with `guided_halves` (static shapes only), for inputs whose guidance_batch.REPEATED_INPUTS have identical halves."""
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         first_shapes_only = shapes is not None and self.compile_shapes[model.component] is CompileShapes.FIRST
         if self._cache_dir is not None and not first_shapes_only:
@@ -188,7 +189,7 @@ class _OpenVINOBackend(Backend):
             source = self._core.read_model(source) if isinstance(source, str) else source
             if guided_halves:
                 # before reshaping: the rewrite keeps the batch dynamic (half of it runs the prefix)
-                guided_halves = share_guidance_prefix(source, GUIDANCE_REPEATED_INPUTS[model.component]) > 0
+                guided_halves = share_guidance_prefix(source, REPEATED_INPUTS[model.component]) > 0
             source.reshape(shapes)
             store = self._constant_store(model.component)
             for rewrite in self.static_shape_rewrites.get(model.component, ()):
@@ -230,7 +231,7 @@ class _OpenVINOBackend(Backend):
         self._last_run = weakref.ref(model)
         if model.compiled is None or model.shapes is not None:  # not compiled yet, or compiled for exact shapes
             shapes = {name: list(array.shape) for name, array in feeds.items()}
-            repeated = GUIDANCE_REPEATED_INPUTS.get(model.component)
+            repeated = REPEATED_INPUTS.get(model.component)
             guided_halves = repeated is not None and halves_identical(feeds, repeated)
             if shapes != model.shapes or (model.guided_halves and not guided_halves):
                 if model.compiled is not None and self.compile_shapes[model.component] is CompileShapes.FIRST:

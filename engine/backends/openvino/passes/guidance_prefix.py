@@ -1,5 +1,5 @@
-"""Classifier-free guidance runs the U-Net on a batch of two halves, [unconditional; conditional], whose latents
-and timesteps are identical: only the context differs. Every operation of a U-Net is per sample, so whatever does
+"""Classifier-free guidance runs the U-Net on a batch of two halves, [unconditional; conditional]
+(sdrt.engine.guidance_batch), whose latents and timesteps are identical: only the context differs. Every operation of a U-Net is per sample, so whatever does
 not read the context (the time embedding and each ResNet's projection of it, conv_in, the first ResNet block, the
 first transformer block's self-attention: most of it at the highest resolution) computes the same values for both
 halves. This rewrite runs that prefix on the first half only and repeats its results along the batch where the
@@ -18,24 +18,12 @@ reading the repeated tensors. Measurements: docs/design-notes.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
-
-
-def halves_identical(feeds: Mapping[str, np.ndarray], names: Collection[str]) -> bool:
-    """Whether each of the `names` inputs in `feeds` is two identical halves along its first (batch) axis."""
-    for name in names:
-        array = feeds[name]
-        if array.ndim == 0 or len(array) % 2 or len(array) == 0:
-            return False
-        first, second = np.split(array, 2)
-        if not np.array_equal(first, second):
-            return False
-    return True
 
 
 def share_guidance_prefix(model: Any, halved_inputs: Collection[str]) -> int:
@@ -86,7 +74,7 @@ def share_guidance_prefix(model: Any, halved_inputs: Collection[str]) -> int:
             return source
         key = (source.get_node(), source.get_index())
         if key not in repeated:
-            repeated[key] = ops.concat([source, source], 0).output(0)  # (2B, ...) from (B, ...)
+            repeated[key] = ops.concat([source, source], 0).output(0)  # (2B, ...) from (B, ...): guidance_batch.repeat
         return repeated[key]
 
     def whole_batch_shape(node: Any) -> Any:
@@ -107,7 +95,7 @@ def share_guidance_prefix(model: Any, halved_inputs: Collection[str]) -> int:
         target.replace_source_output(replacement)
     for name in halved:
         parameter = parameters[name]
-        first_half = ops.split(parameter, ops.constant(np.int64(0)), 2).output(0)  # (B, ...) of (2B, ...)
+        first_half = ops.split(parameter, ops.constant(np.int64(0)), 2).output(0)  # (B, ...) of (2B, ...): the uncond half
         for target in list(parameter.output(0).get_target_inputs()):
             if target.get_node() in shared:
                 target.replace_source_output(first_half)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sdrt.engine.checks import is_int
 from sdrt.engine.errors import BundleError, InvalidArgumentError
+from sdrt.engine.guidance_batch import batch_size
 from sdrt.engine.manifest import ComponentEntry, ModelConfig
 from sdrt.engine.specs import Component
 
@@ -89,13 +90,11 @@ class EngineProfile:
 
     def validate_for(self, model: ModelConfig) -> None:
         """Raise InvalidArgumentError unless every height and width is a size the model's pipeline accepts."""
-        factor = model.vae_scale_factor
+        sides = model.image_sides
         for name in ("height", "width"):
             axis = getattr(self, name)
-            if any(size % factor or size > model.max_image_size for size in (axis.min, axis.opt, axis.max)):
-                raise InvalidArgumentError(
-                    name, f"min, opt and max must be multiples of {factor} between {factor} and {model.max_image_size}, got {axis}"
-                )
+            if not all(sides.contains(size) for size in (axis.min, axis.opt, axis.max)):
+                raise InvalidArgumentError(name, f"min, opt and max must each be {sides.describe()}, got {axis}")
 
     def covering(self, batch: int, height: int, width: int) -> EngineProfile:
         """This profile widened just enough to hold a request of `batch` images of `height` x `width`."""
@@ -130,9 +129,9 @@ class ShapeRange:
 
 def default_profile(model: ModelConfig) -> EngineProfile:
     """Batch 1 to 4 (opt 1), sides from half to twice the model's default image side (opt: the default)."""
-    side, factor = model.default_image_size, model.vae_scale_factor
-    low = max(factor, side // DEFAULT_SIZE_SPAN // factor * factor)
-    high = min(model.max_image_size // factor * factor, side * DEFAULT_SIZE_SPAN)
+    side, factor, sides = model.default_image_size, model.vae_scale_factor, model.image_sides
+    low = max(sides.minimum, side // DEFAULT_SIZE_SPAN // factor * factor)
+    high = min(sides.maximum, side * DEFAULT_SIZE_SPAN)
     size = AxisRange(low, side, high)
     return EngineProfile(AxisRange(*DEFAULT_BATCH), size, size)
 
@@ -140,8 +139,8 @@ def default_profile(model: ModelConfig) -> EngineProfile:
 def component_batch(component: Component, images: AxisRange) -> AxisRange:
     """The batch `component`'s engine sees when requests make `images` images (as the pipeline calls it)."""
     if component is Component.UNET:
-        # [unconditional; conditional] doubles the batch when guidance_scale > 1, the default; <= 1 runs it alone
-        return AxisRange(images.min, 2 * images.opt, 2 * images.max)
+        # guided (guidance_scale > 1, the default) doubles the batch; unguided runs the images alone
+        return AxisRange(batch_size(images.min, guided=False), batch_size(images.opt, guided=True), batch_size(images.max, guided=True))
     if component is Component.TEXT_ENCODER:
         # one row per prompt (at most one per image), and the empty prompt of guidance on its own
         return AxisRange(1, images.opt, images.max)

@@ -1,0 +1,288 @@
+"""One generation request, validated once: `GenerationRequest.create` checks every argument against the loaded
+model's bounds (`RequestLimits`, from `StableDiffusionPipeline.limits`) and raises InvalidArgumentError naming the
+first bad one and its allowed range, before any model runs. The pipeline, the CLI and the server all build one.
+
+Every bound comes from the model: the steps from its scheduler (`min/max_inference_steps` for the checkpoint's
+noise schedule), the sides from its trained size (ModelConfig.image_sides), the images from what the memory
+estimate (sdrt.engine.memory_estimate) says fits the machine's memory budget, and the backend's own limits (a
+TensorRT engine's profile).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from sdrt.engine import guidance_batch
+from sdrt.engine.checks import is_finite_number, is_int
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.image_io import ImageInput, floor_to_multiple, load_image, load_mask, preprocess_image, preprocess_mask
+from sdrt.engine.image_to_image import ImageInit, denoising_steps, first_call
+from sdrt.engine.manifest import SideRange
+from sdrt.engine.outpaint import Canvas, feathered_mask, grow, plan_canvas, seam_width
+from sdrt.engine.prompts import PromptOptions
+from sdrt.engine.schedulers import Scheduler, SchedulerState
+
+OutputType = Literal["pil", "np", "latent"]
+OUTPUT_TYPES = ("pil", "np", "latent")
+# diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's
+IMG2IMG_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
+#: the arguments outpainting sets itself (from the canvas), which its caller may not give
+_SET_BY_OUTPAINTING = ("height", "width", "latents", "image", "mask_image")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What requests are validated against: a loaded model's bounds (`StableDiffusionPipeline.limits`).
+
+    `sampler(name)`: the scheduler `scheduler=name` runs (InvalidArgumentError("scheduler") for an unknown one).
+    `check_images(prompts, num_images_per_prompt, height, width, guided)`: raise InvalidArgumentError unless the
+    backend and the memory budget can take that many images of that size."""
+
+    vae_scale_factor: int
+    latent_channels: int
+    default_image_size: int
+    image_sides: SideRange
+    unet_takes_mask: bool  # an inpainting U-Net: mask and masked-image latents are inputs besides the latents
+    sampler: Callable[[str | None], Scheduler]
+    check_images: Callable[[int, int, int, int, bool], None]
+
+    def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The shape of the initial noise for `num_images` images of height x width pixels."""
+        f = self.vae_scale_factor
+        return (num_images, self.latent_channels, height // f, width // f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outpainting:
+    """Where the original image lies on the grown canvas: pasted back over the result unchanged."""
+
+    original: Image.Image
+    canvas: Canvas
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """A validated call: everything the denoising loop needs, nothing left to check. Build it with `create` (or
+    `create_outpainting`); its fields hold the arguments as the pipeline runs them (sizes resolved, prompts as
+    tuples, the image preprocessed)."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None
+    num_inference_steps: int
+    guidance_scale: float
+    num_images_per_prompt: int
+    height: int
+    width: int
+    seed: int | None
+    latents: np.ndarray | None  # (N, C, H/f, W/f) float32, or None: drawn from `seed`
+    output_type: OutputType
+    return_safety_scores: bool
+    scheduler: str | None  # the name asked for; None: the checkpoint's own
+    prompt_options: PromptOptions
+    init: ImageInit | None  # image to image and inpainting: the image to start from
+    outpainting: Outpainting | None
+    limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
+    sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
+    schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs the unconditional half (sdrt.engine.guidance_batch)."""
+        return guidance_batch.is_guided(self.guidance_scale)
+
+    @classmethod
+    def create(
+        cls,
+        limits: RequestLimits,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        output_type: OutputType = "pil",
+        return_safety_scores: bool = False,
+        scheduler: str | None = None,
+        prompt_options: PromptOptions = PromptOptions(),
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
+    ) -> GenerationRequest:
+        """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults);
+        InvalidArgumentError naming the first bad argument and its allowed range."""
+        return _validate(limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         height, width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options,
+                         image, mask_image, strength)
+
+    @classmethod
+    def create_outpainting(
+        cls,
+        limits: RequestLimits,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        feather: int | None = None,
+        **options: Any,
+    ) -> GenerationRequest:
+        """Outpainting's request (`StableDiffusionPipeline.outpaint`): `image` grown by the margins onto a canvas
+        (sdrt.engine.outpaint), its margins to fill for `prompt`. `options` are `create`'s other arguments, but
+        those the canvas sets (height, width, latents, mask_image); strength defaults to 1, and the output is
+        images ("pil" or "np")."""
+        for name in _SET_BY_OUTPAINTING:
+            if name in options:
+                raise InvalidArgumentError(name, "is set by outpainting: the canvas is the image grown by left, right, top and bottom")
+        output_type = options.pop("output_type", "pil")
+        if output_type not in ("pil", "np"):
+            raise InvalidArgumentError("output_type", f"outpainting returns images: must be 'pil' or 'np', got {output_type!r}")
+        original = load_image(image, "image")
+        canvas = plan_canvas(original.size, left, right, top, bottom, limits.image_sides)
+        seam = seam_width(canvas, feather, limits.vae_scale_factor)
+        mask = feathered_mask(canvas, 0 if limits.unet_takes_mask else seam)  # (H, W)
+        request = _validate(limits, prompt, **{"strength": INPAINT_STRENGTH, **options}, output_type=output_type,
+                            height=canvas.height, width=canvas.width, image=grow(original, canvas), mask_image=mask,
+                            binarize_mask=False)
+        return dataclasses.replace(request, outpainting=Outpainting(original, canvas))
+
+
+def _validate(limits: RequestLimits, prompt: Any, negative_prompt: Any = None, num_inference_steps: Any = 50,
+              guidance_scale: Any = 7.5, num_images_per_prompt: Any = 1, height: Any = None, width: Any = None,
+              seed: Any = None, latents: Any = None, output_type: Any = "pil", return_safety_scores: Any = False,
+              scheduler: Any = None, prompt_options: Any = PromptOptions(), image: Any = None, mask_image: Any = None,
+              strength: Any = None, binarize_mask: bool = True) -> GenerationRequest:
+    """Every check of `GenerationRequest.create`, in the order of its arguments (the first bad one is named)."""
+    prompts = _as_prompt_list("prompt", prompt)
+    negative_prompts = _negative_prompts(negative_prompt, prompts)
+    sampler = limits.sampler(scheduler)
+    low, high = sampler.min_inference_steps, sampler.max_inference_steps
+    if not is_int(num_inference_steps) or not low <= num_inference_steps <= high:
+        raise InvalidArgumentError("num_inference_steps", f"must be an integer in {low}..{high} for this checkpoint's "
+                                   f"{type(sampler).__name__}, got {num_inference_steps!r}")
+    num_inference_steps = int(num_inference_steps)
+    if not is_finite_number(guidance_scale):
+        raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+    if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
+    init = None
+    if image is None:
+        if mask_image is not None:
+            raise InvalidArgumentError("mask_image", "needs `image`, the picture to inpaint")
+        if strength is not None:
+            raise InvalidArgumentError("strength", "applies only with `image` (image to image, inpainting)")
+        if limits.unet_takes_mask:
+            raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give image and mask_image")
+        height, width = _side(limits, "height", height), _side(limits, "width", width)
+        schedule = sampler.start(num_inference_steps)
+    else:
+        if limits.unet_takes_mask and mask_image is None:
+            raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
+        if latents is not None:
+            raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
+        init, height, width = _image_init(limits, image, mask_image, strength, height, width, binarize_mask)
+        # Start part-way, as diffusers' get_timesteps.
+        if denoising_steps(num_inference_steps, init.strength) < 1:
+            raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
+                                       "strength * num_inference_steps must be at least 1")
+        try:
+            schedule = sampler.start(num_inference_steps, first_call(num_inference_steps, init.strength, sampler.order))
+        except ValueError as exc:  # a sampler that cannot start part-way
+            raise InvalidArgumentError("strength", str(exc)) from None
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidArgumentError("output_type", f"must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if not isinstance(return_safety_scores, bool):
+        raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
+    if not isinstance(prompt_options, PromptOptions):
+        raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
+    # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
+    limits.check_images(len(prompts), int(num_images_per_prompt), height, width, guidance_batch.is_guided(guidance_scale))
+    if latents is not None:
+        _check_latents(latents, limits.latent_shape(len(prompts) * num_images_per_prompt, height, width))
+    return GenerationRequest(
+        prompts=prompts, negative_prompts=negative_prompts, num_inference_steps=num_inference_steps,
+        guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
+        width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
+        return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
+        outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
+    )
+
+
+def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and value and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise InvalidArgumentError(name, f"must be a string or a non-empty list of strings, got {type(value).__name__}: {value!r:.80}")
+
+
+def _negative_prompts(negative_prompt: Any, prompts: tuple[str, ...]) -> tuple[str, ...] | None:
+    """One negative prompt per prompt (a single string applies to every prompt), or None."""
+    if negative_prompt is None:
+        return None
+    negative_prompts = _as_prompt_list("negative_prompt", negative_prompt)
+    if len(negative_prompts) == 1 and len(prompts) > 1 and isinstance(negative_prompt, str):
+        negative_prompts = negative_prompts * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise InvalidArgumentError(
+            "negative_prompt", f"has {len(negative_prompts)} entries but prompt has {len(prompts)}: give one per prompt"
+        )
+    return negative_prompts
+
+
+def _side(limits: RequestLimits, name: str, value: Any) -> int:
+    """`value` (height or width) checked against the model's sides; None: the model's default size."""
+    if value is None:
+        return limits.default_image_size
+    if not is_int(value) or not limits.image_sides.contains(value):
+        raise InvalidArgumentError(name, f"must be {limits.image_sides.describe()} for this model, got {value!r}")
+    return int(value)
+
+
+def _image_init(limits: RequestLimits, image: Any, mask_image: Any, strength: Any, height: Any, width: Any,
+                binarize_mask: bool) -> tuple[ImageInit, int, int]:
+    """The preprocessed image (and mask) and the size to run at: `height`/`width` where given; else, as diffusers,
+    the image's own side rounded down to a multiple of the VAE scale factor for image to image, the model's
+    default size for inpainting."""
+    picture = load_image(image, "image")
+    mask = load_mask(mask_image, "mask_image") if mask_image is not None else None
+    if mask is not None and mask.size != picture.size:
+        raise InvalidArgumentError("mask_image", f"is {mask.width}x{mask.height} but image is "
+                                   f"{picture.width}x{picture.height}: give a mask of the image's size")
+    if strength is None:
+        strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
+    if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
+        raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
+    if mask is None:
+        own_height, own_width = floor_to_multiple(picture, limits.vae_scale_factor)
+        sides = limits.image_sides
+        if (height is None and not sides.contains(own_height)) or (width is None and not sides.contains(own_width)):
+            raise InvalidArgumentError("image", f"is {picture.width}x{picture.height}: this model runs sides of "
+                                       f"{sides.minimum} to {sides.maximum} px; pass height and width to resize it")
+        height, width = own_height if height is None else height, own_width if width is None else width
+    height, width = _side(limits, "height", height), _side(limits, "width", width)
+    pixels = preprocess_image(picture, height, width)  # (1, 3, H, W)
+    mask_pixels = preprocess_mask(mask, height, width, binarize_mask) if mask is not None else None  # (1, 1, H, W)
+    return ImageInit(pixels, float(strength), mask_pixels), height, width
+
+
+def _check_latents(latents: Any, expected: tuple[int, ...]) -> None:
+    if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != expected:
+        got = f"{latents.dtype} array of shape {latents.shape}" if isinstance(latents, np.ndarray) else type(latents).__name__
+        raise InvalidArgumentError("latents", f"must be a float32 numpy array of shape {expected}, got {got}")
+    if not np.isfinite(latents).all():
+        raise InvalidArgumentError("latents", "contains NaN or infinity")
