@@ -22,6 +22,9 @@ from sdrt.engine.diagnostics import describe, environment
 from sdrt.engine.safety_checker import SafetyPolicy
 
 
+SWEEP_OUT = "sweep-out"
+
+
 def _bench(args: argparse.Namespace) -> int:
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown:
@@ -143,7 +146,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                 "embedded default model. The safety checker is off: the demo model draws geometric shapes.")
     sweeps.add_argument("bundle", nargs="?", type=Path, default=None, metavar="BUNDLE")
     sweeps.add_argument("--experiment", required=True, choices=[*sweep.EXPERIMENTS, "all"])
-    sweeps.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output directory")
+    # Not docs/experiments: the committed figures change only when asked for (--out docs/experiments).
+    sweeps.add_argument("--out", type=Path, default=Path(SWEEP_OUT), help="output directory (default: %(default)s; "
+                        "the committed figures: --out docs/experiments)")
     sweeps.add_argument("--seed", type=int, default=0)
     sweeps.add_argument("--prompts", type=int, default=None,
                        help="sampled prompts per column (per part for negative-prompt); default 24 (12)")
