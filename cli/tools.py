@@ -13,7 +13,7 @@ from sdrt.benchmarks import gpu_validate
 from sdrt.benchmarks.bench import BenchPlan, run_bench
 from sdrt.benchmarks.report import markdown, write_chart
 from sdrt.benchmarks.worker import ENGINES
-from sdrt.cli.common import UsageError
+from sdrt.cli.common import UsageError, add_backend_argument
 from sdrt.demo import sweep
 from sdrt.demo.default_model import default_bundle_dir
 from sdrt.engine import load
@@ -155,6 +155,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sweeps.add_argument("--steps", type=int, default=None, help="override the fixed 50 steps, for quick runs (not for steps)")
     sweeps.add_argument("--size", type=_size, default=None, metavar="N|HxW",
                        help="override the fixed image size (the model's default), for quick runs (not for sizes)")
-    sweeps.add_argument("--backend", default="auto")
+    add_backend_argument(sweeps)
     sweeps.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sweeps.set_defaults(handler=_sweep)
