@@ -1,6 +1,7 @@
 """The `sdrt` command: the parser each command family fills in, dispatch, and what a failure prints.
 
 Every failure a user can cause prints one line `sdrt: error: ...` and exits with status 2, leaving no output file.
+Ctrl-C and SIGTERM print `sdrt: stopped by SIGINT` (SIGTERM) and exit with status 130 (143), leaving no partial file.
 """
 from __future__ import annotations
 

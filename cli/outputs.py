@@ -19,7 +19,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def check_output(output: Path, count: int) -> None:
-    """Raise UsageError("--output: ...") unless the images can be written: a .png name in an existing directory
+    """Raise UsageError("--output: ...") unless `count` images can be written: a .png name in an existing directory
     where this user can create files. Checked before generating, so a bad path costs nothing, and the directory is
     never created on the user's behalf (a typo would otherwise make one)."""
     if output.suffix.lower() != IMAGE_SUFFIX:
@@ -28,9 +28,8 @@ def check_output(output: Path, count: int) -> None:
     if not directory.is_dir():
         raise UsageError(f"--output: must be in an existing directory; {str(directory)!r} "
                          f"{'is not a directory' if directory.exists() else 'does not exist'}")
-    for path in output_paths(output, max(count, 1)):
-        if path.is_dir():
-            raise UsageError(f"--output: must be a file name, {str(path)!r} is a directory")
+    if count == 1 and output.is_dir():  # (numbered names are left to the write, which then removes the others)
+        raise UsageError(f"--output: must be a file name, {str(output)!r} is a directory")
     try:  # os.access says yes to root everywhere, /proc included: try what writing will do
         with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{output.name}.", suffix=".probe"):
             pass
