@@ -133,8 +133,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def stat(values: list[float]) -> dict[str, float]:
         return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
 
-    stages = sorted({k for r in runs for k, v in r["timings"].items() if k != "unet_calls"})
-    unet_calls = runs[0]["timings"].get("unet_calls") or 0
+    stages = sorted({k for r in runs for k in r["timings"]})
+    unet_calls = runs[0]["unet_calls"]
     summary = {
         "backend": runs[0].get("backend"),
         "runs": len(runs),

@@ -3,15 +3,20 @@ record its parameters. BUNDLE defaults to the embedded default model (sdrt.demo 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from sdrt.cli.common import EXIT_BLOCKED, UsageError
+from sdrt.cli import signals
+from sdrt.cli.common import EXIT_BLOCKED, HelpFormatter, UsageError, add_backend_argument
+from sdrt.cli.outputs import check_output, output_paths, write_all
+from sdrt.demo import scenes
 from sdrt.demo.default_model import default_bundle_dir
-from sdrt.engine import GenerationRequest, PromptOptions, load
+from sdrt.engine import GenerationRequest, PipelineOutput, PromptOptions, load
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.image_io import save_png
 from sdrt.engine.safety_checker import SafetyPolicy
@@ -39,20 +44,52 @@ _IMAGE_COMMANDS = {
 }
 
 
-def _output_paths(output: Path, count: int) -> list[Path]:
-    """`out.png` for one image; `out-0.png`, `out-1.png`, ... for several."""
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+_POSITIONALS = "[BUNDLE] PROMPT"
+
+
+class _HelpFormatter(HelpFormatter):
+    """Writes the positionals as what they are, one optional bundle and one prompt: argparse would write its "+"
+    arguments as "X [X ...]", which reads as several prompts."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        return _POSITIONALS if action.metavar == _POSITIONALS else super()._format_args(action, default_metavar)
+
+
+def _bundle_and_prompt(args: argparse.Namespace) -> tuple[str | None, str]:
+    """BUNDLE (None: the default model) and PROMPT; raise UsageError where the words look like one unquoted prompt."""
+    words = args.positional
+    if len(words) > 2:
+        prompt = " ".join(words[1:] if _names_a_path(words[0]) else words)
+        bundle = [words[0]] if _names_a_path(words[0]) else []
+        raise UsageError(f"PROMPT: one prompt per call, quoted when it has spaces: "
+                         f"{shlex.join(['sdrt', args.command, *bundle, prompt])}")
+    if len(words) == 1:
+        return None, words[0]
+    bundle, prompt = words
+    if not _names_a_path(bundle):
+        raise UsageError(f"BUNDLE: no bundle directory {bundle!r} here; if {' '.join(words)!r} is one prompt, quote it: "
+                         f"{shlex.join(['sdrt', args.command, ' '.join(words)])}")
+    return bundle, prompt
+
+
+def _names_a_path(word: str) -> bool:
+    """Whether a first word is meant as a bundle: it exists, or it is written as a path."""
+    return Path(word).exists() or os.sep in word or "/" in word
+
+
+def _default_model_hint(prompt: str) -> str | None:
+    """What to tell a user whose prompt names nothing the default model was trained to draw."""
+    if not prompt.strip() or scenes.names_anything_known(prompt):
+        return None
+    return ("sdrt: hint: the default model draws only a red, green, blue or yellow circle, square or triangle on a "
+            "plain background, at a position (\"a red circle on a blue background, top left\"); this prompt names none "
+            "of these, so expect a blob. Give a BUNDLE exported from a full checkpoint (sdrt export) for anything else.")
 
 
 def _generate(args: argparse.Namespace) -> int:
     """`generate`, `img2img`, `inpaint` and `outpaint`: one request, its images written as PNGs with its parameters."""
-    if len(args.positional) > 2:
-        raise UsageError(f"{args.command} takes [BUNDLE] PROMPT: quote a prompt that contains spaces")
-    bundle, prompt = (args.positional if len(args.positional) == 2 else [None, args.positional[0]])
-    if args.output.suffix.lower() != ".png":
-        raise UsageError(f"--output must name a .png file, got {args.output}")
+    bundle, prompt = _bundle_and_prompt(args)
+    check_output(args.output, args.num_images_per_prompt)
     latents = None
     if getattr(args, "latents", None) is not None:
         try:
@@ -62,22 +99,31 @@ def _generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None or latents is not None else secrets.randbelow(2**32)
 
     bundle_dir = Path(bundle) if bundle is not None else default_bundle_dir()
-    pipe = load(bundle_dir, backend=args.backend, safety_checker=args.safety_checker, memory=args.memory)
-    pipe.set_progress_bar_config(disable=args.quiet)
+    # The default model has no safety checker, by design (its model card): not a fact to warn about on every run.
+    safety_checker = args.safety_checker or (SafetyPolicy.OFF if bundle is None else SafetyPolicy.BLOCK).value
+    if bundle is None and (hint := _default_model_hint(prompt)) is not None:
+        print(hint, file=sys.stderr)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                   guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images_per_prompt, seed=seed,
                   scheduler=args.scheduler,
                   prompt_options=PromptOptions(long_prompts=args.long_prompts, weighting=args.prompt_weighting))
     # What the command adds to the request; recorded in the PNG as given (paths as strings).
     extra = {name: getattr(args, name) for name in _COMMAND_ARGUMENTS[args.command] if getattr(args, name) is not None}
-    # Validated before any model runs: a bad argument ends here as `sdrt: error: <parameter>: <allowed range>`.
-    if args.command == "outpaint":
-        margins = {name: value for name, value in extra.items() if name != "image"}
-        request = GenerationRequest.create_outpainting(pipe.limits, extra["image"], prompt, **margins, **common)
-    else:
-        request = GenerationRequest.create(pipe.limits, prompt, height=args.height, width=args.width, latents=latents,
-                                           **extra, **common)
-    out = pipe.generate(request)
+
+    def run() -> tuple[SafetyPolicy, GenerationRequest, PipelineOutput]:
+        pipe = load(bundle_dir, backend=args.backend, safety_checker=safety_checker, memory=args.memory)
+        pipe.set_progress_bar_config(disable=args.quiet)
+        # Validated before any model runs: a bad argument ends here as `sdrt: error: <parameter>: <allowed range>`.
+        if args.command == "outpaint":
+            margins = {name: value for name, value in extra.items() if name != "image"}
+            request = GenerationRequest.create_outpainting(pipe.limits, extra["image"], prompt, **margins, **common)
+        else:
+            request = GenerationRequest.create(pipe.limits, prompt, height=args.height, width=args.width,
+                                               latents=latents, **extra, **common)
+        return pipe.safety_policy, request, pipe.generate(request)
+
+    # Loading and generating run in a worker thread, so that Ctrl-C and SIGTERM stop the command at once.
+    safety_policy, request, out = signals.run_interruptibly(run)
 
     parameters = {
         "prompt": prompt,
@@ -98,24 +144,33 @@ def _generate(args: argparse.Namespace) -> int:
         "sdrt_version": SDRT_VERSION,
     }
     flags = out.nsfw_content_detected or [None] * len(out.images)
-    blocked = 0
-    for index, (image, path, nsfw) in enumerate(zip(out.images, _output_paths(args.output, len(out.images)), flags)):
-        if nsfw and pipe.safety_policy is SafetyPolicy.BLOCK:
+    notes: list[str] = []
+
+    def write(index: int, path: Path) -> bool:
+        if flags[index] and safety_policy is SafetyPolicy.BLOCK:
             # A black PNG would pass for a result; name the image instead and leave no file behind.
-            print(f"sdrt: {path} blocked by the safety checker (NSFW concept detected): not written", file=sys.stderr)
-            blocked += 1
-            continue
-        save_png(image, path, {**parameters, "image_index": index, "nsfw_content_detected": nsfw})
-        if nsfw:
-            print(f"sdrt: {path} flagged by the safety checker (NSFW concept detected)", file=sys.stderr)
+            notes.append(f"sdrt: {path} blocked by the safety checker (NSFW concept detected): not written")
+            return False
+        save_png(out.images[index], path, {**parameters, "image_index": index, "nsfw_content_detected": flags[index]})
+        if flags[index]:
+            notes.append(f"sdrt: {path} flagged by the safety checker (NSFW concept detected)")
+        return True
+
+    written = write_all(output_paths(args.output, len(out.images)), write)
+    for line in notes:
+        print(line, file=sys.stderr)
+    for path in written:
         print(path)
-    return EXIT_BLOCKED if blocked else 0
+    return EXIT_BLOCKED if len(written) < len(out.images) else 0
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """generate's options, those that apply to `command`, and the command's own."""
-    parser.add_argument("positional", nargs="+", metavar="[BUNDLE] PROMPT")
-    parser.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="PNG path (numbered when -n > 1)")
+    parser.add_argument("positional", nargs="+", metavar=_POSITIONALS,
+                        help="BUNDLE: an exported bundle directory (default: the embedded demo model, which draws coloured "
+                        "shapes); PROMPT: one prompt, in quotes when it has spaces")
+    parser.add_argument("-o", "--output", type=Path, default=Path("image.png"),
+                        help="PNG path in an existing directory, numbered when -n > 1 (default: %(default)s)")
     if command != "generate":
         parser.add_argument("-i", "--image", type=Path, required=True, help="the image to start from (any format PIL reads)")
     if command == "inpaint":
@@ -127,9 +182,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
         parser.add_argument("--feather", type=int, default=None,
                             help="seam width in pixels (default 4 latent pixels, capped at half the widest margin)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("-s", "--num-inference-steps", type=int, default=50)
-    parser.add_argument("-g", "--guidance-scale", type=float, default=7.5)
-    parser.add_argument("-n", "--num-images-per-prompt", type=int, default=1)
+    parser.add_argument("-s", "--num-inference-steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    parser.add_argument("-g", "--guidance-scale", type=float, default=7.5,
+                        help="how closely to follow the prompt; <= 1 runs no unconditional pass (default: %(default)s)")
+    parser.add_argument("-n", "--num-images-per-prompt", type=int, default=1, help="images to make (default: %(default)s)")
     if command != "generate":
         default = "0.8" if command == "img2img" else "1.0"
         parser.add_argument("--strength", type=float, default=None,
@@ -148,11 +204,12 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
                         help="encode prompts longer than the text encoder's window in chunks instead of truncating them")
     parser.add_argument("--prompt-weighting", action="store_true",
                         help="read (word:1.3), (word) = x1.1, [word] = /1.1 as weights; \\( for a literal bracket")
-    parser.add_argument("--backend", default="auto")
+    add_backend_argument(parser)
     parser.add_argument("--memory", choices=[m.value for m in MemoryPolicy], default=MemoryPolicy.KEEP_LOADED.value,
                         help="one-at-a-time keeps only the model in use loaded: lowest peak memory")
-    parser.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=SafetyPolicy.BLOCK.value,
-                        help="block: flagged images are not written (exit status 3); flag: written and named; off")
+    parser.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=None,
+                        help="block (default; off for the default model, which has no checker): flagged images are not "
+                        "written (exit status 3); flag: written and named; off")
     parser.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=SafetyPolicy.OFF.value,
                         help="same as --safety-checker off")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -161,9 +218,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """generate, img2img, inpaint and outpaint."""
-    generate = commands.add_parser("generate", help="text to image", description=(
+    generate = commands.add_parser("generate", help="text to image", formatter_class=_HelpFormatter, description=(
         "Generate images from a prompt. BUNDLE defaults to the embedded default model."))
     _add_generation_arguments(generate, "generate")
     for command, (summary, description) in _IMAGE_COMMANDS.items():
-        _add_generation_arguments(commands.add_parser(command, help=summary, description=description + " BUNDLE "
-                                                      "defaults to the embedded default model."), command)
+        _add_generation_arguments(commands.add_parser(command, help=summary, formatter_class=_HelpFormatter,
+                                                      description=description + " BUNDLE defaults to the embedded "
+                                                      "default model."), command)

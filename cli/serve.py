@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdrt.cli.common import EXIT_LOAD_FAILED, UsageError, positive
+from sdrt.cli.common import EXIT_LOAD_FAILED, UsageError, add_backend_argument, positive
 from sdrt.engine.errors import InvalidArgumentError, SdrtError
 from sdrt.engine.host_memory import DEFAULT_BUDGET_FRACTION, MemoryBudget
 from sdrt.engine.safety_checker import SafetyPolicy
@@ -92,7 +92,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every endpoint but "
                        "/healthz and /readyz (default: $SDRT_API_KEY; none: no auth)")
-    serve.add_argument("--backend", default="auto")
+    add_backend_argument(serve)
     serve.add_argument("--safety-checker", choices=[p.value for p in SafetyPolicy], default=SafetyPolicy.BLOCK.value,
                        help="block: flagged images are withheld (b64_json null); flag: returned and flagged; off")
     serve.add_argument("--max-batch-images", type=positive(int), default=8, help="images per U-Net batch (1: no batching)")

@@ -13,13 +13,16 @@ from sdrt.benchmarks import gpu_validate
 from sdrt.benchmarks.bench import BenchPlan, run_bench
 from sdrt.benchmarks.report import markdown, write_chart
 from sdrt.benchmarks.worker import ENGINES
-from sdrt.cli.common import UsageError
+from sdrt.cli.common import UsageError, add_backend_argument
 from sdrt.demo import sweep
 from sdrt.demo.default_model import default_bundle_dir
 from sdrt.engine import load
 from sdrt.engine.atomic import atomic_file
 from sdrt.engine.diagnostics import describe, environment
 from sdrt.engine.safety_checker import SafetyPolicy
+
+
+SWEEP_OUT = "sweep-out"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -128,13 +131,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                 "embedded default model. The safety checker is off: the demo model draws geometric shapes.")
     sweeps.add_argument("bundle", nargs="?", type=Path, default=None, metavar="BUNDLE")
     sweeps.add_argument("--experiment", required=True, choices=[*sweep.EXPERIMENTS, "all"])
-    sweeps.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output directory")
+    # Not docs/experiments: the committed figures change only when asked for (--out docs/experiments).
+    sweeps.add_argument("--out", type=Path, default=Path(SWEEP_OUT), help="output directory (default: %(default)s; "
+                        "the committed figures: --out docs/experiments)")
     sweeps.add_argument("--seed", type=int, default=0)
     sweeps.add_argument("--prompts", type=int, default=None,
                        help="sampled prompts per column (per part for negative-prompt); default 24 (12)")
     sweeps.add_argument("--steps", type=int, default=None, help="override the fixed 50 steps, for quick runs (not for steps)")
     sweeps.add_argument("--size", type=_size, default=None, metavar="N|HxW",
                        help="override the fixed image size (the model's default), for quick runs (not for sizes)")
-    sweeps.add_argument("--backend", default="auto")
+    add_backend_argument(sweeps)
     sweeps.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sweeps.set_defaults(handler=_sweep)

@@ -134,6 +134,16 @@ def parse_caption(text: str) -> dict[Attribute, str]:
     return {attribute: match[attribute.value] for attribute in Attribute if match[attribute.value] is not None}
 
 
+# Any word or phrase the captions use for an attribute value or the generic noun, plurals included.
+_KNOWN_WORDS = re.compile(rf"\b(?:{_alternatives((*SHAPES, *COLOURS, *POSITIONS, GENERIC_NOUN))})s?\b")
+
+
+def names_anything_known(prompt: str) -> bool:
+    """Whether `prompt` (any text, not only captions) names a shape, colour or position of this world, in any
+    letter case: "a photo of a cat" names none, so the demo model can only draw noise-like shapes for it."""
+    return _KNOWN_WORDS.search(prompt.lower()) is not None
+
+
 def all_scenes() -> list[Scene]:
     """Every scene, shape-major then colour, background and position in declaration order (180 scenes)."""
     return [

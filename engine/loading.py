@@ -53,7 +53,9 @@ def load(
     logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
     checker = None
     if policy is SafetyPolicy.OFF:
-        logger.warning("safety checker disabled at load: images are not checked for NSFW content")
+        # Nothing is disabled where the bundle has no checker (the demo model): not worth a warning on every load.
+        logger.log(logging.WARNING if manifest.safety_checker is not None else logging.INFO,
+                   "safety checker disabled at load: images are not checked for NSFW content")
     elif manifest.safety_checker is None:
         logger.warning("bundle %s has no safety checker: nsfw_content_detected will be None", bundle_dir)
     else:

@@ -52,14 +52,15 @@ class PipelineOutput:
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
     checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
-    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check) and the number of
-    U-Net calls (unet_calls)."""
+    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else.
+    `unet_calls`: how many times the U-Net ran (one batch per call)."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
     backend: str
     safety_scores: list[SafetyScores] | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    unet_calls: int = 0
 
 
 class StableDiffusionPipeline:
@@ -411,10 +412,11 @@ class StableDiffusionPipeline:
         with _timed(timings, "denoise"):
             latents = self._denoise(request, context, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
-        timings["unet_calls"] = len(request.schedule.timesteps)
+        unet_calls = len(request.schedule.timesteps)
         if request.output_type == "latent":
             # As diffusers: latents are not images, so nothing is checked.
-            return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings)
+            return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings,
+                                  unet_calls=unet_calls)
         with _timed(timings, "decode"):
             images = self.decode(latents)  # (N, H, W, 3)
         if request.outpainting is not None:
@@ -432,6 +434,7 @@ class StableDiffusionPipeline:
             backend=self.backend.name,
             safety_scores=scores if request.return_safety_scores else None,
             timings=timings,
+            unet_calls=unet_calls,
         )
 
     def _apply_safety_policy(

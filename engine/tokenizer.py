@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BOS_TOKEN = "<|startoftext|>"
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
 DEFAULT_MODEL_MAX_LENGTH = 77  # CLIP's text context length
+#: how much of a truncated prompt's dropped tail the warning repeats
+_ECHOED_CHARACTERS = 120
 END_OF_WORD = "</w>"
 
 _WHITESPACE_RUN = regex.compile(r"\s+")
@@ -293,6 +295,8 @@ class CLIPTokenizer:
         if len(ids) <= room:
             return ids
         dropped = self.decode(ids[room:])
+        if len(dropped) > _ECHOED_CHARACTERS:  # diffusers echoes it all: kilobytes for a long prompt
+            dropped = f"{dropped[:_ECHOED_CHARACTERS]}... ({len(ids) - room} tokens dropped)"
         logger.warning(
             "The following part of your input was truncated because CLIP can only handle sequences up to %d tokens: %s",
             self.model_max_length,

@@ -332,6 +332,15 @@ def test_cli_writes_and_prints_paths(tiny_bundle: Path, tmp_path: Path, capsys) 
     assert document["fixed"]["num_inference_steps"] == 1 and document["columns"][0]["arguments"]["height"] == 64
 
 
+def test_cli_default_out_leaves_the_committed_figures_alone(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "docs/experiments").mkdir(parents=True)  # a clone's root, where the committed figures live
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(tiny_bundle), "--experiment", "images-per-prompt", "--steps", "1", "--size", "64",
+                 "--backend", "onnxruntime-cpu", "-q"]) == 0
+    assert (tmp_path / "sweep-out/images-per-prompt.json").is_file()
+    assert list((tmp_path / "docs/experiments").iterdir()) == []
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--experiment", "colour"], "invalid choice: 'colour'"),
     (["--experiment", "steps", "--steps", "3"], "--steps: the steps experiment sweeps num_inference_steps"),
