@@ -30,7 +30,8 @@ def _import_export_extra(command: str):
         import sdrt.export
     except ImportError as exc:
         raise SdrtError(
-            f"sdrt {command} needs the export extra ({exc.name} is missing): pip install torch==2.13.0 && pip install 'sdrt[export]'"
+            f"sdrt {command} needs the export extra ({exc.name} is missing): pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cpu && pip install 'sdrt[export]'"
         ) from exc
     return sdrt.export
 
