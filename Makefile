@@ -1,23 +1,46 @@
-# The README's two commands: `make demo` (generate an image from the embedded default model) and `make test`.
+# The README's two commands: `make demo` (generate an image from the embedded default model: the runtime alone, no
+# torch) and `make test` (the exporter, torch and the test tools added to the same venv).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a red circle on a blue background
+# torch from PyTorch's CPU wheel index: a bare torch requirement from PyPI pulls a multi-GB CUDA build. Empty
+# (TORCH_INDEX=) takes torch from pip's own configuration alone. pip's other configured sources (find-links, extra
+# indexes) still apply, so a machine with a local torch wheel installs it even where this index is unreachable.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# torch alone (--no-deps: only torch is looked up on its index); its dependencies come from PyPI with the next install
+INSTALL_TORCH = -m pip install --quiet --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 
-.PHONY: demo test
+.PHONY: demo test test-all demo-bundle
 
-# torch 2.13.0 first and explicitly: a bare torch requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+
+# One stamp per install, so `make demo` then `make test` adds to the same venv.
+$(VENV)/.runtime-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml $(VENV)/.runtime-installed
+	$(PY) $(INSTALL_TORCH)
 	$(PY) -m pip install --quiet -e '.[export,dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.runtime-installed
 	$(VENV)/bin/sdrt generate "$(PROMPT)" -o image.png
 
-test: $(VENV)/.installed
+# The tests a change is checked with; test-all adds those marked slow (Ray Serve, the serving load test, the
+# inpainting U-Net's cases), as CI runs them (.ci/run).
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -m "not slow"
+
+test-all: $(VENV)/.test-installed
 	$(PY) -m pytest
+
+# Re-exports the shipped default model (demo/bundle/) from its checkpoint (demo/model/): after retraining it, or when
+# tests/test_demo_model.py finds that the exporter now writes something else.
+demo-bundle: $(VENV)/.test-installed
+	$(PY) -m sdrt.demo.default_model_export
 
 # Regenerates benchmarks/RESULTS.md: SD 1.5-architecture random checkpoint (built once), its sdrt bundle, the optimum
 # peer (its own venv: optimum-onnx needs transformers 4.x) with its own export, then sdrt bench. Takes about an hour
@@ -30,11 +53,11 @@ OPTIMUM_INTEL_VENV ?= .venv-optimum-intel
 
 $(OPTIMUM_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python $(INSTALL_TORCH)
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet 'optimum-onnx[onnxruntime]' 'transformers<5' diffusers
 	touch $@
 
-bench: $(VENV)/.installed $(OPTIMUM_VENV)/.installed
+bench: $(VENV)/.test-installed $(OPTIMUM_VENV)/.installed
 	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
 	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
 	test -d $(BENCH_DIR)/sd15-bundle/int8 || $(VENV)/bin/sdrt quantize $(BENCH_DIR)/sd15-bundle --size 256
@@ -46,13 +69,13 @@ bench: $(VENV)/.installed $(OPTIMUM_VENV)/.installed
 
 $(OPTIMUM_INTEL_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_INTEL_VENV)
-	$(OPTIMUM_INTEL_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OPTIMUM_INTEL_VENV)/bin/python $(INSTALL_TORCH)
 	$(OPTIMUM_INTEL_VENV)/bin/python -m pip install --quiet 'optimum-intel[openvino]' 'transformers<5' diffusers
 	touch $@
 
 # Regenerates benchmarks/EXPORT.md: peak memory and time of `sdrt export` and `sdrt quantize` on the SD 1.5-architecture
 # checkpoint beside optimum-intel's and optimum's exports of it, one at a time. About 15 minutes on 2 cores.
-bench-build: $(VENV)/.installed $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_VENV)/.installed
+bench-build: $(VENV)/.test-installed $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_VENV)/.installed
 	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
 	$(PY) -m sdrt.benchmarks.build_memory $(BENCH_DIR)/sd15 $(BENCH_DIR)/build \
 	    --optimum-intel-python $(OPTIMUM_INTEL_VENV)/bin/python --optimum-python $(OPTIMUM_VENV)/bin/python \

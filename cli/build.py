@@ -31,7 +31,8 @@ def _import_export_extra(command: str):
         import sdrt.export
     except ImportError as exc:
         raise SdrtError(
-            f"sdrt {command} needs the export extra ({exc.name} is missing): pip install torch==2.13.0 && pip install 'sdrt[export]'"
+            f"sdrt {command} needs the export extra ({exc.name} is missing): pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cpu && pip install 'sdrt[export]'"
         ) from exc
     return sdrt.export
 
@@ -147,10 +148,10 @@ def _engine_flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    checkpoints = _import_export_extra("make-checkpoint").checkpoints
+    random_checkpoint = _import_export_extra("make-checkpoint").random_checkpoint
     if args.out_dir.exists():
         raise FileExistsError(f"{args.out_dir} already exists")
-    print(checkpoints.make_random_checkpoint(args.out_dir, args.arch, seed=args.seed, with_safety_checker=not args.no_safety_checker))
+    print(random_checkpoint.make_random_checkpoint(args.out_dir, args.arch, seed=args.seed, with_safety_checker=not args.no_safety_checker))
     return 0
 
 

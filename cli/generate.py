@@ -1,5 +1,5 @@
 """`generate`, `img2img`, `inpaint` and `outpaint`: one request on the lean runtime, its images written as PNGs that
-record its parameters. BUNDLE defaults to the embedded default model (sdrt.demo builds it on first use)."""
+record its parameters. BUNDLE defaults to the embedded default model (sdrt.demo ships its bundle)."""
 from __future__ import annotations
 
 import argparse

@@ -22,7 +22,9 @@ def _publish_mode(path: Path, directory: bool) -> None:
         for root, dirs, files in os.walk(path):
             os.chmod(root, 0o777 & ~umask)
             for name in files:
-                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+                path_in_root = os.path.join(root, name)
+                if not os.path.islink(path_in_root):  # chmod would follow it and change the file it points to
+                    os.chmod(path_in_root, 0o666 & ~umask)
     else:
         os.chmod(path, 0o666 & ~umask)
 
