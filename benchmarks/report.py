@@ -133,11 +133,13 @@ def peers_table(results: dict[str, Any], source: str) -> str:
             "—" if psnr is None else ("exact (reference)" if psnr == float("inf") else f"{psnr:.1f} dB"),
             *(_ratio(by_peer[p]) for p in peers), *(_ratio(ratios["peak_rss_gb"][engine][p]) for p in peers),
         ])
+    flags = f"AVX-512 BF16: {'yes' if machine['avx512_bf16'] else 'no'}, AMX: {'yes' if machine.get('amx') else 'no'}"
+    regenerate = MAKE_TARGETS.get(Path(source).name, "sdrt bench --results ... --readme ...")
     caption = (
-        f"`sdrt bench` run of {results['started_utc']} on {machine['cpu']}, {machine['cores']} cores: "
+        f"`sdrt bench` run of {results['started_utc']} on {machine['cpu']} ({machine['cores']} cores, {flags}): "
         f"{point['size']}×{point['size']}, batch {point['batch']}, {plan['steps']} steps, guidance {plan['guidance_scale']}, "
-        f"medians of {plan['runs']} runs per engine, interleaved; below 1 is better. All figures, the command and the "
-        f"versions: [{Path(source).name}]({source}) (written with this table by `{MAKE_TARGETS.get(Path(source).name, 'sdrt bench')}`)."
+        f"medians of {plan['runs']} runs per engine; sdrt ÷ peer, below 1 is better. Every figure, the command and the "
+        f"versions: [{Path(source).name}]({source}); regenerate with `{regenerate}`."
     )
     return "\n".join([caption, "", *_table(header, rows)])
 

@@ -59,9 +59,9 @@ def test_the_readme_peer_table_is_rewritten_from_the_runs_results(tmp_path: Path
     block = _block(text)
     assert "an old hand-typed table" not in block
     # the run and the machine it came from, and a link to the file with every figure
-    assert "2031-02-03T04:05:06+00:00" in block and "Testium 9000, 5 cores" in block
+    assert "2031-02-03T04:05:06+00:00" in block and "Testium 9000 (5 cores, AVX-512 BF16: no, AMX: no)" in block
     assert "320×320, batch 2, 13 steps" in block and "7 runs" in block
-    assert "[RESULTS.md](benchmarks/RESULTS.md)" in block and "`make bench`" in block
+    assert "[RESULTS.md](benchmarks/RESULTS.md)" in block and "regenerate with `make bench`" in block
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")]
             for line in block.splitlines() if line.startswith("| sdrt")}
     # 37 / 100 and 1.5 / 8; 81 / 100 and 5 / 8; PSNR from the input, the fp32 engine named as the reference
