@@ -57,15 +57,12 @@ $(OPTIMUM_VENV)/.installed:
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet 'optimum-onnx[onnxruntime]' 'transformers<5' diffusers
 	touch $@
 
-bench: $(VENV)/.test-installed $(OPTIMUM_VENV)/.installed
-	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
-	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
-	test -d $(BENCH_DIR)/sd15-bundle/int8 || $(VENV)/bin/sdrt quantize $(BENCH_DIR)/sd15-bundle --size 256
+bench: bench-bundle $(OPTIMUM_VENV)/.installed
 	test -d $(BENCH_DIR)/sd15-optimum || $(OPTIMUM_VENV)/bin/optimum-cli export onnx --model $(BENCH_DIR)/sd15 \
 	    --task text-to-image $(BENCH_DIR)/sd15-optimum
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 $(BENCH_ARGS) \
 	    --optimum-python $(OPTIMUM_VENV)/bin/python --optimum-model $(BENCH_DIR)/sd15-optimum \
-	    --out $(BENCH_DIR)/out --results benchmarks/RESULTS.md
+	    --out $(BENCH_DIR)/out --results benchmarks/RESULTS.md --readme README.md
 
 $(OPTIMUM_INTEL_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_INTEL_VENV)
@@ -80,3 +77,25 @@ bench-build: $(VENV)/.test-installed $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_
 	$(PY) -m sdrt.benchmarks.build_memory $(BENCH_DIR)/sd15 $(BENCH_DIR)/build \
 	    --optimum-intel-python $(OPTIMUM_INTEL_VENV)/bin/python --optimum-python $(OPTIMUM_VENV)/bin/python \
 	    --out $(BENCH_DIR)/build.json --results benchmarks/EXPORT.md
+
+# The SD 1.5-architecture random checkpoint (compute does not depend on weight values) and its bundle, quantized so
+# that `auto` runs the int8 U-Net: what every bench target measures; each step runs once.
+.PHONY: bench-bundle bench-memory bench-scaling
+bench-bundle: $(VENV)/.test-installed
+	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
+	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
+	test -d $(BENCH_DIR)/sd15-bundle/int8 || $(VENV)/bin/sdrt quantize $(BENCH_DIR)/sd15-bundle --size 256
+
+# Regenerates benchmarks/MEMORY.md: peak RSS of every sdrt mode kept loaded and one model at a time against diffusers
+# fp32, at 512x512; 2 steps, as peak memory does not depend on the step count.
+bench-memory: bench-bundle
+	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 \
+	    --engines sdrt sdrt-exact sdrt-low-memory sdrt-exact-low-memory diffusers-fp32 --runs 1 --sizes 512 -s 2 \
+	    --out $(BENCH_DIR)/memory --results benchmarks/MEMORY.md
+
+# Regenerates benchmarks/SCALING.md: sdrt and diffusers bf16 at 256, 512 and 768 px, batches 1, 2 and 4; 2 steps so
+# that the 18 points fit in about 40 minutes on 2 cores.
+bench-scaling: bench-bundle
+	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 \
+	    --engines sdrt diffusers-bf16 --runs 1 --sizes 256 512 768 --batches 1 2 4 -s 2 \
+	    --out $(BENCH_DIR)/scaling --results benchmarks/SCALING.md

@@ -1,10 +1,21 @@
-"""Benchmark results as markdown tables (also what the terminal shows) and a PNG chart drawn with Pillow."""
+"""Benchmark results as markdown tables (also what the terminal shows), a PNG chart drawn with Pillow, the committed
+results files (markdown, chart, JSON) and the README's peer table, rewritten from a run's results."""
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from sdrt.benchmarks.sections import replace_section
+from sdrt.engine.atomic import atomic_file
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("text_encode", "unet", "guidance_and_scheduler", "decode", "safety_check")
 STAGE_COLOURS = {"text_encode": "#8e7cc3", "unet": "#3d85c6", "guidance_and_scheduler": "#93c47d", "decode": "#e69138", "safety_check": "#cc0000"}
@@ -33,13 +44,26 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def markdown(results: dict[str, Any]) -> str:
+#: the Makefile target that rewrites each committed results file (tests/test_bench_report.py checks the Makefile)
+MAKE_TARGETS = {"RESULTS.md": "make bench", "MEMORY.md": "make bench-memory", "SCALING.md": "make bench-scaling"}
+
+README_PEERS_BEGIN = "<!-- peers:begin -->"
+README_PEERS_END = "<!-- peers:end -->"
+
+
+def _regenerate_hint(results_file: Path | None) -> str:
+    target = None if results_file is None else MAKE_TARGETS.get(results_file.name)
+    return "" if target is None else f" (regenerate with `{target}`: see the Makefile)"
+
+
+def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
+    """The run's tables; `results_file`, where they are committed, names the make target that rewrites it."""
     machine, plan = results["machine"], results["plan"]
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
     lines = [
         "# sdrt benchmark results",
         "",
-        f"- Run: {results['started_utc']}, `{results['command']}` (regenerate with `make bench`: see the Makefile)",
+        f"- Run: {results['started_utc']}, `{results['command']}`{_regenerate_hint(results_file)}",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, AVX-512 BF16: {machine['avx512_bf16']}, AMX: {machine['amx']}",
         f"- Versions: Python {machine['python']}, {versions}",
         f"- Workload: \"{plan['prompt']}\", {plan['steps']} steps, guidance {plan['guidance_scale']}, {plan['runs']} run(s) per "
@@ -76,6 +100,68 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     path.write_text(markdown(results) + "\n", encoding="utf-8")
 
 
+def write_results_file(results: dict[str, Any], path: Path) -> None:
+    """A committed results file (e.g. benchmarks/RESULTS.md) with its chart (RESULTS-chart.png) and the run's
+    figures (RESULTS.json, what the README's peer table is rewritten from) beside it, each written atomically."""
+    chart = path.with_name(f"{path.stem}-chart.png")
+    with atomic_file(chart) as staging:
+        write_chart(results, staging)
+    with atomic_file(path.with_suffix(".json")) as staging:
+        staging.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    with atomic_file(path) as staging:
+        staging.write_text(f"{markdown(results, path)}\n\n![stage breakdown per engine]({chart.name})\n", encoding="utf-8")
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}×"
+
+
+def peers_table(results: dict[str, Any], source: str) -> str:
+    """Where sdrt stands against its peers, for the README: each sdrt engine's end-to-end time and peak RSS as
+    ratios to every peer at the run's first point, headed by the run, the machine and `source` (a link to the
+    results file)."""
+    point, machine, plan = results["points"][0], results["machine"], results["plan"]
+    ratios = point["ratios"]
+    peers = sorted({peer for by_peer in ratios["e2e_s"].values() for peer in by_peer})
+    header = ["sdrt engine", "backend", "PSNR vs fp32", *(f"time ÷ {p}" for p in peers), *(f"peak RSS ÷ {p}" for p in peers)]
+    rows = []
+    for engine, by_peer in ratios["e2e_s"].items():
+        summary = point["engines"][engine]
+        psnr = summary.get("psnr_vs_fp32_db")
+        rows.append([
+            engine, str(summary["backend"]),
+            "—" if psnr is None else ("exact (reference)" if psnr == float("inf") else f"{psnr:.1f} dB"),
+            *(_ratio(by_peer[p]) for p in peers), *(_ratio(ratios["peak_rss_gb"][engine][p]) for p in peers),
+        ])
+    flags = f"AVX-512 BF16: {'yes' if machine['avx512_bf16'] else 'no'}, AMX: {'yes' if machine.get('amx') else 'no'}"
+    regenerate = MAKE_TARGETS.get(Path(source).name, "sdrt bench --results ... --readme ...")
+    caption = (
+        f"`sdrt bench` run of {results['started_utc']} on {machine['cpu']} ({machine['cores']} cores, {flags}): "
+        f"{point['size']}×{point['size']}, batch {point['batch']}, {plan['steps']} steps, guidance {plan['guidance_scale']}, "
+        f"medians of {plan['runs']} runs per engine; sdrt ÷ peer, below 1 is better. Every figure, the command and the "
+        f"versions: [{Path(source).name}]({source}); regenerate with `{regenerate}`."
+    )
+    return "\n".join([caption, "", *_table(header, rows)])
+
+
+def has_peers_block(readme: Path) -> bool:
+    """Whether `readme` is a file with the marked block write_readme_peers rewrites."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    return README_PEERS_BEGIN in text and README_PEERS_END in text
+
+
+def write_readme_peers(results: dict[str, Any], readme: Path, results_file: Path) -> None:
+    """Rewrite the peer table between README_PEERS_BEGIN and README_PEERS_END in `readme` from `results`, linking
+    to `results_file`; a readme without that block is an error, not a place to append one."""
+    if not has_peers_block(readme):
+        raise ValueError(f"{readme}: no {README_PEERS_BEGIN} ... {README_PEERS_END} block to rewrite")
+    source = Path(os.path.relpath(results_file, readme.parent)).as_posix()
+    replace_section(readme, README_PEERS_BEGIN, README_PEERS_END, peers_table(results, source), preamble="")
+    logger.info("rewrote the peer table in %s from %s", readme, results_file)
+
+
 def write_chart(results: dict[str, Any], path: Path) -> None:
     """One horizontal bar per engine and point, split into pipeline stages."""
     bars = [(f"{p['size']}x{p['size']} batch {p['batch']} {engine}", summary) for p in results["points"] for engine, summary in p["engines"].items()]
@@ -100,3 +186,19 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         draw.text((legend_x + 16, y), stage, fill="black")
         legend_x += 30 + 7 * len(stage)
     image.save(path, format="PNG")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rewrite README's peer table from a committed run (benchmarks/RESULTS.json) without rerunning the bench."""
+    parser = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.report", description=main.__doc__)
+    parser.add_argument("results_json", type=Path, help="a run's figures, e.g. benchmarks/RESULTS.json")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    args = parser.parse_args(argv)
+    results = json.loads(args.results_json.read_text(encoding="utf-8"))
+    write_readme_peers(results, args.readme, args.results_json.with_suffix(".md"))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(main())

@@ -11,13 +11,19 @@ from tqdm import tqdm
 
 from sdrt.benchmarks import gpu_validate
 from sdrt.benchmarks.bench import BenchPlan, run_bench
-from sdrt.benchmarks.report import markdown, write_chart
+from sdrt.benchmarks.report import (
+    README_PEERS_BEGIN,
+    README_PEERS_END,
+    has_peers_block,
+    markdown,
+    write_readme_peers,
+    write_results_file,
+)
 from sdrt.benchmarks.worker import ENGINES
 from sdrt.cli.common import UsageError, add_backend_argument
 from sdrt.demo import sweep
 from sdrt.demo.default_model import default_bundle_dir
 from sdrt.engine import load
-from sdrt.engine.atomic import atomic_file
 from sdrt.engine.diagnostics import describe, environment
 from sdrt.engine.safety_checker import SafetyPolicy
 
@@ -34,14 +40,16 @@ def _bench(args: argparse.Namespace) -> int:
         batches=tuple(args.batches), prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         seed=args.seed, optimum_python=args.optimum_python, optimum_model=args.optimum_model, out_dir=args.out,
     )
+    if args.readme is not None and args.results is None:
+        raise UsageError("--readme: the peer table links to the results file, so it needs --results")
+    if args.readme is not None and not has_peers_block(args.readme):  # checked before an hour of benchmarking
+        raise UsageError(f"--readme: {args.readme} has no {README_PEERS_BEGIN} ... {README_PEERS_END} block to rewrite")
     results = run_bench(plan, ["sdrt", *args.argv])
     print(markdown(results))
-    if args.results is not None:  # the markdown and its chart beside it, e.g. RESULTS.md + RESULTS-chart.png
-        chart = args.results.with_name(f"{args.results.stem}-chart.png")
-        with atomic_file(chart) as staging:
-            write_chart(results, staging)
-        with atomic_file(args.results) as staging:
-            staging.write_text(f"{markdown(results)}\n\n![stage breakdown per engine]({chart.name})\n", encoding="utf-8")
+    if args.results is not None:  # e.g. RESULTS.md, with RESULTS-chart.png and RESULTS.json beside it
+        write_results_file(results, args.results)
+    if args.readme is not None:
+        write_readme_peers(results, args.readme, args.results)
     return 0
 
 
@@ -110,7 +118,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--optimum-python", type=Path, default=None, help="python of a venv with optimum-onnx")
     bench.add_argument("--optimum-model", type=Path, default=None, help="the checkpoint exported with optimum")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="results.json, results.md, chart.png")
-    bench.add_argument("--results", type=Path, default=None, help="also write the markdown here (benchmarks/RESULTS.md)")
+    bench.add_argument("--results", type=Path, default=None,
+                       help="also write the markdown here (benchmarks/RESULTS.md), with its chart and JSON beside it")
+    bench.add_argument("--readme", type=Path, default=None,
+                       help="also rewrite the peer table between <!-- peers:begin --> and <!-- peers:end --> in this "
+                       "file (README.md) from this run; needs --results")
     bench.set_defaults(handler=_bench)
 
     doctor = commands.add_parser("doctor", help="what this machine can run: packages, CUDA device, backends; --gpu validates the GPU path",

@@ -1,7 +1,7 @@
 """sdrt.serve — text to image over HTTP: `sdrt serve BUNDLE` (FastAPI + uvicorn, one pipeline per process behind a
 bounded, micro-batching queue), or the same pipeline as a Ray Serve deployment (`sdrt serve BUNDLE --ray`).
 
-Needs the serve extra (`pip install 'sdrt[serve]'`; Ray Serve: `'sdrt[ray]'`). See README.md, "Serving".
+Needs the serve extra (`pip install 'sdrt[serve]'`; Ray Serve: `'sdrt[ray]'`). See docs/serving.md.
 """
 from sdrt.serve.app import AppSettings, create_app
 from sdrt.serve.batcher import BatcherConfig

@@ -95,8 +95,8 @@ def generate_batch(
 
     `should_stop()` is asked after each denoising step (once per step); a reason (not None) stops the batch there by raising
     GenerationCancelled with it. InvalidArgumentError from the pipeline is raised with the API's parameter name.
-    However it ends, the heap the batch freed goes back to the system (glibc keeps it otherwise: see the README's
-    serving section for the figure), so the process's resting RSS stays what the memory budget counted on.
+    However it ends, the heap the batch freed goes back to the system (glibc keeps it otherwise: see docs/serving.md,
+    "Memory", for the figure), so the process's resting RSS stays what the memory budget counted on.
     """
     try:
         return _generate(pipe, requests, should_stop)

@@ -12,8 +12,11 @@ from sdrt.cli.main import main
 def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     results_md = tmp_path / "RESULTS.md"
+    readme = tmp_path / "README.md"
+    readme.write_text("# intro\n<!-- peers:begin -->\n<!-- peers:end -->\n")
     code = main(["bench", str(tiny_bundle), "--checkpoint", str(tiny_checkpoint), "--engines", "sdrt-exact", "diffusers-fp32",
-                 "optimum-ort", "sdrt-int8", "--runs", "2", "--sizes", "64", "-s", "2", "--out", str(out), "--results", str(results_md)])
+                 "optimum-ort", "sdrt-int8", "--runs", "2", "--sizes", "64", "-s", "2", "--out", str(out), "--results", str(results_md),
+                 "--readme", str(readme)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     point = results["points"][0]
@@ -31,7 +34,14 @@ def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, 
     assert ratio == point["engines"]["sdrt-exact"]["e2e_s"]["median"] / point["engines"]["diffusers-fp32"]["e2e_s"]["median"]
     assert results["command"].startswith("sdrt bench ") and results["machine"]["versions"]["sdrt"]
     markdown = results_md.read_text()
-    assert markdown.startswith((out / "results.md").read_text()) and "| sdrt-exact |" in markdown and "optimum-ort skipped" in markdown
+    # the committed file names the make target that rewrites it (RESULTS.md: make bench); otherwise the same tables
+    assert "(regenerate with `make bench`: see the Makefile)" in markdown
+    assert markdown.replace(" (regenerate with `make bench`: see the Makefile)", "").startswith((out / "results.md").read_text())
+    assert "| sdrt-exact |" in markdown and "optimum-ort skipped" in markdown
+    assert json.loads((tmp_path / "RESULTS.json").read_text()) == results
+    # the README's peer table: this run's ratio, linked to the results file
+    assert f"| sdrt-exact | {point['engines']['sdrt-exact']['backend']} | exact (reference) | {ratio:.2f}× |" in readme.read_text()
+    assert "[RESULTS.md](RESULTS.md)" in readme.read_text() and results["started_utc"] in readme.read_text()
     assert markdown.rstrip().endswith("(RESULTS-chart.png)")
     with Image.open(tmp_path / "RESULTS-chart.png") as chart:
         assert chart.format == "PNG"
@@ -43,6 +53,16 @@ def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, 
 def test_bench_rejects_unknown_engine(tiny_bundle: Path, capsys) -> None:
     assert main(["bench", str(tiny_bundle), "--engines", "tensorflow"]) == 2
     assert "unknown ['tensorflow']" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_readme_without_the_peer_block_before_running(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block\n")
+    results = tmp_path / "RESULTS.md"
+    assert main(["bench", str(tiny_bundle), "--results", str(results), "--readme", str(readme), "--out", str(tmp_path / "out")]) == 2
+    assert "peers:begin" in capsys.readouterr().err and not results.exists() and not (tmp_path / "out").exists()
+    assert main(["bench", str(tiny_bundle), "--readme", str(readme)]) == 2
+    assert "needs --results" in capsys.readouterr().err
 
 
 def test_an_sdrt_engine_that_would_repeat_an_earlier_ones_run_is_skipped(tiny_bundle: Path, tmp_path: Path) -> None:
