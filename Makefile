@@ -10,7 +10,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # torch alone (--no-deps: only torch is looked up on its index); its dependencies come from PyPI with the next install
 INSTALL_TORCH = -m pip install --quiet --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 
-.PHONY: demo test test-all demo-bundle
+.PHONY: demo test test-slow demo-bundle
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,13 +29,13 @@ $(VENV)/.test-installed: pyproject.toml $(VENV)/.runtime-installed
 demo: $(VENV)/.runtime-installed
 	$(VENV)/bin/sdrt generate "$(PROMPT)" -o image.png
 
-# The tests a change is checked with; test-all adds those marked slow (Ray Serve, the serving load test, the
-# inpainting U-Net's cases), as CI runs them (.ci/run).
+# The tests a change is checked with; test-slow runs those marked slow (Ray Serve, the serving load test, the
+# inpainting U-Net's cases): CI (.ci/run) runs both.
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -m "not slow"
 
-test-all: $(VENV)/.test-installed
-	$(PY) -m pytest
+test-slow: $(VENV)/.test-installed
+	$(PY) -m pytest -m slow
 
 # Re-exports the shipped default model (demo/bundle/) from its checkpoint (demo/model/): after retraining it, or when
 # tests/test_demo_model.py finds that the exporter now writes something else.
