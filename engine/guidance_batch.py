@@ -7,9 +7,9 @@ A guided call runs the U-Net once on a batch of two halves along the first axis:
 
 The context (encoder_hidden_states) differs between the halves; every other input (the latents, the timesteps, an
 inpainting U-Net's mask channels: REPEATED_INPUTS) is the same in both, which a backend may exploit
-(backends/openvino/passes/guidance_prefix.py). The guided noise prediction is uncond + scale * (cond - uncond). As diffusers, the
-unconditional half runs only when guidance strengthens the prompt (guidance_scale > 1); otherwise the batch is the
-conditional rows alone, (B, ...).
+(backends/openvino/passes/guidance_prefix.py). The guided noise prediction is uncond + scale * (cond - uncond). As
+diffusers, the unconditional half runs only when guidance strengthens the prompt (guidance_scale > 1); otherwise the
+batch is the conditional rows alone, (B, ...).
 """
 from __future__ import annotations
 
