@@ -119,12 +119,67 @@ class GenerationRequest:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        *,
+        binarize_mask: bool = True,
     ) -> GenerationRequest:
-        """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults);
-        InvalidArgumentError naming the first bad argument and its allowed range."""
-        return _validate(limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
-                         height, width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options,
-                         image, mask_image, strength)
+        """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults),
+        checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
+        `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam)."""
+        prompts = _as_prompt_list("prompt", prompt)
+        negative_prompts = _negative_prompts(negative_prompt, prompts)
+        sampler = limits.sampler(scheduler)
+        low, high = sampler.min_inference_steps, sampler.max_inference_steps
+        if not is_int(num_inference_steps) or not low <= num_inference_steps <= high:
+            raise InvalidArgumentError("num_inference_steps", f"must be an integer in {low}..{high} for this checkpoint's "
+                                       f"{type(sampler).__name__}, got {num_inference_steps!r}")
+        num_inference_steps = int(num_inference_steps)
+        if not is_finite_number(guidance_scale):
+            raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+        if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
+        init = None
+        if image is None:
+            if mask_image is not None:
+                raise InvalidArgumentError("mask_image", "needs `image`, the picture to inpaint")
+            if strength is not None:
+                raise InvalidArgumentError("strength", "applies only with `image` (image to image, inpainting)")
+            if limits.unet_takes_mask:
+                raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give image and mask_image")
+            height, width = _side(limits, "height", height), _side(limits, "width", width)
+            schedule = sampler.start(num_inference_steps)
+        else:
+            if limits.unet_takes_mask and mask_image is None:
+                raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
+            if latents is not None:
+                raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
+            init, height, width = _image_init(limits, image, mask_image, strength, height, width, binarize_mask)
+            # Start part-way, as diffusers' get_timesteps.
+            if denoising_steps(num_inference_steps, init.strength) < 1:
+                raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
+                                           "strength * num_inference_steps must be at least 1")
+            try:
+                schedule = sampler.start(num_inference_steps, first_call(num_inference_steps, init.strength, sampler.order))
+            except ValueError as exc:  # a sampler that cannot start part-way
+                raise InvalidArgumentError("strength", str(exc)) from None
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidArgumentError("output_type", f"must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(return_safety_scores, bool):
+            raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
+        if not isinstance(prompt_options, PromptOptions):
+            raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
+        # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
+        limits.check_images(len(prompts), int(num_images_per_prompt), height, width, guidance_batch.is_guided(guidance_scale))
+        if latents is not None:
+            _check_latents(latents, limits.latent_shape(len(prompts) * num_images_per_prompt, height, width))
+        return cls(
+            prompts=prompts, negative_prompts=negative_prompts, num_inference_steps=num_inference_steps,
+            guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
+            width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
+            return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
+            outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
+        )
 
     @classmethod
     def create_outpainting(
@@ -153,73 +208,10 @@ class GenerationRequest:
         canvas = plan_canvas(original.size, left, right, top, bottom, limits.image_sides)
         seam = seam_width(canvas, feather, limits.vae_scale_factor)
         mask = feathered_mask(canvas, 0 if limits.unet_takes_mask else seam)  # (H, W)
-        request = _validate(limits, prompt, **{"strength": INPAINT_STRENGTH, **options}, output_type=output_type,
+        request = cls.create(limits, prompt, **{"strength": INPAINT_STRENGTH, **options}, output_type=output_type,
                             height=canvas.height, width=canvas.width, image=grow(original, canvas), mask_image=mask,
                             binarize_mask=False)
         return dataclasses.replace(request, outpainting=Outpainting(original, canvas))
-
-
-def _validate(limits: RequestLimits, prompt: Any, negative_prompt: Any = None, num_inference_steps: Any = 50,
-              guidance_scale: Any = 7.5, num_images_per_prompt: Any = 1, height: Any = None, width: Any = None,
-              seed: Any = None, latents: Any = None, output_type: Any = "pil", return_safety_scores: Any = False,
-              scheduler: Any = None, prompt_options: Any = PromptOptions(), image: Any = None, mask_image: Any = None,
-              strength: Any = None, binarize_mask: bool = True) -> GenerationRequest:
-    """Every check of `GenerationRequest.create`, in the order of its arguments (the first bad one is named)."""
-    prompts = _as_prompt_list("prompt", prompt)
-    negative_prompts = _negative_prompts(negative_prompt, prompts)
-    sampler = limits.sampler(scheduler)
-    low, high = sampler.min_inference_steps, sampler.max_inference_steps
-    if not is_int(num_inference_steps) or not low <= num_inference_steps <= high:
-        raise InvalidArgumentError("num_inference_steps", f"must be an integer in {low}..{high} for this checkpoint's "
-                                   f"{type(sampler).__name__}, got {num_inference_steps!r}")
-    num_inference_steps = int(num_inference_steps)
-    if not is_finite_number(guidance_scale):
-        raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
-    if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
-        raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
-    init = None
-    if image is None:
-        if mask_image is not None:
-            raise InvalidArgumentError("mask_image", "needs `image`, the picture to inpaint")
-        if strength is not None:
-            raise InvalidArgumentError("strength", "applies only with `image` (image to image, inpainting)")
-        if limits.unet_takes_mask:
-            raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give image and mask_image")
-        height, width = _side(limits, "height", height), _side(limits, "width", width)
-        schedule = sampler.start(num_inference_steps)
-    else:
-        if limits.unet_takes_mask and mask_image is None:
-            raise InvalidArgumentError("mask_image", "this bundle's U-Net is an inpainting U-Net: give mask_image too")
-        if latents is not None:
-            raise InvalidArgumentError("latents", "cannot be given with `image`: its noise comes from `seed`")
-        init, height, width = _image_init(limits, image, mask_image, strength, height, width, binarize_mask)
-        # Start part-way, as diffusers' get_timesteps.
-        if denoising_steps(num_inference_steps, init.strength) < 1:
-            raise InvalidArgumentError("strength", f"{init.strength} leaves no step of {num_inference_steps}: "
-                                       "strength * num_inference_steps must be at least 1")
-        try:
-            schedule = sampler.start(num_inference_steps, first_call(num_inference_steps, init.strength, sampler.order))
-        except ValueError as exc:  # a sampler that cannot start part-way
-            raise InvalidArgumentError("strength", str(exc)) from None
-    if seed is not None and (not is_int(seed) or seed < 0):
-        raise InvalidArgumentError("seed", f"must be a non-negative integer or None, got {seed!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise InvalidArgumentError("output_type", f"must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not isinstance(return_safety_scores, bool):
-        raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
-    if not isinstance(prompt_options, PromptOptions):
-        raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
-    # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
-    limits.check_images(len(prompts), int(num_images_per_prompt), height, width, guidance_batch.is_guided(guidance_scale))
-    if latents is not None:
-        _check_latents(latents, limits.latent_shape(len(prompts) * num_images_per_prompt, height, width))
-    return GenerationRequest(
-        prompts=prompts, negative_prompts=negative_prompts, num_inference_steps=num_inference_steps,
-        guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
-        width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
-        return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-        outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
-    )
 
 
 def _as_prompt_list(name: str, value: Any) -> tuple[str, ...]:
