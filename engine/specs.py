@@ -15,6 +15,7 @@ class Component(str, enum.Enum):
     """The models a bundle holds, in the order the pipeline uses them."""
 
     TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (OpenCLIP bigG, with a projection)
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
@@ -38,9 +39,27 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ComponentSpec:
+    """A component's tensors. The optional ones are in a graph only where its checkpoint's config calls for them
+    (SDXL's U-Net takes `text_embeds` and `time_ids`): the manifest records the tensors each exported graph has, and
+    the runtime feeds an optional input only where the bundle's graph has it."""
+
     component: Component
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    optional_inputs: tuple[TensorSpec, ...] = ()
+    optional_outputs: tuple[TensorSpec, ...] = ()
+
+    def with_optional(self, names: frozenset[str]) -> ComponentSpec:
+        """This spec with the optional tensors in `names` among its inputs and outputs (after the others), and no
+        optional tensors left: the spec of one exported graph."""
+        unknown = names - {t.name for t in (*self.optional_inputs, *self.optional_outputs)}
+        if unknown:
+            raise ValueError(f"{self.component.value} has no optional tensors {sorted(unknown)}")
+        return ComponentSpec(
+            self.component,
+            inputs=self.inputs + tuple(t for t in self.optional_inputs if t.name in names),
+            outputs=self.outputs + tuple(t for t in self.optional_outputs if t.name in names),
+        )
 
     @property
     def filename(self) -> str:
@@ -53,8 +72,8 @@ class ComponentSpec:
         return f"{self.component.value}/fp16/model.onnx"
 
 
-#: the components `sdrt export --fp16-onnx` converts unless told otherwise: SD 1.x's VAE overflows fp16's range
-#: (its decoder's activations pass 65504), and the safety checker runs once per request, so both stay fp32
+#: the components `sdrt export --fp16-onnx` converts unless told otherwise: SD 1.x's and SDXL's VAEs overflow
+#: fp16's range (their decoders' activations pass 65504: diffusers' `force_upcast`), and the safety checker runs once per request, so both stay fp32
 FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
 _LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
@@ -65,6 +84,17 @@ SPECS: dict[Component, ComponentSpec] = {
         Component.TEXT_ENCODER,
         inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden")),),
+        # SDXL conditions its U-Net on the penultimate layer's hidden states
+        optional_outputs=(TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", "hidden")),),
+    ),
+    Component.TEXT_ENCODER_2: ComponentSpec(
+        Component.TEXT_ENCODER_2,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+        outputs=(
+            TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", "hidden")),
+            # the final layer's pooled (end-of-text) state, projected: the U-Net's `text_embeds`
+            TensorSpec("text_embeds", "float32", ("batch", "projection")),
+        ),
     ),
     Component.UNET: ComponentSpec(
         Component.UNET,
@@ -78,6 +108,12 @@ SPECS: dict[Component, ComponentSpec] = {
             TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
         ),
         outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
+        # SDXL's added conditions (its config's addition_embed_type "text_time"): the second text encoder's pooled
+        # embedding, and the size conditions (original size, crop's top left, target size or aesthetic score).
+        optional_inputs=(
+            TensorSpec("text_embeds", "float32", ("batch", "pooled")),
+            TensorSpec("time_ids", "float32", ("batch", "time_ids")),
+        ),
     ),
     Component.VAE_DECODER: ComponentSpec(
         Component.VAE_DECODER,

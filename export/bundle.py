@@ -25,13 +25,14 @@ from sdrt.engine.manifest import (
     Manifest,
     ModelConfig,
     SafetyCheckerConfig,
+    SdxlConfig,
     TensorEntry,
     TokenizerConfig,
     describe_files,
     sha256_file,
 )
 from sdrt.engine.refit_map import REFITTABLE_COMPONENTS, refit_map_file, write_refit_map
-from sdrt.engine.specs import SPECS, Component
+from sdrt.engine.specs import SPECS, Component, ComponentSpec
 from sdrt.engine.version import SDRT_VERSION
 from sdrt.export.source_checkpoint import (
     OPTIONAL_TOKENIZER_FILES,
@@ -46,7 +47,7 @@ from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx
 from sdrt.export.lora_fusion import LoraSpec, fused_deltas
-from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
+from sdrt.export.onnx_export import OPSET, export_component, graph_spec, run_torch, traceable_model, validation_inputs
 from sdrt.export.refit_map import match_refit_map, parameter_fingerprints
 from sdrt.export.single_file import convert_single_file, is_single_file, open_single_file
 
@@ -58,40 +59,45 @@ _VALIDATION_RTOL = 1e-3
 SAFETY_CONCEPTS_FILE = "safety_checker/concepts.npz"
 
 
-def _onnxruntime_output(onnx_path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def _onnxruntime_outputs(onnx_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # One run at a small shape: no layout rewrites or prepacked copies of the weights, no arena kept afterwards.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]).run(None, inputs)
 
 
 def _compare(
-    component: Component, actual: np.ndarray, expected: np.ndarray, rtol: float = _VALIDATION_RTOL, what: tuple[str, str] = ("ONNX", "torch")
+    component: Component, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], rtol: float = _VALIDATION_RTOL,
+    what: tuple[str, str] = ("ONNX", "torch"),
 ) -> float:
-    """Max |actual - expected| at the validation shape, where `what` names the two (by default the exported graph
-    and torch); raise ExportError if they differ in shape or dtype, or by more than `rtol` of the output's magnitude."""
+    """Max |actual - expected| over the outputs at the validation shape, where `what` names the two (by default the
+    exported graph and torch); raise ExportError if they differ in number, shape or dtype, or an output by more than
+    `rtol` of its magnitude."""
     name, reference = what
-    if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        raise ExportError(
-            f"{component.value}: {name} output {actual.dtype} {actual.shape} differs from {reference}'s {expected.dtype} {expected.shape}"
-        )
-    max_abs_diff = float(np.max(np.abs(actual - expected)))
-    tolerance = rtol * max(1.0, float(np.max(np.abs(expected))))
-    if not max_abs_diff <= tolerance:  # NaN fails too
-        raise ExportError(f"{component.value}: {name} output differs from {reference}'s by {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+    if len(actual) != len(expected):
+        raise ExportError(f"{component.value}: {name} has {len(actual)} outputs, {reference} {len(expected)}")
+    max_abs_diff = 0.0
+    for got, want in zip(actual, expected):
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ExportError(f"{component.value}: {name} output {got.dtype} {got.shape} differs from {reference}'s {want.dtype} {want.shape}")
+        diff = float(np.max(np.abs(got - want)))
+        tolerance = rtol * max(1.0, float(np.max(np.abs(want))))
+        if not diff <= tolerance:  # NaN fails too
+            raise ExportError(f"{component.value}: {name} output differs from {reference}'s by {diff:.3g} (tolerance {tolerance:.3g})")
+        max_abs_diff = max(max_abs_diff, diff)
     logger.info("%s validated: max |%s - %s| = %.3g", component.value, name, reference, max_abs_diff)
     return max_abs_diff
 
 
-def _shape_entries(component: Component, onnx_path: Path) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
-    """Spec names and dtypes with the shapes the exported graph declares (ints fixed, names dynamic)."""
+def _shape_entries(spec: ComponentSpec, onnx_path: Path) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+    """The graph spec's names and dtypes with the shapes the exported graph declares (ints fixed, names dynamic)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    spec = SPECS[component]
+    component = spec.component
 
     def entries(declared, specs) -> tuple[TensorEntry, ...]:
         dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in declared}
@@ -132,7 +138,7 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
         _write_safety_concepts(model.model, staging / SAFETY_CONCEPTS_FILE)
     # names as diffusers (and so LoRA files) give them: the wrapper's `model` prefix left out
     fingerprints = parameter_fingerprints(model.model) if component in REFITTABLE_COMPONENTS else None
-    del model  # a full-size U-Net is 3.4 GB: free it before the graph is loaded for cleaning
+    del model  # a full-size U-Net is 3.4 GB (SDXL's 10 GB): free it before the graph is loaded for cleaning
     gc.collect()
     clean_onnx(raw_path, onnx_path)
     shutil.rmtree(staging / "_traced")
@@ -140,13 +146,13 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
     if fingerprints is not None:
         refit_map = refit_map_file(component)
         write_refit_map(staging / refit_map, match_refit_map(fingerprints, onnx_path))
-    inputs, outputs = _shape_entries(component, onnx_path)
-    onnx_output = _onnxruntime_output(onnx_path, check_inputs)
+    inputs, outputs = _shape_entries(graph_spec(source, component), onnx_path)
+    onnx_output = _onnxruntime_outputs(onnx_path, check_inputs)
     max_abs_diff = _compare(component, onnx_output, reference)
     fp16_entry = None
     if fp16:
         convert_to_fp16(onnx_path, staging / spec.fp16_filename)
-        fp16_output = _onnxruntime_output(staging / spec.fp16_filename, check_inputs)
+        fp16_output = _onnxruntime_outputs(staging / spec.fp16_filename, check_inputs)
         fp16_diff = _compare(component, fp16_output, onnx_output, FP16_VALIDATION_RTOL, ("fp16 variant", "fp32 model"))
         fp16_entry = Fp16Entry(file=spec.fp16_filename, max_abs_diff=fp16_diff)
     return ComponentEntry(file=spec.filename, inputs=inputs, outputs=outputs, opset=opset, export_max_abs_diff=max_abs_diff,
@@ -169,8 +175,11 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
 
 
 def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
-    """Tokenizer files, scheduler config and feature-extractor config, as the checkpoint ships them."""
-    names = [f"tokenizer/{name}" for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES] + [SCHEDULER_CONFIG_FILE]
+    """Tokenizer files (both tokenizers' for SDXL), scheduler config and feature-extractor config, as the checkpoint
+    ships them."""
+    tokenizers = ("tokenizer", "tokenizer_2") if source.is_sdxl else ("tokenizer",)
+    names = [f"{tokenizer}/{name}" for tokenizer in tokenizers for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES]
+    names.append(SCHEDULER_CONFIG_FILE)
     if source.safety_checker_config is not None:
         names.append(PREPROCESSOR_CONFIG_FILE)
     for name in names:
@@ -178,6 +187,15 @@ def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.path / name, staging / name)
     return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token_of(source.tokenizer_config))
+
+
+def _sdxl_config(source: SourceCheckpoint) -> SdxlConfig | None:
+    if not source.is_sdxl:
+        return None
+    config = source.tokenizer_2_config
+    max_length = int(config.get("model_max_length", source.text_encoder_2_config.get("max_position_embeddings", 77)))
+    tokenizer_2 = TokenizerConfig(directory="tokenizer_2", model_max_length=max_length, pad_token=pad_token_of(config))
+    return SdxlConfig(tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt)
 
 
 def export_bundle(
@@ -251,6 +269,10 @@ def _export(
     """Export the checked `source` to `out_dir`; `source_path` (default: the checkpoint directory) is recorded as
     where it came from."""
     fp16 = _fp16_components(options.fp16_components, source.components)
+    upcast = fp16 & {Component.VAE_DECODER, Component.VAE_ENCODER}
+    if upcast and source.vae_config.get("force_upcast", False):
+        logger.warning("the VAE's config sets force_upcast (it overflows fp16; diffusers runs it in fp32): the fp16 "
+                       "variants of %s may give NaN images", ", ".join(sorted(c.value for c in upcast)))
     if source.safety_checker_config is None:
         logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source_path or source.path)
     with atomic_directory(out_dir, replace=options.force) as staging:
@@ -274,6 +296,7 @@ def _export(
             files=describe_files(staging),
             source_sha256=source_sha256,
             loras=loras,
+            sdxl=_sdxl_config(source),
         ).write(staging)
     logger.info("bundle written to %s", out_dir)
     return out_dir

@@ -30,21 +30,44 @@ _CHECK_CONTEXT_WINDOWS = 2
 
 
 class _TextEncoder(torch.nn.Module):
+    """The last hidden state; SDXL's first encoder adds the penultimate layer's."""
+
+    def __init__(self, model: torch.nn.Module, penultimate: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.penultimate = penultimate
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(input_ids, output_hidden_states=self.penultimate, return_dict=True)
+        if self.penultimate:
+            return output.last_hidden_state, output.hidden_states[-2]
+        return output.last_hidden_state
+
+
+class _TextEncoder2(torch.nn.Module):
+    """SDXL's second encoder: the penultimate layer's hidden states and the projected pooled embedding."""
+
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        return output.hidden_states[-2], output.text_embeds
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    """The noise prediction; with SDXL's added conditions (`text_embeds`, `time_ids`) as two more inputs."""
+
+    def __init__(self, model: torch.nn.Module, added_conditions: bool) -> None:
         super().__init__()
         self.model = model
+        self.added_conditions = added_conditions
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        added_cond_kwargs = dict(zip(("text_embeds", "time_ids"), added)) if self.added_conditions else None
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -77,18 +100,25 @@ class _SafetyChecker(torch.nn.Module):
         return self.model.visual_projection(pooled)  # (B, projection)
 
 
-_WRAPPERS = {
-    Component.TEXT_ENCODER: _TextEncoder,
-    Component.UNET: _UNet,
-    Component.VAE_DECODER: _VaeDecoder,
-    Component.VAE_ENCODER: _VaeEncoder,
-    Component.SAFETY_CHECKER: _SafetyChecker,
-}
+def graph_spec(checkpoint: SourceCheckpoint, component: Component) -> ComponentSpec:
+    """The tensors of `component`'s graph for this checkpoint: its spec with the optional tensors the checkpoint's
+    config calls for (SDXL's)."""
+    return SPECS[component].with_optional(checkpoint.optional_tensors(component))
 
 
 def traceable_model(checkpoint: SourceCheckpoint, component: Component) -> torch.nn.Module:
-    """Load `component`'s torch model, wrapped to take and return exactly its spec's tensors."""
-    return _WRAPPERS[component](checkpoint.load_model(component)).eval()
+    """Load `component`'s torch model, wrapped to take and return exactly its graph's tensors (`graph_spec`)."""
+    model = checkpoint.load_model(component)
+    names = checkpoint.optional_tensors(component)
+    wrapped = {
+        Component.TEXT_ENCODER: lambda: _TextEncoder(model, penultimate="penultimate_hidden_state" in names),
+        Component.TEXT_ENCODER_2: lambda: _TextEncoder2(model),
+        Component.UNET: lambda: _UNet(model, added_conditions="text_embeds" in names),
+        Component.VAE_DECODER: lambda: _VaeDecoder(model),
+        Component.VAE_ENCODER: lambda: _VaeEncoder(model),
+        Component.SAFETY_CHECKER: lambda: _SafetyChecker(model),
+    }[component]()
+    return wrapped.eval()
 
 
 def probe_inputs(
@@ -99,18 +129,24 @@ def probe_inputs(
     rng = np.random.default_rng(seed)
     latent_h, latent_w = latent_hw
     latent_shape = (batch, checkpoint.latent_channels, latent_h, latent_w)
-    if component is Component.TEXT_ENCODER:
-        vocab = int(checkpoint.text_encoder_config["vocab_size"])
+    if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
+        config = checkpoint.text_encoder_config if component is Component.TEXT_ENCODER else checkpoint.text_encoder_2_config
+        vocab = int(config["vocab_size"])
         return {"input_ids": rng.integers(0, vocab, size=(batch, checkpoint.text_max_length), dtype=np.int32)}  # (B, 77)
     if component is Component.UNET:
         unet_shape = (batch, checkpoint.unet_in_channels, latent_h, latent_w)
-        return {
+        inputs = {
             "sample": rng.standard_normal(unet_shape, dtype=np.float32),  # (B, C or 2C + 1 for inpainting, h, w)
             "timestep": rng.integers(0, 1000, size=(batch,)).astype(np.float32),  # (B,)
             "encoder_hidden_states": rng.standard_normal(
                 (batch, context_windows * checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32
             ),  # (B, windows * 77, D)
         }
+        if checkpoint.is_sdxl:
+            inputs["text_embeds"] = rng.standard_normal((batch, checkpoint.pooled_size), dtype=np.float32)  # (B, P)
+            # sizes in pixels and crop offsets, as SDXL's requests give them
+            inputs["time_ids"] = rng.integers(0, 2048, size=(batch, checkpoint.time_ids)).astype(np.float32)  # (B, 6)
+        return inputs
     if component is Component.VAE_DECODER:
         return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
     if component is Component.VAE_ENCODER:
@@ -124,15 +160,16 @@ def validation_inputs(checkpoint: SourceCheckpoint, component: Component) -> dic
     return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, context_windows=_CHECK_CONTEXT_WINDOWS, seed=1)
 
 
-def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The wrapped model's output, the reference the exported graph is validated against."""
+def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The wrapped model's outputs, in spec order: the reference the exported graph is validated against."""
     with torch.inference_mode():
-        return model(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+        outputs = model(*(torch.from_numpy(v) for v in inputs.values()))
+    return [t.numpy() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
 def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
     """Trace the wrapped `model` of `component` to `onnx_path`."""
-    spec = SPECS[component]
+    spec = graph_spec(checkpoint, component)
     inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)
