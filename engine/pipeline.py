@@ -2,6 +2,7 @@
 
 Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend; with
 `image` (and `mask_image`) those of StableDiffusionImg2ImgPipeline (StableDiffusionInpaintPipeline), and `outpaint`.
+An SDXL bundle runs as StableDiffusionXLPipeline (text to image), its text conditioning from sdrt.engine.sdxl_conditions.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_
 from sdrt.engine.request import GenerationRequest, OutputType, RequestLimits
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, Scheduler, SchedulerConfigError, check_scheduler_name, scheduler_by_name
+from sdrt.engine.sdxl_conditions import SdxlTextEncoders
 from sdrt.engine.specs import Component
 from sdrt.engine.tokenizer import CLIPTokenizer
 
@@ -77,11 +79,12 @@ class StableDiffusionPipeline:
         safety_policy: SafetyPolicy,
         scheduler_config: Mapping[str, Any],
         memory_budget: MemoryBudget | None = MemoryBudget(),
+        tokenizer_2: CLIPTokenizer | None = None,
     ) -> None:
         """`scheduler_config`: the bundle's scheduler_config.json, read when its hash was verified at load; named
         samplers are built from it, so a file damaged or removed after load changes nothing. `memory_budget`: what
         a request's estimated peak memory must fit (sdrt.engine.memory_estimate), checked when it is validated;
-        None: no check (a server admitting work by its own budget)."""
+        None: no check (a server admitting work by its own budget). `tokenizer_2`: an SDXL bundle's second tokenizer."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -97,13 +100,15 @@ class StableDiffusionPipeline:
         self.memory_budget = memory_budget
         self._opened_rss_bytes = process_rss_bytes() or 0  # before any of its models ran: the memory estimate's base
         self._memory_model: MemoryModel | None = None
+        #: an SDXL bundle's two text encoders (None for SD 1.x/2.x)
+        self.sdxl_text_encoders = _sdxl_text_encoders(manifest, backend, tokenizer, tokenizer_2)
         model = manifest.model
         #: what requests are validated against (GenerationRequest.create)
         self.limits = RequestLimits(
             vae_scale_factor=model.vae_scale_factor, latent_channels=model.latent_channels,
             default_image_size=model.default_image_size, image_sides=model.image_sides,
             unet_takes_mask=model.unet_in_channels != model.latent_channels, sampler=self.sampler,
-            check_images=self._check_images,
+            check_images=self._check_images, sdxl=self.sdxl_text_encoders is not None,
         )
 
     # ---- configuration -------------------------------------------------------------------------------------------
@@ -250,6 +255,17 @@ class StableDiffusionPipeline:
             cond = guidance_batch.batch(uncond, cond)  # (2B, KL, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 
+    def _unet_conditions(self, request: GenerationRequest, timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """The U-Net's inputs besides the latents and timesteps, for the whole (guided) batch: the text context, and
+        an SDXL U-Net's added conditions."""
+        encoders = self.sdxl_text_encoders
+        if encoders is None:
+            return {"encoder_hidden_states": self._text_context(request, timings)}  # ((2)BN, KL, D)
+        with _timed(timings, "tokenize"):
+            tokens = encoders.tokenize(request.prompts, request.negative_prompts, request.guided, request.prompt_options)
+        with _timed(timings, "text_encode"):
+            return encoders.unet_inputs(tokens, request.num_images_per_prompt, request.guided, request.size_conditions)
+
     def encode_image(self, pixels: np.ndarray, noise: RequestNoise, timings: dict[str, float] | None = None) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels in [-1, 1] and sample scaled latents (1, C, H/f, W/f) with the request's noise."""
         with _timed({} if timings is None else timings, "vae_encode"):
@@ -284,7 +300,7 @@ class StableDiffusionPipeline:
         guided = request.guided
         return latents, MaskChannels(guidance_batch.repeat(mask, guided), guidance_batch.repeat(masked_latents, guided))  # (2BN, ...)
 
-    def _denoise(self, request: GenerationRequest, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
+    def _denoise(self, request: GenerationRequest, conditions: Mapping[str, np.ndarray], latents: np.ndarray, hooks: DenoiseHooks,
                  noise_source: RequestNoise, timings: dict[str, float],
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
@@ -294,9 +310,7 @@ class StableDiffusionPipeline:
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
-                noise_pred = self.backend.run(
-                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
-                )[0]  # (2BN or BN, C, h, w)
+                noise_pred = self.backend.run(Component.UNET, {"sample": model_input, "timestep": timesteps, **conditions})[0]  # (2BN or BN, C, h, w)
             if guided:
                 noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
             # Stochastic samplers draw their step noise from the request's generator, after every other draw.
@@ -336,6 +350,12 @@ class StableDiffusionPipeline:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         callback_on_step_end: StepEndCallback | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -362,6 +382,9 @@ class StableDiffusionPipeline:
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
         diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
+        SDXL bundles take StableDiffusionXLPipeline's size conditions: `original_size` and `target_size` ((height,
+        width), default the request's), `crops_coords_top_left` (default (0, 0)) and their `negative_*` counterparts
+        for the unconditional half (sdrt.engine.sdxl_conditions); other bundles refuse them.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -374,7 +397,10 @@ class StableDiffusionPipeline:
             return self.generate(prompt, callback_on_step_end)
         request = GenerationRequest.create(
             self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
-            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength)
+            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -406,11 +432,11 @@ class StableDiffusionPipeline:
 
     def _run(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None) -> PipelineOutput:
         timings: dict[str, float] = {}
-        context = self._text_context(request, timings)
+        conditions = self._unet_conditions(request, timings)
         noise_source = RequestNoise(request.seed)
         latents, hooks = self._initial_latents(request, noise_source, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, latents, hooks, noise_source, timings, callback_on_step_end)
+            latents = self._denoise(request, conditions, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         unet_calls = len(request.schedule.timesteps)
         if request.output_type == "latent":
@@ -451,6 +477,17 @@ class StableDiffusionPipeline:
         images[flagged] = 0.0  # (N, H, W, 3), flagged ones black
         pil_images = [Image.new("RGB", image.size) if i in flagged else image for i, image in enumerate(pil_images)]
         return images, pil_images
+
+
+def _sdxl_text_encoders(manifest: Manifest, backend: Backend, tokenizer: CLIPTokenizer,
+                        tokenizer_2: CLIPTokenizer | None) -> SdxlTextEncoders | None:
+    if manifest.sdxl is None:
+        return None
+    if tokenizer_2 is None:
+        raise ValueError("an SDXL bundle's pipeline needs its second tokenizer (tokenizer_2)")
+    outputs = [t.name for t in manifest.components[Component.TEXT_ENCODER].outputs]
+    return SdxlTextEncoders(backend, tokenizer, tokenizer_2, outputs.index("penultimate_hidden_state"),
+                            manifest.sdxl.force_zeros_for_empty_prompt)
 
 
 #: `__call__`'s request arguments and their defaults: none may be given with a ready GenerationRequest

@@ -25,6 +25,7 @@ from sdrt.engine.manifest import SideRange
 from sdrt.engine.outpaint import Canvas, feathered_mask, grow, plan_canvas, seam_width
 from sdrt.engine.prompts import PromptOptions
 from sdrt.engine.schedulers import Scheduler, SchedulerState
+from sdrt.engine.sdxl_conditions import SizeConditions
 
 OutputType = Literal["pil", "np", "latent"]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -50,6 +51,7 @@ class RequestLimits:
     unet_takes_mask: bool  # an inpainting U-Net: mask and masked-image latents are inputs besides the latents
     sampler: Callable[[str | None], Scheduler]
     check_images: Callable[[int, int, int, int, bool], None]
+    sdxl: bool = False  # an SDXL bundle: its U-Net takes size conditions (SizeConditions)
 
     def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
         """The shape of the initial noise for `num_images` images of height x width pixels."""
@@ -89,6 +91,7 @@ class GenerationRequest:
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
+    size_conditions: SizeConditions | None = None  # SDXL's; None for other models
 
     @property
     def num_images(self) -> int:
@@ -121,10 +124,21 @@ class GenerationRequest:
         strength: float | None = None,
         *,
         binarize_mask: bool = True,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationRequest:
         """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults),
         checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
-        `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam)."""
+        `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam). The size conditions
+        (original_size ... negative_target_size) apply to SDXL bundles only (sdrt.engine.sdxl_conditions)."""
+        size_arguments = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                              target_size=target_size, negative_original_size=negative_original_size,
+                              negative_crops_coords_top_left=negative_crops_coords_top_left,
+                              negative_target_size=negative_target_size)
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = _negative_prompts(negative_prompt, prompts)
         sampler = limits.sampler(scheduler)
@@ -137,6 +151,8 @@ class GenerationRequest:
             raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
         if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
+        if limits.sdxl and image is not None:
+            raise InvalidArgumentError("image", "this SDXL bundle runs text to image only (no image to image or inpainting yet)")
         init = None
         if image is None:
             if mask_image is not None:
@@ -169,6 +185,14 @@ class GenerationRequest:
             raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
+        size_conditions = None
+        if limits.sdxl:
+            if prompt_options.long_prompts:
+                raise InvalidArgumentError("prompt_options", "long_prompts is not available for SDXL bundles: their "
+                                           "prompts are one 77-token window, as in diffusers")
+            size_conditions = SizeConditions.create(height, width, **size_arguments)
+        elif given := next((name for name, value in size_arguments.items() if value is not None), None):
+            raise InvalidArgumentError(given, "applies to SDXL bundles only (their U-Net takes size conditions)")
         # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
         limits.check_images(len(prompts), int(num_images_per_prompt), height, width, guidance_batch.is_guided(guidance_scale))
         if latents is not None:
@@ -178,7 +202,7 @@ class GenerationRequest:
             guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-            outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
+            outpainting=None, limits=limits, sampler=sampler, schedule=schedule, size_conditions=size_conditions,
         )
 
     @classmethod
