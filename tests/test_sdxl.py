@@ -1,0 +1,190 @@
+"""SDXL: a tiny random SDXL checkpoint exported and run at pixel parity with diffusers' StableDiffusionXLPipeline on
+the same initial latents (fp32, <= 5e-3) on the exact CPU backends; SDXL base's parameter counts; bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPTokenizer as ReferenceTokenizer
+
+import sdrt.engine
+from sdrt.cli.main import main
+from sdrt.engine.backends import BACKENDS
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.manifest import read_manifest
+from sdrt.engine.prompts import PromptOptions
+from sdrt.engine.request import GenerationRequest
+from sdrt.engine.specs import Component
+from sdrt.engine.tokenizer import CLIPTokenizer
+from sdrt.export import export_bundle
+from sdrt.export.errors import CheckpointError
+from sdrt.export.random_checkpoint import ARCHES, build_sdxl_models, make_random_checkpoint
+from sdrt.export.source_checkpoint import load_checkpoint
+
+MAX_PIXEL_DIFF = 5e-3
+CPU_EXACT_BACKENDS = [b.name for b in BACKENDS if b.exact and b.name in ("onnxruntime-cpu", "openvino-fp32")]
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("sdxl") / "checkpoint", "tiny-sdxl", seed=1234)
+
+
+@pytest.fixture(scope="module")
+def sdxl_bundle(sdxl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(sdxl_checkpoint, tmp_path_factory.mktemp("sdxl-bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl_checkpoint: Path):
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=CPU_EXACT_BACKENDS)
+def pipe(request, sdxl_bundle: Path):
+    pipe = sdrt.engine.load(sdxl_bundle, backend=request.param, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_base_parameter_counts() -> None:
+    """`make-checkpoint --arch sdxl` builds SDXL base 1.0's exact models (counted on the meta device, no weights):
+    its published sizes, U-Net 2.567 B, VAE 83.7 M, CLIP ViT-L 123.1 M, OpenCLIP bigG with projection 694.7 M."""
+    with torch.device("meta"):
+        models = build_sdxl_models(ARCHES["sdxl"])
+    counts = {name: sum(p.numel() for p in getattr(models, name).parameters())
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+    assert models.vae.config.force_upcast and models.unet.config.sample_size * 8 == 1024
+
+
+def test_bundle_records_the_sdxl_graphs(sdxl_checkpoint: Path, sdxl_bundle: Path) -> None:
+    manifest = read_manifest(sdxl_bundle)
+    unet = manifest.components[Component.UNET]
+    pooled = json.loads((sdxl_checkpoint / "text_encoder_2/config.json").read_text())["projection_dim"]
+    assert [(t.name, t.shape) for t in unet.inputs][-2:] == [("text_embeds", ("batch", pooled)), ("time_ids", ("batch", 6))]
+    assert [t.name for t in manifest.components[Component.TEXT_ENCODER_2].outputs] == ["penultimate_hidden_state", "text_embeds"]
+    assert "penultimate_hidden_state" in [t.name for t in manifest.components[Component.TEXT_ENCODER].outputs]
+    assert manifest.sdxl is not None and manifest.sdxl.force_zeros_for_empty_prompt is True
+    assert manifest.model.default_image_size == 256  # the U-Net's sample_size (32) x the VAE's scale factor (8)
+    # the fp16-unsafe VAE stays fp32: no fp16 variant unless asked for
+    assert all(entry.fp16 is None for entry in manifest.components.values())
+
+
+def test_second_tokenizer_pads_with_exclamation_mark_as_transformers(sdxl_checkpoint: Path, sdxl_bundle: Path) -> None:
+    ours = CLIPTokenizer.from_directory(sdxl_bundle / "tokenizer_2")
+    reference = ReferenceTokenizer.from_pretrained(sdxl_checkpoint / "tokenizer_2")
+    prompts = ["a cat!", "", "A photo of an astronaut riding a horse on mars"]
+    expected = reference(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    np.testing.assert_array_equal(ours(prompts), expected)
+    assert ours.pad_token_id == 0
+
+
+CASES = {
+    "guided": dict(prompt="a red circle"),
+    "unguided": dict(prompt="a red circle", guidance_scale=1.0),
+    "negative-prompt": dict(prompt="a castle", negative_prompt="fog, blur"),
+    "empty-negative-prompt": dict(prompt="a castle", negative_prompt=""),
+    "prompt-list-n2": dict(prompt=["a cat", "a dog"], negative_prompt=["bad", "ugly"], num_images_per_prompt=2),
+    "size-conditions": dict(prompt="a boat", original_size=(512, 384), crops_coords_top_left=(16, 8), target_size=(96, 160)),
+    "negative-size-conditions": dict(prompt="a boat", negative_original_size=(128, 128), negative_crops_coords_top_left=(4, 0),
+                                     negative_target_size=(64, 96)),
+    "non-square": dict(prompt="a wide landscape", height=64, width=96),
+}
+
+
+def _parity(reference, ours, args: dict, scheduler: str | None = None) -> None:
+    args = {"num_inference_steps": 3, "height": 64, "width": 64, "guidance_scale": 7.5, **args}
+    prompts = [args["prompt"]] if isinstance(args["prompt"], str) else args["prompt"]
+    f = ours.vae_scale_factor
+    shape = (len(prompts) * args.get("num_images_per_prompt", 1), 4, args["height"] // f, args["width"] // f)
+    latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
+    expected = reference(**args, latents=torch.from_numpy(latents.copy()), output_type="np").images
+    actual = ours(**args, latents=latents, output_type="np", scheduler=scheduler).images
+    assert actual.shape == expected.shape == (shape[0], args["height"], args["width"], 3)
+    assert np.abs(actual - expected).max() <= MAX_PIXEL_DIFF
+    assert actual.std() > 1e-3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pixels_match_diffusers(reference, pipe, case: str) -> None:
+    _parity(reference, pipe, CASES[case])
+
+
+def test_conditions_change_the_image(pipe) -> None:
+    """The test above would pass if time_ids and text_embeds were ignored by both: they must change our images."""
+    args = dict(prompt="a boat", num_inference_steps=2, height=64, width=64, output_type="np", seed=3)
+    plain = pipe(**args).images
+    assert np.abs(pipe(**args, original_size=(1024, 1024)).images - plain).max() > 1e-3
+    assert np.abs(pipe(**args, negative_prompt="a car").images - plain).max() > 1e-3
+
+
+# diffusers' scheduler classes for our names, switched as diffusers users do: from_config over the checkpoint's
+@pytest.mark.parametrize("name, diffusers_class", [("ddim", "DDIMScheduler"), ("dpm++2m", "DPMSolverMultistepScheduler")])
+def test_pixels_match_diffusers_with_other_schedulers(reference, pipe, name: str, diffusers_class: str) -> None:
+    original = reference.scheduler
+    fixed = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm++2m" else {}
+    reference.scheduler = getattr(diffusers, diffusers_class).from_config(original.config, **fixed)
+    try:
+        _parity(reference, pipe, dict(prompt="a lighthouse", negative_prompt="fog"), scheduler=name)
+    finally:
+        reference.scheduler = original
+
+
+BAD = {
+    "original_size": dict(original_size=(0, 64)),
+    "crops_coords_top_left": dict(crops_coords_top_left=(-1, 0)),
+    "target_size": dict(target_size="64x64"),
+    "negative_original_size": dict(negative_original_size=(64, 64)),
+    "negative_target_size": dict(negative_target_size=(64, 64)),
+    "negative_crops_coords_top_left": dict(negative_crops_coords_top_left=(0, 0)),
+    "prompt_options": dict(prompt_options=PromptOptions(long_prompts=True)),
+    "image": dict(image=Image.new("RGB", (64, 64))),
+}
+
+
+@pytest.mark.parametrize("parameter", BAD)
+def test_bad_sdxl_arguments_are_named(pipe, parameter: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        pipe("a cat", num_inference_steps=1, height=64, width=64, **BAD[parameter])
+    assert caught.value.parameter == parameter
+
+
+def test_size_conditions_are_refused_for_other_models(pipe) -> None:
+    sd_limits = dataclasses.replace(pipe.limits, sdxl=False)  # an SD 1.x/2.x bundle's (its U-Net takes no time_ids)
+    with pytest.raises(InvalidArgumentError) as caught:
+        GenerationRequest.create(sd_limits, "a cat", num_inference_steps=1, height=64, width=64, target_size=(64, 64))
+    assert caught.value.parameter == "target_size"
+
+
+def test_weighted_prompt_weights_both_encoders(pipe) -> None:
+    args = dict(num_inference_steps=1, height=64, width=64, output_type="np", seed=1, prompt_options=PromptOptions(weighting=True))
+    plain = pipe("a red boat", **args).images
+    np.testing.assert_array_equal(pipe("a (red:1.0) boat", **args).images, plain)
+    assert np.abs(pipe("a (red:1.5) boat", **args).images - plain).max() > 1e-4
+
+
+def test_refiner_is_refused_clearly(sdxl_checkpoint: Path, tmp_path: Path) -> None:
+    refiner = tmp_path / "refiner"
+    refiner.mkdir()
+    for item in sdxl_checkpoint.iterdir():
+        (refiner / item.name).symlink_to(item)
+    (refiner / "model_index.json").unlink()
+    index = json.loads((sdxl_checkpoint / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    with pytest.raises(CheckpointError, match="refiner"):
+        load_checkpoint(refiner)
+
+
+def test_cli_generates_at_the_bundles_default_size(sdxl_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "xl.png"
+    assert main(["generate", str(sdxl_bundle), "a cat", "-o", str(out), "-s", "1", "-q", "--seed", "1"]) == 0
+    assert Image.open(out).size == (256, 256)
