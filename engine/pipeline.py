@@ -382,9 +382,10 @@ class StableDiffusionPipeline:
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
         diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
-        SDXL bundles take StableDiffusionXLPipeline's size conditions: `original_size` and `target_size` ((height,
-        width), default the request's), `crops_coords_top_left` (default (0, 0)) and their `negative_*` counterparts
-        for the unconditional half (sdrt.engine.sdxl_conditions); other bundles refuse them.
+        SDXL bundles run as StableDiffusionXLPipeline (text to image) and StableDiffusionXLImg2ImgPipeline (with
+        `image`; `strength` defaults to 0.3 there), and take their size conditions: `original_size` and
+        `target_size` ((height, width), default the request's), `crops_coords_top_left` (default (0, 0)) and their
+        `negative_*` counterparts for the unconditional half (sdrt.engine.sdxl_conditions); other bundles refuse them.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import diffusers
+import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as diffusers_xl_img2img
 import numpy as np
 import pytest
 import torch
@@ -26,6 +27,8 @@ from sdrt.export import export_bundle
 from sdrt.export.errors import CheckpointError
 from sdrt.export.random_checkpoint import ARCHES, build_sdxl_models, make_random_checkpoint
 from sdrt.export.source_checkpoint import load_checkpoint
+from tests.same_noise import record_our_noise, replay_to_diffusers
+from tests.test_img2img import make_image
 
 MAX_PIXEL_DIFF = 5e-3
 CPU_EXACT_BACKENDS = [b.name for b in BACKENDS if b.exact and b.name in ("onnxruntime-cpu", "openvino-fp32")]
@@ -147,7 +150,7 @@ BAD = {
     "negative_target_size": dict(negative_target_size=(64, 64)),
     "negative_crops_coords_top_left": dict(negative_crops_coords_top_left=(0, 0)),
     "prompt_options": dict(prompt_options=PromptOptions(long_prompts=True)),
-    "image": dict(image=Image.new("RGB", (64, 64))),
+    "mask_image": dict(image=Image.new("RGB", (64, 64)), mask_image=Image.new("L", (64, 64))),
 }
 
 
@@ -170,6 +173,37 @@ def test_weighted_prompt_weights_both_encoders(pipe) -> None:
     plain = pipe("a red boat", **args).images
     np.testing.assert_array_equal(pipe("a (red:1.0) boat", **args).images, plain)
     assert np.abs(pipe("a (red:1.5) boat", **args).images - plain).max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def img2img_reference(reference):
+    pipe = diffusers_xl_img2img.StableDiffusionXLImg2ImgPipeline(**reference.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+IMG2IMG_CASES = {
+    "strength-default-0.3": dict(num_inference_steps=10),
+    "strength-0.8-negative": dict(strength=0.8, negative_prompt="fog"),
+    "non-square-n2": dict(image=(96, 64), num_images_per_prompt=2),
+    "size-conditions": dict(strength=0.6, original_size=(256, 200), target_size=(64, 64), crops_coords_top_left=(8, 0)),
+}
+
+
+@pytest.mark.parametrize("case", IMG2IMG_CASES)
+def test_image_to_image_matches_diffusers(img2img_reference, pipe, monkeypatch, case: str) -> None:
+    """As StableDiffusionXLImg2ImgPipeline (strength default 0.3) on the same noise."""
+    args = {"prompt": "a red circle", "num_inference_steps": 4, "guidance_scale": 7.5, **IMG2IMG_CASES[case]}
+    args["image"] = make_image(*args.get("image", (64, 64)))
+    draws = record_our_noise(monkeypatch)
+    actual = pipe(**args, seed=3, output_type="np").images
+    left = replay_to_diffusers(monkeypatch, diffusers_xl_img2img, draws)
+    expected = img2img_reference(**args, output_type="np").images
+    assert left == [] and len(draws) == 2  # the image's latent sample, then the initial noise
+    width, height = args["image"].size
+    assert actual.shape == expected.shape == (len(draws[1]), height, width, 3)
+    assert np.abs(actual - expected).max() <= MAX_PIXEL_DIFF
+    assert actual.std() > 1e-3
 
 
 def test_refiner_is_refused_clearly(sdxl_checkpoint: Path, tmp_path: Path) -> None:
