@@ -18,7 +18,9 @@ import sdrt.engine
 from sdrt.cli.main import main
 from sdrt.engine.backends import BACKENDS
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.backends.onnxruntime_cpu import OnnxRuntimeCPUBackend
 from sdrt.engine.manifest import read_manifest
+from sdrt.engine.memory_estimate import Architecture, MemoryModel
 from sdrt.engine.prompts import PromptOptions
 from sdrt.engine.request import GenerationRequest
 from sdrt.engine.specs import Component
@@ -26,7 +28,7 @@ from sdrt.engine.tokenizer import CLIPTokenizer
 from sdrt.export import export_bundle
 from sdrt.export.errors import CheckpointError
 from sdrt.export.random_checkpoint import ARCHES, build_sdxl_models, make_random_checkpoint
-from sdrt.export.source_checkpoint import load_checkpoint
+from sdrt.export.source_checkpoint import SourceCheckpoint, load_checkpoint
 from tests.same_noise import record_our_noise, replay_to_diffusers
 from tests.test_img2img import make_image
 
@@ -67,6 +69,23 @@ def test_sdxl_base_parameter_counts() -> None:
               for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
     assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
     assert models.vae.config.force_upcast and models.unet.config.sample_size * 8 == 1024
+
+
+def test_memory_estimate_holds_both_text_encoders_and_sdxls_attention(sdxl_bundle: Path) -> None:
+    manifest = read_manifest(sdxl_bundle)
+    second_encoder = sum(f.stat().st_size for f in (sdxl_bundle / "text_encoder_2").iterdir() if f.is_file())
+    full = MemoryModel.for_bundle(manifest, OnnxRuntimeCPUBackend, 0)
+    without = MemoryModel.for_bundle(manifest, OnnxRuntimeCPUBackend, 0, [Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER])
+    assert full.resident_bytes - without.resident_bytes >= second_encoder
+    # SDXL base: no attention at the full latent size; 10 heads at 64x64 latents for 1024x1024, 20 at 32x32
+    with torch.device("meta"):
+        unet_config = dict(build_sdxl_models(ARCHES["sdxl"]).unet.config)
+    heads = SourceCheckpoint(path=Path("."), text_encoder_config={}, unet_config=unet_config, vae_config={},
+                             safety_checker_config=None, scheduler_config={}, tokenizer_config={}).unet_attention_heads
+    assert heads == (0, 10, 20)
+    model = dataclasses.replace(full, architecture=Architecture(8, (320, 640, 1280), heads, (128, 256, 512, 512)))
+    one_sample_scores = 10 * (1024 // 8 // 2) ** 4 * 4  # bytes: 10 heads x 4096 tokens squared, fp32
+    assert model.unet_bytes(1024, 1024, 1, guided=True) >= 2 * one_sample_scores
 
 
 def test_bundle_records_the_sdxl_graphs(sdxl_checkpoint: Path, sdxl_bundle: Path) -> None:
