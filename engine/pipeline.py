@@ -2,7 +2,8 @@
 
 Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend; with
 `image` (and `mask_image`) those of StableDiffusionImg2ImgPipeline (StableDiffusionInpaintPipeline), and `outpaint`.
-An SDXL bundle runs as StableDiffusionXLPipeline (text to image), its text conditioning from sdrt.engine.sdxl_conditions.
+An SDXL bundle runs as StableDiffusionXLPipeline (and its image-to-image and inpainting pipelines), its text
+conditioning from sdrt.engine.sdxl_conditions.
 """
 from __future__ import annotations
 
@@ -382,8 +383,9 @@ class StableDiffusionPipeline:
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
         diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
-        SDXL bundles run as StableDiffusionXLPipeline (text to image) and StableDiffusionXLImg2ImgPipeline (with
-        `image`; `strength` defaults to 0.3 there), and take their size conditions: `original_size` and
+        SDXL bundles run as StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline (with `image`; `strength`
+        defaults to 0.3 there) and StableDiffusionXLInpaintPipeline (with `mask_image` too; `strength` defaults to
+        0.9999), and take their size conditions: `original_size` and
         `target_size` ((height, width), default the request's), `crops_coords_top_left` (default (0, 0)) and their
         `negative_*` counterparts for the unconditional half (sdrt.engine.sdxl_conditions); other bundles refuse them.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any

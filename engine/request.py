@@ -30,10 +30,11 @@ from sdrt.engine.sdxl_conditions import SizeConditions
 OutputType = Literal["pil", "np", "latent"]
 OUTPUT_TYPES = ("pil", "np", "latent")
 # diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's,
-# StableDiffusionXLImg2ImgPipeline's
+# StableDiffusionXLImg2ImgPipeline's, StableDiffusionXLInpaintPipeline's
 IMG2IMG_STRENGTH = 0.8
 INPAINT_STRENGTH = 1.0
 SDXL_IMG2IMG_STRENGTH = 0.3
+SDXL_INPAINT_STRENGTH = 0.9999
 #: the arguments outpainting sets itself (from the canvas), which its caller may not give
 _SET_BY_OUTPAINTING = ("height", "width", "latents", "image", "mask_image")
 
@@ -153,8 +154,6 @@ class GenerationRequest:
             raise InvalidArgumentError("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
         if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise InvalidArgumentError("num_images_per_prompt", f"must be an integer >= 1, got {num_images_per_prompt!r}")
-        if limits.sdxl and mask_image is not None:
-            raise InvalidArgumentError("mask_image", "this SDXL bundle runs text to image and image to image only (no inpainting yet)")
         init = None
         if image is None:
             if mask_image is not None:
@@ -282,7 +281,10 @@ def _image_init(limits: RequestLimits, image: Any, mask_image: Any, strength: An
         raise InvalidArgumentError("mask_image", f"is {mask.width}x{mask.height} but image is "
                                    f"{picture.width}x{picture.height}: give a mask of the image's size")
     if strength is None:
-        strength = INPAINT_STRENGTH if mask is not None else SDXL_IMG2IMG_STRENGTH if limits.sdxl else IMG2IMG_STRENGTH
+        if limits.sdxl:
+            strength = SDXL_IMG2IMG_STRENGTH if mask is None else SDXL_INPAINT_STRENGTH
+        else:
+            strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
     if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
         raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
     if mask is None:
