@@ -10,6 +10,7 @@ as a replayed CUDA graph writes to the addresses and uses the kernel arguments o
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -133,13 +134,39 @@ class FakeGraph:
         self.released = True
 
 
+class FakePool:
+    def __init__(self) -> None:
+        self.released = False
+
+    def scope(self):
+        assert not self.released, "allocated from a released pool"
+        return contextlib.nullcontext()
+
+    def release(self) -> None:
+        self.released = True
+
+
 class FakeDevice:
-    """Runs operations eagerly, and records them while a capture is open."""
+    """Runs operations eagerly, and records them while a capture is open (sdrt.engine.device_loop.Device)."""
 
     def __init__(self) -> None:
         self.namespace = FakeNamespace(self)
         self._tape: list[Callable[[], None]] | None = None
         self.captures = 0
+        self.host_reads = 0
+        self.pools: list[FakePool] = []
+
+    def stream_scope(self):
+        return contextlib.nullcontext()
+
+    def new_pool(self) -> FakePool:
+        self.pools.append(FakePool())
+        return self.pools[-1]
+
+    def to_host(self, array: FakeDeviceArray) -> np.ndarray:
+        assert self._tape is None, "a host read inside a capture"
+        self.host_reads += 1
+        return array.get()
 
     @staticmethod
     def _values(args: tuple[Any, ...]) -> list[Any]:
