@@ -152,3 +152,66 @@ def test_default_profile_caps_the_batch_to_the_cards_memory() -> None:
     budget = 14.7 * GIB * UNET_ACTIVATION_MEMORY_SHARE
     assert unet_activation_bytes(2 * small.batch.max, side, side, 8) <= budget < unet_activation_bytes(2 * small.batch.max + 2, side, side, 8)
     assert default_profile(SD15, 1 * GIB).batch == AxisRange(1, 1, 1)  # never below one image
+
+
+# ---- the device loop's TensorRT side -------------------------------------------------------------------------------
+from sdrt.engine.backends.base import MemoryPolicy  # noqa: E402
+from sdrt.engine.backends.tensorrt import device_loop as trt_device_loop  # noqa: E402
+from sdrt.engine.errors import InvalidArgumentError  # noqa: E402
+
+
+def test_the_device_loop_runs_where_cupy_is_and_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setattr(trt_device_loop.importlib.util, "find_spec", lambda name: object() if name == "cupy" else None)
+    reason = trt_device_loop.device_loop_unavailable_reason
+    assert reason(MemoryPolicy.KEEP_LOADED) is None
+    assert "one-at-a-time" in reason(MemoryPolicy.ONE_AT_A_TIME)
+    monkeypatch.setenv(trt_device_loop.DEVICE_LOOP_ENV, "0")
+    assert reason(MemoryPolicy.KEEP_LOADED) == "SDRT_TENSORRT_DEVICE_LOOP=0"
+    monkeypatch.setenv(trt_device_loop.DEVICE_LOOP_ENV, "yes")
+    with pytest.raises(InvalidArgumentError, match=r"SDRT_TENSORRT_DEVICE_LOOP: must be 0 \(the host loop\) or 1"):
+        reason(MemoryPolicy.KEEP_LOADED)
+    monkeypatch.delenv(trt_device_loop.DEVICE_LOOP_ENV)
+    monkeypatch.setattr(trt_device_loop.importlib.util, "find_spec", lambda name: None)
+    assert reason(MemoryPolicy.KEEP_LOADED) == "CuPy is not installed"
+
+
+class _CudaRuntimeError(RuntimeError):
+    pass
+
+
+class _CaptureStream:
+    """A CuPy stream's capture calls: ending an invalidated capture raises, as CUDA does."""
+
+    def __init__(self) -> None:
+        self.capturing, self.ended, self.invalidated = False, 0, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self) -> None:
+        self.capturing = True
+
+    def end_capture(self):
+        self.capturing, self.ended = False, self.ended + 1
+        if self.invalidated:
+            raise _CudaRuntimeError("cudaErrorStreamCaptureInvalidated")
+        return types.SimpleNamespace(launch=lambda stream: None)
+
+
+def test_cupy_capture_ends_a_failed_capture_without_masking_its_error() -> None:
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(CUDARuntimeError=_CudaRuntimeError)))
+    stream = _CaptureStream()
+    device = trt_device_loop.CupyDevice(stream, cupy)
+    device.capture(lambda: None).launch()
+    assert stream.ended == 1 and not stream.capturing
+
+    def failing() -> None:
+        stream.invalidated = True
+        raise ValueError("a kernel launch failed")
+
+    with pytest.raises(ValueError, match="a kernel launch failed"):
+        device.capture(failing)
+    assert stream.ended == 2 and not stream.capturing  # ended, so the stream is usable again

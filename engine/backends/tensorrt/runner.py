@@ -5,8 +5,8 @@ graph captured on a context is replayed only on that context, with the shapes of
 allocated once and bound by tensor name, and with `capture_graphs` the engine's launch for that shape captured in a
 CUDA graph on first use and replayed on every later call. The slots' contexts share one scratch (activation) buffer:
 they run one at a time on one stream. At most MAX_CACHED_SHAPES shapes are kept, least recently used released first.
-`run` copies small numpy inputs and outputs to and from the device per call; `device_slot` hands a shape's buffers
-to a device loop (sdrt.engine.backends.tensorrt.device_loop), which fills them on the device.
+`run` copies small numpy inputs and outputs to and from the device per call; `own_slot` gives a device loop
+(sdrt.engine.backends.tensorrt.device_loop) a slot of its own, whose buffers it fills on the device.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ class ShapeSlot:
 
     context: Any
     buffers: dict[str, DeviceBuffer]
+    input_shapes: dict[str, tuple[int, ...]]
     output_shapes: dict[str, tuple[int, ...]]
     graph: CudaGraph | None = None
 
@@ -63,20 +64,23 @@ class EngineRunner:
         self.inputs = tuple(n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         #: in the network's output order: the ONNX graph's, which is the component spec's
         self.outputs = tuple(n for n in names if n not in self.inputs)
-        self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
+        #: every input's and output's dtype, as the engine takes and gives it
+        self.dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
         self._stream = stream
-        self._capture_graphs = capture_graphs
-        self._slots: LRUCache[_ShapeKey, ShapeSlot] = LRUCache(max_shapes, self._new_slot, ShapeSlot.release)
+        self._slots: LRUCache[_ShapeKey, ShapeSlot] = LRUCache(max_shapes, lambda key: self._create_slot(key, capture_graphs), ShapeSlot.release)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run on `feeds` (input name -> array); return the outputs, owned by the caller, in `self.outputs` order."""
-        arrays = {name: np.ascontiguousarray(feeds[name], dtype=self._dtypes[name]) for name in self.inputs}
+        arrays = {name: np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]) for name in self.inputs}
         key = tuple((name, arrays[name].shape) for name in self.inputs)
         slot = self._slots.get(key)
         for name, array in arrays.items():
             self._stream.copy_to_device(slot.buffers[name], array)
-        self.enqueue(slot)
-        outputs = [np.empty(slot.output_shapes[name], dtype=self._dtypes[name]) for name in self.outputs]
+        if slot.graph is not None:
+            slot.graph.launch(self._stream)
+        else:
+            self.launch(slot)
+        outputs = [np.empty(slot.output_shapes[name], dtype=self.dtypes[name]) for name in self.outputs]
         for name, array in zip(self.outputs, outputs):
             self._stream.copy_to_host(array, slot.buffers[name])
         self._stream.synchronize()
@@ -103,31 +107,28 @@ class EngineRunner:
         # buffers), to be captured again on next use, rather than risk replaying stale weights.
         self._slots.clear()
 
-    def device_slot(self, shapes: Mapping[str, tuple[int, ...]]) -> ShapeSlot:
-        """The slot of these input shapes (created on first use): its buffers are the engine's inputs and outputs,
-        for a caller that fills and reads them on the device and launches with `enqueue`."""
-        return self._slots.get(tuple((name, tuple(shapes[name])) for name in self.inputs))
+    def own_slot(self, shapes: Mapping[str, tuple[int, ...]]) -> ShapeSlot:
+        """A slot of these input shapes owned by the caller (not cached, no graph: the caller releases it, and
+        captures `launch` into graphs of its own): a device loop's U-Net, whose buffers it fills on the device."""
+        return self._create_slot(tuple((name, tuple(shapes[name])) for name in self.inputs), capture=False)
 
-    def enqueue(self, slot: ShapeSlot) -> None:
-        """Launch the engine on the stream for `slot`'s shapes (its graph where captured); no synchronisation."""
-        if slot.graph is not None:
-            slot.graph.launch(self._stream)
-        else:
-            _execute(slot.context, self._stream)
+    def launch(self, slot: ShapeSlot) -> None:
+        """Enqueue the engine on the stream for `slot`'s shapes, without its graph; no synchronisation."""
+        _execute(slot.context, self._stream)
 
-    def _new_slot(self, key: _ShapeKey) -> ShapeSlot:
+    def _create_slot(self, key: _ShapeKey, capture: bool) -> ShapeSlot:
         context = self._new_context()
         for name, shape in key:
             if not context.set_input_shape(name, shape):
                 raise GpuError(f"TensorRT rejected shape {shape} for input {name}: it is outside the engine's optimization profile")
         output_shapes = {name: tuple(context.get_tensor_shape(name)) for name in self.outputs}  # follow from the inputs'
         shapes = {**dict(key), **output_shapes}
-        buffers = {name: DeviceBuffer(math.prod(shape) * self._dtypes[name].itemsize) for name, shape in shapes.items()}
-        slot = ShapeSlot(context, buffers, output_shapes)
+        buffers = {name: DeviceBuffer(math.prod(shape) * self.dtypes[name].itemsize) for name, shape in shapes.items()}
+        slot = ShapeSlot(context, buffers, dict(key), output_shapes)
         for name, buffer in buffers.items():
             if not context.set_tensor_address(name, buffer.ptr):
                 raise GpuError(f"TensorRT refused the device address of tensor {name} {shapes[name]} (misaligned, or not a tensor of this engine)")
-        if self._capture_graphs:
+        if capture:
             # TensorRT finishes shape-dependent set-up on the first launch after a shape change; that launch must
             # happen outside the capture (its input is whatever the new buffers hold: the result is discarded).
             _execute(context, self._stream)
