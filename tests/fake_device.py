@@ -56,6 +56,9 @@ class FakeDeviceArray:
             return self
         return self.device.run(lambda a: a.astype(dtype), self)
 
+    def mean(self, axis: Any = None) -> FakeDeviceArray:
+        return self.device.run(lambda a: a.mean(axis=axis, dtype=a.dtype), self)
+
     def copy(self) -> FakeDeviceArray:
         return self.device.run(np.copy, self)
 
@@ -112,6 +115,10 @@ class FakeNamespace:
     def sqrt(self, array: FakeDeviceArray) -> FakeDeviceArray:
         self._use("sqrt")
         return self.device.run(np.sqrt, array)
+
+    def sin(self, array: FakeDeviceArray) -> FakeDeviceArray:
+        self._use("sin")
+        return self.device.run(np.sin, array)
 
     def exp(self, array: FakeDeviceArray) -> FakeDeviceArray:
         self._use("exp")
