@@ -215,3 +215,28 @@ def test_cupy_capture_ends_a_failed_capture_without_masking_its_error() -> None:
     with pytest.raises(ValueError, match="a kernel launch failed"):
         device.capture(failing)
     assert stream.ended == 2 and not stream.capturing  # ended, so the stream is usable again
+
+
+def test_the_device_loops_unet_binding_views_its_own_slots_buffers(fake_gpu) -> None:
+    """TensorRTBinding: CuPy arrays over the buffers of a slot of its own (its own context, no graph, not cached), which
+    the engine reads and writes in place; released with the plan."""
+    from tests.fake_device import FakeDevice, FakeDeviceArray
+
+    cudart, engine = fake_gpu
+    device = FakeDevice()
+    cupy = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(UnownedMemory=lambda ptr, size, owner: (ptr, size, owner), MemoryPointer=lambda memory, offset: memory),
+        ndarray=lambda shape, dtype, memptr: FakeDeviceArray(
+            np.frombuffer(cudart.memory[memptr[0]], dtype, int(np.prod(shape))).reshape(shape), device))
+    runner = runner_module.EngineRunner(b"plan", cuda_module.Stream(), capture_graphs=True)
+    binding = trt_device_loop.TensorRTUNet(lambda: runner, cupy).bind({"x": (2, 3)})
+    binding.inputs["x"][...] = FakeDeviceArray(np.full((2, 3), 4.0, np.float32), device)
+    binding.enqueue()
+    assert binding.output.shape == (2, 3) and (binding.output.get() == 9).all()  # y = 2x + 1, in the viewed buffer
+    assert cudart.graphs_instantiated == 0 and len(engine.contexts) == 1
+    (y,) = runner.run({"x": _x(2, 1.0)})  # the host path's slot of the same shape: another context, with its graph
+    assert (y == 3).all() and len(engine.contexts) == 2 and cudart.graphs_instantiated == 1
+    assert (binding.output.get() == 9).all()  # untouched by the host path
+    buffers = [ptr for ptr in cudart.memory if ptr not in {engine.contexts[0].scratch[0]}]
+    binding.release()
+    assert len(cudart.freed) == 2 and set(cudart.freed) <= set(buffers)
