@@ -53,7 +53,8 @@ class PipelineOutput:
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
     checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
-    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else.
+    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else; on a
+    backend's device loop, unet is the whole loop (its graphs hold guidance and the scheduler update).
     `unet_calls`: how many times the U-Net ran (one batch per call)."""
 
     images: list[Image.Image] | np.ndarray
