@@ -9,7 +9,7 @@ replay the graphs on other latents, context and step noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -75,7 +75,7 @@ def host_denoise(scheduler: Scheduler, steps: int, latents: np.ndarray, context:
     return latents
 
 
-def check_device_step(name: str, device: Device, steps: int, synchronize: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def check_device_step(name: str, device: Device, steps: int) -> dict[str, Any]:
     """Run scheduler `name` REQUESTS times through DeviceDenoiser on `device` and through `host_denoise`; return the
     largest difference relative to the latents' scale, per request, and the seconds each request took."""
     scheduler = scheduler_by_name(name, SCHEDULER_CONFIG)
@@ -89,8 +89,7 @@ def check_device_step(name: str, device: Device, steps: int, synchronize: Callab
         noise_rng = np.random.default_rng(100 + request)
         draw = (lambda shape: noise_rng.standard_normal(shape, dtype=np.float32)) if scheduler.needs_noise else None
         started = time.perf_counter()
-        on_device = loop.denoise(DenoiseJob(scheduler, state, latents, context, GUIDANCE_SCALE, True, draw))
-        synchronize()
+        on_device = loop.denoise(DenoiseJob(scheduler, state, latents, context, GUIDANCE_SCALE, True, draw))  # synchronised
         seconds.append(time.perf_counter() - started)
         expected = host_denoise(scheduler, steps, latents, context, 100 + request)
         scale = max(1.0, float(np.abs(expected).max()))

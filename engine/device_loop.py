@@ -156,7 +156,7 @@ class DeviceDenoiser:
         rows = guidance_batch.batch_size(len(job.latents), job.guided)
         shapes = {"sample": (rows, *job.latents.shape[1:]), "timestep": (rows,), "encoder_hidden_states": job.context.shape}
         key = (job.scheduler, job.state.timesteps.tobytes(), job.latents.shape, job.context.shape, job.guided,
-               float(job.guidance_scale), job.scheduler.needs_noise)
+               float(job.guidance_scale))
         # drawn before any step, in the host loop's order: every other draw of the request came before its steps
         noise = np.stack([job.draw_noise(job.latents.shape) for _ in range(steps)]) if job.scheduler.needs_noise else None  # (N, B, C, h, w)
         with self.device.stream_scope():

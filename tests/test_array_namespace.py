@@ -10,7 +10,7 @@ from sdrt.engine import guidance_batch
 from sdrt.engine.array_namespace import namespace_of
 from sdrt.engine.schedulers import DDIMScheduler, PNDMScheduler, scheduler_by_name
 from sdrt.export.random_checkpoint import SD15_SCHEDULER_CONFIG
-from tests.fake_device import FakeDevice, FakeDeviceArray, HiddenNumpyCall
+from tests.fake_device import FakeDevice, FakeDeviceArray
 
 CONFIG = {"_class_name": "PNDMScheduler", **SD15_SCHEDULER_CONFIG}
 SHAPE = (2, 4, 3, 3)

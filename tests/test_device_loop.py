@@ -13,7 +13,7 @@ from sdrt.engine.device_loop import DenoiseJob, DeviceDenoiser
 from sdrt.engine.schedulers import scheduler_by_name
 from sdrt.engine.specs import Component
 from sdrt.export.random_checkpoint import SD15_SCHEDULER_CONFIG
-from tests.fake_device import FakeDevice, FakeDeviceArray
+from tests.fake_device import FakeDevice
 
 CONFIG = {"_class_name": "PNDMScheduler", **SD15_SCHEDULER_CONFIG}
 SHAPE = (1, 4, 3, 3)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sdrt.engine.cuda_device as cuda_device
-from sdrt.benchmarks import gpu_validate, worker
+from sdrt.benchmarks import device_step_check, gpu_validate, worker
 from sdrt.benchmarks.gpu_validate import (
     EXIT_FAILED,
     EXIT_NO_DEVICE,
@@ -31,9 +31,10 @@ from sdrt.engine.backends import BACKENDS, OnnxRuntimeCUDABackend, TensorRTBacke
 from sdrt.cli.main import main
 from sdrt.engine.backends.tensorrt.engines.profile import Precision
 from sdrt.engine.cuda_device import CudaDevice
-from sdrt.engine.errors import GpuError, InvalidArgumentError
+from sdrt.engine.errors import BackendUnavailableError, GpuError, InvalidArgumentError
 from sdrt.engine.manifest import ModelConfig
 from sdrt.export.errors import EngineBuildError
+from tests.fake_device import FakeDevice
 from tests.test_tensorrt_host import _fake_bundle
 
 H100 = CudaDevice("NVIDIA H100 80GB HBM3", 80 * 2**30)
@@ -320,9 +321,6 @@ def test_tiny_validation_passes_end_to_end_on_this_gpu(tmp_path: Path) -> None:
 
 
 # ---- --quick ------------------------------------------------------------------------------------------------------
-from sdrt.benchmarks import device_step_check  # noqa: E402
-from sdrt.engine.errors import BackendUnavailableError  # noqa: E402
-from tests.fake_device import FakeDevice  # noqa: E402
 
 QUICK_DEVICE_STEPS = ["device/cupy", *(f"device/step-{name}" for name in device_step_check.CHECKED_SCHEDULERS)]
 QUICK_TINY_STEPS = ["tiny/requirements", *(f"tiny/{name}" for name in gpu_validate.QUICK_MODEL_STEPS)]

@@ -21,10 +21,12 @@ from sdrt.engine.backends.tensorrt.engines.profile import (
     unet_activation_bytes,
 )
 from sdrt.engine.backends.tensorrt.engines.compatibility import resolve_engines
-from sdrt.engine.errors import GpuError
-from sdrt.engine.specs import Component
+from sdrt.engine.backends.base import MemoryPolicy
+from sdrt.engine.backends.tensorrt import device_loop as trt_device_loop
+from sdrt.engine.errors import GpuError, InvalidArgumentError
 from sdrt.export.errors import EngineBuildError
 from sdrt.export.tensorrt_build import PROBE_TIMESTEP, add_optimization_profile, build_engines, set_timing_cache
+from tests.fake_device import FakeDevice, FakeDeviceArray
 from tests.test_tensorrt_host import H100, SD15, FakeCompiler, _digests, _Error, _fake_bundle, _x, fake_gpu  # noqa: F401
 
 GIB = 2**30
@@ -155,9 +157,6 @@ def test_default_profile_caps_the_batch_to_the_cards_memory() -> None:
 
 
 # ---- the device loop's TensorRT side -------------------------------------------------------------------------------
-from sdrt.engine.backends.base import MemoryPolicy  # noqa: E402
-from sdrt.engine.backends.tensorrt import device_loop as trt_device_loop  # noqa: E402
-from sdrt.engine.errors import InvalidArgumentError  # noqa: E402
 
 
 def test_the_device_loop_runs_where_cupy_is_and_can_be_turned_off(monkeypatch) -> None:
@@ -220,8 +219,6 @@ def test_cupy_capture_ends_a_failed_capture_without_masking_its_error() -> None:
 def test_the_device_loops_unet_binding_views_its_own_slots_buffers(fake_gpu) -> None:
     """TensorRTBinding: CuPy arrays over the buffers of a slot of its own (its own context, no graph, not cached), which
     the engine reads and writes in place; released with the plan."""
-    from tests.fake_device import FakeDevice, FakeDeviceArray
-
     cudart, engine = fake_gpu
     device = FakeDevice()
     cupy = types.SimpleNamespace(
