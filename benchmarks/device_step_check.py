@@ -77,7 +77,8 @@ def host_denoise(scheduler: Scheduler, steps: int, latents: np.ndarray, context:
 
 def check_device_step(name: str, device: Device, steps: int) -> dict[str, Any]:
     """Run scheduler `name` REQUESTS times through DeviceDenoiser on `device` and through `host_denoise`; return the
-    largest difference relative to the latents' scale, per request, and the seconds each request took."""
+    largest difference relative to the latents' scale, per request, the seconds each request took, and the graphs
+    captured (one per U-Net call, unless a capture failed: its error)."""
     scheduler = scheduler_by_name(name, SCHEDULER_CONFIG)
     loop = DeviceDenoiser(device, StandInUNet(device))
     differences, seconds = [], []
@@ -94,7 +95,9 @@ def check_device_step(name: str, device: Device, steps: int) -> dict[str, Any]:
         expected = host_denoise(scheduler, steps, latents, context, 100 + request)
         scale = max(1.0, float(np.abs(expected).max()))
         differences.append(float(np.abs(on_device.astype(np.float64) - expected).max()) / scale)
+    captured = loop.captured()
     loop.clear()
     return {"scheduler": name, "steps": steps, "unet_calls": len(scheduler.start(steps).timesteps),
+            "graphs": captured["graphs"], "capture_errors": captured["capture_errors"],
             "max_relative_diff": max(differences), "per_request_relative_diff": differences,
             "tolerance": MAX_RELATIVE_DIFF, "seconds": seconds}

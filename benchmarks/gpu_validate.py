@@ -538,6 +538,9 @@ class _DeviceChecks:
 
     def step(self, name: str) -> dict[str, Any]:
         details = device_step_check.check_device_step(name, self.cupy_device(), self.steps)
+        if details["graphs"] != details["unet_calls"]:
+            raise CheckFailed(f"{name}: {details['graphs']} CUDA graphs captured for {details['unet_calls']} steps: "
+                              f"{'; '.join(details['capture_errors']) or 'no capture error recorded'}", details)
         if not details["max_relative_diff"] <= details["tolerance"]:
             raise CheckFailed(f"{name}: the device loop's latents differ from numpy's by {details['max_relative_diff']:.3g} "
                               f"of their scale, above {details['tolerance']:g}", details)

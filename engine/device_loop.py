@@ -22,6 +22,7 @@ its graphs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, ContextManager, Protocol
@@ -30,6 +31,8 @@ import numpy as np
 
 from sdrt.engine import guidance_batch
 from sdrt.engine.schedulers import Scheduler, SchedulerState
+
+logger = logging.getLogger(__name__)
 
 #: plans whose graphs are kept: a server alternating two sizes or samplers keeps both
 MAX_CACHED_PLANS = 2
@@ -125,11 +128,15 @@ class _Plan:
     graphs: list[Graph] = dataclasses.field(default_factory=list)
     outputs: list[Any] = dataclasses.field(default_factory=list)  # the latents each graph writes
     kept: list[Any] = dataclasses.field(default_factory=list)  # the states whose arrays later graphs read
+    capture_error: str | None = None  # why its steps could not be captured: it runs eagerly
 
-    def release(self) -> None:
+    def release_graphs(self) -> None:
         for graph in self.graphs:
             graph.release()
         self.graphs, self.outputs, self.kept = [], [], []
+
+    def release(self) -> None:
+        self.release_graphs()
         self.binding.release()
         self.pool.release()
 
@@ -168,10 +175,15 @@ class DeviceDenoiser:
             plan.latents[...] = xp.asarray(job.latents)
             if not plan.graphs:
                 latents = self._run_eagerly(job, plan)
-                if self.capture_graphs:
+                if self.capture_graphs and plan.capture_error is None:
                     self._capture(job, plan)
                 return latents
             return self._replay(job, plan)
+
+    def captured(self) -> dict[str, Any]:
+        """What the cached plans hold: their graphs in all, and why any plan's capture failed."""
+        return {"graphs": sum(len(plan.graphs) for plan in self._plans.values()),
+                "capture_errors": [plan.capture_error for plan in self._plans.values() if plan.capture_error]}
 
     def _plan(self, key: tuple[Any, ...], job: DenoiseJob, shapes: dict[str, tuple[int, ...]], steps: int,
               noise: np.ndarray | None) -> _Plan:
@@ -180,9 +192,10 @@ class DeviceDenoiser:
             if len(self._plans) >= self.max_plans:
                 self._plans.pop(next(iter(self._plans))).release()  # before the new plan allocates
             xp, pool = self.device.namespace, self.device.new_pool()
+            binding = self.unet.bind(shapes)
             with pool.scope():
                 plan = _Plan(
-                    binding=self.unet.bind(shapes),
+                    binding=binding,
                     pool=pool,
                     latents=xp.empty(job.latents.shape, dtype=xp.float32),
                     timesteps=xp.empty((steps, shapes["timestep"][0]), dtype=xp.float32),
@@ -213,15 +226,22 @@ class DeviceDenoiser:
             return self.device.to_host(latents)
 
     def _capture(self, job: DenoiseJob, plan: _Plan) -> None:
+        """A graph per step; if one capture fails, none is kept and the plan runs eagerly from then on (the request's
+        latents, computed eagerly, stand)."""
         latents, state = plan.latents, job.state
-        with plan.pool.scope():
-            for index in range(len(job.state.timesteps)):
-                def work(index: int = index) -> None:
-                    nonlocal latents, state
-                    latents, state = self._step(job, plan, index, latents, state)
-                plan.graphs.append(self.device.capture(work))
-                plan.outputs.append(latents)
-                plan.kept.append(state)
+        try:
+            with plan.pool.scope():
+                for index in range(len(job.state.timesteps)):
+                    def work(index: int = index) -> None:
+                        nonlocal latents, state
+                        latents, state = self._step(job, plan, index, latents, state)
+                    plan.graphs.append(self.device.capture(work))
+                    plan.outputs.append(latents)
+                    plan.kept.append(state)
+        except Exception as error:  # a capture CUDA refuses costs the graphs, not the request
+            plan.release_graphs()  # a partial run of graphs must never be replayed
+            plan.capture_error = f"{type(error).__name__}: {error}"
+            logger.warning("capturing the denoising steps in CUDA graphs failed (%s): this plan runs eagerly", plan.capture_error)
 
     def _replay(self, job: DenoiseJob, plan: _Plan) -> np.ndarray:
         for index, (graph, timestep) in enumerate(zip(plan.graphs, job.state.timesteps)):

@@ -174,3 +174,25 @@ def test_the_pipeline_hands_text_to_image_to_a_backends_device_loop(tiny_pipe, m
     mask = np.full((64, 64), 255, np.uint8)
     tiny_pipe(**{**img2img, "mask_image": mask})  # inpainting blends the known region between steps: the host loop
     assert device.captures == captured
+
+
+class _FailingCaptureDevice(FakeDevice):
+    """Its third capture fails (a kernel that cannot be captured, say)."""
+
+    def capture(self, work):
+        if self.captures == 2:
+            self.captures += 1
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+        return super().capture(work)
+
+
+def test_a_failed_capture_keeps_no_graph_and_the_plan_runs_eagerly(caplog) -> None:
+    device = _FailingCaptureDevice()
+    loop = DeviceDenoiser(device, FakeUNet(device))
+    scheduler = scheduler_by_name("lms", CONFIG)
+    for seed in (0, 1, 2):  # the eager result stands; no partial run of graphs is replayed, no capture tried again
+        latents, context = inputs(seed)
+        np.testing.assert_array_equal(loop.denoise(job(scheduler, 5, latents, context, 0)), host_loop(scheduler, 5, latents, context, 7.5, 0))
+    assert device.captures == 3
+    assert loop.captured() == {"graphs": 0, "capture_errors": ["RuntimeError: cudaErrorStreamCaptureUnsupported"]}
+    assert "capturing the denoising steps in CUDA graphs failed (RuntimeError: cudaErrorStreamCaptureUnsupported)" in caplog.text

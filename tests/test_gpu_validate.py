@@ -394,3 +394,16 @@ def test_quick_is_an_option_of_the_module(tmp_path: Path, fake_gpu_machine, monk
     monkeypatch.setattr(gpu_validate, "run_validation", lambda plan, actions, command: seen.update(plan=plan, command=command) or [])
     assert gpu_validate.main([str(tmp_path), "--quick"]) == EXIT_PASSED
     assert seen["plan"].quick and seen["plan"].steps == gpu_validate.QUICK_STEPS and seen["command"][-1] == "--quick"
+
+
+def test_quick_fails_a_device_that_cannot_capture_even_when_its_eager_results_are_right(tmp_path: Path, fake_gpu_machine,
+                                                                                        monkeypatch) -> None:
+    class NoCapture(FakeDevice):
+        def capture(self, work):
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+
+    monkeypatch.setattr(gpu_validate, "_cupy_device", NoCapture)
+    status, report, _ = _validate(tmp_path / "out", FakeActions(), quick=True)
+    step = _results(report)["device/step-euler"]
+    assert status == EXIT_FAILED and step["details"]["max_relative_diff"] == 0.0
+    assert step["error"] == "euler: 0 CUDA graphs captured for 2 steps: RuntimeError: cudaErrorStreamCaptureUnsupported"
