@@ -4,12 +4,14 @@ that neither masks its error nor leaks its graph, fp16 overflow probes for every
 to the card's memory."""
 from __future__ import annotations
 
+import dataclasses
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sdrt.engine.backends.tensorrt import backend as tensorrt_backend
 from sdrt.engine.backends.tensorrt import cuda as cuda_module
 from sdrt.engine.backends.tensorrt import runner as runner_module
 from sdrt.engine.backends.tensorrt.engines.profile import (
@@ -24,10 +26,11 @@ from sdrt.engine.backends.tensorrt.engines.compatibility import resolve_engines
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.backends.tensorrt import device_loop as trt_device_loop
 from sdrt.engine.errors import GpuError, InvalidArgumentError
+from sdrt.engine.specs import Component
 from sdrt.export.errors import EngineBuildError
 from sdrt.export.tensorrt_build import PROBE_TIMESTEP, add_optimization_profile, build_engines, set_timing_cache
 from tests.fake_device import FakeDevice, FakeDeviceArray
-from tests.test_tensorrt_host import H100, SD15, FakeCompiler, _digests, _Error, _fake_bundle, _x, fake_gpu  # noqa: F401
+from tests.test_tensorrt_host import H100, SD15, FakeCompiler, _component_files, _digests, _Error, _fake_bundle, _x, fake_gpu  # noqa: F401
 
 GIB = 2**30
 
@@ -237,3 +240,23 @@ def test_the_device_loops_unet_binding_views_its_own_slots_buffers(fake_gpu) -> 
     buffers = [ptr for ptr in cudart.memory if ptr not in {engine.contexts[0].scratch[0]}]
     binding.release()
     assert len(cudart.freed) == 2 and set(cudart.freed) <= set(buffers)
+
+
+def test_the_tensorrt_backend_offers_its_device_loop_where_cupy_is(tmp_path: Path, fake_gpu, monkeypatch) -> None:
+    monkeypatch.setattr(tensorrt_backend, "current_environment", lambda: H100)
+    bundle = _fake_bundle(tmp_path)
+    build_engines(bundle, precision=Precision.FP32, compiler=FakeCompiler(plan=b"plan"))
+    assert tensorrt_backend.TensorRTBackend(bundle, _component_files(bundle)).device_loop() is None  # no CuPy here
+    streams = []
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(ExternalStream=lambda ptr: streams.append(ptr) or object()))
+    monkeypatch.setattr(tensorrt_backend, "cupy_namespace", lambda: cupy)
+    monkeypatch.setattr(tensorrt_backend, "device_loop_unavailable_reason", lambda memory: None)
+    backend = tensorrt_backend.TensorRTBackend(bundle, _component_files(bundle))
+    assert backend.device_loop() is backend and streams == [7]  # CuPy on the engines' stream
+    cleared = []
+    monkeypatch.setattr(backend._denoiser, "clear", lambda: cleared.append(True))
+    monkeypatch.setattr(backend, "_index", dataclasses.replace(backend._index, refittable=True))
+    backend.set_weights(Component.TEXT_ENCODER, {})
+    assert cleared == []
+    backend.set_weights(Component.UNET, {})  # new U-Net weights: the graphs captured with the old ones go
+    assert cleared == [True]
