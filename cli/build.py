@@ -12,6 +12,7 @@ from sdrt.cli.common import UsageError, positive
 from sdrt.engine.backends.tensorrt.engines.profile import (
     PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes, default_profile,
 )
+from sdrt.engine.cuda_device import cuda_device
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
@@ -125,7 +126,8 @@ def _build_engines_for(bundle: Path, args: argparse.Namespace) -> Path:
 
 def _engine_profile(bundle: Path, args: argparse.Namespace) -> EngineProfile:
     """The profile `args`' engine options give, the bundle's default profile filling in what they leave out."""
-    default = default_profile(read_manifest(bundle).model)
+    device = cuda_device()  # the default batch is capped to what this card's memory holds
+    default = default_profile(read_manifest(bundle).model, None if device is None else device.memory_bytes)
     axes = {name: getattr(args, name) or getattr(default, name) for name in PROFILE_AXES}
     return EngineProfile.static(*(axes[name].opt for name in PROFILE_AXES)) if args.static else EngineProfile(**axes)
 

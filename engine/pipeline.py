@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from sdrt.engine import guidance_batch
 from sdrt.engine.backends import Backend
 from sdrt.engine.checks import is_finite_number
+from sdrt.engine.device_loop import DenoiseJob, StepObserver
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
 from sdrt.engine.image_io import MASK_THRESHOLD, ImageInput, decoded_to_unit_range, to_pil
@@ -52,7 +53,8 @@ class PipelineOutput:
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
     checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
-    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else.
+    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else; on a
+    backend's device loop, unet is the whole loop (its graphs hold guidance and the scheduler update).
     `unet_calls`: how many times the U-Net ran (one batch per call)."""
 
     images: list[Image.Image] | np.ndarray
@@ -289,6 +291,12 @@ class StableDiffusionPipeline:
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
         guided = request.guided
+        device_loop = self.backend.device_loop() if hooks is TEXT_TO_IMAGE else None
+        if device_loop is not None:
+            with _timed(timings, "unet"):  # one graph per step: the U-Net with guidance and the update
+                return device_loop.denoise(DenoiseJob(
+                    scheduler, state, latents, context, request.guidance_scale, guided,
+                    noise_source.draw if scheduler.needs_noise else None, self._step_observer(callback_on_step_end)))
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
@@ -307,6 +315,15 @@ class StableDiffusionPipeline:
                 outputs = callback_on_step_end(self, step_index, float(timestep), {"latents": latents}) or {}
                 latents = outputs.get("latents", latents)
         return latents
+
+    def _step_observer(self, callback_on_step_end: StepEndCallback | None) -> StepObserver | None:
+        """`callback_on_step_end` as a device loop calls it: with the step's latents, returning their replacement."""
+        if callback_on_step_end is None:
+            return None
+
+        def observe(step_index: int, timestep: float, latents: np.ndarray) -> np.ndarray | None:
+            return (callback_on_step_end(self, step_index, timestep, {"latents": latents}) or {}).get("latents")
+        return observe
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VAE-decode latents to float32 (N, H, W, 3) images in [0, 1]."""
