@@ -344,8 +344,8 @@ class StableDiffusionPipeline:
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
 
         `scheduler` names the sampler (one of sdrt.engine.schedulers.SCHEDULER_NAMES: "pndm", "ddim", "euler",
-        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", ...); None or "default" runs the checkpoint's own. Stochastic
-        samplers (euler_a) draw their step noise from the same numpy Generator seeded with `seed`, after every other
+        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "lcm", ...); None or "default" runs the checkpoint's own. Stochastic
+        samplers (euler_a, lcm) draw their step noise from the same numpy Generator seeded with `seed`, after every other
         draw of the request (initial latents, VAE samples): the same seed gives the same image.
         `prompt_options`: `PromptOptions(long_prompts=True)` encodes prompts longer than the text encoder's window in
         chunks, `PromptOptions(weighting=True)` reads `(word:1.3)`-style weights (sdrt.engine.prompts); the default
