@@ -23,6 +23,8 @@ from sdrt.engine import guidance_batch
 from sdrt.engine.backends import Backend
 from sdrt.engine.checks import is_finite_number
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.guidance_embedding import guidance_scale_embedding
+from sdrt.engine.guidance_embedding import INPUT_NAME as GUIDANCE_EMBEDDING_INPUT
 from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
 from sdrt.engine.image_io import MASK_THRESHOLD, ImageInput, decoded_to_unit_range, to_pil
 from sdrt.engine.image_to_image import TEXT_TO_IMAGE, DenoiseHooks, KnownRegionBlend, MaskChannels, latent_mask, sample_posterior
@@ -103,7 +105,8 @@ class StableDiffusionPipeline:
             vae_scale_factor=model.vae_scale_factor, latent_channels=model.latent_channels,
             default_image_size=model.default_image_size, image_sides=model.image_sides,
             unet_takes_mask=model.unet_in_channels != model.latent_channels, sampler=self.sampler,
-            check_images=self._check_images,
+            check_images=self._check_images, defaults=manifest.defaults,
+            guidance_embedding_dim=_input_size(manifest, Component.UNET, GUIDANCE_EMBEDDING_INPUT),
         )
 
     # ---- configuration -------------------------------------------------------------------------------------------
@@ -289,13 +292,17 @@ class StableDiffusionPipeline:
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
         guided = request.guided
+        extra_inputs = {}
+        if (embedding_dim := self.limits.guidance_embedding_dim) is not None:
+            # an LCM-distilled U-Net: guidance enters as an input, every call the same
+            extra_inputs[GUIDANCE_EMBEDDING_INPUT] = guidance_scale_embedding(request.guidance_scale, len(latents), embedding_dim)  # (BN, D)
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
                 noise_pred = self.backend.run(
-                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
+                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context, **extra_inputs}
                 )[0]  # (2BN or BN, C, h, w)
             if guided:
                 noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
@@ -321,8 +328,8 @@ class StableDiffusionPipeline:
         self,
         prompt: str | Sequence[str] | GenerationRequest,
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -339,12 +346,18 @@ class StableDiffusionPipeline:
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
+        `num_inference_steps`, `guidance_scale` and `scheduler` left None are the model's own (`manifest.defaults`,
+        from its checkpoint's configs at export: a Turbo bundle 1 step without guidance, an LCM one 4 LCM steps;
+        diffusers' 50 steps at 7.5 for others and for bundles exported before). An LCM-distilled U-Net (one with a
+        `timestep_cond` input) takes guidance as an embedding of `guidance_scale` - 1 and never runs the
+        unconditional half, as diffusers runs it; `negative_prompt` then has no effect.
+
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
 
         `scheduler` names the sampler (one of sdrt.engine.schedulers.SCHEDULER_NAMES: "pndm", "ddim", "euler",
-        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "lcm", ...); None or "default" runs the checkpoint's own. Stochastic
+        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "lcm", ...); "default" runs the checkpoint's own. Stochastic
         samplers (euler_a, lcm) draw their step noise from the same numpy Generator seeded with `seed`, after every other
         draw of the request (initial latents, VAE samples): the same seed gives the same image.
         `prompt_options`: `PromptOptions(long_prompts=True)` encodes prompts longer than the text encoder's window in
@@ -451,6 +464,13 @@ class StableDiffusionPipeline:
         images[flagged] = 0.0  # (N, H, W, 3), flagged ones black
         pil_images = [Image.new("RGB", image.size) if i in flagged else image for i, image in enumerate(pil_images)]
         return images, pil_images
+
+
+def _input_size(manifest: Manifest, component: Component, name: str) -> int | None:
+    """The size of the last axis of `component`'s input `name`, or None where its model does not take it."""
+    entry = manifest.components.get(component)
+    shape = next((t.shape for t in entry.inputs if t.name == name), None) if entry is not None else None
+    return None if shape is None else int(shape[-1])
 
 
 #: `__call__`'s request arguments and their defaults: none may be given with a ready GenerationRequest

@@ -41,6 +41,9 @@ class ComponentSpec:
     component: Component
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: inputs only some checkpoints' models take (the exporter adds those the checkpoint's config calls for, after
+    #: `inputs`); the manifest records the inputs a bundle's model has, and the runtime feeds those
+    optional_inputs: tuple[TensorSpec, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -78,6 +81,11 @@ SPECS: dict[Component, ComponentSpec] = {
             TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
         ),
         outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
+        optional_inputs=(
+            # An LCM-distilled U-Net's guidance-scale embedding (its config's time_cond_proj_dim): guidance is an input,
+            # not a second batch half (sdrt.engine.guidance_embedding).
+            TensorSpec("timestep_cond", "float32", ("batch", "time_cond_proj_dim")),
+        ),
     ),
     Component.VAE_DECODER: ComponentSpec(
         Component.VAE_DECODER,

@@ -69,6 +69,12 @@ class SourceCheckpoint:
         return int(self.unet_config.get("in_channels", self.latent_channels))
 
     @property
+    def unet_time_cond_proj_dim(self) -> int | None:
+        """The size of the guidance-scale embedding an LCM-distilled U-Net takes (`timestep_cond`); None for others."""
+        dim = self.unet_config.get("time_cond_proj_dim")
+        return None if dim is None else int(dim)
+
+    @property
     def unet_attention_heads(self) -> tuple[int, ...]:
         """Self-attention heads at each U-Net resolution level, full latent size first, 0 where no block of the level
         attends: as diffusers' UNet2DConditionModel builds them (`num_attention_heads`, which older configs give as

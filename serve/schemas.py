@@ -75,8 +75,9 @@ class ImageRequest(BaseModel):
     background: Literal["auto", "transparent", "opaque"] | None = None
     moderation: Literal["auto", "low"] | None = None
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int = Field(default=50, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
+    num_inference_steps: int | None = Field(default=None, ge=1, description="default: the bundle's (50; Turbo 1, LCM 4)")
+    guidance_scale: float | None = Field(default=None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+                                         description="default: the bundle's (7.5; Turbo 0)")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="drawn at random when omitted, and returned")
     scheduler: str | None = Field(default=None, max_length=32, description="a scheduler name; default: the bundle's")
 
