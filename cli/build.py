@@ -51,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{', '.join(given)}: engine options need --tensorrt")
     bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or (),
-                                  loras=args.lora, config=args.config, scheduler=args.scheduler)
+                                  loras=args.lora, config=args.config, scheduler=args.scheduler, tiny_vae=args.tiny_vae)
     print(bundle)
     if args.tensorrt:
         print(_build_engines_for(bundle, args))
@@ -185,6 +185,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="the sampler the bundle runs by default instead of the checkpoint's own, e.g. lcm with an "
                         "LCM-LoRA in --lora: recorded in the manifest with its steps and guidance (lcm: 4 steps, "
                         "guidance 1)")
+    export.add_argument("--tiny-vae", type=Path, default=None, metavar="DIR",
+                        help="also export this diffusers AutoencoderTiny (TAESD: madebyollin/taesd for SD 1.x/2.x) as a "
+                        "second, fast decoder, chosen per request with --decoder tiny")
     export.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="single-file CHECKPOINT only: the diffusers configs to read it with (a diffusers "
                         "checkpoint or config directory: unet/, vae/, text_encoder/; scheduler/ and tokenizer/ "

@@ -21,6 +21,7 @@ from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.image_io import save_png
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdrt.engine.specs import Decoder
 from sdrt.engine.version import SDRT_VERSION
 
 # The request arguments each command adds to generate's (attribute names are the pipeline's argument names).
@@ -105,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(hint, file=sys.stderr)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                   guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images_per_prompt, seed=seed,
-                  scheduler=args.scheduler,
+                  scheduler=args.scheduler, decoder=args.decoder,
                   prompt_options=PromptOptions(long_prompts=args.long_prompts, weighting=args.prompt_weighting))
     # What the command adds to the request; recorded in the PNG as given (paths as strings).
     extra = {name: getattr(args, name) for name in _COMMAND_ARGUMENTS[args.command] if getattr(args, name) is not None}
@@ -134,6 +135,7 @@ def _generate(args: argparse.Namespace) -> int:
         "width": request.width,
         "seed": seed,
         "scheduler": request.scheduler or DEFAULT_SCHEDULER,
+        "decoder": request.decoder.value,
         **({"latents": str(args.latents) if args.latents is not None else None} if args.command == "generate" else {}),
         "long_prompts": args.long_prompts,
         "prompt_weighting": args.prompt_weighting,
@@ -203,6 +205,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                         help=f"sampler; default: the bundle's (lcm for an LCM-LoRA export), else the checkpoint's own, "
                              f"'{DEFAULT_SCHEDULER}' (stochastic ones take their noise from --seed)")
+    parser.add_argument("--decoder", choices=[d.value for d in Decoder], default=Decoder.FULL.value,
+                        help="the VAE (full) or the tiny autoencoder of a bundle exported with --tiny-vae (tiny: "
+                        "faster, rougher images) (default: %(default)s)")
     parser.add_argument("--long-prompts", action="store_true",
                         help="encode prompts longer than the text encoder's window in chunks instead of truncating them")
     parser.add_argument("--prompt-weighting", action="store_true",

@@ -96,6 +96,8 @@ class ModelConfig:
     unet_block_out_channels: tuple[int, ...] | None = None  # the U-Net's channels at each resolution level
     unet_attention_heads: tuple[int, ...] | None = None  # its self-attention heads at each level, 0 where none
     vae_block_out_channels: tuple[int, ...] | None = None  # the VAE's channels at each level
+    # what the tiny decoder (specs.Component.TINY_VAE_DECODER) divides latents by; None: the bundle has none
+    tiny_vae_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.unet_in_channels is None:

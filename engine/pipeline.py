@@ -37,7 +37,7 @@ from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_
 from sdrt.engine.request import GenerationRequest, OutputType, RequestLimits
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, Scheduler, SchedulerConfigError, check_scheduler_name, scheduler_by_name
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import Component, Decoder
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class StableDiffusionPipeline:
             default_image_size=model.default_image_size, image_sides=model.image_sides,
             unet_takes_mask=model.unet_in_channels != model.latent_channels, sampler=self.sampler,
             check_images=self._check_images, defaults=manifest.defaults,
+            decoders=tuple(d for d in Decoder if d.component in manifest.components),
             guidance_embedding_dim=_input_size(manifest, Component.UNET, GUIDANCE_EMBEDDING_INPUT),
         )
 
@@ -315,13 +316,18 @@ class StableDiffusionPipeline:
                 latents = outputs.get("latents", latents)
         return latents
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """VAE-decode latents to float32 (N, H, W, 3) images in [0, 1]."""
-        scaled = (latents / np.float32(self.manifest.model.vae_scaling_factor)).astype(np.float32)  # (N, C, h, w)
+    def decode(self, latents: np.ndarray, decoder: Decoder | str = Decoder.FULL) -> np.ndarray:
+        """Decode latents (N, C, h, w) to float32 (N, H, W, 3) images in [0, 1] with the VAE ("full") or the tiny
+        autoencoder ("tiny", where the bundle was exported with --tiny-vae): in `callback_on_step_end`, a preview of
+        the step's latents. InvalidArgumentError("decoder") for another name or a decoder the bundle lacks."""
+        chosen = self.limits.check_decoder(decoder)
+        model = self.manifest.model
+        scaling_factor = model.vae_scaling_factor if chosen is Decoder.FULL else model.tiny_vae_scaling_factor
+        scaled = (latents / np.float32(scaling_factor)).astype(np.float32)  # (N, C, h, w)
         # The decoder's full-resolution activations dominate a request's memory: unless the backend gains from a
         # batched decode, decode one image at a time so that the peak is one image's, whatever the batch.
         slices = [scaled] if self.backend.batched_decode else np.split(scaled, len(scaled))
-        decoded = np.concatenate([self.backend.run(Component.VAE_DECODER, {"latent_sample": s})[0] for s in slices])  # (N, 3, H, W)
+        decoded = np.concatenate([self.backend.run(chosen.component, {"latent_sample": s})[0] for s in slices])  # (N, 3, H, W)
         return decoded_to_unit_range(decoded)
 
     def __call__(
@@ -342,6 +348,7 @@ class StableDiffusionPipeline:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        decoder: Decoder | str = Decoder.FULL,
         callback_on_step_end: StepEndCallback | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
@@ -373,8 +380,11 @@ class StableDiffusionPipeline:
         `height`/`width` or the model's default. An inpainting U-Net (9 input channels) takes the mask and masked
         image's latents as inputs; a standard one regenerates the masked region only, putting the image's (noised)
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
+        `decoder` turns the final latents into images: "full", the checkpoint's VAE, or "tiny", the tiny autoencoder
+        (TAESD) of a bundle exported with `--tiny-vae`, as diffusers runs with `pipe.vae = AutoencoderTiny(...)`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
-        diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
+        diffusers (only "latents" is passed; `pipe.decode(latents, decoder="tiny")` previews them); an exception it
+        raises, such as GenerationCancelled, ends the call there.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -387,7 +397,8 @@ class StableDiffusionPipeline:
             return self.generate(prompt, callback_on_step_end)
         request = GenerationRequest.create(
             self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
-            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength)
+            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
+            decoder)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -431,7 +442,7 @@ class StableDiffusionPipeline:
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings,
                                   unet_calls=unet_calls)
         with _timed(timings, "decode"):
-            images = self.decode(latents)  # (N, H, W, 3)
+            images = self.decode(latents, request.decoder)  # (N, H, W, 3)
         if request.outpainting is not None:
             images = paste_original(images, request.outpainting.original, request.outpainting.canvas)  # (N, H, W, 3)
         # The checker sees the 8-bit images, as diffusers' feature extractor does.

@@ -25,6 +25,7 @@ from sdrt.engine.manifest import GenerationDefaults, SideRange
 from sdrt.engine.outpaint import Canvas, feathered_mask, grow, plan_canvas, seam_width
 from sdrt.engine.prompts import PromptOptions
 from sdrt.engine.schedulers import Scheduler, SchedulerState
+from sdrt.engine.specs import Decoder
 
 OutputType = Literal["pil", "np", "latent"]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -55,6 +56,20 @@ class RequestLimits:
     #: the size of the guidance-scale embedding an LCM-distilled U-Net takes (sdrt.engine.guidance_embedding); None:
     #: the U-Net takes none, and guidance runs an unconditional batch half
     guidance_embedding_dim: int | None = None
+    #: the decoders the bundle holds (the tiny one where exported with --tiny-vae)
+    decoders: tuple[Decoder, ...] = (Decoder.FULL,)
+
+    def check_decoder(self, decoder: Any) -> Decoder:
+        """`decoder` ("full" or "tiny") as a Decoder; InvalidArgumentError("decoder") for another name or one the
+        bundle lacks."""
+        try:
+            chosen = Decoder(decoder)
+        except ValueError:
+            raise InvalidArgumentError("decoder", f"must be one of {', '.join(d.value for d in Decoder)}; got {decoder!r}") from None
+        if chosen not in self.decoders:
+            raise InvalidArgumentError("decoder", f"{chosen.value!r}: this bundle has no tiny decoder; export it with one "
+                                       "(`sdrt export CHECKPOINT OUT --tiny-vae DIR`, DIR a diffusers AutoencoderTiny such as TAESD)")
+        return chosen
 
     def guides_by_batch(self, guidance_scale: float) -> bool:
         """Whether guidance at `guidance_scale` runs the unconditional batch half (sdrt.engine.guidance_batch): as
@@ -96,6 +111,7 @@ class GenerationRequest:
     prompt_options: PromptOptions
     init: ImageInit | None  # image to image and inpainting: the image to start from
     outpainting: Outpainting | None
+    decoder: Decoder  # what turns the final latents into images
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
@@ -129,6 +145,7 @@ class GenerationRequest:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        decoder: Decoder | str = Decoder.FULL,
         *,
         binarize_mask: bool = True,
     ) -> GenerationRequest:
@@ -185,6 +202,7 @@ class GenerationRequest:
             raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
+        decoder = limits.check_decoder(decoder)
         # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
         limits.check_images(len(prompts), int(num_images_per_prompt), height, width, limits.guides_by_batch(guidance_scale))
         if latents is not None:
@@ -194,7 +212,7 @@ class GenerationRequest:
             guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-            outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
+            outpainting=None, decoder=decoder, limits=limits, sampler=sampler, schedule=schedule,
         )
 
     @classmethod

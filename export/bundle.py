@@ -41,6 +41,7 @@ from sdrt.export.source_checkpoint import (
     SourceCheckpoint,
     load_checkpoint,
     pad_token_of,
+    with_tiny_vae,
 )
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
@@ -167,6 +168,7 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
         unet_block_out_channels=tuple(int(c) for c in source.unet_config["block_out_channels"]),
         unet_attention_heads=source.unet_attention_heads,
         vae_block_out_channels=tuple(int(c) for c in source.vae_config["block_out_channels"]),
+        tiny_vae_scaling_factor=source.tiny_vae_scaling_factor,
     )
 
 
@@ -193,6 +195,7 @@ def export_bundle(
     loras: Sequence[LoraSpec] = (),
     config: str | Path | None = None,
     scheduler: str | None = None,
+    tiny_vae: str | Path | None = None,
 ) -> Path:
     """Export the checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
 
@@ -208,6 +211,9 @@ def export_bundle(
     the checkpoint's configs; `scheduler` (a sdrt.engine.schedulers.SCHEDULER_NAMES name) makes another sampler the
     bundle's default, e.g. "lcm" with an LCM-LoRA among `loras`, which then defaults to 4 steps without guidance.
 
+    `tiny_vae`, a diffusers AutoencoderTiny directory (TAESD), is exported beside the VAE as the bundle's tiny decoder
+    (requests choose it with decoder="tiny"); CheckpointError if it cannot decode this checkpoint's latents.
+
     `fp16_components` (e.g. sdrt.engine.specs.FP16_DEFAULT_COMPONENTS: text encoder and U-Net) also get an fp16
     variant with fp32 inputs and outputs, for the "cuda-fp16" backend, validated against the fp32 model and recorded
     in the manifest. Raise InvalidArgumentError if one is not a component of this checkpoint.
@@ -221,7 +227,7 @@ def export_bundle(
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it")
     checkpoint = Path(checkpoint)
     options = _ExportOptions(opset=opset, max_image_size=max_image_size, fp16_components=tuple(fp16_components), force=force,
-                             scheduler=scheduler)
+                             scheduler=scheduler, tiny_vae=None if tiny_vae is None else Path(tiny_vae))
     if not is_single_file(checkpoint):
         if config is not None:
             raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
@@ -247,6 +253,7 @@ class _ExportOptions:
     fp16_components: tuple[Component | str, ...]
     force: bool
     scheduler: str | None = None  # the bundle's default sampler; None: the checkpoint's own
+    tiny_vae: Path | None = None  # an AutoencoderTiny directory to export as the tiny decoder
 
 
 def _export(
@@ -259,6 +266,8 @@ def _export(
 ) -> Path:
     """Export the checked `source` to `out_dir`; `source_path` (default: the checkpoint directory) is recorded as
     where it came from."""
+    if options.tiny_vae is not None:
+        source = with_tiny_vae(source, options.tiny_vae)
     fp16 = _fp16_components(options.fp16_components, source.components)
     defaults = model_defaults(source, options.scheduler)
     if source.safety_checker_config is None:

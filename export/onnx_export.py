@@ -87,6 +87,7 @@ _WRAPPERS = {
     Component.TEXT_ENCODER: _TextEncoder,
     Component.UNET: _UNet,
     Component.VAE_DECODER: _VaeDecoder,
+    Component.TINY_VAE_DECODER: _VaeDecoder,  # AutoencoderTiny.decode takes and returns the same
     Component.VAE_ENCODER: _VaeEncoder,
     Component.SAFETY_CHECKER: _SafetyChecker,
 }
@@ -138,7 +139,7 @@ def probe_inputs(
             # a guidance-scale embedding's sines and cosines lie in [-1, 1]
             inputs["timestep_cond"] = rng.uniform(-1.0, 1.0, size=(batch, checkpoint.unet_time_cond_proj_dim)).astype(np.float32)
         return inputs
-    if component is Component.VAE_DECODER:
+    if component in (Component.VAE_DECODER, Component.TINY_VAE_DECODER):
         return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
     if component is Component.VAE_ENCODER:
         image_hw = (latent_h * checkpoint.vae_scale_factor, latent_w * checkpoint.vae_scale_factor)

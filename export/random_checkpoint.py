@@ -369,6 +369,28 @@ def save_checkpoint(
     return out_dir
 
 
+#: TAESD's layout (madebyollin/taesd: 64 channels, (1, 3, 3, 3) encoder and (3, 3, 3, 1) decoder blocks) narrowed for
+#: tests: 3 upsamplings (scale factor 8, as SD's VAE), one block per level
+TINY_AUTOENCODER_CHANNELS = (16, 16, 16, 16)
+TINY_AUTOENCODER_BLOCKS = (1, 1, 1, 1)
+
+
+def make_tiny_autoencoder(out_dir: str | Path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight diffusers AutoencoderTiny (TAESD's architecture, narrowed) to `out_dir`, laid out as
+    madebyollin/taesd ships it (config.json + diffusion_pytorch_model.safetensors), for `sdrt export --tiny-vae`."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    model = AutoencoderTiny(
+        encoder_block_out_channels=TINY_AUTOENCODER_CHANNELS, decoder_block_out_channels=TINY_AUTOENCODER_CHANNELS,
+        num_encoder_blocks=TINY_AUTOENCODER_BLOCKS, num_decoder_blocks=TINY_AUTOENCODER_BLOCKS,
+        latent_channels=latent_channels,
+    ).eval()
+    with atomic_directory(Path(out_dir)) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)
+
+
 def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> Path:
     """Write the configs of a checkpoint of `arch`, without weights: `unet/`, `vae/` and `text_encoder/config.json`,
     its scheduler (SD 1.5's unless the arch ships another) and the CLIP tokenizer, laid out as in a diffusers checkpoint. The exporter reads single-file

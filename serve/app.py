@@ -271,4 +271,5 @@ def _to_params(body: ImageRequest, service: ImageService, limits: Limits) -> Gen
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         scheduler=body.scheduler if body.scheduler is not None else info.defaults.scheduler,
         encoding=body.encoding(),
+        decoder=body.decoder,
     )

@@ -80,6 +80,8 @@ class ImageRequest(BaseModel):
                                          description="default: the bundle's (7.5; Turbo 0)")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="drawn at random when omitted, and returned")
     scheduler: str | None = Field(default=None, max_length=32, description="a scheduler name; default: the bundle's")
+    decoder: Literal["full", "tiny"] = Field(default="full", description="the VAE, or the tiny autoencoder of a bundle "
+                                             "exported with --tiny-vae")
 
     @field_validator("size")
     @classmethod
@@ -131,11 +133,12 @@ class GenerationParams:
     seed: int
     scheduler: str | None
     encoding: ImageEncoding = ImageEncoding()  # of each image, after generation: no part of the batch key
+    decoder: str = "full"  # "full" or "tiny": part of the batch key, as one decoder decodes the batch
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one U-Net batch: same latent size, same timesteps, same guidance."""
-        return (self.width, self.height, self.num_inference_steps, self.scheduler, self.guidance_scale)
+        return (self.width, self.height, self.num_inference_steps, self.scheduler, self.guidance_scale, self.decoder)
 
 
 class ImageData(BaseModel):
