@@ -284,3 +284,17 @@ def test_lcm_steps_beyond_the_distillation_schedule_are_refused(fewstep_bundles)
     ours = _pipe(fewstep_bundles["tiny-lcm"])
     with pytest.raises(ValueError, match=r"num_inference_steps: must be an integer in 1\.\.50 .*LCMScheduler"):
         ours("a boat", num_inference_steps=51, height=SIZE, width=SIZE)
+
+
+def test_server_runs_the_bundles_defaults(fewstep_bundles) -> None:
+    pytest.importorskip("fastapi")
+    from tests.test_serve import GENERATE, SpyPipe, _client, _wait_ready
+
+    spy = SpyPipe(_pipe(fewstep_bundles["tiny-turbo"]))
+    with _client(spy) as client:
+        _wait_ready(client)
+        response = client.post(GENERATE, json={"prompt": "a red circle", "size": "64x64", "seed": 1})
+        assert response.status_code == 200, response.text
+        response = client.post(GENERATE, json={"prompt": "a red circle", "size": "64x64", "seed": 1, "num_inference_steps": 3})
+        assert response.status_code == 200, response.text
+    assert spy.calls == [(1, 1), (1, 3)]  # (images, steps): the Turbo bundle's 1 step unless asked for more

@@ -126,3 +126,20 @@ def test_a_tiny_autoencoder_of_another_latent_space_is_refused_before_export(tmp
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="not AutoencoderTiny"):
         export_bundle(checkpoints["tiny"], tmp_path / "out", tiny_vae=checkpoints["tiny"] / "vae")
+
+
+def test_server_decoder_field(taesd_bundle: Path) -> None:
+    pytest.importorskip("fastapi")
+    from tests.test_serve import GENERATE, _client, _decode, _wait_ready
+
+    ours = _pipe(taesd_bundle)
+    with _client(ours) as client:
+        _wait_ready(client)
+        body = {"prompt": "a red circle", "size": "64x64", "seed": 5, "num_inference_steps": 2}
+        tiny = client.post(GENERATE, json={**body, "decoder": "tiny"})
+        assert tiny.status_code == 200, tiny.text
+        full = _decode(client.post(GENERATE, json=body).json()["data"][0])
+        assert client.post(GENERATE, json={**body, "decoder": "small"}).status_code == 422
+    expected = ours("a red circle", height=64, width=64, seed=5, num_inference_steps=2, decoder="tiny").images[0]
+    np.testing.assert_array_equal(_decode(tiny.json()["data"][0]), np.asarray(expected))
+    assert np.abs(full.astype(int) - np.asarray(expected).astype(int)).max() > 10
