@@ -20,6 +20,20 @@ class Component(str, enum.Enum):
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"
+    #: the tiny autoencoder's decoder (diffusers' AutoencoderTiny, TAESD), exported beside the VAE on request
+    TINY_VAE_DECODER = "tiny_vae_decoder"
+
+
+class Decoder(str, enum.Enum):
+    """The latent decoders a request chooses from (`decoder=`): the checkpoint's VAE, or the tiny autoencoder
+    exported beside it (`sdrt export CHECKPOINT OUT --tiny-vae DIR`): previews during the loop, the fastest images."""
+
+    FULL = "full"
+    TINY = "tiny"
+
+    @property
+    def component(self) -> Component:
+        return Component.VAE_DECODER if self is Decoder.FULL else Component.TINY_VAE_DECODER
 
 
 DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width", "context_length"})
@@ -46,20 +60,11 @@ class ComponentSpec:
     component: Component
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: inputs only some checkpoints' models take (the exporter adds those the checkpoint's config calls for, after
+    #: `inputs`); the manifest records the inputs a bundle's model has, and the runtime feeds those
     optional_inputs: tuple[TensorSpec, ...] = ()
+    #: outputs only some checkpoints' models give (SDXL's text encoder's penultimate layer), after `outputs`
     optional_outputs: tuple[TensorSpec, ...] = ()
-
-    def with_optional(self, names: frozenset[str]) -> ComponentSpec:
-        """This spec with the optional tensors in `names` among its inputs and outputs (after the others), and no
-        optional tensors left: the spec of one exported graph."""
-        unknown = names - {t.name for t in (*self.optional_inputs, *self.optional_outputs)}
-        if unknown:
-            raise ValueError(f"{self.component.value} has no optional tensors {sorted(unknown)}")
-        return ComponentSpec(
-            self.component,
-            inputs=self.inputs + tuple(t for t in self.optional_inputs if t.name in names),
-            outputs=self.outputs + tuple(t for t in self.optional_outputs if t.name in names),
-        )
 
     @property
     def filename(self) -> str:
@@ -108,9 +113,12 @@ SPECS: dict[Component, ComponentSpec] = {
             TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
         ),
         outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
-        # SDXL's added conditions (its config's addition_embed_type "text_time"): the second text encoder's pooled
-        # embedding, and the size conditions (original size, crop's top left, target size or aesthetic score).
         optional_inputs=(
+            # An LCM-distilled U-Net's guidance-scale embedding (its config's time_cond_proj_dim): guidance is an input,
+            # not a second batch half (sdrt.engine.guidance_embedding).
+            TensorSpec("timestep_cond", "float32", ("batch", "time_cond_proj_dim")),
+            # SDXL's added conditions (its config's addition_embed_type "text_time"): the second text encoder's pooled
+            # embedding, and the size conditions (original size, crop's top left, target size).
             TensorSpec("text_embeds", "float32", ("batch", "pooled")),
             TensorSpec("time_ids", "float32", ("batch", "time_ids")),
         ),
@@ -126,6 +134,13 @@ SPECS: dict[Component, ComponentSpec] = {
         # Mean and log-variance of the latent distribution, concatenated on channels: the runtime samples from it
         # with the request's own seed.
         outputs=(TensorSpec("latent_moments", "float32", ("batch", "latent_moments", "latent_height", "latent_width")),),
+    ),
+    Component.TINY_VAE_DECODER: ComponentSpec(
+        Component.TINY_VAE_DECODER,
+        # the denoised latents divided by the tiny autoencoder's own scaling factor (1 for TAESD), as diffusers
+        # decodes with `pipe.vae = AutoencoderTiny`; images in [-1, 1] like the VAE's
+        inputs=(TensorSpec("latent_sample", "float32", _LATENT),),
+        outputs=(TensorSpec("sample", "float32", _IMAGE),),
     ),
     Component.SAFETY_CHECKER: ComponentSpec(
         Component.SAFETY_CHECKER,

@@ -6,6 +6,7 @@ the graph, so one U-Net graph serves every image size that is a multiple of the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdrt.engine.specs import SPECS, Component, ComponentSpec
+from sdrt.engine.specs import SPECS, Component, ComponentSpec, TensorSpec
 from sdrt.export.source_checkpoint import SourceCheckpoint
 from sdrt.export.errors import ExportError
 
@@ -57,17 +58,20 @@ class _TextEncoder2(torch.nn.Module):
 
 
 class _UNet(torch.nn.Module):
-    """The noise prediction; with SDXL's added conditions (`text_embeds`, `time_ids`) as two more inputs."""
+    """The U-Net, its optional inputs (`optional_input_names`, after the three every U-Net takes) passed by name;
+    SDXL's added conditions (`text_embeds`, `time_ids`) as diffusers takes them, in `added_cond_kwargs`."""
 
-    def __init__(self, model: torch.nn.Module, added_conditions: bool) -> None:
+    def __init__(self, model: torch.nn.Module, optional_input_names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = model
-        self.added_conditions = added_conditions
+        self.optional_input_names = optional_input_names
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *added: torch.Tensor) -> torch.Tensor:
-        added_cond_kwargs = dict(zip(("text_embeds", "time_ids"), added)) if self.added_conditions else None
-        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+                *optional_inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.optional_input_names, optional_inputs))
+        added = {name: named.pop(name) for name in ("text_embeds", "time_ids") if name in named}
+        return self.model(sample, timestep, encoder_hidden_states, **named, added_cond_kwargs=added or None,
+                          return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -100,25 +104,50 @@ class _SafetyChecker(torch.nn.Module):
         return self.model.visual_projection(pooled)  # (B, projection)
 
 
+#: the wrapper of each component whose wrapper takes no options
+_WRAPPERS = {
+    Component.TEXT_ENCODER_2: _TextEncoder2,
+    Component.VAE_DECODER: _VaeDecoder,
+    Component.TINY_VAE_DECODER: _VaeDecoder,  # AutoencoderTiny.decode takes and returns the same
+    Component.VAE_ENCODER: _VaeEncoder,
+    Component.SAFETY_CHECKER: _SafetyChecker,
+}
+
+
+#: whether a checkpoint's model takes an optional input, or gives an optional output, of its component's spec, by name
+_HAS_OPTIONAL_TENSOR = {
+    "timestep_cond": lambda checkpoint: checkpoint.unet_time_cond_proj_dim is not None,
+    "text_embeds": lambda checkpoint: checkpoint.is_sdxl,
+    "time_ids": lambda checkpoint: checkpoint.is_sdxl,
+    "penultimate_hidden_state": lambda checkpoint: checkpoint.is_sdxl,
+}
+
+
+def exported_inputs(checkpoint: SourceCheckpoint, component: Component) -> tuple[TensorSpec, ...]:
+    """The inputs `component`'s graph takes for this checkpoint: its spec's inputs, then the optional ones the
+    checkpoint's config calls for."""
+    spec = SPECS[component]
+    return spec.inputs + tuple(t for t in spec.optional_inputs if _HAS_OPTIONAL_TENSOR[t.name](checkpoint))
+
+
 def graph_spec(checkpoint: SourceCheckpoint, component: Component) -> ComponentSpec:
-    """The tensors of `component`'s graph for this checkpoint: its spec with the optional tensors the checkpoint's
-    config calls for (SDXL's)."""
-    return SPECS[component].with_optional(checkpoint.optional_tensors(component))
+    """The tensors of `component`'s graph for this checkpoint: its spec with the optional inputs and outputs the
+    checkpoint's config calls for (SDXL's, an LCM U-Net's), none left optional."""
+    spec = SPECS[component]
+    outputs = spec.outputs + tuple(t for t in spec.optional_outputs if _HAS_OPTIONAL_TENSOR[t.name](checkpoint))
+    return dataclasses.replace(spec, inputs=exported_inputs(checkpoint, component), outputs=outputs,
+                               optional_inputs=(), optional_outputs=())
 
 
 def traceable_model(checkpoint: SourceCheckpoint, component: Component) -> torch.nn.Module:
     """Load `component`'s torch model, wrapped to take and return exactly its graph's tensors (`graph_spec`)."""
     model = checkpoint.load_model(component)
-    names = checkpoint.optional_tensors(component)
-    wrapped = {
-        Component.TEXT_ENCODER: lambda: _TextEncoder(model, penultimate="penultimate_hidden_state" in names),
-        Component.TEXT_ENCODER_2: lambda: _TextEncoder2(model),
-        Component.UNET: lambda: _UNet(model, added_conditions="text_embeds" in names),
-        Component.VAE_DECODER: lambda: _VaeDecoder(model),
-        Component.VAE_ENCODER: lambda: _VaeEncoder(model),
-        Component.SAFETY_CHECKER: lambda: _SafetyChecker(model),
-    }[component]()
-    return wrapped.eval()
+    if component is Component.UNET:
+        optional = exported_inputs(checkpoint, component)[len(SPECS[component].inputs):]
+        return _UNet(model, tuple(t.name for t in optional)).eval()
+    if component is Component.TEXT_ENCODER:
+        return _TextEncoder(model, penultimate=checkpoint.is_sdxl).eval()
+    return _WRAPPERS[component](model).eval()
 
 
 def probe_inputs(
@@ -142,12 +171,15 @@ def probe_inputs(
                 (batch, context_windows * checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32
             ),  # (B, windows * 77, D)
         }
+        if checkpoint.unet_time_cond_proj_dim is not None:
+            # a guidance-scale embedding's sines and cosines lie in [-1, 1]
+            inputs["timestep_cond"] = rng.uniform(-1.0, 1.0, size=(batch, checkpoint.unet_time_cond_proj_dim)).astype(np.float32)
         if checkpoint.is_sdxl:
             inputs["text_embeds"] = rng.standard_normal((batch, checkpoint.pooled_size), dtype=np.float32)  # (B, P)
             # sizes in pixels and crop offsets, as SDXL's requests give them
             inputs["time_ids"] = rng.integers(0, 2048, size=(batch, checkpoint.time_ids)).astype(np.float32)  # (B, 6)
         return inputs
-    if component is Component.VAE_DECODER:
+    if component in (Component.VAE_DECODER, Component.TINY_VAE_DECODER):
         return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
     if component is Component.VAE_ENCODER:
         image_hw = (latent_h * checkpoint.vae_scale_factor, latent_w * checkpoint.vae_scale_factor)
@@ -168,7 +200,8 @@ def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> list[np.
 
 
 def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
-    """Trace the wrapped `model` of `component` to `onnx_path`."""
+    """Trace the wrapped `model` of `component` to `onnx_path`; returns the spec of the traced graph (its inputs and
+    outputs those the checkpoint calls for)."""
     spec = graph_spec(checkpoint, component)
     inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,7 @@ def test_bundle_records_the_sdxl_graphs(sdxl_checkpoint: Path, sdxl_bundle: Path
     assert [t.name for t in manifest.components[Component.TEXT_ENCODER_2].outputs] == ["penultimate_hidden_state", "text_embeds"]
     assert "penultimate_hidden_state" in [t.name for t in manifest.components[Component.TEXT_ENCODER].outputs]
     assert manifest.sdxl is not None and manifest.sdxl.force_zeros_for_empty_prompt is True
+    assert manifest.defaults.guidance_scale == 5.0  # StableDiffusionXLPipeline's
     assert manifest.model.default_image_size == 256  # the U-Net's sample_size (32) x the VAE's scale factor (8)
     # the fp16-unsafe VAE stays fp32: no fp16 variant unless asked for
     assert all(entry.fp16 is None for entry in manifest.components.values())
@@ -114,6 +115,7 @@ def test_second_tokenizer_pads_with_exclamation_mark_as_transformers(sdxl_checkp
 CASES = {
     "guided": dict(prompt="a red circle"),
     "unguided": dict(prompt="a red circle", guidance_scale=1.0),
+    "default-guidance": dict(prompt="a red circle", guidance_scale=None),  # each its own default: 5 (the manifest's)
     "negative-prompt": dict(prompt="a castle", negative_prompt="fog, blur"),
     "empty-negative-prompt": dict(prompt="a castle", negative_prompt=""),
     "prompt-list-n2": dict(prompt=["a cat", "a dog"], negative_prompt=["bad", "ugly"], num_images_per_prompt=2),
@@ -126,6 +128,7 @@ CASES = {
 
 def _parity(reference, ours, args: dict, scheduler: str | None = None) -> None:
     args = {"num_inference_steps": 3, "height": 64, "width": 64, "guidance_scale": 7.5, **args}
+    args = {name: value for name, value in args.items() if value is not None}
     prompts = [args["prompt"]] if isinstance(args["prompt"], str) else args["prompt"]
     f = ours.vae_scale_factor
     shape = (len(prompts) * args.get("num_images_per_prompt", 1), 4, args["height"] // f, args["width"] // f)
