@@ -4,6 +4,7 @@
     out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=50, seed=0)
     out.images[0].save("astronaut.png")
 """
+from sdrt.engine.deepcache import DeepCache
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
@@ -26,6 +27,7 @@ __all__ = [
     "StableDiffusionPipeline",
     "PipelineOutput",
     "PromptOptions",
+    "DeepCache",
     "GenerationRequest",
     "RequestLimits",
     "SdrtError",

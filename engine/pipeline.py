@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from sdrt.engine import guidance_batch
 from sdrt.engine.backends import Backend
 from sdrt.engine.checks import is_finite_number
+from sdrt.engine.deepcache import DeepCache, DeepCacheSupport
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
 from sdrt.engine.image_io import MASK_THRESHOLD, ImageInput, decoded_to_unit_range, to_pil
@@ -53,7 +54,8 @@ class PipelineOutput:
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
     checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
     when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else.
-    `unet_calls`: how many times the U-Net ran (one batch per call)."""
+    `unet_calls`: how many times the U-Net ran (one batch per call); `unet_shallow_calls`: how many of them were
+    DeepCache's shallow passes."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
@@ -61,6 +63,7 @@ class PipelineOutput:
     safety_scores: list[SafetyScores] | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     unet_calls: int = 0
+    unet_shallow_calls: int = 0
 
 
 class StableDiffusionPipeline:
@@ -103,7 +106,7 @@ class StableDiffusionPipeline:
             vae_scale_factor=model.vae_scale_factor, latent_channels=model.latent_channels,
             default_image_size=model.default_image_size, image_sides=model.image_sides,
             unet_takes_mask=model.unet_in_channels != model.latent_channels, sampler=self.sampler,
-            check_images=self._check_images,
+            check_images=self._check_images, deepcache=self._deepcache_support(), bundle=str(bundle_dir),
         )
 
     # ---- configuration -------------------------------------------------------------------------------------------
@@ -150,6 +153,12 @@ class StableDiffusionPipeline:
         return self._named_schedulers[name]
 
     # ---- request bounds ----------------------------------------------------------------------------------------
+    def _deepcache_support(self) -> DeepCacheSupport:
+        entry = self.manifest.deepcache
+        if entry is None:
+            return DeepCacheSupport()
+        return DeepCacheSupport(entry.branch, entry.branches, type(self.backend).deepcache_refusal)
+
     def _check_images(self, prompts: int, num_images_per_prompt: int, height: int, width: int, guided: bool) -> None:
         """RequestLimits.check_images: the backend's bounds, then the memory budget's (where the backend's memory is
         modelled): refused when the estimate of the request's peak is over it."""
@@ -288,15 +297,21 @@ class StableDiffusionPipeline:
                  noise_source: RequestNoise, timings: dict[str, float],
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
-        guided = request.guided
+        guided, deepcache = request.guided, request.deepcache
+        # DeepCache decides per U-Net call (sdrt.engine.deepcache): step_index counts calls, PNDM's warm-up included
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
+            feeds = {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
             with _timed(timings, "unet"):
-                noise_pred = self.backend.run(
-                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
-                )[0]  # (2BN or BN, C, h, w)
+                if deepcache is None:
+                    noise_pred = self.backend.run(Component.UNET, feeds)[0]  # (2BN or BN, C, h, w)
+                elif deepcache.is_full_pass(step_index):
+                    # (2BN or BN, C, h, w), and the feature to reuse (2BN or BN, F, h / 2^block, w / 2^block)
+                    noise_pred, deep_feature = self.backend.run(Component.UNET_DEEPCACHE_FULL, feeds)
+                else:
+                    noise_pred = self.backend.run(Component.UNET_DEEPCACHE_SHALLOW, {**feeds, "deep_feature": deep_feature})[0]
             if guided:
                 noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
             # Stochastic samplers draw their step noise from the request's generator, after every other draw.
@@ -336,6 +351,7 @@ class StableDiffusionPipeline:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         callback_on_step_end: StepEndCallback | None = None,
+        deepcache: DeepCache | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -362,6 +378,9 @@ class StableDiffusionPipeline:
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
         diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
+        `deepcache=DeepCache(cache_interval=3, cache_branch=0)` runs a full U-Net pass every `cache_interval` calls and
+        shallow passes reusing its deep features between (sdrt.engine.deepcache), as the DeepCache package does in
+        diffusers: faster, at some loss of fidelity; the bundle must be exported with `--deepcache-branch`. Off by default.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -374,7 +393,8 @@ class StableDiffusionPipeline:
             return self.generate(prompt, callback_on_step_end)
         request = GenerationRequest.create(
             self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
-            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength)
+            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
+            deepcache)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -385,6 +405,9 @@ class StableDiffusionPipeline:
                                        "(GenerationRequest.create(pipe.limits, ...))")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise InvalidArgumentError("callback_on_step_end", f"must be callable or None, got {type(callback_on_step_end).__name__}")
+        if request.deepcache is not None and self._lora.active:
+            raise InvalidArgumentError("deepcache", "cannot run with a LoRA loaded: DeepCache's passes hold the bundle's "
+                                       "own weights (call unload_lora() first, or fuse the LoRA at export with --lora)")
         return self._run(request, callback_on_step_end)
 
     def outpaint(self, image: ImageInput, prompt: str | Sequence[str], left: int = 0, right: int = 0, top: int = 0,
@@ -413,10 +436,11 @@ class StableDiffusionPipeline:
             latents = self._denoise(request, context, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         unet_calls = len(request.schedule.timesteps)
+        shallow = 0 if request.deepcache is None else sum(not request.deepcache.is_full_pass(i) for i in range(unet_calls))
         if request.output_type == "latent":
             # As diffusers: latents are not images, so nothing is checked.
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings,
-                                  unet_calls=unet_calls)
+                                  unet_calls=unet_calls, unet_shallow_calls=shallow)
         with _timed(timings, "decode"):
             images = self.decode(latents)  # (N, H, W, 3)
         if request.outpainting is not None:
@@ -435,6 +459,7 @@ class StableDiffusionPipeline:
             safety_scores=scores if request.return_safety_scores else None,
             timings=timings,
             unet_calls=unet_calls,
+            unet_shallow_calls=shallow,
         )
 
     def _apply_safety_policy(

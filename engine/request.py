@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdrt.engine import guidance_batch
 from sdrt.engine.checks import is_finite_number, is_int
+from sdrt.engine.deepcache import DeepCache, DeepCacheSupport
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.image_io import ImageInput, floor_to_multiple, load_image, load_mask, preprocess_image, preprocess_mask
 from sdrt.engine.image_to_image import ImageInit, denoising_steps, first_call
@@ -50,6 +51,8 @@ class RequestLimits:
     unet_takes_mask: bool  # an inpainting U-Net: mask and masked-image latents are inputs besides the latents
     sampler: Callable[[str | None], Scheduler]
     check_images: Callable[[int, int, int, int, bool], None]
+    deepcache: DeepCacheSupport = DeepCacheSupport()  # the bundle's DeepCache passes and whether the backend runs them
+    bundle: str = "this bundle"  # how errors name the bundle
 
     def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
         """The shape of the initial noise for `num_images` images of height x width pixels."""
@@ -86,6 +89,7 @@ class GenerationRequest:
     prompt_options: PromptOptions
     init: ImageInit | None  # image to image and inpainting: the image to start from
     outpainting: Outpainting | None
+    deepcache: DeepCache | None  # None: every U-Net call a full pass
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
@@ -119,11 +123,13 @@ class GenerationRequest:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        deepcache: DeepCache | None = None,
         *,
         binarize_mask: bool = True,
     ) -> GenerationRequest:
         """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults),
         checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
+        `deepcache` (sdrt.engine.deepcache) needs a bundle exported with DeepCache's passes for its branch.
         `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam)."""
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = _negative_prompts(negative_prompt, prompts)
@@ -169,6 +175,7 @@ class GenerationRequest:
             raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
+        deepcache = limits.deepcache.check(deepcache, limits.bundle)
         # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
         limits.check_images(len(prompts), int(num_images_per_prompt), height, width, guidance_batch.is_guided(guidance_scale))
         if latents is not None:
@@ -178,7 +185,7 @@ class GenerationRequest:
             guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-            outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
+            outpainting=None, deepcache=deepcache, limits=limits, sampler=sampler, schedule=schedule,
         )
 
     @classmethod

@@ -19,9 +19,22 @@ class Component(str, enum.Enum):
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"
+    #: DeepCache's passes (sdrt.engine.deepcache), in bundles exported with `sdrt export --deepcache-branch N` only:
+    #: the U-Net's graph with the cached feature as a second output, reading the U-Net's own weights file
+    UNET_DEEPCACHE_FULL = "unet_deepcache_full"
+    #: the U-Net's shallow blocks only, taking the cached feature in place of the deep ones
+    UNET_DEEPCACHE_SHALLOW = "unet_deepcache_shallow"
 
 
-DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width", "context_length"})
+#: the components only some bundles have, exported on request
+OPTIONAL_COMPONENTS = frozenset({Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW})
+#: the components that run (part of) the U-Net once per denoising step, which backends treat alike
+UNET_PASSES = (Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW)
+
+
+DYNAMIC_AXES = frozenset({
+    "batch", "latent_height", "latent_width", "height", "width", "context_length", "feature_height", "feature_width",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +54,12 @@ class ComponentSpec:
     component: Component
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: the .onnx file in the bundle where it is not `<component>/model.onnx`
+    file: str | None = None
 
     @property
     def filename(self) -> str:
-        return f"{self.component.value}/model.onnx"
+        return self.file or f"{self.component.value}/model.onnx"
 
     @property
     def fp16_filename(self) -> str:
@@ -59,6 +74,18 @@ FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
 _LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
 _IMAGE = ("batch", "rgb", "height", "width")
+_UNET_INPUTS = (
+    # An inpainting U-Net's sample has 2 * latent_channels + 1 channels (latents, mask, masked-image latents):
+    # fixed axes are recorded in the manifest as the exported graph declares them, and model.unet_in_channels.
+    TensorSpec("sample", "float32", _LATENT),
+    # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
+    TensorSpec("timestep", "float32", ("batch",)),
+    # Text-encoder windows concatenated: one for a plain prompt, several for a long prompt.
+    TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
+)
+_NOISE_PRED = TensorSpec("noise_pred", "float32", _LATENT)
+#: DeepCache's cached feature: the hidden state entering the cache branch's up-block layer, at that level's size
+_DEEP_FEATURE = TensorSpec("deep_feature", "float32", ("batch", "feature_channels", "feature_height", "feature_width"))
 
 SPECS: dict[Component, ComponentSpec] = {
     Component.TEXT_ENCODER: ComponentSpec(
@@ -66,19 +93,7 @@ SPECS: dict[Component, ComponentSpec] = {
         inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden")),),
     ),
-    Component.UNET: ComponentSpec(
-        Component.UNET,
-        inputs=(
-            # An inpainting U-Net's sample has 2 * latent_channels + 1 channels (latents, mask, masked-image latents):
-            # fixed axes are recorded in the manifest as the exported graph declares them, and model.unet_in_channels.
-            TensorSpec("sample", "float32", _LATENT),
-            # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
-            TensorSpec("timestep", "float32", ("batch",)),
-            # Text-encoder windows concatenated: one for a plain prompt, several for a long prompt.
-            TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
-        ),
-        outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
-    ),
+    Component.UNET: ComponentSpec(Component.UNET, inputs=_UNET_INPUTS, outputs=(_NOISE_PRED,)),
     Component.VAE_DECODER: ComponentSpec(
         Component.VAE_DECODER,
         inputs=(TensorSpec("latent_sample", "float32", _LATENT),),
@@ -96,5 +111,12 @@ SPECS: dict[Component, ComponentSpec] = {
         # CLIP-preprocessed images (crop size fixed by the feature extractor); the concept scoring runs in numpy.
         inputs=(TensorSpec("clip_input", "float32", ("batch", "rgb", "clip_height", "clip_width")),),
         outputs=(TensorSpec("image_embeds", "float32", ("batch", "projection")),),
+    ),
+    # Its graph is the U-Net's with one more output: it reads the U-Net's weights file, so it costs no disk space
+    Component.UNET_DEEPCACHE_FULL: ComponentSpec(
+        Component.UNET_DEEPCACHE_FULL, inputs=_UNET_INPUTS, outputs=(_NOISE_PRED, _DEEP_FEATURE), file="unet/deepcache_full.onnx",
+    ),
+    Component.UNET_DEEPCACHE_SHALLOW: ComponentSpec(
+        Component.UNET_DEEPCACHE_SHALLOW, inputs=(*_UNET_INPUTS, _DEEP_FEATURE), outputs=(_NOISE_PRED,),
     ),
 }
