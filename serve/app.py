@@ -269,5 +269,6 @@ def _to_params(body: ImageRequest, service: ImageService, limits: Limits) -> Gen
         guidance_scale=body.guidance_scale,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         scheduler=body.scheduler,
+        deepcache_interval=body.deepcache_interval,
         encoding=body.encoding(),
     )
