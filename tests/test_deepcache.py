@@ -2,6 +2,8 @@
 own U-Net module by module, on the same initial latents."""
 from __future__ import annotations
 
+import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +11,21 @@ import onnx
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from pydantic import ValidationError
 
 import sdrt.engine
+from sdrt.benchmarks.bench import BenchPlan, _skip_reasons
+from sdrt.cli.main import main
 from sdrt.engine import DeepCache, InvalidArgumentError
 from sdrt.engine.backends import BACKENDS
 from sdrt.engine.deepcache import DeepCacheSupport
+from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
+from sdrt.serve.execution import generate_batch
+from sdrt.serve.schemas import GenerationParams, ImageRequest
 
 MAX_PIXEL_DIFF = 5e-3
 #: the tiny U-Net has 2 levels of 2 skip connections: branch 0 runs the least (conv_in, the last up-block's last
@@ -254,3 +263,54 @@ def _package_images(helper_module, checkpoint: Path, interval: int, branch: int,
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
     return pipe(**args, latents=torch.from_numpy(latents.copy()), output_type="np").images
+
+
+# ---- the applications: CLI, server, bench -------------------------------------------------------------------------
+def test_cli_generate_runs_deepcache_and_the_fast_preset(deepcache_bundles, tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    bundle = deepcache_bundles[0]
+    flags = ["-s", "5", "--height", "64", "--width", "64", "--seed", "5", "-q", "--backend", "onnxruntime-cpu"]
+    for name, extra in (("interval.png", ["--deepcache", "3"]), ("preset.png", ["--preset", "fast"]), ("plain.png", [])):
+        assert main(["generate", str(bundle), "a cat", "-o", str(tmp_path / name), *flags, *extra]) == 0
+    assert read_png_parameters(tmp_path / "interval.png")["deepcache"] == {"cache_interval": 3, "cache_branch": 0}
+    pipe = _pipe(deepcache_bundles, 0, "onnxruntime-cpu")
+    expected = pipe("a cat", num_inference_steps=5, height=64, width=64, seed=5, deepcache=DeepCache(3, 0)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "interval.png")), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "preset.png")), np.asarray(expected))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")), np.asarray(expected))
+    capsys.readouterr()
+    # a bundle without the passes: the preset says so and runs without; an explicit interval is an error
+    assert main(["generate", str(tiny_bundle), "a cat", "-o", str(tmp_path / "no-passes.png"), *flags, "--preset", "fast"]) == 0
+    assert "--preset fast runs without DeepCache" in capsys.readouterr().err
+    assert main(["generate", str(bundle), "a cat", "-o", str(tmp_path / "bad.png"), *flags, "--deepcache", "0"]) == 2
+    assert "deepcache.cache_interval: must be an integer >= 1" in capsys.readouterr().err
+    assert main(["generate", str(tiny_bundle), "a cat", "-o", str(tmp_path / "bad.png"), *flags, "--deepcache", "3"]) == 2
+    assert "--deepcache-branch N" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_export_refuses_a_branch_the_unet_lacks(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "bundle"), "--deepcache-branch", "4"]) == 2
+    assert "deepcache_branch: must be an integer in 0..3" in capsys.readouterr().err
+
+
+def test_server_batch_runs_deepcache_at_the_bundles_branch(deepcache_bundles, tiny_pipe) -> None:
+    pipe = _pipe(deepcache_bundles, 3, "onnxruntime-cpu")
+    params = GenerationParams("a cat", None, 1, 64, 64, 5, 7.5, 11, None, deepcache_interval=2)
+    served = generate_batch(pipe, [params]).images[0][0].encoded
+    expected = pipe("a cat", num_inference_steps=5, height=64, width=64, seed=11, deepcache=DeepCache(2, 3)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(served))), np.asarray(expected))
+    assert params.batch_key != dataclasses.replace(params, deepcache_interval=None).batch_key
+    with pytest.raises(InvalidArgumentError, match="--deepcache-branch") as caught:
+        generate_batch(tiny_pipe, [params])
+    assert caught.value.parameter == "deepcache_interval"
+    with pytest.raises(ValidationError):
+        ImageRequest(prompt="a cat", deepcache_interval=0)
+
+
+def test_bench_skips_deepcache_engines_on_a_bundle_without_the_passes(deepcache_bundles, tiny_bundle: Path, tmp_path: Path) -> None:
+    engines = ("sdrt-exact", "sdrt-deepcache", "sdrt-deepcache-5")
+    plan = BenchPlan(None, tiny_bundle, engines, 1, (64,), (1,), "a cat", 1, 7.5, 0, None, None, tmp_path)
+    skipped = _skip_reasons(plan)
+    assert set(skipped) == {"sdrt-deepcache", "sdrt-deepcache-5"}
+    assert all("--deepcache-branch" in reason for reason in skipped.values())
+    assert _skip_reasons(dataclasses.replace(plan, bundle=deepcache_bundles[0])) == {}
