@@ -239,7 +239,7 @@ def test_reference_matches_the_deepcache_package(checkpoints: dict[str, Path]) -
         expected = _package_images(helper_module, checkpoints["tiny-alt"], 3, branch, latents, **ARGS)
         ours = _reference_images(checkpoints["tiny-alt"], 3, branch, 3, latents, DDIMScheduler, **ARGS)
         assert np.abs(ours - expected).max() <= 1e-5
-        assert np.abs(expected - plain).max() > 10 * MAX_PIXEL_DIFF  # the helper did cache
+        assert np.abs(expected - plain).max() > 1e-3  # the helper did cache: 100 times the agreement above
 
 
 def test_three_layer_levels_match_deepcache_on_diffusers(checkpoints: dict[str, Path], tmp_path: Path) -> None:
