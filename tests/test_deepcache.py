@@ -26,6 +26,7 @@ from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
 from sdrt.serve.execution import generate_batch
 from sdrt.serve.schemas import GenerationParams, ImageRequest
+from tests.test_lora import _make_lora
 
 MAX_PIXEL_DIFF = 5e-3
 #: the tiny U-Net has 2 levels of 2 skip connections: branch 0 runs the least (conv_in, the last up-block's last
@@ -314,3 +315,16 @@ def test_bench_skips_deepcache_engines_on_a_bundle_without_the_passes(deepcache_
     assert set(skipped) == {"sdrt-deepcache", "sdrt-deepcache-5"}
     assert all("--deepcache-branch" in reason for reason in skipped.values())
     assert _skip_reasons(dataclasses.replace(plan, bundle=deepcache_bundles[0])) == {}
+
+
+def test_a_loaded_lora_is_refused_until_unloaded(deepcache_bundles, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """DeepCache's passes hold the bundle's own weights: with a LoRA loaded they would run without it."""
+    pipe = sdrt.engine.load(deepcache_bundles[0], backend="onnxruntime-cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    _make_lora(tiny_checkpoint, "peft", tmp_path / "lora.safetensors")
+    pipe.load_lora(tmp_path / "lora.safetensors")
+    with pytest.raises(InvalidArgumentError, match="LoRA loaded") as caught:
+        pipe(**ARGS, seed=0, deepcache=DeepCache())
+    assert caught.value.parameter == "deepcache"
+    pipe.unload_lora()
+    assert pipe(**ARGS, seed=0, output_type="latent", deepcache=DeepCache()).unet_shallow_calls == 4
