@@ -68,6 +68,9 @@ def _skip_reasons(plan: BenchPlan) -> dict[str, str]:
             except BackendUnavailableError as exc:
                 reasons[engine] = str(exc)
                 continue
+            if runs_as.deepcache_interval is not None and read_manifest(plan.bundle).deepcache is None:
+                reasons[engine] = "the bundle has no DeepCache passes: export it with --deepcache-branch N"
+                continue
             # e.g. sdrt-bf16 beside sdrt ("auto") on a bundle not quantized: the same run twice tells nothing more
             if runs_as in sdrt_runs:
                 reasons[engine] = f"runs as {sdrt_runs[runs_as]} does on this bundle ({runs_as.backend}, {runs_as.memory})"

@@ -22,11 +22,13 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class SdrtEngine:
     """How an sdrt engine loads its bundle: sdrt.engine.load's backend and memory policy (strings, as this module
-    imports nothing from sdrt at module level), and whether TensorRT may use CUDA graphs."""
+    imports nothing from sdrt at module level), whether TensorRT may use CUDA graphs, and DeepCache's interval (None:
+    off; on, at the branch the bundle was exported for)."""
 
     backend: str
     memory: str = "keep-loaded"
     cuda_graphs: bool = True
+    deepcache_interval: int | None = None
 
 
 SDRT_ENGINES = {
@@ -37,6 +39,9 @@ SDRT_ENGINES = {
     # "sdrt" on a bundle quantized by `sdrt quantize` runs int8; these name the CPU fast modes explicitly
     "sdrt-int8": SdrtEngine("openvino-int8"),
     "sdrt-bf16": SdrtEngine("openvino-bf16"),
+    # DeepCache (bundles exported with --deepcache-branch): `sdrt generate --preset fast`, and a sparser schedule
+    "sdrt-deepcache": SdrtEngine("auto", deepcache_interval=3),
+    "sdrt-deepcache-5": SdrtEngine("auto", deepcache_interval=5),
     # one backend each, for the GPU validation (sdrt.benchmarks.gpu_validate); "exact" would take cuda on a GPU
     "sdrt-onnxruntime-cpu": SdrtEngine("onnxruntime-cpu"),
     "sdrt-tensorrt": SdrtEngine("tensorrt"),
@@ -114,14 +119,19 @@ def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[in
     pipe = sdrt.engine.load(bundle, backend=spec.backend, memory=spec.memory)
     pipe.set_progress_bar_config(disable=True)
     latents = np.load(config.latents_file)
+    deepcache = None
+    if spec.deepcache_interval is not None:  # the bench skips this engine for a bundle without DeepCache's passes
+        deepcache = sdrt.engine.DeepCache(spec.deepcache_interval, pipe.manifest.deepcache.branch)
 
     def generate(steps: int):
         out = pipe(config.prompt, num_inference_steps=steps, guidance_scale=config.guidance_scale, height=config.height,
-                   width=config.width, num_images_per_prompt=config.batch, latents=latents, output_type="np")
+                   width=config.width, num_images_per_prompt=config.batch, latents=latents, output_type="np",
+                   deepcache=deepcache)
         return out.images, dict(out.timings), out.unet_calls
 
     notes = [spec.memory] if spec.memory != "keep-loaded" else []
     notes += [] if spec.cuda_graphs else ["no CUDA graphs"]
+    notes += [] if deepcache is None else [f"DeepCache every {deepcache.cache_interval}, branch {deepcache.cache_branch}"]
     return generate, {"backend": ", ".join([pipe.backend.name, *notes])}
 
 

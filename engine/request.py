@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdrt.engine import guidance_batch
 from sdrt.engine.checks import is_finite_number, is_int
+from sdrt.engine.deepcache import DeepCache, DeepCacheSupport
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.image_io import ImageInput, floor_to_multiple, load_image, load_mask, preprocess_image, preprocess_mask
 from sdrt.engine.image_to_image import ImageInit, denoising_steps, first_call
@@ -58,6 +59,8 @@ class RequestLimits:
     guidance_embedding_dim: int | None = None
     #: the decoders the bundle holds (the tiny one where exported with --tiny-vae)
     decoders: tuple[Decoder, ...] = (Decoder.FULL,)
+    deepcache: DeepCacheSupport = DeepCacheSupport()  # the bundle's DeepCache passes and whether the backend runs them
+    bundle: str = "this bundle"  # how errors name the bundle
 
     def check_decoder(self, decoder: Any) -> Decoder:
         """`decoder` ("full" or "tiny") as a Decoder; InvalidArgumentError("decoder") for another name or one the
@@ -112,6 +115,7 @@ class GenerationRequest:
     init: ImageInit | None  # image to image and inpainting: the image to start from
     outpainting: Outpainting | None
     decoder: Decoder  # what turns the final latents into images
+    deepcache: DeepCache | None  # None: every U-Net call a full pass
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
@@ -146,6 +150,7 @@ class GenerationRequest:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         decoder: Decoder | str = Decoder.FULL,
+        deepcache: DeepCache | None = None,
         *,
         binarize_mask: bool = True,
     ) -> GenerationRequest:
@@ -153,6 +158,7 @@ class GenerationRequest:
         checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
         `num_inference_steps`, `guidance_scale` and `scheduler` left None are the model's (`limits.defaults`: a
         Turbo or LCM bundle's few steps, diffusers' 50 and 7.5 otherwise).
+        `deepcache` (sdrt.engine.deepcache) needs a bundle exported with DeepCache's passes for its branch.
         `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam)."""
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = _negative_prompts(negative_prompt, prompts)
@@ -203,6 +209,7 @@ class GenerationRequest:
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
         decoder = limits.check_decoder(decoder)
+        deepcache = limits.deepcache.check(deepcache, limits.bundle)
         # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
         limits.check_images(len(prompts), int(num_images_per_prompt), height, width, limits.guides_by_batch(guidance_scale))
         if latents is not None:
@@ -212,7 +219,7 @@ class GenerationRequest:
             guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-            outpainting=None, decoder=decoder, limits=limits, sampler=sampler, schedule=schedule,
+            outpainting=None, decoder=decoder, deepcache=deepcache, limits=limits, sampler=sampler, schedule=schedule,
         )
 
     @classmethod

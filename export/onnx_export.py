@@ -152,17 +152,24 @@ def validation_inputs(checkpoint: SourceCheckpoint, component: Component) -> dic
     return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, context_windows=_CHECK_CONTEXT_WINDOWS, seed=1)
 
 
-def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The wrapped model's output, the reference the exported graph is validated against."""
+def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """The wrapped model's output (a tuple where it has several), the reference the exported graph is validated against."""
     with torch.inference_mode():
-        return model(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+        output = model(*(torch.from_numpy(v) for v in inputs.values()))
+    return tuple(o.numpy() for o in output) if isinstance(output, tuple) else output.numpy()
 
 
-def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
-    """Trace the wrapped `model` of `component` to `onnx_path`; returns the spec of the traced graph (its inputs
-    those the checkpoint calls for)."""
+def trace_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str, np.ndarray]:
+    """The inputs components are traced at: a guided batch of two, odd latent sizes, one text-encoder window."""
+    return probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
+
+
+def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path,
+                     opset: int = OPSET, inputs: dict[str, np.ndarray] | None = None) -> ComponentSpec:
+    """Trace the wrapped `model` of `component` to `onnx_path` at `inputs` (default: `trace_inputs`); returns the
+    spec of the traced graph (its inputs those the checkpoint calls for)."""
     spec = dataclasses.replace(SPECS[component], inputs=exported_inputs(checkpoint, component), optional_inputs=())
-    inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
+    inputs = trace_inputs(checkpoint, component) if inputs is None else inputs
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)
     with warnings.catch_warnings(), torch.inference_mode():
