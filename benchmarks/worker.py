@@ -61,8 +61,11 @@ ENGINES = (*SDRT_ENGINES, *DIFFUSERS_ENGINES, *VENV_PEERS)
 # sdrt backend -> the precision its U-Net's matrix products run in, for the floor (sdrt.benchmarks.matmul_peak:
 # measured on this machine's CPU, so the GPU backends have none)
 BACKEND_UNET_PRECISIONS = {"openvino-int8": "int8", "openvino-bf16": "bf16", "openvino-fp32": "fp32", "onnxruntime-cpu": "fp32"}
-# OpenVINO's INFERENCE_PRECISION_HINT -> the same names
-_OPENVINO_PRECISIONS = {"bf16": "bf16", "f32": "fp32"}
+
+
+def _openvino_precision(hint: Any) -> str | None:
+    """An OpenVINO INFERENCE_PRECISION_HINT (an openvino.Type) in BACKEND_UNET_PRECISIONS' names."""
+    return {"bf16": "bf16", "f32": "fp32"}.get(hint.to_string())
 
 
 def diffusers_unavailable_reason(engine: str) -> str | None:
@@ -201,9 +204,10 @@ def _run_optimum_intel(config: RunConfig, openvino_dir: str) -> tuple[Callable[[
     pipe = OVStableDiffusionPipeline.from_pretrained(openvino_dir)  # compiled for dynamic shapes, its default
     pipe.safety_checker = None  # the export carries the torch checker: the peers run without one
     latents = torch.from_numpy(np.load(config.latents_file))  # built on diffusers' pipeline: torch latents
+    pipe.compile()  # compiled by from_pretrained already unless told otherwise; its precision is read from it
     precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")
-    info = {"backend": f"optimum-intel OpenVINO {openvino.__version__.split('-')[0]} {precision} (no safety checker)",
-            "unet_precision": _OPENVINO_PRECISIONS.get(str(precision))}
+    info = {"backend": f"optimum-intel OpenVINO {openvino.__version__.split('-')[0]} {precision.to_string()} (no safety checker)",
+            "unet_precision": _openvino_precision(precision)}
     return _diffusers_style(pipe, config, latents), info
 
 
@@ -215,12 +219,15 @@ def _fixed_noise_generator(latents: np.ndarray) -> Any:
     import openvino_genai
 
     class FixedNoise(openvino_genai.Generator):
+        draws = 0
+
         def next(self) -> float:
             raise NotImplementedError("the benchmark's generator hands out whole latents only")
 
         def randn_tensor(self, shape) -> openvino.Tensor:
             if tuple(shape) != latents.shape:
                 raise ValueError(f"GenAI asked for noise of shape {tuple(shape)}, the benchmark's latents are {latents.shape}")
+            self.draws += 1
             return openvino.Tensor(latents)
 
     return FixedNoise()
@@ -235,10 +242,13 @@ def _run_genai(config: RunConfig, openvino_dir: str) -> tuple[Callable[[int], An
     generator = _fixed_noise_generator(latents)
 
     def generate(steps: int):
+        draws = generator.draws
         start = time.perf_counter()
         images = pipe.generate(config.prompt, num_inference_steps=steps, guidance_scale=config.guidance_scale,
                                height=config.height, width=config.width, num_images_per_prompt=config.batch, generator=generator)
         total = time.perf_counter() - start
+        if generator.draws == draws:  # its images would start from other noise than every other engine's
+            raise RuntimeError("OpenVINO GenAI drew no initial latents from the generator it was given")
         metrics = pipe.get_performance_metrics()
         unet_us = metrics.raw_metrics.unet_inference_durations  # one entry per U-Net call, microseconds
         timings = {"text_encode": sum(metrics.get_text_encoder_infer_duration().values()) / 1e3,
@@ -248,8 +258,8 @@ def _run_genai(config: RunConfig, openvino_dir: str) -> tuple[Callable[[int], An
 
     # GenAI compiles with the CPU plugin's defaults: its U-Net runs in the default inference precision
     precision = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
-    info = {"backend": f"OpenVINO GenAI {openvino_genai.__version__.split('-')[0]} {precision}",
-            "unet_precision": _OPENVINO_PRECISIONS.get(str(precision))}
+    info = {"backend": f"OpenVINO GenAI {openvino_genai.__version__.split('-')[0]} {precision.to_string()} (no safety checker)",
+            "unet_precision": _openvino_precision(precision)}
     return generate, info
 
 
