@@ -276,9 +276,10 @@ def _prime_bundle_caches(plan: BenchPlan, work: Path, skipped: dict[str, str]) -
     (verified hashes, converted and compiled models) as a deployment does after its first load: cold start then
     means a new process on a prepared bundle, and the first load's one-off work is not charged to one run."""
     model = read_manifest(plan.bundle).model
-    side = model.vae_scale_factor * 8
+    side = model.image_sides.minimum  # e.g. 128 px for SD 1.5: the cheapest image the bundle accepts
     latents_file = work / "prime-latents.npy"
-    np.save(latents_file, np.zeros((1, model.latent_channels, 8, 8), np.float32))
+    latent = side // model.vae_scale_factor
+    np.save(latents_file, np.zeros((1, model.latent_channels, latent, latent), np.float32))
     config = RunConfig(plan.prompt, 1, plan.guidance_scale, side, side, 1, str(latents_file))
     for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES and e not in skipped):
         logger.info("priming the bundle's caches for %s", engine)

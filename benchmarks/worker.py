@@ -50,8 +50,9 @@ DIFFUSERS_ENGINES = {
     "diffusers-bf16": ("bf16", "cpu"),
     "diffusers-fp16-cuda": ("fp16", "cuda"),
 }
-# peers that run in a virtual environment of their own (each needs transformers 4.x), from their own export of the
-# checkpoint, by the worker's path (sdrt is not installed there): engine -> what the venv holds
+# peers that run in a virtual environment of their own (optimum's two need transformers 4.x; GenAI needs neither torch
+# nor transformers), from their own export of the checkpoint, by the worker's path (sdrt is not installed there):
+# engine -> what the venv holds
 VENV_PEERS = {
     "optimum-ort": "optimum-onnx[onnxruntime]",
     "optimum-intel": "optimum-intel[openvino]",
