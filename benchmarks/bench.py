@@ -116,8 +116,8 @@ def _venv_peer_skip_reason(engine: str, install: PeerInstall) -> str | None:
     python_option, model_option = PEER_OPTIONS[engine]
     export_format = _PEER_EXPORTS[engine].value
     if install.python is None or install.model is None:
-        return (f"needs {python_option} and {model_option} ({worker.VENV_PEERS[engine]} runs in a venv of its own, "
-                "as it needs transformers 4.x; `make bench` builds it)")
+        return (f"needs {python_option} and {model_option} ({worker.VENV_PEERS[engine]} runs in a venv of its own "
+                "and from its own export; `make bench` makes both)")
     if not install.python.is_file():
         return f"{python_option} {install.python}: no such file (a venv with {worker.VENV_PEERS[engine]}; `make bench` builds it)"
     if not install.model.is_dir():
@@ -294,7 +294,9 @@ def run_bench(plan: BenchPlan, command_line: Sequence[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sdrt-bench-") as work:
         skipped = _skip_reasons(plan)
         peaks = None
-        if plan.floor:  # measured first, while no worker runs beside it
+        if plan.floor and importlib.util.find_spec("openvino") is None:
+            logger.warning("no floor: the matrix-product peaks are measured with OpenVINO (pip install 'sdrt[openvino]')")
+        elif plan.floor:  # measured first, while no worker runs beside it
             logger.info("measuring this machine's matrix-product peaks")
             peaks = machine["matmul_peaks"] = matmul_peak.measure_peaks()
         _prime_bundle_caches(plan, Path(work), skipped)
