@@ -1,6 +1,11 @@
 """`python -m sdrt.benchmarks.gpu_validate OUT_DIR [--full] [--steps 20] [--runs 3]` (the same as
 `sdrt doctor --gpu OUT_DIR ...`): the NVIDIA path validated end to end on this machine's GPU, in one command.
 
+`--quick` is sized for a short GPU lease (minutes, from a bare machine with CuPy): the device loop's step for every
+scheduler with CuPy kernels and captured CUDA graphs against the numpy host loop (sdrt.benchmarks.device_step_check),
+then, where TensorRT, cuda-python and the export's packages are installed, the tiny model's fp32 engines built and
+its image compared with the CPU reference's; what cannot run here is skipped, saying what is missing.
+
 For a tiny random-weight checkpoint, and with --full (the default on GPUs with 16 GB or more) for one with Stable
 Diffusion 1.5's exact architecture: make the checkpoint (sdrt.export.random_checkpoint), export its bundle with fp16 ONNX
 variants, build TensorRT engines in fp32 and fp16, generate from the same initial latents with the CPU fp32 reference
@@ -24,6 +29,7 @@ import dataclasses
 import datetime
 import enum
 import functools
+import importlib.util
 import json
 import logging
 import shlex
@@ -35,14 +41,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sdrt.benchmarks.bench import psnr, run_worker, summarize
+from sdrt.benchmarks import device_step_check
 from sdrt.benchmarks.worker import DIFFUSERS_ENGINES, SDRT_ENGINES, RunConfig, diffusers_unavailable_reason
+from sdrt.engine.array_namespace import cupy_namespace
 from sdrt.engine.atomic import atomic_file
+from sdrt.engine.backends.tensorrt.device_loop import CupyDevice
+from sdrt.engine.backends.tensorrt.library import libraries_unavailable_reason
 from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precision
 from sdrt.engine.checks import is_int
 from sdrt.engine.cuda_device import CudaDevice, cuda_device, cuda_device_unavailable_reason
 from sdrt.engine.diagnostics import environment
-from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError
 from sdrt.engine.manifest import MANIFEST_NAME, read_manifest
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS
 from sdrt.engine.version import SDRT_VERSION
@@ -54,6 +63,13 @@ REPORT_JSON, REPORT_MARKDOWN = "report.json", "report.md"
 DEFAULT_OUT_DIR = "gpu-validation"
 DEFAULT_STEPS = 20
 DEFAULT_RUNS = 3
+#: --quick: denoising steps per image and per device-step check
+QUICK_STEPS = 8
+#: --quick: the tiny model's steps that build its fp32 engines and compare an image with the CPU reference's
+QUICK_MODEL_STEPS = ("checkpoint", "export", "engines-fp32", "reference", "parity-tensorrt-fp32")
+#: the packages --quick's TensorRT part imports beyond a bare machine's (module: what it is for)
+QUICK_TENSORRT_MODULES = {"diffusers": "the checkpoint", "transformers": "the checkpoint", "onnx": "the export",
+                          "PIL": "the pipeline (pillow)", "tqdm": "the pipeline", "regex": "the tokenizer"}
 #: --full is the default from this much GPU memory: "16 GB" cards report less (a T4 about 14.7 GiB), and SD 1.5's
 #: engines and diffusers fp16 each fit in it (they run one at a time)
 FULL_DEFAULT_MIN_MEMORY_BYTES = 14 * 2**30
@@ -166,6 +182,8 @@ class ValidationPlan:
     models: tuple[ModelCase, ...]
     steps: int = DEFAULT_STEPS
     runs: int = DEFAULT_RUNS
+    #: --quick: the device step checks, then the models' QUICK_MODEL_STEPS only
+    quick: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "runs"):
@@ -177,9 +195,11 @@ class ValidationPlan:
         return ModelPaths(self.out_dir / "models" / model.name)
 
 
-def plan_for(out_dir: Path, device: CudaDevice, full: bool | None, steps: int, runs: int) -> ValidationPlan:
+def plan_for(out_dir: Path, device: CudaDevice, full: bool | None, steps: int, runs: int, quick: bool = False) -> ValidationPlan:
     """The plan for `device`: SD 1.5's architecture too when `full`, which by default (None) it is on GPUs with at
-    least FULL_DEFAULT_MIN_MEMORY_BYTES."""
+    least FULL_DEFAULT_MIN_MEMORY_BYTES; `quick`: the tiny model only (and the device step checks)."""
+    if quick:
+        return ValidationPlan(Path(out_dir), (TINY,), steps, runs, quick=True)
     if full is None:
         full = device.memory_bytes >= FULL_DEFAULT_MIN_MEMORY_BYTES
     return ValidationPlan(Path(out_dir), (TINY, SD15) if full else (TINY,), steps, runs)
@@ -190,6 +210,10 @@ class Status(str, enum.Enum):
     PASSED = "passed"
     FAILED = "failed"
     SKIPPED = "skipped"
+
+
+class StepSkipped(Exception):
+    """Raised by a step that cannot run on this machine; its message says what is missing."""
 
 
 class CheckFailed(Exception):
@@ -259,6 +283,8 @@ def _run_step(step: Step) -> StepResult:
         details, status, error = step.run(), Status.PASSED, None
     except CheckFailed as exc:
         details, status, error = exc.details, Status.FAILED, str(exc)
+    except StepSkipped as exc:
+        details, status, error = {}, Status.SKIPPED, str(exc)
     except Exception as exc:  # any failure of one step is its result: the report records it and the others run
         logger.debug("%s failed", step.name, exc_info=True)
         details, status, error = {}, Status.FAILED, f"{type(exc).__name__}: {exc}"
@@ -308,6 +334,8 @@ class LocalActions:
         return build_engines(bundle, profile, precision)
 
     def run_engine(self, engine: str, model: Path, config: RunConfig, images_out: Path) -> dict[str, Any]:
+        from sdrt.benchmarks.bench import run_worker  # pillow, for bench's charts: not needed by --quick's device checks
+
         return run_worker(engine, model, config, images_out)
 
     def engine_unavailable_reason(self, engine: str) -> str | None:
@@ -381,6 +409,8 @@ class _ModelSteps:
         images, reference = np.load(images_file), np.load(self.paths.engine_images(REFERENCE_ENGINE))
         if images.shape != reference.shape:
             raise CheckFailed(f"{case.name}: images of shape {images.shape}, the reference's are {reference.shape}", {})
+        from sdrt.benchmarks.bench import psnr  # pillow, for bench's charts: not needed by --quick's device checks
+
         max_abs_diff = float(np.abs(images.astype(np.float64) - reference).max())
         details = {"engine": case.engine, "backend": figures.get("backend"), "max_abs_diff": max_abs_diff,
                    "psnr_db": psnr(images, reference.astype(np.float64)), "tolerance": case.tolerance.describe(),
@@ -409,6 +439,8 @@ class _ModelSteps:
                 except Exception as exc:  # one engine's failure costs its own row, not the others'
                     failed[engine] = _one_line(exc)
                     logger.error("%s timing: %s failed: %s", self.model.name, engine, failed[engine])
+        from sdrt.benchmarks.bench import summarize  # pillow, for bench's charts: not needed by --quick's device checks
+
         summaries = {e: summarize(r) for e, r in runs.items() if e not in failed}
         details = {"runs": self.plan.runs, "engines": summaries, "skipped": skipped, "failed": failed, **_ratios(summaries)}
         if failed:
@@ -455,8 +487,64 @@ def _host_shares(summaries: dict[str, dict[str, Any]]) -> dict[str, float]:
     return shares
 
 
-def validation_steps(plan: ValidationPlan, actions: Actions) -> list[Step]:
-    return [step for model in plan.models for step in _ModelSteps(plan, model, actions).steps()]
+def validation_steps(plan: ValidationPlan, actions: Actions, cupy_device: Callable[[], Any] | None = None) -> list[Step]:
+    """Every step of `plan`; with --quick, the device step checks on `cupy_device()` (default: CuPy on a new stream)
+    first, then each model's QUICK_MODEL_STEPS, after a step that skips them, naming what is missing, where TensorRT
+    or the export's packages are not installed."""
+    if not plan.quick:
+        return [step for model in plan.models for step in _ModelSteps(plan, model, actions).steps()]
+    checks = _DeviceChecks(plan.steps, cupy_device or _cupy_device)
+    steps = [Step("device/cupy", "CuPy and the GPU it runs on", checks.cupy),
+             *(Step(f"device/step-{name}", f"{name}: U-Net stand-in, guidance and update in CUDA graphs against numpy",
+                    functools.partial(checks.step, name), ("device/cupy",)) for name in device_step_check.CHECKED_SCHEDULERS)]
+    for model in plan.models:
+        gate = f"{model.name}/requirements"
+        steps.append(Step(gate, "TensorRT, cuda-python and the export's packages", _tensorrt_requirements))
+        steps += [dataclasses.replace(step, needs=(*step.needs, gate)) for step in _ModelSteps(plan, model, actions).steps()
+                  if step.name.removeprefix(f"{model.name}/") in QUICK_MODEL_STEPS]
+    return steps
+
+
+def _tensorrt_requirements() -> dict[str, Any]:
+    """StepSkipped naming what --quick's TensorRT part lacks here."""
+    missing = [f"{module} ({purpose})" for module, purpose in QUICK_TENSORRT_MODULES.items() if importlib.util.find_spec(module) is None]
+    reason = libraries_unavailable_reason()
+    if reason is not None or missing:
+        raise StepSkipped("; ".join([*([reason] if reason else []), *([f"not installed: {', '.join(missing)}"] if missing else [])]))
+    return {"tensorrt": "importable"}
+
+
+def _cupy_device() -> Any:
+    """The device loop's Device on CuPy and a new non-blocking stream of the current GPU."""
+    return CupyDevice(cupy_namespace().cuda.Stream(non_blocking=True))
+
+
+class _DeviceChecks:
+    """--quick's device checks: `cupy_device()` makes the Device (raising BackendUnavailableError without CuPy)."""
+
+    def __init__(self, steps: int, cupy_device: Callable[[], Any]) -> None:
+        self.steps, self.cupy_device = steps, cupy_device
+
+    def cupy(self) -> dict[str, Any]:
+        try:
+            device = self.cupy_device()
+        except BackendUnavailableError as exc:
+            raise StepSkipped(str(exc)) from None
+        xp = device.namespace
+        version = getattr(xp, "__version__", None)
+        properties = xp.cuda.runtime.getDeviceProperties(xp.cuda.runtime.getDevice()) if hasattr(xp, "cuda") else {}
+        name = properties.get("name", b"")
+        return {"cupy": version, "device": name.decode() if isinstance(name, bytes) else str(name)}
+
+    def step(self, name: str) -> dict[str, Any]:
+        details = device_step_check.check_device_step(name, self.cupy_device(), self.steps)
+        if details["graphs"] != details["unet_calls"]:
+            raise CheckFailed(f"{name}: {details['graphs']} CUDA graphs captured for {details['unet_calls']} steps: "
+                              f"{'; '.join(details['capture_errors']) or 'no capture error recorded'}", details)
+        if not details["max_relative_diff"] <= details["tolerance"]:
+            raise CheckFailed(f"{name}: the device loop's latents differ from numpy's by {details['max_relative_diff']:.3g} "
+                              f"of their scale, above {details['tolerance']:g}", details)
+        return details
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
@@ -477,7 +565,7 @@ def build_report(
         "plan": {
             "models": [dataclasses.asdict(model) for model in plan.models],
             "steps": plan.steps, "runs": plan.runs, "prompt": PROMPT, "guidance_scale": GUIDANCE_SCALE, "seed": SEED,
-            "reference": REFERENCE_ENGINE, "timed_engines": list(TIMED_ENGINES),
+            "reference": REFERENCE_ENGINE, "timed_engines": list(TIMED_ENGINES), "quick": plan.quick,
         },
         "results": [result.to_json() for result in results],
     }
@@ -534,6 +622,9 @@ def _step_summary(result: dict[str, Any]) -> str:
     details = result["details"]
     if result["error"]:
         summary = result["error"].strip().splitlines()[-1]
+    elif "max_relative_diff" in details:
+        summary = (f"{details['unet_calls']} graphs: max diff {_number(details['max_relative_diff'])} of the latents' scale "
+                   f"(≤ {details['tolerance']:g}), {_number(details['seconds'][-1])} s per replayed request")
     elif "max_abs_diff" in details:
         summary = f"max abs diff {_number(details['max_abs_diff'])}, PSNR {_number(details['psnr_db'], 4)} dB"
     elif "engines" in details:
@@ -592,7 +683,7 @@ def run_validation(plan: ValidationPlan, actions: Actions, command: Sequence[str
 
 
 def validate_command(out_dir: Path | None, full: bool | None, steps: int | None, runs: int | None, command: Sequence[str],
-                     actions: Actions | None = None) -> int:
+                     actions: Actions | None = None, quick: bool = False) -> int:
     """The body of `python -m sdrt.benchmarks.gpu_validate` and `sdrt doctor --gpu`: validate, print where the
     report is, and return the exit status (EXIT_NO_DEVICE, after one line on stderr, without a CUDA device). None
     means the default."""
@@ -601,8 +692,9 @@ def validate_command(out_dir: Path | None, full: bool | None, steps: int | None,
         print(f"sdrt: cannot validate the GPU path here: {reason}", file=sys.stderr)
         return EXIT_NO_DEVICE
     logger.setLevel(logging.INFO)  # progress is what this command shows, whatever the caller's log level
+    default_steps = QUICK_STEPS if quick else DEFAULT_STEPS
     plan = plan_for(Path(DEFAULT_OUT_DIR) if out_dir is None else out_dir, cuda_device(), full,
-                    DEFAULT_STEPS if steps is None else steps, DEFAULT_RUNS if runs is None else runs)
+                    default_steps if steps is None else steps, DEFAULT_RUNS if runs is None else runs, quick)
     results = run_validation(plan, actions if actions is not None else LocalActions(), command)
     counts = {status: sum(r.status is status for r in results) for status in Status}
     print(f"{plan.out_dir / REPORT_MARKDOWN}: {counts[Status.PASSED]} passed, {counts[Status.FAILED]} failed, "
@@ -629,9 +721,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.gpu_validate",
                                      description="Validate the NVIDIA path end to end (the same as sdrt doctor --gpu).")
     add_arguments(parser)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"minutes, from a bare machine with CuPy: the device loop's step for every scheduler in CUDA "
+                        f"graphs against numpy, then (where TensorRT is installed) the tiny model's fp32 engines against the "
+                        f"CPU ({QUICK_STEPS} steps unless --steps)")
     args = parser.parse_args(argv)
     return validate_command(args.out_dir, args.full, args.steps, args.runs,
-                            command=["python", "-m", "sdrt.benchmarks.gpu_validate", *argv])
+                            command=["python", "-m", "sdrt.benchmarks.gpu_validate", *argv], quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from sdrt.cli.common import UsageError, positive
 from sdrt.engine.backends.tensorrt.engines.profile import (
     PROFILE_AXES, AxisRange, EngineProfile, Precision, component_shapes, default_profile,
 )
+from sdrt.engine.cuda_device import cuda_device
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError, SdrtError
 from sdrt.engine.manifest import read_manifest
+from sdrt.engine.schedulers import SCHEDULER_NAMES
 from sdrt.engine.specs import FP16_DEFAULT_COMPONENTS, Component
 from sdrt.engine.tokenizer import CLIPTokenizer
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from sdrt.export.lora_fusion import LoraSpec
 
 # The architectures of sdrt.export.random_checkpoint.ARCHES, named here so `sdrt --help` works without the export extra.
-ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint", "sd15-small")
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "tiny-inpaint", "tiny-lcm", "tiny-turbo", "sd15-small")
 
 
 def _import_export_extra(command: str):
@@ -50,7 +52,7 @@ def _export(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{', '.join(given)}: engine options need --tensorrt")
     bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or (),
-                                  loras=args.lora, config=args.config)
+                                  loras=args.lora, config=args.config, scheduler=args.scheduler, tiny_vae=args.tiny_vae)
     print(bundle)
     if args.tensorrt:
         print(_build_engines_for(bundle, args))
@@ -125,7 +127,8 @@ def _build_engines_for(bundle: Path, args: argparse.Namespace) -> Path:
 
 def _engine_profile(bundle: Path, args: argparse.Namespace) -> EngineProfile:
     """The profile `args`' engine options give, the bundle's default profile filling in what they leave out."""
-    default = default_profile(read_manifest(bundle).model)
+    device = cuda_device()  # the default batch is capped to what this card's memory holds
+    default = default_profile(read_manifest(bundle).model, None if device is None else device.memory_bytes)
     axes = {name: getattr(args, name) or getattr(default, name) for name in PROFILE_AXES}
     return EngineProfile.static(*(axes[name].opt for name in PROFILE_AXES)) if args.static else EngineProfile(**axes)
 
@@ -180,6 +183,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="fuse this LoRA .safetensors (diffusers/PEFT or kohya keys) into the U-Net and text "
                         "encoder, its deltas times SCALE (default 1.0); repeat for several, which add up. Checked "
                         "before exporting; recorded in the manifest")
+    export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                        help="the sampler the bundle runs by default instead of the checkpoint's own, e.g. lcm with an "
+                        "LCM-LoRA in --lora: recorded in the manifest with its steps and guidance (lcm: 4 steps, "
+                        "guidance 1)")
+    export.add_argument("--tiny-vae", type=Path, default=None, metavar="DIR",
+                        help="also export this diffusers AutoencoderTiny (TAESD: madebyollin/taesd for SD 1.x/2.x) as a "
+                        "second, fast decoder, chosen per request with --decoder tiny")
     export.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="single-file CHECKPOINT only: the diffusers configs to read it with (a diffusers "
                         "checkpoint or config directory: unet/, vae/, text_encoder/; scheduler/ and tokenizer/ "

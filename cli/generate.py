@@ -21,6 +21,7 @@ from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.image_io import save_png
 from sdrt.engine.safety_checker import SafetyPolicy
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdrt.engine.specs import Decoder
 from sdrt.engine.version import SDRT_VERSION
 
 # The request arguments each command adds to generate's (attribute names are the pipeline's argument names).
@@ -105,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(hint, file=sys.stderr)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                   guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images_per_prompt, seed=seed,
-                  scheduler=args.scheduler,
+                  scheduler=args.scheduler, decoder=args.decoder,
                   prompt_options=PromptOptions(long_prompts=args.long_prompts, weighting=args.prompt_weighting))
     # What the command adds to the request; recorded in the PNG as given (paths as strings).
     extra = {name: getattr(args, name) for name in _COMMAND_ARGUMENTS[args.command] if getattr(args, name) is not None}
@@ -128,12 +129,13 @@ def _generate(args: argparse.Namespace) -> int:
     parameters = {
         "prompt": prompt,
         "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
         "height": request.height,
         "width": request.width,
         "seed": seed,
-        "scheduler": args.scheduler,
+        "scheduler": request.scheduler or DEFAULT_SCHEDULER,
+        "decoder": request.decoder.value,
         **({"latents": str(args.latents) if args.latents is not None else None} if args.command == "generate" else {}),
         "long_prompts": args.long_prompts,
         "prompt_weighting": args.prompt_weighting,
@@ -182,9 +184,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
         parser.add_argument("--feather", type=int, default=None,
                             help="seam width in pixels (default 4 latent pixels, capped at half the widest margin)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("-s", "--num-inference-steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    parser.add_argument("-g", "--guidance-scale", type=float, default=7.5,
-                        help="how closely to follow the prompt; <= 1 runs no unconditional pass (default: %(default)s)")
+    parser.add_argument("-s", "--num-inference-steps", type=int, default=None,
+                        help="denoising steps (default: the bundle's: 1 for Turbo, 4 for LCM, else 50)")
+    parser.add_argument("-g", "--guidance-scale", type=float, default=None,
+                        help="how closely to follow the prompt; <= 1 runs no unconditional pass (default: the bundle's: "
+                             "0 for Turbo, else 7.5)")
     parser.add_argument("-n", "--num-images-per-prompt", type=int, default=1, help="images to make (default: %(default)s)")
     if command != "generate":
         default = "0.8" if command == "img2img" else "1.0"
@@ -198,8 +202,12 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
     parser.add_argument("--seed", type=int, default=None, help="random if omitted (and recorded in the PNG)")
     if command == "generate":
         parser.add_argument("--latents", type=Path, default=None, help=".npy float32 initial noise")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=DEFAULT_SCHEDULER,
-                        help="sampler; default: the checkpoint's own (stochastic ones take their noise from --seed)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                        help=f"sampler; default: the bundle's (lcm for an LCM-LoRA export), else the checkpoint's own, "
+                             f"'{DEFAULT_SCHEDULER}' (stochastic ones take their noise from --seed)")
+    parser.add_argument("--decoder", choices=[d.value for d in Decoder], default=Decoder.FULL.value,
+                        help="the VAE (full) or the tiny autoencoder of a bundle exported with --tiny-vae (tiny: "
+                        "faster, rougher images) (default: %(default)s)")
     parser.add_argument("--long-prompts", action="store_true",
                         help="encode prompts longer than the text encoder's window in chunks instead of truncating them")
     parser.add_argument("--prompt-weighting", action="store_true",

@@ -4,6 +4,8 @@
     out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=50, seed=0)
     out.images[0].save("astronaut.png")
 """
+import importlib
+
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
@@ -15,11 +17,26 @@ from sdrt.engine.errors import (
     UnknownLoraKeysError,
     WeightsNotReplaceableError,
 )
-from sdrt.engine.loading import load
-from sdrt.engine.pipeline import PipelineOutput, StableDiffusionPipeline
-from sdrt.engine.prompts import PromptOptions
-from sdrt.engine.request import GenerationRequest, RequestLimits
 from sdrt.engine.version import SDRT_VERSION as __version__
+
+# The pipeline's names are imported on first use: the pipeline needs pillow, tqdm and regex, which the modules a bare
+# GPU machine validates (schedulers, guidance, the device loop: sdrt.benchmarks.gpu_validate --quick) do not.
+_LAZY = {
+    "load": "sdrt.engine.loading",
+    "StableDiffusionPipeline": "sdrt.engine.pipeline",
+    "PipelineOutput": "sdrt.engine.pipeline",
+    "PromptOptions": "sdrt.engine.prompts",
+    "GenerationRequest": "sdrt.engine.request",
+    "RequestLimits": "sdrt.engine.request",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sdrt.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "load",

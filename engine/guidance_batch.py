@@ -17,6 +17,7 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
+from sdrt.engine.array_namespace import namespace_of
 from sdrt.engine.specs import Component
 
 #: the inputs whose two halves hold the same values in a guided batch, per component
@@ -35,8 +36,8 @@ def batch_size(images: int, guided: bool) -> int:
 
 
 def batch(uncond: np.ndarray, cond: np.ndarray) -> np.ndarray:
-    """The guided batch of an unconditional and a conditional input, each (B, ...)."""
-    return np.concatenate([uncond, cond])  # (2B, ...)
+    """The guided batch of an unconditional and a conditional input, each (B, ...), in their namespace."""
+    return namespace_of(uncond, cond).concatenate([uncond, cond])  # (2B, ...)
 
 
 def repeat(same: np.ndarray, guided: bool) -> np.ndarray:
@@ -45,13 +46,16 @@ def repeat(same: np.ndarray, guided: bool) -> np.ndarray:
 
 
 def split(batched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uncond, cond) of a guided batch (2B, ...), each (B, ...)."""
-    uncond, cond = np.split(batched, 2)  # (B, ...) each
-    return uncond, cond
+    """(uncond, cond) of a guided batch (2B, ...), each (B, ...): views, in any array namespace."""
+    if len(batched) % 2:
+        raise ValueError(f"a guided batch has an even number of rows, got {len(batched)}")
+    half = len(batched) // 2
+    return batched[:half], batched[half:]  # (B, ...) each
 
 
 def combine(noise_pred: np.ndarray, guidance_scale: float) -> np.ndarray:
-    """The guided noise prediction (B, ...) from the U-Net's output on a guided batch (2B, ...)."""
+    """The guided noise prediction (B, ...) from the U-Net's output on a guided batch (2B, ...), in its namespace
+    (numpy on the host, CuPy in a device loop)."""
     uncond, cond = split(noise_pred)  # (B, ...) each
     return uncond + np.float32(guidance_scale) * (cond - uncond)  # (B, ...)
 

@@ -96,6 +96,8 @@ class ModelConfig:
     unet_block_out_channels: tuple[int, ...] | None = None  # the U-Net's channels at each resolution level
     unet_attention_heads: tuple[int, ...] | None = None  # its self-attention heads at each level, 0 where none
     vae_block_out_channels: tuple[int, ...] | None = None  # the VAE's channels at each level
+    # what the tiny decoder (specs.Component.TINY_VAE_DECODER) divides latents by; None: the bundle has none
+    tiny_vae_scaling_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.unet_in_channels is None:
@@ -146,6 +148,17 @@ class FusedLoraEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """The arguments a model runs with when the caller gives none, derived from its checkpoint at export
+    (export/model_defaults.py): few-step models (Turbo, LCM) run other steps, guidance and sampler than SD's.
+    The defaults here are diffusers' StableDiffusionPipeline's, what bundles exported before record."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None  # a name of sdrt.engine.schedulers.SCHEDULER_NAMES; None: the checkpoint's own
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     format_version: int
     sdrt_version: str
@@ -160,6 +173,7 @@ class Manifest:
     # exported before single files were read (the same format)
     source_sha256: str | None = None
     loras: tuple[FusedLoraEntry, ...] = ()  # fused at export, in the order given; absent from older bundles: none
+    defaults: GenerationDefaults = GenerationDefaults()  # absent from older bundles: diffusers' defaults
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -253,6 +267,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             files={name: FileEntry(**entry) for name, entry in data["files"].items()},
             source_sha256=data.get("source_sha256"),
             loras=tuple(FusedLoraEntry(**entry) for entry in data.get("loras", ())),
+            defaults=GenerationDefaults(**data.get("defaults", {})),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, BundleError):

@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 from sdrt.engine import guidance_batch
 from sdrt.engine.backends import Backend
 from sdrt.engine.checks import is_finite_number
+from sdrt.engine.device_loop import DenoiseJob, StepObserver
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.guidance_embedding import guidance_scale_embedding
+from sdrt.engine.guidance_embedding import INPUT_NAME as GUIDANCE_EMBEDDING_INPUT
 from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
 from sdrt.engine.image_io import MASK_THRESHOLD, ImageInput, decoded_to_unit_range, to_pil
 from sdrt.engine.image_to_image import TEXT_TO_IMAGE, DenoiseHooks, KnownRegionBlend, MaskChannels, latent_mask, sample_posterior
@@ -35,7 +38,7 @@ from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_
 from sdrt.engine.request import GenerationRequest, OutputType, RequestLimits
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, Scheduler, SchedulerConfigError, check_scheduler_name, scheduler_by_name
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import Component, Decoder
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ class PipelineOutput:
     (N, C, H/f, W/f) for output_type="latent". `nsfw_content_detected`: one flag per image, or None when no safety
     checker ran. `safety_scores`: per-image concept scores when requested with return_safety_scores=True and the
     checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
-    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else.
+    when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else; on a
+    backend's device loop, unet is the whole loop (its graphs hold guidance and the scheduler update).
     `unet_calls`: how many times the U-Net ran (one batch per call)."""
 
     images: list[Image.Image] | np.ndarray
@@ -103,7 +107,9 @@ class StableDiffusionPipeline:
             vae_scale_factor=model.vae_scale_factor, latent_channels=model.latent_channels,
             default_image_size=model.default_image_size, image_sides=model.image_sides,
             unet_takes_mask=model.unet_in_channels != model.latent_channels, sampler=self.sampler,
-            check_images=self._check_images,
+            check_images=self._check_images, defaults=manifest.defaults,
+            decoders=tuple(d for d in Decoder if d.component in manifest.components),
+            guidance_embedding_dim=_input_size(manifest, Component.UNET, GUIDANCE_EMBEDDING_INPUT),
         )
 
     # ---- configuration -------------------------------------------------------------------------------------------
@@ -289,13 +295,24 @@ class StableDiffusionPipeline:
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
         guided = request.guided
+        extra_inputs = {}
+        if (embedding_dim := self.limits.guidance_embedding_dim) is not None:
+            # an LCM-distilled U-Net: guidance enters as an input, every call the same
+            extra_inputs[GUIDANCE_EMBEDDING_INPUT] = guidance_scale_embedding(request.guidance_scale, len(latents), embedding_dim)  # (BN, D)
+        # the device loop feeds the U-Net sample, timestep and context only
+        device_loop = self.backend.device_loop() if hooks is TEXT_TO_IMAGE and not extra_inputs else None
+        if device_loop is not None:
+            with _timed(timings, "unet"):  # one graph per step: the U-Net with guidance and the update
+                return device_loop.denoise(DenoiseJob(
+                    scheduler, state, latents, context, request.guidance_scale, guided,
+                    noise_source.draw if scheduler.needs_noise else None, self._step_observer(callback_on_step_end)))
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
             with _timed(timings, "unet"):
                 noise_pred = self.backend.run(
-                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context}
+                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context, **extra_inputs}
                 )[0]  # (2BN or BN, C, h, w)
             if guided:
                 noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
@@ -308,21 +325,35 @@ class StableDiffusionPipeline:
                 latents = outputs.get("latents", latents)
         return latents
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """VAE-decode latents to float32 (N, H, W, 3) images in [0, 1]."""
-        scaled = (latents / np.float32(self.manifest.model.vae_scaling_factor)).astype(np.float32)  # (N, C, h, w)
+    def _step_observer(self, callback_on_step_end: StepEndCallback | None) -> StepObserver | None:
+        """`callback_on_step_end` as a device loop calls it: with the step's latents, returning their replacement."""
+        if callback_on_step_end is None:
+            return None
+
+        def observe(step_index: int, timestep: float, latents: np.ndarray) -> np.ndarray | None:
+            return (callback_on_step_end(self, step_index, timestep, {"latents": latents}) or {}).get("latents")
+        return observe
+
+    def decode(self, latents: np.ndarray, decoder: Decoder | str = Decoder.FULL) -> np.ndarray:
+        """Decode latents (N, C, h, w) to float32 (N, H, W, 3) images in [0, 1] with the VAE ("full") or the tiny
+        autoencoder ("tiny", where the bundle was exported with --tiny-vae): in `callback_on_step_end`, a preview of
+        the step's latents. InvalidArgumentError("decoder") for another name or a decoder the bundle lacks."""
+        chosen = self.limits.check_decoder(decoder)
+        model = self.manifest.model
+        scaling_factor = model.vae_scaling_factor if chosen is Decoder.FULL else model.tiny_vae_scaling_factor
+        scaled = (latents / np.float32(scaling_factor)).astype(np.float32)  # (N, C, h, w)
         # The decoder's full-resolution activations dominate a request's memory: unless the backend gains from a
         # batched decode, decode one image at a time so that the peak is one image's, whatever the batch.
         slices = [scaled] if self.backend.batched_decode else np.split(scaled, len(scaled))
-        decoded = np.concatenate([self.backend.run(Component.VAE_DECODER, {"latent_sample": s})[0] for s in slices])  # (N, 3, H, W)
+        decoded = np.concatenate([self.backend.run(chosen.component, {"latent_sample": s})[0] for s in slices])  # (N, 3, H, W)
         return decoded_to_unit_range(decoded)
 
     def __call__(
         self,
         prompt: str | Sequence[str] | GenerationRequest,
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -335,17 +366,24 @@ class StableDiffusionPipeline:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        decoder: Decoder | str = Decoder.FULL,
         callback_on_step_end: StepEndCallback | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
+
+        `num_inference_steps`, `guidance_scale` and `scheduler` left None are the model's own (`manifest.defaults`,
+        from its checkpoint's configs at export: a Turbo bundle 1 step without guidance, an LCM one 4 LCM steps;
+        diffusers' 50 steps at 7.5 for others and for bundles exported before). An LCM-distilled U-Net (one with a
+        `timestep_cond` input) takes guidance as an embedding of `guidance_scale` - 1 and never runs the
+        unconditional half, as diffusers runs it; `negative_prompt` then has no effect.
 
         `latents`, if given, is the initial noise (float32, shape (len(prompts) * num_images_per_prompt,
         latent_channels, height / f, width / f)); otherwise it is drawn from numpy's Generator seeded with `seed`.
         `return_safety_scores=True` adds each image's concept scores to the output, to audit the checker's decisions.
 
         `scheduler` names the sampler (one of sdrt.engine.schedulers.SCHEDULER_NAMES: "pndm", "ddim", "euler",
-        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", ...); None or "default" runs the checkpoint's own. Stochastic
-        samplers (euler_a) draw their step noise from the same numpy Generator seeded with `seed`, after every other
+        "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "lcm", ...); "default" runs the checkpoint's own. Stochastic
+        samplers (euler_a, lcm) draw their step noise from the same numpy Generator seeded with `seed`, after every other
         draw of the request (initial latents, VAE samples): the same seed gives the same image.
         `prompt_options`: `PromptOptions(long_prompts=True)` encodes prompts longer than the text encoder's window in
         chunks, `PromptOptions(weighting=True)` reads `(word:1.3)`-style weights (sdrt.engine.prompts); the default
@@ -360,8 +398,11 @@ class StableDiffusionPipeline:
         `height`/`width` or the model's default. An inpainting U-Net (9 input channels) takes the mask and masked
         image's latents as inputs; a standard one regenerates the masked region only, putting the image's (noised)
         latents back in the known region after every step. No `latents` with `image`: all noise comes from `seed`.
+        `decoder` turns the final latents into images: "full", the checkpoint's VAE, or "tiny", the tiny autoencoder
+        (TAESD) of a bundle exported with `--tiny-vae`, as diffusers runs with `pipe.vae = AutoencoderTiny(...)`.
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
-        diffusers (only "latents" is passed); an exception it raises, such as GenerationCancelled, ends the call there.
+        diffusers (only "latents" is passed; `pipe.decode(latents, decoder="tiny")` previews them); an exception it
+        raises, such as GenerationCancelled, ends the call there.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -374,7 +415,8 @@ class StableDiffusionPipeline:
             return self.generate(prompt, callback_on_step_end)
         request = GenerationRequest.create(
             self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
-            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength)
+            width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
+            decoder)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -418,7 +460,7 @@ class StableDiffusionPipeline:
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings,
                                   unet_calls=unet_calls)
         with _timed(timings, "decode"):
-            images = self.decode(latents)  # (N, H, W, 3)
+            images = self.decode(latents, request.decoder)  # (N, H, W, 3)
         if request.outpainting is not None:
             images = paste_original(images, request.outpainting.original, request.outpainting.canvas)  # (N, H, W, 3)
         # The checker sees the 8-bit images, as diffusers' feature extractor does.
@@ -451,6 +493,13 @@ class StableDiffusionPipeline:
         images[flagged] = 0.0  # (N, H, W, 3), flagged ones black
         pil_images = [Image.new("RGB", image.size) if i in flagged else image for i, image in enumerate(pil_images)]
         return images, pil_images
+
+
+def _input_size(manifest: Manifest, component: Component, name: str) -> int | None:
+    """The size of the last axis of `component`'s input `name`, or None where its model does not take it."""
+    entry = manifest.components.get(component)
+    shape = next((t.shape for t in entry.inputs if t.name == name), None) if entry is not None else None
+    return None if shape is None else int(shape[-1])
 
 
 #: `__call__`'s request arguments and their defaults: none may be given with a ready GenerationRequest

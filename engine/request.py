@@ -21,10 +21,11 @@ from sdrt.engine.checks import is_finite_number, is_int
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.image_io import ImageInput, floor_to_multiple, load_image, load_mask, preprocess_image, preprocess_mask
 from sdrt.engine.image_to_image import ImageInit, denoising_steps, first_call
-from sdrt.engine.manifest import SideRange
+from sdrt.engine.manifest import GenerationDefaults, SideRange
 from sdrt.engine.outpaint import Canvas, feathered_mask, grow, plan_canvas, seam_width
 from sdrt.engine.prompts import PromptOptions
 from sdrt.engine.schedulers import Scheduler, SchedulerState
+from sdrt.engine.specs import Decoder
 
 OutputType = Literal["pil", "np", "latent"]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -50,6 +51,30 @@ class RequestLimits:
     unet_takes_mask: bool  # an inpainting U-Net: mask and masked-image latents are inputs besides the latents
     sampler: Callable[[str | None], Scheduler]
     check_images: Callable[[int, int, int, int, bool], None]
+    #: the steps, guidance and sampler of a call that names none (the bundle's, diffusers' for older bundles)
+    defaults: GenerationDefaults = GenerationDefaults()
+    #: the size of the guidance-scale embedding an LCM-distilled U-Net takes (sdrt.engine.guidance_embedding); None:
+    #: the U-Net takes none, and guidance runs an unconditional batch half
+    guidance_embedding_dim: int | None = None
+    #: the decoders the bundle holds (the tiny one where exported with --tiny-vae)
+    decoders: tuple[Decoder, ...] = (Decoder.FULL,)
+
+    def check_decoder(self, decoder: Any) -> Decoder:
+        """`decoder` ("full" or "tiny") as a Decoder; InvalidArgumentError("decoder") for another name or one the
+        bundle lacks."""
+        try:
+            chosen = Decoder(decoder)
+        except ValueError:
+            raise InvalidArgumentError("decoder", f"must be one of {', '.join(d.value for d in Decoder)}; got {decoder!r}") from None
+        if chosen not in self.decoders:
+            raise InvalidArgumentError("decoder", f"{chosen.value!r}: this bundle has no tiny decoder; export it with one "
+                                       "(`sdrt export CHECKPOINT OUT --tiny-vae DIR`, DIR a diffusers AutoencoderTiny such as TAESD)")
+        return chosen
+
+    def guides_by_batch(self, guidance_scale: float) -> bool:
+        """Whether guidance at `guidance_scale` runs the unconditional batch half (sdrt.engine.guidance_batch): as
+        diffusers, only above 1, and never for a U-Net that takes guidance as an input."""
+        return guidance_batch.is_guided(guidance_scale) and self.guidance_embedding_dim is None
 
     def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
         """The shape of the initial noise for `num_images` images of height x width pixels."""
@@ -82,10 +107,11 @@ class GenerationRequest:
     latents: np.ndarray | None  # (N, C, H/f, W/f) float32, or None: drawn from `seed`
     output_type: OutputType
     return_safety_scores: bool
-    scheduler: str | None  # the name asked for; None: the checkpoint's own
+    scheduler: str | None  # the name asked for, or the model's default; None: the checkpoint's own
     prompt_options: PromptOptions
     init: ImageInit | None  # image to image and inpainting: the image to start from
     outpainting: Outpainting | None
+    decoder: Decoder  # what turns the final latents into images
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
@@ -97,7 +123,7 @@ class GenerationRequest:
     @property
     def guided(self) -> bool:
         """Whether classifier-free guidance runs the unconditional half (sdrt.engine.guidance_batch)."""
-        return guidance_batch.is_guided(self.guidance_scale)
+        return self.limits.guides_by_batch(self.guidance_scale)
 
     @classmethod
     def create(
@@ -105,8 +131,8 @@ class GenerationRequest:
         limits: RequestLimits,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -119,14 +145,21 @@ class GenerationRequest:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        decoder: Decoder | str = Decoder.FULL,
         *,
         binarize_mask: bool = True,
     ) -> GenerationRequest:
         """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults),
         checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
+        `num_inference_steps`, `guidance_scale` and `scheduler` left None are the model's (`limits.defaults`: a
+        Turbo or LCM bundle's few steps, diffusers' 50 and 7.5 otherwise).
         `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam)."""
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = _negative_prompts(negative_prompt, prompts)
+        defaults = limits.defaults
+        num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = defaults.scheduler if scheduler is None else scheduler
         sampler = limits.sampler(scheduler)
         low, high = sampler.min_inference_steps, sampler.max_inference_steps
         if not is_int(num_inference_steps) or not low <= num_inference_steps <= high:
@@ -169,8 +202,9 @@ class GenerationRequest:
             raise InvalidArgumentError("return_safety_scores", f"must be True or False, got {return_safety_scores!r}")
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
+        decoder = limits.check_decoder(decoder)
         # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
-        limits.check_images(len(prompts), int(num_images_per_prompt), height, width, guidance_batch.is_guided(guidance_scale))
+        limits.check_images(len(prompts), int(num_images_per_prompt), height, width, limits.guides_by_batch(guidance_scale))
         if latents is not None:
             _check_latents(latents, limits.latent_shape(len(prompts) * num_images_per_prompt, height, width))
         return cls(
@@ -178,7 +212,7 @@ class GenerationRequest:
             guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-            outpainting=None, limits=limits, sampler=sampler, schedule=schedule,
+            outpainting=None, decoder=decoder, limits=limits, sampler=sampler, schedule=schedule,
         )
 
     @classmethod

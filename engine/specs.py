@@ -19,6 +19,20 @@ class Component(str, enum.Enum):
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"
+    #: the tiny autoencoder's decoder (diffusers' AutoencoderTiny, TAESD), exported beside the VAE on request
+    TINY_VAE_DECODER = "tiny_vae_decoder"
+
+
+class Decoder(str, enum.Enum):
+    """The latent decoders a request chooses from (`decoder=`): the checkpoint's VAE, or the tiny autoencoder
+    exported beside it (`sdrt export CHECKPOINT OUT --tiny-vae DIR`): previews during the loop, the fastest images."""
+
+    FULL = "full"
+    TINY = "tiny"
+
+    @property
+    def component(self) -> Component:
+        return Component.VAE_DECODER if self is Decoder.FULL else Component.TINY_VAE_DECODER
 
 
 DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width", "context_length"})
@@ -41,6 +55,9 @@ class ComponentSpec:
     component: Component
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: inputs only some checkpoints' models take (the exporter adds those the checkpoint's config calls for, after
+    #: `inputs`); the manifest records the inputs a bundle's model has, and the runtime feeds those
+    optional_inputs: tuple[TensorSpec, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -78,6 +95,11 @@ SPECS: dict[Component, ComponentSpec] = {
             TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
         ),
         outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
+        optional_inputs=(
+            # An LCM-distilled U-Net's guidance-scale embedding (its config's time_cond_proj_dim): guidance is an input,
+            # not a second batch half (sdrt.engine.guidance_embedding).
+            TensorSpec("timestep_cond", "float32", ("batch", "time_cond_proj_dim")),
+        ),
     ),
     Component.VAE_DECODER: ComponentSpec(
         Component.VAE_DECODER,
@@ -90,6 +112,13 @@ SPECS: dict[Component, ComponentSpec] = {
         # Mean and log-variance of the latent distribution, concatenated on channels: the runtime samples from it
         # with the request's own seed.
         outputs=(TensorSpec("latent_moments", "float32", ("batch", "latent_moments", "latent_height", "latent_width")),),
+    ),
+    Component.TINY_VAE_DECODER: ComponentSpec(
+        Component.TINY_VAE_DECODER,
+        # the denoised latents divided by the tiny autoencoder's own scaling factor (1 for TAESD), as diffusers
+        # decodes with `pipe.vae = AutoencoderTiny`; images in [-1, 1] like the VAE's
+        inputs=(TensorSpec("latent_sample", "float32", _LATENT),),
+        outputs=(TensorSpec("sample", "float32", _IMAGE),),
     ),
     Component.SAFETY_CHECKER: ComponentSpec(
         Component.SAFETY_CHECKER,

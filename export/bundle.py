@@ -31,7 +31,7 @@ from sdrt.engine.manifest import (
     sha256_file,
 )
 from sdrt.engine.refit_map import REFITTABLE_COMPONENTS, refit_map_file, write_refit_map
-from sdrt.engine.specs import SPECS, Component
+from sdrt.engine.specs import SPECS, Component, ComponentSpec
 from sdrt.engine.version import SDRT_VERSION
 from sdrt.export.source_checkpoint import (
     OPTIONAL_TOKENIZER_FILES,
@@ -41,11 +41,13 @@ from sdrt.export.source_checkpoint import (
     SourceCheckpoint,
     load_checkpoint,
     pad_token_of,
+    with_tiny_vae,
 )
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx
 from sdrt.export.lora_fusion import LoraSpec, fused_deltas
+from sdrt.export.model_defaults import model_defaults
 from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
 from sdrt.export.refit_map import match_refit_map, parameter_fingerprints
 from sdrt.export.single_file import convert_single_file, is_single_file, open_single_file
@@ -86,12 +88,13 @@ def _compare(
     return max_abs_diff
 
 
-def _shape_entries(component: Component, onnx_path: Path) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
-    """Spec names and dtypes with the shapes the exported graph declares (ints fixed, names dynamic)."""
+def _shape_entries(spec: ComponentSpec, onnx_path: Path) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+    """The traced graph's spec names and dtypes with the shapes the exported graph declares (ints fixed, names
+    dynamic)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    spec = SPECS[component]
+    component = spec.component
 
     def entries(declared, specs) -> tuple[TensorEntry, ...]:
         dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in declared}
@@ -127,7 +130,7 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
     model = traceable_model(source, component)
     check_inputs = validation_inputs(source, component)
     reference = run_torch(model, check_inputs)
-    export_component(source, component, model, raw_path, opset=opset)
+    traced = export_component(source, component, model, raw_path, opset=opset)
     if component is Component.SAFETY_CHECKER:
         _write_safety_concepts(model.model, staging / SAFETY_CONCEPTS_FILE)
     # names as diffusers (and so LoRA files) give them: the wrapper's `model` prefix left out
@@ -140,7 +143,7 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
     if fingerprints is not None:
         refit_map = refit_map_file(component)
         write_refit_map(staging / refit_map, match_refit_map(fingerprints, onnx_path))
-    inputs, outputs = _shape_entries(component, onnx_path)
+    inputs, outputs = _shape_entries(traced, onnx_path)
     onnx_output = _onnxruntime_output(onnx_path, check_inputs)
     max_abs_diff = _compare(component, onnx_output, reference)
     fp16_entry = None
@@ -165,6 +168,7 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
         unet_block_out_channels=tuple(int(c) for c in source.unet_config["block_out_channels"]),
         unet_attention_heads=source.unet_attention_heads,
         vae_block_out_channels=tuple(int(c) for c in source.vae_config["block_out_channels"]),
+        tiny_vae_scaling_factor=source.tiny_vae_scaling_factor,
     )
 
 
@@ -190,6 +194,8 @@ def export_bundle(
     fp16_components: Collection[Component | str] = (),
     loras: Sequence[LoraSpec] = (),
     config: str | Path | None = None,
+    scheduler: str | None = None,
+    tiny_vae: str | Path | None = None,
 ) -> Path:
     """Export the checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
 
@@ -200,6 +206,13 @@ def export_bundle(
 
     `loras` are fused into the U-Net and text-encoder weights, each's deltas times its scale, summed; the manifest
     records each file's name, sha256 and scale. Every LoRA is read and checked before any export work.
+
+    The manifest records the model's generation defaults (steps, guidance, sampler: export/model_defaults.py), from
+    the checkpoint's configs; `scheduler` (a sdrt.engine.schedulers.SCHEDULER_NAMES name) makes another sampler the
+    bundle's default, e.g. "lcm" with an LCM-LoRA among `loras`, which then defaults to 4 steps without guidance.
+
+    `tiny_vae`, a diffusers AutoencoderTiny directory (TAESD), is exported beside the VAE as the bundle's tiny decoder
+    (requests choose it with decoder="tiny"); CheckpointError if it cannot decode this checkpoint's latents.
 
     `fp16_components` (e.g. sdrt.engine.specs.FP16_DEFAULT_COMPONENTS: text encoder and U-Net) also get an fp16
     variant with fp32 inputs and outputs, for the "cuda-fp16" backend, validated against the fp32 model and recorded
@@ -213,7 +226,8 @@ def export_bundle(
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it")
     checkpoint = Path(checkpoint)
-    options = _ExportOptions(opset=opset, max_image_size=max_image_size, fp16_components=tuple(fp16_components), force=force)
+    options = _ExportOptions(opset=opset, max_image_size=max_image_size, fp16_components=tuple(fp16_components), force=force,
+                             scheduler=scheduler, tiny_vae=None if tiny_vae is None else Path(tiny_vae))
     if not is_single_file(checkpoint):
         if config is not None:
             raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
@@ -238,6 +252,8 @@ class _ExportOptions:
     max_image_size: int
     fp16_components: tuple[Component | str, ...]
     force: bool
+    scheduler: str | None = None  # the bundle's default sampler; None: the checkpoint's own
+    tiny_vae: Path | None = None  # an AutoencoderTiny directory to export as the tiny decoder
 
 
 def _export(
@@ -250,7 +266,10 @@ def _export(
 ) -> Path:
     """Export the checked `source` to `out_dir`; `source_path` (default: the checkpoint directory) is recorded as
     where it came from."""
+    if options.tiny_vae is not None:
+        source = with_tiny_vae(source, options.tiny_vae)
     fp16 = _fp16_components(options.fp16_components, source.components)
+    defaults = model_defaults(source, options.scheduler)
     if source.safety_checker_config is None:
         logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source_path or source.path)
     with atomic_directory(out_dir, replace=options.force) as staging:
@@ -274,6 +293,7 @@ def _export(
             files=describe_files(staging),
             source_sha256=source_sha256,
             loras=loras,
+            defaults=defaults,
         ).write(staging)
     logger.info("bundle written to %s", out_dir)
     return out_dir

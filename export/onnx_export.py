@@ -6,6 +6,7 @@ the graph, so one U-Net graph serves every image size that is a multiple of the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdrt.engine.specs import SPECS, Component, ComponentSpec
+from sdrt.engine.specs import SPECS, Component, ComponentSpec, TensorSpec
 from sdrt.export.source_checkpoint import SourceCheckpoint
 from sdrt.export.errors import ExportError
 
@@ -39,12 +40,17 @@ class _TextEncoder(torch.nn.Module):
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    """The U-Net, its optional inputs (`optional_input_names`, after the three every U-Net takes) passed by name."""
+
+    def __init__(self, model: torch.nn.Module, optional_input_names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = model
+        self.optional_input_names = optional_input_names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *optional_inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.optional_input_names, optional_inputs))
+        return self.model(sample, timestep, encoder_hidden_states, **named, return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -81,14 +87,32 @@ _WRAPPERS = {
     Component.TEXT_ENCODER: _TextEncoder,
     Component.UNET: _UNet,
     Component.VAE_DECODER: _VaeDecoder,
+    Component.TINY_VAE_DECODER: _VaeDecoder,  # AutoencoderTiny.decode takes and returns the same
     Component.VAE_ENCODER: _VaeEncoder,
     Component.SAFETY_CHECKER: _SafetyChecker,
 }
 
 
+#: whether a checkpoint's model takes an optional input of its component's spec, by the input's name
+_TAKES_OPTIONAL_INPUT = {
+    "timestep_cond": lambda checkpoint: checkpoint.unet_time_cond_proj_dim is not None,
+}
+
+
+def exported_inputs(checkpoint: SourceCheckpoint, component: Component) -> tuple[TensorSpec, ...]:
+    """The inputs `component`'s graph takes for this checkpoint: its spec's inputs, then the optional ones the
+    checkpoint's config calls for."""
+    spec = SPECS[component]
+    return spec.inputs + tuple(t for t in spec.optional_inputs if _TAKES_OPTIONAL_INPUT[t.name](checkpoint))
+
+
 def traceable_model(checkpoint: SourceCheckpoint, component: Component) -> torch.nn.Module:
-    """Load `component`'s torch model, wrapped to take and return exactly its spec's tensors."""
-    return _WRAPPERS[component](checkpoint.load_model(component)).eval()
+    """Load `component`'s torch model, wrapped to take and return exactly the tensors it is exported with."""
+    model = checkpoint.load_model(component)
+    if component is Component.UNET:
+        optional = exported_inputs(checkpoint, component)[len(SPECS[component].inputs):]
+        return _UNet(model, tuple(t.name for t in optional)).eval()
+    return _WRAPPERS[component](model).eval()
 
 
 def probe_inputs(
@@ -104,14 +128,18 @@ def probe_inputs(
         return {"input_ids": rng.integers(0, vocab, size=(batch, checkpoint.text_max_length), dtype=np.int32)}  # (B, 77)
     if component is Component.UNET:
         unet_shape = (batch, checkpoint.unet_in_channels, latent_h, latent_w)
-        return {
+        inputs = {
             "sample": rng.standard_normal(unet_shape, dtype=np.float32),  # (B, C or 2C + 1 for inpainting, h, w)
             "timestep": rng.integers(0, 1000, size=(batch,)).astype(np.float32),  # (B,)
             "encoder_hidden_states": rng.standard_normal(
                 (batch, context_windows * checkpoint.text_max_length, checkpoint.text_hidden_size), dtype=np.float32
             ),  # (B, windows * 77, D)
         }
-    if component is Component.VAE_DECODER:
+        if checkpoint.unet_time_cond_proj_dim is not None:
+            # a guidance-scale embedding's sines and cosines lie in [-1, 1]
+            inputs["timestep_cond"] = rng.uniform(-1.0, 1.0, size=(batch, checkpoint.unet_time_cond_proj_dim)).astype(np.float32)
+        return inputs
+    if component in (Component.VAE_DECODER, Component.TINY_VAE_DECODER):
         return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
     if component is Component.VAE_ENCODER:
         image_hw = (latent_h * checkpoint.vae_scale_factor, latent_w * checkpoint.vae_scale_factor)
@@ -131,8 +159,9 @@ def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarr
 
 
 def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
-    """Trace the wrapped `model` of `component` to `onnx_path`."""
-    spec = SPECS[component]
+    """Trace the wrapped `model` of `component` to `onnx_path`; returns the spec of the traced graph (its inputs
+    those the checkpoint calls for)."""
+    spec = dataclasses.replace(SPECS[component], inputs=exported_inputs(checkpoint, component), optional_inputs=())
     inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import diffusers
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
@@ -36,6 +37,25 @@ SD15_SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "clip_sample": False,
     "trained_betas": None,
+}
+# The scheduler LCM-distilled SD 1.5 checkpoints ship (SimianLuo/LCM_Dreamshaper_v7 scheduler_config.json).
+LCM_SCHEDULER_CONFIG = {
+    "_class_name": "LCMScheduler",
+    **{key: SD15_SCHEDULER_CONFIG[key] for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                                   "steps_offset", "clip_sample", "trained_betas")},
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "timestep_scaling": 10.0,
+}
+# A Turbo checkpoint's: Euler ancestral over trailing timesteps, whose first step starts at the last training timestep
+# (stabilityai/sdxl-turbo scheduler_config.json).
+TURBO_SCHEDULER_CONFIG = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    **{key: SD15_SCHEDULER_CONFIG[key] for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                                   "steps_offset", "trained_betas")},
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
 }
 
 
@@ -93,6 +113,10 @@ class CheckpointArch:
     #: True: an inpainting U-Net, which takes the mask and the masked image's latents besides the latents
     #: (2 * latent_channels + 1 input channels, as SD inpainting checkpoints)
     unet_inpainting: bool = False
+    #: an LCM-distilled U-Net's guidance-scale embedding size (its `timestep_cond` input); None: no such input
+    unet_time_cond_proj_dim: int | None = None
+    #: the scheduler_config.json it ships ("_class_name" picks the class); None: SD 1.5's PNDM
+    scheduler_config: dict | None = None
 
     @property
     def unet_in_channels(self) -> int:
@@ -187,6 +211,11 @@ ARCHES: dict[str, CheckpointArch] = {
 
 # "tiny" with an inpainting U-Net (9 input channels), as SD inpainting checkpoints have.
 ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=True)
+# "tiny" distilled by latent consistency: its U-Net embeds the guidance scale (as LCM_Dreamshaper_v7's, at 256) and it
+# ships LCMScheduler.
+ARCHES["tiny-lcm"] = dataclasses.replace(ARCHES["tiny"], unet_time_cond_proj_dim=32, scheduler_config=LCM_SCHEDULER_CONFIG)
+# "tiny" as a Turbo checkpoint ships it: the same U-Net, Euler ancestral over trailing timesteps.
+ARCHES["tiny-turbo"] = dataclasses.replace(ARCHES["tiny"], scheduler_config=TURBO_SCHEDULER_CONFIG)
 # SD 1.5's layout (cross-attention with 8 heads at the first three of four levels, 2 layers per block, a 4-level VAE)
 # at 0.3x its U-Net's channels and half its VAE's: a 0.3 GB U-Net that exports in a minute in 2.5 GB, to calibrate the
 # memory estimate (benchmarks/memory_estimate.py) on SD 1.5's proportions where the full model does not fit.
@@ -210,6 +239,7 @@ def _unet(arch: CheckpointArch) -> UNet2DConditionModel:
         attention_head_dim=arch.unet_attention_head_dim,
         use_linear_projection=arch.unet_use_linear_projection,
         norm_num_groups=arch.norm_num_groups,
+        time_cond_proj_dim=arch.unet_time_cond_proj_dim,
     )
 
 
@@ -280,7 +310,7 @@ def make_random_checkpoint(
     torch.manual_seed(seed)
     models = build_models(spec)
     checker = _safety_checker(spec.safety_checker) if with_safety_checker and spec.safety_checker else None
-    save_checkpoint(out_dir, models, pad_token=spec.pad_token, safety_checker=checker)
+    save_checkpoint(out_dir, models, pad_token=spec.pad_token, safety_checker=checker, scheduler_config=spec.scheduler_config)
     logger.info("wrote random-weight checkpoint to %s", out_dir)
     return Path(out_dir)
 
@@ -307,8 +337,8 @@ def save_checkpoint(
     dtype: torch.dtype = torch.float32,
     scheduler_config: dict | None = None,
 ) -> Path:
-    """Save `models` as a diffusers checkpoint laid out like a real SD 1.x one (safetensors in `dtype`, PNDM
-    scheduler with `scheduler_config` (default SD 1.5's), vocab.json + merges.txt tokenizer, the safety checker and
+    """Save `models` as a diffusers checkpoint laid out like a real SD 1.x one (safetensors in `dtype`, the scheduler
+    of `scheduler_config` (its "_class_name", PNDM where absent; default SD 1.5's), vocab.json + merges.txt tokenizer, the safety checker and
     its feature extractor when given).
 
     The directory appears whole or not at all. The caller's models are left as they were.
@@ -320,7 +350,7 @@ def save_checkpoint(
         text_encoder=models.text_encoder,
         tokenizer=None,
         unet=models.unet,
-        scheduler=PNDMScheduler.from_config(scheduler_config or SD15_SCHEDULER_CONFIG),
+        scheduler=_scheduler(scheduler_config or SD15_SCHEDULER_CONFIG),
         safety_checker=safety_checker,
         feature_extractor=CLIPImageProcessor() if safety_checker is not None else None,
         requires_safety_checker=safety_checker is not None,
@@ -339,9 +369,31 @@ def save_checkpoint(
     return out_dir
 
 
+#: TAESD's layout (madebyollin/taesd: 64 channels, (1, 3, 3, 3) encoder and (3, 3, 3, 1) decoder blocks) narrowed for
+#: tests: 3 upsamplings (scale factor 8, as SD's VAE), one block per level
+TINY_AUTOENCODER_CHANNELS = (16, 16, 16, 16)
+TINY_AUTOENCODER_BLOCKS = (1, 1, 1, 1)
+
+
+def make_tiny_autoencoder(out_dir: str | Path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight diffusers AutoencoderTiny (TAESD's architecture, narrowed) to `out_dir`, laid out as
+    madebyollin/taesd ships it (config.json + diffusion_pytorch_model.safetensors), for `sdrt export --tiny-vae`."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    model = AutoencoderTiny(
+        encoder_block_out_channels=TINY_AUTOENCODER_CHANNELS, decoder_block_out_channels=TINY_AUTOENCODER_CHANNELS,
+        num_encoder_blocks=TINY_AUTOENCODER_BLOCKS, num_decoder_blocks=TINY_AUTOENCODER_BLOCKS,
+        latent_channels=latent_channels,
+    ).eval()
+    with atomic_directory(Path(out_dir)) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)
+
+
 def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> Path:
     """Write the configs of a checkpoint of `arch`, without weights: `unet/`, `vae/` and `text_encoder/config.json`,
-    the SD 1.5 scheduler and the CLIP tokenizer, laid out as in a diffusers checkpoint. The exporter reads single-file
+    its scheduler (SD 1.5's unless the arch ships another) and the CLIP tokenizer, laid out as in a diffusers checkpoint. The exporter reads single-file
     checkpoints with them, offline, where diffusers would fetch the configs from the Hub.
 
     The models are built on the meta device: their configs come from the same code as a random checkpoint's, and
@@ -354,9 +406,14 @@ def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> P
     models.unet.save_config(out_dir / "unet")
     models.vae.save_config(out_dir / "vae")
     models.text_encoder.config.save_pretrained(out_dir / "text_encoder")
-    PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
+    _scheduler(spec.scheduler_config or SD15_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
     write_clip_tokenizer(out_dir / "tokenizer", pad_token=spec.pad_token)
     return out_dir
+
+
+def _scheduler(config: dict):
+    """The diffusers scheduler `config` describes: its "_class_name", PNDM where it names none."""
+    return getattr(diffusers, config.get("_class_name", PNDMScheduler.__name__)).from_config(config)
 
 
 def _declare_components(model_index_path: Path, with_safety_checker: bool) -> None:

@@ -53,6 +53,9 @@ class SourceCheckpoint:
     tokenizer_config: dict[str, Any]
     # LoRA deltas fused into the models as they load (export/lora_fusion.py): component -> parameter -> delta
     weight_deltas: Mapping[Component, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # a diffusers AutoencoderTiny directory exported beside the VAE (`with_tiny_vae`), and its config; None: none
+    tiny_vae_path: Path | None = None
+    tiny_vae_config: dict[str, Any] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -67,6 +70,12 @@ class SourceCheckpoint:
     def unet_in_channels(self) -> int:
         """The U-Net's input channels: the latent channels, or 2 * latent + 1 for an inpainting U-Net (checked at load)."""
         return int(self.unet_config.get("in_channels", self.latent_channels))
+
+    @property
+    def unet_time_cond_proj_dim(self) -> int | None:
+        """The size of the guidance-scale embedding an LCM-distilled U-Net takes (`timestep_cond`); None for others."""
+        dim = self.unet_config.get("time_cond_proj_dim")
+        return None if dim is None else int(dim)
 
     @property
     def unet_attention_heads(self) -> tuple[int, ...]:
@@ -96,11 +105,17 @@ class SourceCheckpoint:
     def components(self) -> tuple[Component, ...]:
         """The components this checkpoint can export, in pipeline order."""
         models = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
+        models += (Component.TINY_VAE_DECODER,) if self.tiny_vae_config is not None else ()
         return models + ((Component.SAFETY_CHECKER,) if self.safety_checker_config is not None else ())
+
+    @property
+    def tiny_vae_scaling_factor(self) -> float | None:
+        """What the tiny autoencoder divides latents by before decoding (its config's, 1 for TAESD); None without one."""
+        return None if self.tiny_vae_config is None else float(self.tiny_vae_config.get("scaling_factor", 1.0))
 
     def load_model(self, component: Component) -> torch.nn.Module:
         """The fp32 torch model behind `component`, freshly loaded on CPU in eval mode, with `weight_deltas` added."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPTextModel
 
@@ -110,14 +125,34 @@ class SourceCheckpoint:
             Component.VAE_DECODER: AutoencoderKL,
             Component.VAE_ENCODER: AutoencoderKL,
             Component.SAFETY_CHECKER: StableDiffusionSafetyChecker,
+            Component.TINY_VAE_DECODER: AutoencoderTiny,
         }[component]
-        folder = self.path / _MODEL_FOLDERS[component]
+        folder = self.tiny_vae_path if component is Component.TINY_VAE_DECODER else self.path / _MODEL_FOLDERS[component]
         try:
             model = model_class.from_pretrained(folder, torch_dtype=torch.float32).eval()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load {folder}: {exc}") from exc
         fuse_into(model, self.weight_deltas.get(component, {}))
         return model
+
+
+def with_tiny_vae(source: SourceCheckpoint, path: str | Path) -> SourceCheckpoint:
+    """`source` with the diffusers AutoencoderTiny at `path` (TAESD for SD 1.x/2.x, as madebyollin/taesd ships it) to
+    export as its tiny decoder; raise CheckpointError unless it is one that decodes this checkpoint's latents."""
+    path = Path(path).resolve()
+    config = _read_json(path / "config.json")
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise CheckpointError(f"--tiny-vae {path}: config.json names {config.get('_class_name')!r}, not AutoencoderTiny "
+                              "(a diffusers tiny autoencoder directory, such as madebyollin/taesd)")
+    channels = int(config.get("latent_channels", 4))
+    blocks = config.get("decoder_block_out_channels", (64, 64, 64, 64))
+    scale_factor = int(config.get("upsampling_scaling_factor", 2)) ** (len(blocks) - 1)
+    if (channels, scale_factor) != (source.latent_channels, source.vae_scale_factor):
+        raise CheckpointError(
+            f"--tiny-vae {path} decodes {channels}-channel latents upscaled {scale_factor}x, but {source.path}'s VAE "
+            f"makes {source.latent_channels}-channel latents at 1/{source.vae_scale_factor} of the image: pick the tiny "
+            "autoencoder of this model family (TAESD for SD 1.x/2.x)")
+    return dataclasses.replace(source, tiny_vae_path=path, tiny_vae_config=config)
 
 
 def pad_token_of(tokenizer_config: dict[str, Any]) -> str:

@@ -4,9 +4,9 @@ and stored in the bundle (sdrt.engine.backends.tensorrt.engines.store), for the 
 Each engine is stored under its key (sdrt.engine.backends.tensorrt.engines.identity.EngineKey): a build reuses an
 engine whose key it already holds and builds the others, each written atomically, then publishes the index the
 runtime reads, so an interrupted build leaves the previous one in use and a rerun builds only what is missing. TensorRT's timing cache
-is kept beside the engines across builds. In fp16, each VAE engine first runs once on a sample input: if that
-yields NaN or infinity (some VAEs overflow fp16's range), it is built in fp32 instead, and the finding is recorded
-so that later builds skip the fp16 attempt.
+is kept beside the engines across builds. In fp16, each engine of OVERFLOW_PROBES (text encoder, U-Net, VAE) first
+runs once on a sample input: if that yields NaN or infinity (some VAEs, and fine-tuned U-Nets, overflow fp16's
+range), it is built in fp32 instead, and the finding is recorded so that later builds skip the fp16 attempt.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from sdrt.engine.backends.tensorrt.engines.profile import EngineProfile, Precisi
 from sdrt.engine.backends.tensorrt.engines.store import CACHE_SUBDIR, EngineIndex, EngineStore
 from sdrt.engine.backends.tensorrt.library import current_environment, libraries_unavailable_reason, tensorrt, trt_logger
 from sdrt.engine.backends.tensorrt.runner import EngineRunner
-from sdrt.engine.cuda_device import cuda_device_unavailable_reason
+from sdrt.engine.cuda_device import cuda_device, cuda_device_unavailable_reason
 from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.manifest import ModelConfig, read_manifest, verify_files
 from sdrt.engine.specs import Component
@@ -35,12 +35,24 @@ from sdrt.export.errors import EngineBuildError
 logger = logging.getLogger(__name__)
 
 _Probe = Callable[[np.random.Generator, tuple[int, ...], ModelConfig], np.ndarray]
-#: the components whose fp16 engines are checked for overflow, and how each draws its sample input
-OVERFLOW_PROBES: dict[Component, _Probe] = {
+#: token ids a probe draws: CLIP's vocabulary (SD 1.x and 2.x) below its start and end tokens
+PROBE_TOKEN_IDS_BELOW = 49406
+#: the timestep of the U-Net's probe: the noisiest, where a step's input and output are largest
+PROBE_TIMESTEP = 999.0
+#: the components whose fp16 engines are checked for overflow, and how each draws each input of its sample
+OVERFLOW_PROBES: dict[Component, dict[str, _Probe]] = {
+    Component.TEXT_ENCODER: {"input_ids": lambda rng, shape, model: rng.integers(0, PROBE_TOKEN_IDS_BELOW, shape).astype(np.int32)},
+    Component.UNET: {
+        # unit-variance latents (every sampler scales the U-Net's input to it); an inpainting U-Net's mask channels too
+        "sample": lambda rng, shape, model: rng.standard_normal(shape).astype(np.float32),
+        "timestep": lambda rng, shape, model: np.full(shape, PROBE_TIMESTEP, np.float32),
+        # text-encoder outputs are layer-normed: about unit variance
+        "encoder_hidden_states": lambda rng, shape, model: rng.standard_normal(shape).astype(np.float32),
+    },
     # denoised latents as the pipeline hands them to the decoder: unit variance, divided by the scaling factor
-    Component.VAE_DECODER: lambda rng, shape, model: (rng.standard_normal(shape) / model.vae_scaling_factor).astype(np.float32),
+    Component.VAE_DECODER: {"latent_sample": lambda rng, shape, model: (rng.standard_normal(shape) / model.vae_scaling_factor).astype(np.float32)},
     # images in [-1, 1]
-    Component.VAE_ENCODER: lambda rng, shape, model: rng.uniform(-1.0, 1.0, shape).astype(np.float32),
+    Component.VAE_ENCODER: {"sample": lambda rng, shape, model: rng.uniform(-1.0, 1.0, shape).astype(np.float32)},
 }
 PROBE_SEED = 0
 #: the builder flag each reduced precision sets (fp32 sets none, and clears TF32)
@@ -95,9 +107,8 @@ class TensorRTCompiler:
         profile = builder.create_optimization_profile()
         for name, shape in shapes.items():
             profile.set_shape(name, shape.min, shape.opt, shape.max)
-        config.add_optimization_profile(profile)
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        add_optimization_profile(config, profile, shapes, onnx_path)
+        set_timing_cache(config, timing_cache)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise EngineBuildError(
@@ -111,6 +122,23 @@ class TensorRTCompiler:
         return EngineRunner(plan, Stream(), capture_graphs=False).run(feeds)
 
 
+def add_optimization_profile(config: Any, profile: Any, shapes: Mapping[str, ShapeRange], onnx_path: Path) -> None:
+    """Add `profile` to the builder `config`; raise EngineBuildError naming the shapes if TensorRT finds it invalid
+    (it returns -1 rather than raising)."""
+    if config.add_optimization_profile(profile) < 0:
+        described = "; ".join(f"{name} min {s.min} opt {s.opt} max {s.max}" for name, s in shapes.items())
+        raise EngineBuildError(f"TensorRT refused the optimization profile for {onnx_path} (invalid or inconsistent shapes): {described}")
+
+
+def set_timing_cache(config: Any, timing_cache: Path) -> None:
+    """Give the builder `config` the timing cache stored at `timing_cache` (empty if none); raise EngineBuildError if
+    TensorRT refuses it (from another TensorRT version or GPU: delete the file to start a new one)."""
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineBuildError(f"TensorRT refused the timing cache {timing_cache} (written by another TensorRT version or "
+                               "GPU?): delete it and build again")
+
+
 def build_engines(
     bundle_dir: str | os.PathLike,
     profile: EngineProfile | None = None,
@@ -119,7 +147,7 @@ def build_engines(
     compiler: EngineCompiler | None = None,
 ) -> Path:
     """Build (or reuse) an engine for every component of the bundle at `bundle_dir`, for requests within `profile`
-    (None: sdrt.engine.backends.tensorrt.engines.profile.default_profile of the bundle's model) in `precision`;
+    (None: sdrt.engine.backends.tensorrt.engines.profile.default_profile of the bundle's model and this card's memory) in `precision`;
     `refittable` lets their weights be replaced later without a rebuild. Return the directory holding them.
 
     Raise BundleError if the bundle is missing or modified, InvalidArgumentError if `profile` does not suit its
@@ -129,7 +157,9 @@ def build_engines(
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)  # minutes of building deserve a bundle known to be intact
-    profile = profile if profile is not None else default_profile(manifest.model)
+    if profile is None:
+        device = cuda_device()  # the default batch is capped to what this card's memory holds
+        profile = default_profile(manifest.model, None if device is None else device.memory_bytes)
     profile.validate_for(manifest.model)
     if not os.access(bundle_dir, os.W_OK):
         raise EngineBuildError(f"{bundle_dir} is read-only: TensorRT engines are stored in the bundle, under {CACHE_SUBDIR}")
@@ -164,7 +194,8 @@ def _build_engine(store: EngineStore, compiler: EngineCompiler, key: EngineKey, 
     logger.info("%s: built in %.0f s", name, time.perf_counter() - started)
     if checked:
         rng = np.random.default_rng(PROBE_SEED)
-        feeds = {input_name: OVERFLOW_PROBES[key.component](rng, shape.opt, model) for input_name, shape in shapes.items()}
+        probes = OVERFLOW_PROBES[key.component]
+        feeds = {input_name: probes[input_name](rng, shape.opt, model) for input_name, shape in shapes.items()}
         if not all(np.isfinite(output).all() for output in compiler.run(plan, feeds)):
             logger.warning("%s: the fp16 engine returns NaN or infinity on a sample input (fp16 overflow): building it in fp32", name)
             store.mark_fp16_overflow(key)

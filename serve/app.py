@@ -248,13 +248,14 @@ def create_app(service: ImageService, settings: AppSettings = AppSettings()) -> 
 
 
 def _to_params(body: ImageRequest, service: ImageService, limits: Limits) -> GenerationParams:
-    """The request's bounds (the server's limits) and defaults (the model's size, a random seed)."""
+    """The request's bounds (the server's limits) and defaults (the model's size, steps, guidance and scheduler, a
+    random seed)."""
     if body.n > limits.max_n:
         raise _ApiError(422, Rejection.INVALID, f"n: at most {limits.max_n} images per request, got {body.n}", "n")
-    if body.num_inference_steps > limits.max_steps:
-        raise _ApiError(422, Rejection.INVALID,
-                        f"num_inference_steps: at most {limits.max_steps}, got {body.num_inference_steps}", "num_inference_steps")
     info = service.model_info()
+    steps = info.defaults.num_inference_steps if body.num_inference_steps is None else body.num_inference_steps
+    if steps > limits.max_steps:
+        raise _ApiError(422, Rejection.INVALID, f"num_inference_steps: at most {limits.max_steps}, got {steps}", "num_inference_steps")
     if body.scheduler is not None and body.scheduler not in SCHEDULER_NAMES:  # refused before it queues
         raise _ApiError(422, Rejection.INVALID, f"scheduler: must be one of {', '.join(SCHEDULER_NAMES)}; got "
                         f"{body.scheduler!r}", "scheduler")
@@ -265,9 +266,10 @@ def _to_params(body: ImageRequest, service: ImageService, limits: Limits) -> Gen
         n=body.n,
         width=width or info.default_image_size,
         height=height or info.default_image_size,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
+        num_inference_steps=steps,
+        guidance_scale=info.defaults.guidance_scale if body.guidance_scale is None else body.guidance_scale,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
-        scheduler=body.scheduler,
+        scheduler=body.scheduler if body.scheduler is not None else info.defaults.scheduler,
         encoding=body.encoding(),
+        decoder=body.decoder,
     )

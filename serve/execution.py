@@ -138,6 +138,7 @@ def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams
             **noise,
             output_type="pil",
             scheduler=first.scheduler,
+            decoder=first.decoder,
         )
     except InvalidArgumentError as exc:
         parameter = API_PARAMETER.get(exc.parameter, exc.parameter)

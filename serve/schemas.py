@@ -75,10 +75,13 @@ class ImageRequest(BaseModel):
     background: Literal["auto", "transparent", "opaque"] | None = None
     moderation: Literal["auto", "low"] | None = None
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int = Field(default=50, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
+    num_inference_steps: int | None = Field(default=None, ge=1, description="default: the bundle's (50; Turbo 1, LCM 4)")
+    guidance_scale: float | None = Field(default=None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+                                         description="default: the bundle's (7.5; Turbo 0)")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="drawn at random when omitted, and returned")
     scheduler: str | None = Field(default=None, max_length=32, description="a scheduler name; default: the bundle's")
+    decoder: Literal["full", "tiny"] = Field(default="full", description="the VAE, or the tiny autoencoder of a bundle "
+                                             "exported with --tiny-vae")
 
     @field_validator("size")
     @classmethod
@@ -130,11 +133,12 @@ class GenerationParams:
     seed: int
     scheduler: str | None
     encoding: ImageEncoding = ImageEncoding()  # of each image, after generation: no part of the batch key
+    decoder: str = "full"  # "full" or "tiny": part of the batch key, as one decoder decodes the batch
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one U-Net batch: same latent size, same timesteps, same guidance."""
-        return (self.width, self.height, self.num_inference_steps, self.scheduler, self.guidance_scale)
+        return (self.width, self.height, self.num_inference_steps, self.scheduler, self.guidance_scale, self.decoder)
 
 
 class ImageData(BaseModel):

@@ -13,6 +13,7 @@ from typing import Protocol
 from sdrt.engine import StableDiffusionPipeline
 from sdrt.engine.errors import BundleError, GenerationCancelled, SdrtError
 from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
+from sdrt.engine.manifest import GenerationDefaults
 from sdrt.engine.memory_estimate import MemoryModel
 from sdrt.serve.admission import MemoryAdmission
 from sdrt.serve.batcher import Batcher, BatcherConfig, DeadlineExceededError, ShuttingDownError
@@ -35,10 +36,11 @@ class ModelInfo:
     """What request validation needs to know of the loaded model."""
 
     default_image_size: int
+    defaults: GenerationDefaults = GenerationDefaults()  # steps, guidance and scheduler of a request naming none
 
     @classmethod
     def of(cls, pipe: StableDiffusionPipeline) -> ModelInfo:
-        return cls(pipe.manifest.model.default_image_size)
+        return cls(pipe.manifest.model.default_image_size, pipe.limits.defaults)
 
 
 class ImageService(Protocol):

@@ -150,8 +150,8 @@ def test_help_shows_one_prompt_defaults_and_backends(capsys) -> None:
     help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
     usage = help_text[: help_text.index("Generate images")]
     assert usage.rstrip().endswith("[BUNDLE] PROMPT") and "..." not in usage
-    assert "(default: image.png)" in help_text and "denoising steps (default: 50)" in help_text
-    assert "(default: 7.5)" in help_text and "images to make (default: 1)" in help_text
+    assert "(default: image.png)" in help_text and "denoising steps (default: the bundle's: 1 for Turbo, 4 for LCM, else 50)" in help_text
+    assert "(default: the bundle's: 0 for Turbo, else 7.5)" in help_text and "images to make (default: 1)" in help_text
     runs_here = help_text[help_text.index("This machine runs"):]
     assert "onnxruntime-cpu" in runs_here.split(";")[0]  # every install has onnxruntime's CPU provider
     assert all(b.name in help_text for b in BACKENDS)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sdrt.engine.cuda_device as cuda_device
-from sdrt.benchmarks import gpu_validate, worker
+from sdrt.benchmarks import device_step_check, gpu_validate, worker
 from sdrt.benchmarks.gpu_validate import (
     EXIT_FAILED,
     EXIT_NO_DEVICE,
@@ -31,9 +31,10 @@ from sdrt.engine.backends import BACKENDS, OnnxRuntimeCUDABackend, TensorRTBacke
 from sdrt.cli.main import main
 from sdrt.engine.backends.tensorrt.engines.profile import Precision
 from sdrt.engine.cuda_device import CudaDevice
-from sdrt.engine.errors import GpuError, InvalidArgumentError
+from sdrt.engine.errors import BackendUnavailableError, GpuError, InvalidArgumentError
 from sdrt.engine.manifest import ModelConfig
 from sdrt.export.errors import EngineBuildError
+from tests.fake_device import FakeDevice
 from tests.test_tensorrt_host import _fake_bundle
 
 H100 = CudaDevice("NVIDIA H100 80GB HBM3", 80 * 2**30)
@@ -317,3 +318,92 @@ def test_tiny_validation_passes_end_to_end_on_this_gpu(tmp_path: Path) -> None:
     assert status == EXIT_PASSED and failures == {}, failures
     assert [r["name"] for r in report["results"]] == TINY_STEPS
     assert _results(report)["tiny/timing"]["details"]["cuda_graph_speedup"] > 0
+
+
+# ---- --quick ------------------------------------------------------------------------------------------------------
+
+QUICK_DEVICE_STEPS = ["device/cupy", *(f"device/step-{name}" for name in device_step_check.CHECKED_SCHEDULERS)]
+QUICK_TINY_STEPS = ["tiny/requirements", *(f"tiny/{name}" for name in gpu_validate.QUICK_MODEL_STEPS)]
+
+
+class _StaleGraphDevice(FakeDevice):
+    """A device whose graphs replay nothing: the latents of the capture's request, not the new one's."""
+
+    def capture(self, work):
+        graph = super().capture(work)
+        graph.nodes = []
+        return graph
+
+
+def _no_cupy():
+    raise BackendUnavailableError("CuPy is not installed (pip install cupy-cuda12x)")
+
+
+def test_quick_plans_the_device_checks_then_the_tiny_models_tensorrt_parity(tmp_path: Path) -> None:
+    plan = plan_for(tmp_path, H100, full=True, steps=8, runs=1, quick=True)
+    assert plan.quick and plan.models == (TINY,)
+    steps = gpu_validate.validation_steps(plan, FakeActions())
+    assert [s.name for s in steps] == [*QUICK_DEVICE_STEPS, *QUICK_TINY_STEPS]
+    by_name = {s.name: s for s in steps}
+    assert by_name["device/step-lms"].needs == ("device/cupy",)
+    assert "tiny/requirements" in by_name["tiny/parity-tensorrt-fp32"].needs
+
+
+def test_quick_passes_with_a_faithful_device_and_tensorrt(tmp_path: Path, fake_gpu_machine, monkeypatch) -> None:
+    monkeypatch.setattr(gpu_validate, "_cupy_device", FakeDevice)
+    monkeypatch.setattr(gpu_validate, "libraries_unavailable_reason", lambda: None)
+    status, report, markdown = _validate(tmp_path / "out", FakeActions(), steps=None, quick=True)
+    results = _results(report)
+    assert status == EXIT_PASSED and report["plan"]["quick"] and report["plan"]["steps"] == gpu_validate.QUICK_STEPS
+    assert [r["status"] for r in report["results"]] == ["passed"] * len(results)
+    euler_a = results["device/step-euler_a"]["details"]
+    assert euler_a["max_relative_diff"] == 0.0 and euler_a["unet_calls"] == gpu_validate.QUICK_STEPS
+    assert len(euler_a["per_request_relative_diff"]) == device_step_check.REQUESTS
+    assert f"| device/step-pndm | passed |" in markdown and "graphs: max diff 0 of the latents' scale" in markdown
+    assert "parity-tensorrt-fp32" in markdown and "timing" not in results
+
+
+def test_quick_fails_a_device_whose_graphs_do_not_replay(tmp_path: Path, fake_gpu_machine, monkeypatch) -> None:
+    monkeypatch.setattr(gpu_validate, "_cupy_device", _StaleGraphDevice)
+    monkeypatch.setattr(gpu_validate, "libraries_unavailable_reason", lambda: None)
+    status, report, _ = _validate(tmp_path / "out", FakeActions(), quick=True)
+    step = _results(report)["device/step-ddim"]
+    assert status == EXIT_FAILED and step["status"] == "failed"
+    assert "the device loop's latents differ from numpy's" in step["error"] and step["details"]["max_relative_diff"] > 1e-2
+    assert step["details"]["per_request_relative_diff"][0] == 0.0  # the eager first request was right
+
+
+def test_quick_without_cupy_or_tensorrt_skips_saying_what_is_missing(tmp_path: Path, fake_gpu_machine, monkeypatch) -> None:
+    monkeypatch.setattr(gpu_validate, "_cupy_device", _no_cupy)
+    monkeypatch.setattr(gpu_validate, "libraries_unavailable_reason", lambda: "tensorrt is not installed (pip install 'sdrt[gpu]')")
+    real_find_spec = gpu_validate.importlib.util.find_spec
+    monkeypatch.setattr(gpu_validate.importlib.util, "find_spec", lambda name: None if name in ("diffusers", "PIL") else real_find_spec(name))
+    status, report, markdown = _validate(tmp_path / "out", FakeActions(), quick=True)
+    results = _results(report)
+    assert status == EXIT_PASSED and report["counts"] == {"passed": 0, "failed": 0, "skipped": len(results)}
+    assert results["device/cupy"]["error"] == "CuPy is not installed (pip install cupy-cuda12x)"
+    assert results["device/step-euler"]["error"] == "needs device/cupy, which did not pass"
+    assert results["tiny/requirements"]["error"] == ("tensorrt is not installed (pip install 'sdrt[gpu]'); not installed: "
+                                                    "diffusers (the checkpoint), PIL (the pipeline (pillow))")
+    assert "needs tiny/requirements" in results["tiny/checkpoint"]["error"]
+    assert "| device/cupy | skipped | 0.0 | CuPy is not installed" in markdown
+
+
+def test_quick_is_an_option_of_the_module(tmp_path: Path, fake_gpu_machine, monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr(gpu_validate, "run_validation", lambda plan, actions, command: seen.update(plan=plan, command=command) or [])
+    assert gpu_validate.main([str(tmp_path), "--quick"]) == EXIT_PASSED
+    assert seen["plan"].quick and seen["plan"].steps == gpu_validate.QUICK_STEPS and seen["command"][-1] == "--quick"
+
+
+def test_quick_fails_a_device_that_cannot_capture_even_when_its_eager_results_are_right(tmp_path: Path, fake_gpu_machine,
+                                                                                        monkeypatch) -> None:
+    class NoCapture(FakeDevice):
+        def capture(self, work):
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+
+    monkeypatch.setattr(gpu_validate, "_cupy_device", NoCapture)
+    status, report, _ = _validate(tmp_path / "out", FakeActions(), quick=True)
+    step = _results(report)["device/step-euler"]
+    assert status == EXIT_FAILED and step["details"]["max_relative_diff"] == 0.0
+    assert step["error"] == "euler: 0 CUDA graphs captured for 2 steps: RuntimeError: cudaErrorStreamCaptureUnsupported"

@@ -1,4 +1,4 @@
-"""DDIM, Euler, Euler ancestral, DPM-Solver++ and LMS (numpy, explicit state) against diffusers, call by call, and
+"""DDIM, Euler, Euler ancestral, DPM-Solver++, LMS and LCM (numpy, explicit state) against diffusers, call by call, and
 picked by name in the pipeline against diffusers' StableDiffusionPipeline with the same scheduler swapped in.
 
 Agreement is float32 rounding, not bit-identity: torch's float32 sqrt is an ulp off on ~20% of inputs where numpy's
@@ -26,6 +26,7 @@ from sdrt.engine.schedulers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     Scheduler,
@@ -48,6 +49,8 @@ VARIANTS = {
     "leading": {"timestep_spacing": "leading"},
     "v_prediction": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
     "cosine": {"beta_schedule": "squaredcos_cap_v2", "steps_offset": 0},
+    # LCM's own keys, as an LCM-distilled checkpoint might set them (ignored by the other samplers)
+    "lcm_options": {"original_inference_steps": 40, "timestep_scaling": 4.0, "set_alpha_to_one": False},
 }
 
 
@@ -86,11 +89,17 @@ SAMPLERS = {
     ),
     "lms": Sampler("LMSDiscreteScheduler", name="lms"),
     "lms-karras": Sampler("LMSDiscreteScheduler", fixed=(("use_karras_sigmas", True),)),
+    "lcm": Sampler("LCMScheduler", name="lcm"),
 }
+#: the samplers whose step() takes noise
+STOCHASTIC = ("euler_a", "ddim-eta", "lcm")
 STEP_COUNTS = [1, 2, 3, 10, 25, 50]
 SHAPE = (2, 4, 8, 8)
 CASES = [(sampler, variant, steps) for sampler in SAMPLERS for variant in ("sd15", "trailing", "v_prediction") for steps in STEP_COUNTS]
 CASES += [(sampler, variant, 10) for sampler in SAMPLERS for variant in ("leading", "cosine")]
+# The step counts LCM-distilled models run (its most: original_inference_steps, 50 by default).
+CASES += [("lcm", variant, steps) for variant in ("sd15", "lcm_options", "v_prediction") for steps in (4, 8)]
+CASES += [("lcm", "lcm_options", steps) for steps in (1, 2, 3, 40)]
 
 # One call from the same inputs: a few float32 ulps of the largest entry.
 CALL_RTOL, CALL_ATOL = 1e-5, 2e-6
@@ -106,13 +115,14 @@ def _assert_close(actual: np.ndarray, desired: np.ndarray, rtol: float, atol: fl
 
 @contextlib.contextmanager
 def _diffusers_noise(noises: Iterator[np.ndarray]) -> Iterator[None]:
-    """diffusers' Euler ancestral draws its step noise with randn_tensor: hand it ``noises`` instead, in order."""
+    """diffusers' Euler ancestral and LCM draw their step noise with randn_tensor: hand it ``noises`` instead, in order."""
     def next_noise(shape, **_: Any):
         noise = next(noises)
         assert tuple(shape) == noise.shape
         return torch.from_numpy(noise.copy())
 
-    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", next_noise):
+    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", next_noise), \
+            mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", next_noise):
         yield
 
 
@@ -318,7 +328,7 @@ def test_calls_must_come_in_order(sampler: str) -> None:
         scheduler.step(state, np.zeros((1, 4, 8, 8), dtype=np.float32), 0, sample, noise)
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "ddim-eta"])
+@pytest.mark.parametrize("sampler", STOCHASTIC)
 def test_stochastic_samplers_need_noise(sampler: str) -> None:
     scheduler = SAMPLERS[sampler].ours("sd15")
     assert scheduler.needs_noise
@@ -335,7 +345,7 @@ def test_scheduler_contract(sampler: str) -> None:
     scheduler, reference = spec.ours("sd15"), spec.reference("sd15")
     assert isinstance(scheduler, Scheduler) and isinstance(scheduler.start(10), SchedulerState)
     assert scheduler.order == reference.order
-    assert scheduler.needs_noise == (sampler in ("euler_a", "ddim-eta"))
+    assert scheduler.needs_noise == (sampler in STOCHASTIC)
     assert scheduler.num_train_timesteps == 1000
 
 
@@ -374,7 +384,11 @@ def test_every_sampler_plans_its_max_steps_and_refuses_one_more(sampler: str, va
     scheduler = SCHEDULERS[class_name](config)
     top = scheduler.max_inference_steps
     timestep_based = class_name in ("PNDMScheduler", "DDIMScheduler")  # their default spacing is "leading"
-    if timestep_based and config.get("timestep_spacing", "leading") == "leading" and config["steps_offset"]:
+    if class_name == "LCMScheduler":
+        assert top == config.get("original_inference_steps", 50)  # diffusers: a subset of the distillation schedule
+        with pytest.raises(ValueError, match="original"):
+            getattr(diffusers, class_name).from_config(config).set_timesteps(top + 1)
+    elif timestep_based and config.get("timestep_spacing", "leading") == "leading" and config["steps_offset"]:
         # The reference: the first count whose top timestep passes the last training one (diffusers: IndexError).
         first_past = next(n for n in range(1, 1001) if _top_timestep(config, n) >= 1000)
         assert top == first_past - 1 < 1000
@@ -418,6 +432,11 @@ def test_every_count_up_to_the_max_plans(scheduler_class: type, variant: str) ->
         (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
         (DPMSolverMultistepScheduler, {"lambda_min_clipped": -5.1}),
         (DPMSolverMultistepScheduler, {"beta_schedule": "quadratic"}),
+        (LCMScheduler, {"thresholding": True}),
+        (LCMScheduler, {"rescale_betas_zero_snr": True}),
+        (LCMScheduler, {"prediction_type": "sample"}),
+        (LCMScheduler, {"original_inference_steps": 1001}),
+        (LCMScheduler, {"original_inference_steps": 0}),
     ],
 )
 def test_unsupported_config_values_are_refused(factory, change: dict) -> None:

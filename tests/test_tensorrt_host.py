@@ -146,9 +146,10 @@ class FakeCompiler:
     def run(self, plan, feeds):
         self.ran.append(plan)
         component, precision = plan.decode().split(":")
-        (sample,) = feeds.values()
-        assert sample.dtype == np.float32 and np.isfinite(sample).all()
-        return [np.full(sample.shape, np.nan if component in self.overflow and precision == "fp16" else 0.5, np.float32)]
+        self.probed = {**getattr(self, "probed", {}), component: feeds}
+        assert all(np.isfinite(feed).all() for feed in feeds.values())
+        shape = next(iter(feeds.values())).shape
+        return [np.full(shape, np.nan if component in self.overflow and precision == "fp16" else 0.5, np.float32)]
 
 
 # ---- profiles and shapes ------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def test_fp16_vae_overflow_is_rebuilt_in_fp32_and_remembered(tmp_path: Path, cap
     assert "vae_decoder: the fp16 engine returns NaN or infinity on a sample input (fp16 overflow): building it in fp32" in caplog.text
     assert [(c, p) for c, p, _ in compiler.compiled if c.startswith("vae")] == [
         ("vae_decoder", Precision.FP16), ("vae_decoder", Precision.FP32), ("vae_encoder", Precision.FP16)]
-    assert sorted(compiler.ran) == [b"vae_decoder:fp16", b"vae_encoder:fp16"]  # only VAEs, only in fp16
+    assert sorted(compiler.ran) == [b"text_encoder:fp16", b"unet:fp16", b"vae_decoder:fp16", b"vae_encoder:fp16"]  # only in fp16
     store, index = resolve_engines(bundle, _digests(bundle), H100)
     assert index.precision is Precision.FP16
     assert {c: k.precision for c, k in index.engines.items()} == {
@@ -371,7 +372,7 @@ def test_fp16_vae_overflow_is_rebuilt_in_fp32_and_remembered(tmp_path: Path, cap
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdrt.export.tensorrt_build"):
         build_engines(bundle, compiler=compiler)
-    assert len(compiler.compiled) == 5 and len(compiler.ran) == 2  # the finding is reused: no fp16 attempt again
+    assert len(compiler.compiled) == 5 and len(compiler.ran) == 4  # the finding is reused: no fp16 attempt again
     assert "vae_decoder: kept in fp32" in caplog.text
 
 
@@ -582,7 +583,7 @@ class FakeCudart:
 
     cudaError_t = types.SimpleNamespace(cudaSuccess=_Error(0))
     cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="h2d", cudaMemcpyDeviceToHost="d2h")
-    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal="thread-local")
+    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal="thread-local", cudaStreamCaptureModeRelaxed="relaxed")
     OK = (_Error(0),)
 
     def __init__(self) -> None:
@@ -593,6 +594,7 @@ class FakeCudart:
         self.graphs_destroyed = 0
         self.next_ptr = 0x1000
         self.fail_malloc = False
+        self.graphs_destroyed_templates = 0
 
     def cudaMalloc(self, nbytes):
         if self.fail_malloc:
@@ -625,7 +627,7 @@ class FakeCudart:
         return self.OK
 
     def cudaStreamBeginCapture(self, stream, mode):
-        assert mode == "thread-local"
+        assert mode in ("thread-local", "relaxed")
         self.capturing = []
         return self.OK
 
@@ -638,6 +640,7 @@ class FakeCudart:
         return (_Error(0), list(graph))
 
     def cudaGraphDestroy(self, graph):
+        self.graphs_destroyed_templates += 1
         return self.OK
 
     def cudaGraphExecDestroy(self, executable):
@@ -650,16 +653,43 @@ class FakeCudart:
         return self.OK
 
 
-class FakeContext:
-    """An engine computing y = 2 * x + 1 on float32 x of shape (batch <= 4, 3)."""
+class FakeEngine:
+    """An engine computing y = 2 * x + 1 on float32 x of shape (batch <= 4, 3); counts launches over its contexts."""
+
+    num_io_tensors = 2
+    device_memory_size_v2 = 256
 
     def __init__(self, cudart: FakeCudart) -> None:
         self.cudart = cudart
+        self.launches = 0
+        self.contexts: list[FakeContext] = []
+
+    get_tensor_name = staticmethod(["x", "y"].__getitem__)
+    get_tensor_mode = staticmethod(lambda name: "in" if name == "x" else "out")
+    get_tensor_dtype = staticmethod(lambda name: "float")
+
+    def create_execution_context(self, strategy):
+        assert strategy == "user-managed"
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
+
+
+class FakeContext:
+    """One execution context; it refuses to be re-shaped once a graph was captured on it (not documented as safe)."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.cudart = engine.cudart
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
-        self.launches = 0
+        self.captured = False
+        self.scratch: tuple[int, int] | None = None
+
+    def set_device_memory(self, ptr, nbytes):
+        self.scratch = (ptr, nbytes)
 
     def set_input_shape(self, name, shape):
+        assert not self.captured or self.shapes.get(name) == tuple(shape), "a context re-shaped after a graph was captured on it"
         if not 1 <= shape[0] <= 4:
             return False
         self.shapes[name] = tuple(shape)
@@ -670,32 +700,29 @@ class FakeContext:
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
+        return ptr % 256 == 0  # TensorRT refuses misaligned addresses
 
     def execute_async_v3(self, stream):
-        assert stream == 7
+        assert stream == 7 and self.scratch is not None
         x_ptr, y_ptr, count = self.addresses["x"], self.addresses["y"], int(np.prod(self.shapes["x"]))
+        engine = self.engine
 
         def work():  # reads the addresses bound now, as a captured kernel does
-            self.launches += 1
+            engine.launches += 1
             x = np.frombuffer(self.cudart.memory[x_ptr], np.float32, count)
             self.cudart.memory[y_ptr][:] = (2 * x + 1).astype(np.float32).tobytes()
 
         if self.cudart.capturing is not None:
+            self.captured = True
             self.cudart.capturing.append(work)
         else:
             work()
         return True
 
 
-def _fake_tensorrt(context: FakeContext):
-    engine = types.SimpleNamespace(
-        num_io_tensors=2,
-        get_tensor_name=["x", "y"].__getitem__,
-        get_tensor_mode=lambda name: "in" if name == "x" else "out",
-        get_tensor_dtype=lambda name: "float",
-        create_execution_context=lambda: context,
-    )
+def _fake_tensorrt(engine: FakeEngine):
     return types.SimpleNamespace(
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="user-managed"),
         Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine if plan == b"plan" else None),
         TensorIOMode=types.SimpleNamespace(INPUT="in"),
         nptype=lambda dtype: np.float32,
@@ -705,11 +732,11 @@ def _fake_tensorrt(context: FakeContext):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     cudart = FakeCudart()
-    context = FakeContext(cudart)
+    engine = FakeEngine(cudart)
     monkeypatch.setattr(cuda_module, "cudart", lambda: cudart)
-    monkeypatch.setattr(runner_module, "tensorrt", lambda: _fake_tensorrt(context))
+    monkeypatch.setattr(runner_module, "tensorrt", lambda: _fake_tensorrt(engine))
     monkeypatch.setattr(runner_module, "trt_logger", lambda: None)
-    return cudart, context
+    return cudart, engine
 
 
 def _x(batch: int, value: float) -> np.ndarray:
@@ -742,7 +769,7 @@ def test_runner_without_graphs_rebinds_when_the_shape_changes(fake_gpu) -> None:
     for batch, value in [(1, 1.0), (2, 2.0), (1, 3.0), (2, 4.0)]:
         (y,) = runner.run({"x": _x(batch, value)})
         assert y.shape == (batch, 3) and (y == 2 * value + 1).all()
-    assert cudart.graphs_instantiated == 0 and context.launches == 4 and len(cudart.memory) == 4  # 2 shapes x (x, y)
+    assert cudart.graphs_instantiated == 0 and context.launches == 4 and len(cudart.memory) == 5  # scratch + 2 shapes x (x, y)
 
 
 def test_runner_errors_name_the_failure(fake_gpu) -> None:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from sdrt.engine.device_loop import DeviceLoop
 from sdrt.engine.errors import WeightsNotReplaceableError
 from sdrt.engine.specs import Component
 
@@ -124,6 +125,11 @@ class Backend(abc.ABC):
             "engines built by `sdrt build-engines --refittable`"
         )
 
+    def device_loop(self) -> DeviceLoop | None:
+        """A loop running a whole request's denoising on the device (sdrt.engine.device_loop), which the pipeline
+        hands text-to-image requests to; None (most backends): the pipeline's host loop calls `run` per step."""
+        return None
+
     @abc.abstractmethod
     def _load(self, component: Component) -> Any:
         """Load `component` into whatever `_infer` runs (a session, a compiled model)."""
@@ -140,10 +146,14 @@ class Backend(abc.ABC):
     def run(self, component: Component, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run one component on named inputs; return its outputs in spec order."""
         with self._lock:  # one request at a time per backend: loaded models and their buffers are shared
-            if component not in self._loaded:
-                if self.memory is MemoryPolicy.ONE_AT_A_TIME and self._loaded:
-                    self._loaded.clear()
-                    gc.collect()  # free the previous model before the next one allocates
-                logger.debug("%s: loading %s", self.name, component.value)
-                self._loaded[component] = self._load(component)
-            return self._infer(self._loaded[component], feeds)
+            return self._infer(self._model(component), feeds)
+
+    def _model(self, component: Component) -> Any:
+        """`component`'s loaded model, loading it first if need be; the caller holds `_lock`."""
+        if component not in self._loaded:
+            if self.memory is MemoryPolicy.ONE_AT_A_TIME and self._loaded:
+                self._loaded.clear()
+                gc.collect()  # free the previous model before the next one allocates
+            logger.debug("%s: loading %s", self.name, component.value)
+            self._loaded[component] = self._load(component)
+        return self._loaded[component]

@@ -29,6 +29,7 @@ from .ddim import DDIMConfig, DDIMScheduler, DDIMState
 from .dpm_solver import DPMSolverConfig, DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .lcm import LCMConfig, LCMScheduler, LCMState
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMConfig, PNDMScheduler, PNDMState, PNDMUpdate
 from .sigmas import SigmaConfig, SigmaState
@@ -43,6 +44,9 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "LCMConfig",
+    "LCMScheduler",
+    "LCMState",
     "LMSDiscreteScheduler",
     "SCHEDULER_NAMES",
     "SigmaConfig",
@@ -78,6 +82,7 @@ SCHEDULERS: Mapping[str, Callable[[Mapping[str, Any]], Scheduler[Any]]] = {
     "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
     "LMSDiscreteScheduler": LMSDiscreteScheduler,
+    "LCMScheduler": LCMScheduler,
 }
 _FALLBACK = "PNDMScheduler"
 
@@ -94,6 +99,7 @@ _NAMED: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 #: Every name `scheduler_by_name` (the pipeline's ``scheduler=``, the CLI's ``--scheduler``) accepts.
 SCHEDULER_NAMES: tuple[str, ...] = (DEFAULT_SCHEDULER, *_NAMED)

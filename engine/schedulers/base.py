@@ -16,6 +16,7 @@ from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from sdrt.engine.array_namespace import is_host_array
 from sdrt.engine.checks import is_finite_number, is_int
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -202,8 +203,10 @@ def check_step_index(num_calls: int, step_index: int) -> None:
 
 
 def read_only(array: np.ndarray) -> np.ndarray:
-    """``array``, made read-only so a state can hold it without copies being taken defensively."""
-    array.setflags(write=False)
+    """``array``, made read-only so a state can hold it without copies being taken defensively (host arrays: device
+    arrays have no such flag, and a device loop's states are its own)."""
+    if is_host_array(array):
+        array.setflags(write=False)
     return array
 
 

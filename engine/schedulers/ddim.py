@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sdrt.engine.array_namespace import namespace_of
 from .base import (
     NoiseScheduleConfig,
     SchedulerConfigError,
@@ -131,8 +132,9 @@ class DDIMScheduler:
         """The DDIM update of call ``step_index``; ``noise`` (standard normal, shaped like ``sample``) is required
         when eta > 0 and ignored otherwise. Calls may come in any order: the state holds no history."""
         check_step_index(len(state.timesteps), step_index)
-        model_output = np.asarray(model_output, dtype=_F32)  # (B, C, H, W)
-        sample = np.asarray(sample, dtype=_F32)  # (B, C, H, W)
+        xp = namespace_of(model_output, sample)
+        model_output = xp.asarray(model_output, dtype=xp.float32)  # (B, C, H, W)
+        sample = xp.asarray(sample, dtype=xp.float32)  # (B, C, H, W)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
         alpha_prod_t, alpha_prod_prev = state.alpha_prod[step_index], state.alpha_prod_prev[step_index]
@@ -146,7 +148,7 @@ class DDIMScheduler:
             pred_epsilon = alpha_prod_t**half * model_output + beta_prod_t**half * sample  # (B, C, H, W)
         if self.config.clip_sample:
             limit = _F32(self.config.clip_sample_range)
-            pred_original = np.clip(pred_original, -limit, limit)  # (B, C, H, W)
+            pred_original = xp.clip(pred_original, -limit, limit)  # (B, C, H, W)
         # eq. (16): the DDPM posterior variance between the two timesteps, scaled by eta.
         variance = ((_F32(1) - alpha_prod_prev) / beta_prod_t) * (_F32(1) - alpha_prod_t / alpha_prod_prev)
         std_dev_t = _F32(self.eta) * variance**half

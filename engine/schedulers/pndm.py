@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sdrt.engine.array_namespace import namespace_of
 from .base import (
     NoiseScheduleConfig,
     SchedulerConfigError,
@@ -333,6 +334,8 @@ def _append_history(history: tuple[np.ndarray, ...], model_output: np.ndarray) -
 
 
 def _frozen_float32(array: np.ndarray) -> np.ndarray:
-    """A read-only float32 copy, safe to keep in a state while the caller reuses its buffer."""
-    return read_only(np.array(array, dtype=np.float32, copy=True))
+    """A read-only float32 copy, safe to keep in a state while the caller reuses its buffer (a device loop's U-Net
+    output buffer is rewritten every step)."""
+    xp = namespace_of(array)
+    return read_only(xp.asarray(array, dtype=xp.float32).copy())
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sdrt.engine.array_namespace import namespace_of
 from .base import (
     NoiseScheduleConfig,
     check_step_index,
@@ -183,8 +184,9 @@ def check_step(state: SigmaState, model_output: np.ndarray, step_index: int, sam
     check_call(state, step_index)
     if step_index != state.steps_taken:
         raise ValueError(f"step_index {step_index} out of order: this state expects step {state.steps_taken}")
-    model_output = np.asarray(model_output, dtype=_F32)  # (B, C, H, W)
-    sample = np.asarray(sample, dtype=_F32)  # (B, C, H, W)
+    xp = namespace_of(model_output, sample)
+    model_output = xp.asarray(model_output, dtype=xp.float32)  # (B, C, H, W)
+    sample = xp.asarray(sample, dtype=xp.float32)  # (B, C, H, W)
     if model_output.shape != sample.shape:
         raise ValueError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
     return model_output, sample
@@ -194,7 +196,8 @@ def check_noise(noise: np.ndarray | None, sample: np.ndarray) -> np.ndarray:
     """The step noise of a stochastic sampler as float32; ValueError if missing or not shaped like ``sample``."""
     if noise is None:
         raise ValueError("this sampler is stochastic: step() needs standard-normal noise shaped like the sample")
-    noise = np.asarray(noise, dtype=_F32)  # (B, C, H, W)
+    xp = namespace_of(noise, sample)
+    noise = xp.asarray(noise, dtype=xp.float32)  # (B, C, H, W)
     if noise.shape != sample.shape:
         raise ValueError(f"noise shape {noise.shape} != sample shape {sample.shape}")
     return noise

@@ -3,25 +3,34 @@
 Engines are looked up under this GPU's and TensorRT's environment and checked against the bundle's model files: a
 missing, stale or foreign engine is refused with the command that rebuilds it, and a request outside the profile
 the engines were built for fails before any model runs. All engines run on one CUDA stream; the U-Net, called with
-the same shapes at every step, replays a CUDA graph per shape (unless SDRT_TENSORRT_CUDA_GRAPHS=0).
+the same shapes at every step, replays a CUDA graph per shape (unless SDRT_TENSORRT_CUDA_GRAPHS=0). Where CuPy is
+installed, requests without per-step hooks run in the device loop (sdrt.engine.device_loop): the whole step, guidance
+and scheduler update included, one graph per step, the latents on the device until the end (unless
+SDRT_TENSORRT_DEVICE_LOOP=0).
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from sdrt.engine.array_namespace import cupy_namespace
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy
 from sdrt.engine.backends.tensorrt.cuda import Stream
+from sdrt.engine.backends.tensorrt.device_loop import CupyDevice, TensorRTUNet, device_loop_unavailable_reason
 from sdrt.engine.backends.tensorrt.engines.compatibility import build_command, check_context_length, check_request, resolve_engines
 from sdrt.engine.backends.tensorrt.library import current_environment, libraries_unavailable_reason
 from sdrt.engine.backends.tensorrt.runner import EngineRunner
 from sdrt.engine.cuda_device import cuda_device_unavailable_reason
+from sdrt.engine.device_loop import DenoiseJob, DeviceDenoiser, DeviceLoop
 from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError, WeightsNotReplaceableError
 from sdrt.engine.onnx_weights import read_initializers
 from sdrt.engine.specs import Component
+
+logger = logging.getLogger(__name__)
 
 #: components whose calls are captured in CUDA graphs: the U-Net runs at every step with the same shapes, so a
 #: replay saves its many kernel launches each time; the others run once per request, where a capture costs more
@@ -67,6 +76,23 @@ class TensorRTBackend(Backend):
         self._stream = Stream()
         # weights replaced since load (LoRA), applied again to an engine loaded later (memory="one-at-a-time")
         self._weights: dict[Component, dict[str, np.ndarray]] = {}
+        self._denoiser: DeviceDenoiser | None = None
+        reason = device_loop_unavailable_reason(self.memory)
+        if reason is None:
+            cupy = cupy_namespace()
+            device = CupyDevice(cupy.cuda.ExternalStream(self._stream.ptr), cupy)
+            unet = TensorRTUNet(lambda: self._model(Component.UNET), cupy)
+            self._denoiser = DeviceDenoiser(device, unet, capture_graphs=Component.UNET in self._graph_captured)
+        else:
+            logger.info("tensorrt: denoising in the host loop: %s", reason)
+
+    def device_loop(self) -> DeviceLoop | None:
+        return self if self._denoiser is not None else None
+
+    def denoise(self, job: DenoiseJob) -> np.ndarray:
+        """DeviceLoop: the whole denoising of `job` on the GPU, one request at a time."""
+        with self._lock:
+            return self._denoiser.denoise(job)
 
     def check_request(self, num_images: int, height: int, width: int) -> None:
         check_request(self._index, self.bundle_dir, num_images, height, width)
@@ -94,6 +120,8 @@ class TensorRTBackend(Backend):
         with self._lock:
             if component in self._loaded:
                 self._loaded[component].refit({**restored, **weights})
+            if component is Component.UNET and self._denoiser is not None:
+                self._denoiser.clear()  # its graphs were captured with the previous weights
             self._weights[component] = dict(weights)  # only once TensorRT has taken them
 
     def _infer(self, model: EngineRunner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -95,15 +95,24 @@ class Stream:
     def synchronize(self) -> None:
         call(cudart().cudaStreamSynchronize, self.handle)
 
-    def capture(self, work: Callable[[], None]) -> CudaGraph:
-        """Run `work` (which only enqueues on this stream) under capture and return the instantiated graph."""
+    def capture(self, work: Callable[[], None], relaxed: bool = False) -> CudaGraph:
+        """Run `work` (which only enqueues on this stream) under capture and return the instantiated graph.
+        `relaxed`: CUDA's relaxed capture mode, which lets `work` allocate memory (CuPy's pool does); otherwise
+        thread-local, where another thread's CUDA calls (a second pipeline, say) do not invalidate this capture.
+        If `work` raises, the capture is ended and its graph destroyed, and `work`'s exception propagates."""
         runtime = cudart()
-        # Thread-local: another thread's CUDA calls (a second pipeline, say) do not invalidate this capture.
-        call(runtime.cudaStreamBeginCapture, self.handle, runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        modes = runtime.cudaStreamCaptureMode
+        mode = modes.cudaStreamCaptureModeRelaxed if relaxed else modes.cudaStreamCaptureModeThreadLocal
+        call(runtime.cudaStreamBeginCapture, self.handle, mode)
         try:
             work()
-        finally:
-            graph = call(runtime.cudaStreamEndCapture, self.handle)  # ends the capture even when `work` failed
+        except BaseException:
+            # The capture is invalidated: ending it fails or returns a partial graph; neither may mask the error.
+            _error, *graph = runtime.cudaStreamEndCapture(self.handle)
+            if graph and graph[0]:
+                runtime.cudaGraphDestroy(graph[0])
+            raise
+        graph = call(runtime.cudaStreamEndCapture, self.handle)
         try:
             return CudaGraph(call(runtime.cudaGraphInstantiate, graph, 0))
         finally:

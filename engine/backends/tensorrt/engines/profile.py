@@ -16,8 +16,14 @@ from sdrt.engine.guidance_batch import batch_size
 from sdrt.engine.manifest import ComponentEntry, ModelConfig
 from sdrt.engine.specs import Component
 
-#: images per request of the default profile: tuned for one, up to four
+#: images per request of the default profile: tuned for one, up to four where the card's memory holds them
 DEFAULT_BATCH = (1, 1, 4)
+#: a TensorRT fp16 U-Net's activation memory per batch row and latent pixel, SD 1.x's channels with fused attention:
+#: an estimate from its feature maps, not yet measured on a GPU (docs/gpus.md)
+UNET_ACTIVATION_BYTES_PER_LATENT_PIXEL = 96 * 1024
+#: the share of the card's memory the U-Net's activations may take at the profile's largest request; the rest holds
+#: every engine's weights, the VAE's activations, the CUDA context and other processes
+UNET_ACTIVATION_MEMORY_SHARE = 0.5
 #: the default profile's sides span the model's default image side halved to doubled (SD 1.5: 256, opt 512, 1024)
 DEFAULT_SIZE_SPAN = 2
 PROFILE_AXES = ("batch", "height", "width")
@@ -127,13 +133,25 @@ class ShapeRange:
         return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
 
 
-def default_profile(model: ModelConfig) -> EngineProfile:
-    """Batch 1 to 4 (opt 1), sides from half to twice the model's default image side (opt: the default)."""
+def default_profile(model: ModelConfig, device_memory_bytes: int | None = None) -> EngineProfile:
+    """Sides from half to twice the model's default image side (opt: the default); batch 1 (opt 1) to 4, or to the
+    most images whose guided U-Net batch at the largest side fits UNET_ACTIVATION_MEMORY_SHARE of
+    `device_memory_bytes` (the card's memory; None: not capped), at least 1."""
     side, factor, sides = model.default_image_size, model.vae_scale_factor, model.image_sides
     low = max(sides.minimum, side // DEFAULT_SIZE_SPAN // factor * factor)
     high = min(sides.maximum, side * DEFAULT_SIZE_SPAN)
     size = AxisRange(low, side, high)
-    return EngineProfile(AxisRange(*DEFAULT_BATCH), size, size)
+    most = DEFAULT_BATCH[2]
+    if device_memory_bytes is not None:
+        budget = device_memory_bytes * UNET_ACTIVATION_MEMORY_SHARE
+        fitting = [n for n in range(1, most + 1) if unet_activation_bytes(batch_size(n, guided=True), high, high, factor) <= budget]
+        most = max(fitting, default=1)
+    return EngineProfile(AxisRange(DEFAULT_BATCH[0], DEFAULT_BATCH[1], max(DEFAULT_BATCH[1], most)), size, size)
+
+
+def unet_activation_bytes(rows: int, height: int, width: int, vae_scale_factor: int) -> int:
+    """The estimated activation memory of a U-Net engine running `rows` batch rows of height x width images."""
+    return rows * (height // vae_scale_factor) * (width // vae_scale_factor) * UNET_ACTIVATION_BYTES_PER_LATENT_PIXEL
 
 
 def component_batch(component: Component, images: AxisRange) -> AxisRange:

@@ -1,0 +1,145 @@
+"""The tiny autoencoder (diffusers' AutoencoderTiny, TAESD) exported beside the VAE (`sdrt export --tiny-vae DIR`):
+decoder="tiny" draws what diffusers' StableDiffusionPipeline draws with `pipe.vae = AutoencoderTiny` on every exact
+CPU backend (fp32, <= 5e-3), previews in callback_on_step_end, and bad choices name the parameter and the export flag."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+import sdrt.engine
+from sdrt.cli.main import main
+from sdrt.engine.backends import BACKENDS
+from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.image_io import read_png_parameters
+from sdrt.engine.specs import Component
+from sdrt.export import export_bundle
+from sdrt.export.errors import CheckpointError
+from sdrt.export.random_checkpoint import make_tiny_autoencoder
+from tests.test_fewstep import CPU_BACKENDS
+from tests.test_parity import MAX_PIXEL_DIFF
+
+ARGS = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=7.5, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_autoencoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_autoencoder(tmp_path_factory.mktemp("taesd") / "taesd", seed=3)
+
+
+@pytest.fixture(scope="module")
+def taesd_bundle(tiny_checkpoint: Path, tiny_autoencoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("taesd-bundle") / "bundle"
+    assert main(["export", str(tiny_checkpoint), str(out), "--tiny-vae", str(tiny_autoencoder)]) == 0
+    return out
+
+
+def _pipe(bundle: Path, backend: str = "onnxruntime-cpu"):
+    reason = next(b for b in BACKENDS if b.name == backend).unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{backend} unavailable: {reason}")
+    pipe = sdrt.engine.load(bundle, backend=backend, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _latents() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((1, 4, 8, 8), dtype=np.float32)
+
+
+def _reference(checkpoint: Path, tiny_autoencoder: Path | None) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None, requires_safety_checker=False)
+    if tiny_autoencoder is not None:  # diffusers' way to run TAESD
+        pipe.vae = AutoencoderTiny.from_pretrained(tiny_autoencoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_decoder_matches_diffusers_with_autoencoder_tiny_as_its_vae(tiny_checkpoint, tiny_autoencoder, taesd_bundle,
+                                                                        backend: str) -> None:
+    ours = _pipe(taesd_bundle, backend)
+    entry = ours.manifest.components[Component.TINY_VAE_DECODER]
+    assert entry.file in ours.manifest.files and ours.manifest.model.tiny_vae_scaling_factor == 1.0
+    expected = _reference(tiny_checkpoint, tiny_autoencoder)(**ARGS, latents=torch.from_numpy(_latents()), output_type="np").images
+    actual = ours(**ARGS, latents=_latents(), output_type="np", decoder="tiny").images
+    assert actual.shape == expected.shape == (1, 64, 64, 3)
+    assert np.abs(actual - expected).max() <= MAX_PIXEL_DIFF
+    assert actual.std() > 1e-3
+    # the default is still the VAE, as the bundle without a tiny decoder draws it
+    full = _reference(tiny_checkpoint, None)(**ARGS, latents=torch.from_numpy(_latents()), output_type="np").images
+    assert np.abs(ours(**ARGS, latents=_latents(), output_type="np").images - full).max() <= MAX_PIXEL_DIFF
+    assert np.abs(full - expected).max() > 20 * MAX_PIXEL_DIFF  # two different decoders: a mix-up would fail
+
+
+def test_previews_in_the_step_callback(taesd_bundle: Path) -> None:
+    """`pipe.decode(latents, decoder="tiny")` in callback_on_step_end: one preview per step, the last one the image
+    a tiny-decoded call returns."""
+    ours = _pipe(taesd_bundle)
+    previews = []
+
+    def preview(pipe, step_index: int, timestep: float, tensors: dict) -> dict:
+        previews.append(pipe.decode(tensors["latents"], decoder="tiny"))  # (1, 64, 64, 3)
+        return tensors
+
+    out = ours(**ARGS, latents=_latents(), output_type="np", decoder="tiny", callback_on_step_end=preview)
+    final = out.images
+    assert len(previews) == out.unet_calls  # PNDM: 4 calls for 3 steps
+    np.testing.assert_array_equal(previews[-1], final)
+    assert np.abs(previews[0] - final).max() > 1e-3
+
+
+def test_cli_decoder_flag(taesd_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.png"
+    assert main(["generate", str(taesd_bundle), "a cat", "-o", str(out), "-s", "2", "--height", "64", "--width", "64",
+                 "--seed", "4", "-q", "--no-safety-checker", "--decoder", "tiny"]) == 0
+    assert read_png_parameters(out)["decoder"] == "tiny"
+    assert main(["generate", str(taesd_bundle), "a cat", "-o", str(out), "--decoder", "small"]) == 2
+
+
+@pytest.mark.parametrize("decoder", ["small", "", None, 1])
+def test_unknown_decoder_names_the_choices(taesd_bundle: Path, decoder: object) -> None:
+    ours = _pipe(taesd_bundle)
+    with pytest.raises(InvalidArgumentError, match=r"decoder: must be one of full, tiny") as error:
+        ours(**ARGS, decoder=decoder)
+    assert error.value.parameter == "decoder"
+    with pytest.raises(InvalidArgumentError, match=r"decoder: must be one of full, tiny"):
+        ours.decode(_latents(), decoder=decoder)
+
+
+def test_tiny_decoder_of_a_bundle_without_one_names_the_export_flag(tiny_bundle: Path) -> None:
+    ours = _pipe(tiny_bundle)
+    with pytest.raises(InvalidArgumentError, match=r"decoder: 'tiny': this bundle has no tiny decoder.*--tiny-vae"):
+        ours(**ARGS, decoder="tiny")
+    with pytest.raises(InvalidArgumentError, match=r"--tiny-vae"):
+        ours.decode(_latents(), decoder="tiny")
+
+
+def test_a_tiny_autoencoder_of_another_latent_space_is_refused_before_export(tmp_path: Path, checkpoints) -> None:
+    """tiny-alt's VAE makes 8-channel latents at 1/4 of the image; TAESD decodes 4 channels 8x up."""
+    taesd = make_tiny_autoencoder(tmp_path / "taesd")
+    with pytest.raises(CheckpointError, match=r"decodes 4-channel latents upscaled 8x.*8-channel latents at 1/4"):
+        export_bundle(checkpoints["tiny-alt"], tmp_path / "out", tiny_vae=taesd)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="not AutoencoderTiny"):
+        export_bundle(checkpoints["tiny"], tmp_path / "out", tiny_vae=checkpoints["tiny"] / "vae")
+
+
+def test_server_decoder_field(taesd_bundle: Path) -> None:
+    pytest.importorskip("fastapi")
+    from tests.test_serve import GENERATE, _client, _decode, _wait_ready
+
+    ours = _pipe(taesd_bundle)
+    with _client(ours) as client:
+        _wait_ready(client)
+        body = {"prompt": "a red circle", "size": "64x64", "seed": 5, "num_inference_steps": 2}
+        tiny = client.post(GENERATE, json={**body, "decoder": "tiny"})
+        assert tiny.status_code == 200, tiny.text
+        full = _decode(client.post(GENERATE, json=body).json()["data"][0])
+        assert client.post(GENERATE, json={**body, "decoder": "small"}).status_code == 422
+    expected = ours("a red circle", height=64, width=64, seed=5, num_inference_steps=2, decoder="tiny").images[0]
+    np.testing.assert_array_equal(_decode(tiny.json()["data"][0]), np.asarray(expected))
+    assert np.abs(full.astype(int) - np.asarray(expected).astype(int)).max() > 10
