@@ -42,14 +42,16 @@ test-slow: $(VENV)/.test-installed
 demo-bundle: $(VENV)/.test-installed
 	$(PY) -m sdrt.demo.default_model_export
 
-# Regenerates benchmarks/RESULTS.md: SD 1.5-architecture random checkpoint (built once), its sdrt bundle, the optimum
-# peer (its own venv: optimum-onnx needs transformers 4.x) with its own export, then sdrt bench. Takes about an hour
-# on 2 cores; nothing here gates CI.
+# Regenerates benchmarks/RESULTS.md: SD 1.5-architecture random checkpoint (built once), its sdrt bundle, the peers
+# that run in venvs of their own (optimum-onnx and optimum-intel need transformers 4.x; OpenVINO GenAI) with their own
+# exports (timed and measured by sdrt.benchmarks.peer_export; GenAI and optimum-intel run the same OpenVINO export),
+# then sdrt bench. Takes about two hours on 2 cores; nothing here gates CI.
 BENCH_DIR ?= bench-data
 BENCH_ARGS ?= --runs 3 --sizes 512 -s 20
 OPTIMUM_VENV ?= .venv-optimum
-.PHONY: bench bench-build
+.PHONY: bench bench-build bench-peers
 OPTIMUM_INTEL_VENV ?= .venv-optimum-intel
+GENAI_VENV ?= .venv-genai
 
 $(OPTIMUM_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_VENV)
@@ -57,12 +59,26 @@ $(OPTIMUM_VENV)/.installed:
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet 'optimum-onnx[onnxruntime]' 'transformers<5' diffusers
 	touch $@
 
-bench: bench-bundle $(OPTIMUM_VENV)/.installed
-	test -d $(BENCH_DIR)/sd15-optimum || $(OPTIMUM_VENV)/bin/optimum-cli export onnx --model $(BENCH_DIR)/sd15 \
-	    --task text-to-image $(BENCH_DIR)/sd15-optimum
+bench: bench-bundle bench-peers
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 $(BENCH_ARGS) \
 	    --optimum-python $(OPTIMUM_VENV)/bin/python --optimum-model $(BENCH_DIR)/sd15-optimum \
+	    --optimum-intel-python $(OPTIMUM_INTEL_VENV)/bin/python --genai-python $(GENAI_VENV)/bin/python \
+	    --openvino-model $(BENCH_DIR)/sd15-openvino \
 	    --out $(BENCH_DIR)/out --results benchmarks/RESULTS.md --readme README.md
+
+# The peers' venvs and their own exports of the bench checkpoint, each export once (its time and peak memory are
+# recorded beside it, OUT.export.json, and reported by sdrt bench).
+bench-peers: bench-bundle $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_VENV)/.installed $(GENAI_VENV)/.installed
+	test -d $(BENCH_DIR)/sd15-optimum || $(PY) -m sdrt.benchmarks.peer_export onnx $(BENCH_DIR)/sd15 \
+	    $(BENCH_DIR)/sd15-optimum --python $(OPTIMUM_VENV)/bin/python
+	test -d $(BENCH_DIR)/sd15-openvino || $(PY) -m sdrt.benchmarks.peer_export openvino $(BENCH_DIR)/sd15 \
+	    $(BENCH_DIR)/sd15-openvino --python $(OPTIMUM_INTEL_VENV)/bin/python
+
+# OpenVINO GenAI's pipeline is C++ behind Python bindings: no torch, no transformers.
+$(GENAI_VENV)/.installed:
+	python3 -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install --quiet openvino-genai openvino-tokenizers numpy
+	touch $@
 
 $(OPTIMUM_INTEL_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_INTEL_VENV)

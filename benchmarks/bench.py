@@ -23,19 +23,39 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.benchmarks import worker
+from sdrt.benchmarks import matmul_peak, peer_export, worker
 from sdrt.benchmarks.report import write_chart, write_markdown
 from sdrt.benchmarks.worker import RunConfig
 from sdrt.engine.diagnostics import package_versions
 from sdrt.engine.backends import backend_class
 from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.loading import component_files
-from sdrt.engine.manifest import read_manifest
+from sdrt.engine.manifest import Manifest, read_manifest
+from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_ENGINE = "sdrt-exact"  # fp32: the accuracy reference for PSNR
 SDRT_ENGINES = tuple(worker.SDRT_ENGINES)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerInstall:
+    """Where a peer of worker.VENV_PEERS runs from: its venv's python and its own export of the checkpoint."""
+
+    python: Path | None
+    model: Path | None
+
+
+#: the `sdrt bench` options that give each venv peer's PeerInstall (python, model), named in its skip reason
+PEER_OPTIONS = {
+    "optimum-ort": ("--optimum-python", "--optimum-model"),
+    "optimum-intel": ("--optimum-intel-python", "--openvino-model"),
+    "openvino-genai": ("--genai-python", "--openvino-model"),
+}
+#: how each venv peer's model is made (`make bench` does it; docs/benchmarks.md)
+_PEER_EXPORTS = {"optimum-ort": peer_export.ExportFormat.ONNX, "optimum-intel": peer_export.ExportFormat.OPENVINO,
+                 "openvino-genai": peer_export.ExportFormat.OPENVINO}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +70,9 @@ class BenchPlan:
     steps: int
     guidance_scale: float
     seed: int
-    optimum_python: Path | None  # a python of a venv with optimum-onnx (it needs transformers 4.x)
-    optimum_model: Path | None  # the checkpoint exported by optimum
+    peers: dict[str, PeerInstall]  # worker.VENV_PEERS engine -> where it runs from; an engine absent here is skipped
     out_dir: Path
+    floor: bool = True  # measure this machine's matrix-product peaks and each engine's U-Net against them
 
 
 def _skip_reasons(plan: BenchPlan) -> dict[str, str]:
@@ -67,6 +87,9 @@ def _skip_reasons(plan: BenchPlan) -> dict[str, str]:
                 runs_as = _sdrt_run(engine, plan)
             except BackendUnavailableError as exc:
                 reasons[engine] = str(exc)
+                continue
+            if runs_as.deepcache_interval is not None and read_manifest(plan.bundle).deepcache is None:
+                reasons[engine] = "the bundle has no DeepCache passes: export it with --deepcache-branch N"
                 continue
             # e.g. sdrt-bf16 beside sdrt ("auto") on a bundle not quantized: the same run twice tells nothing more
             if runs_as in sdrt_runs:
@@ -87,8 +110,22 @@ def _peer_skip_reason(engine: str, plan: BenchPlan) -> str | None:
         if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
             return "torch/diffusers not installed (pip install 'sdrt[export]')"
         return worker.diffusers_unavailable_reason(engine)
-    if engine == "optimum-ort" and (plan.optimum_python is None or plan.optimum_model is None):
-        return "needs --optimum-python and --optimum-model (optimum-onnx runs in its own venv: transformers 4.x)"
+    if engine in worker.VENV_PEERS:
+        return _venv_peer_skip_reason(engine, plan.peers.get(engine, PeerInstall(None, None)))
+    return None
+
+
+def _venv_peer_skip_reason(engine: str, install: PeerInstall) -> str | None:
+    python_option, model_option = PEER_OPTIONS[engine]
+    export_format = _PEER_EXPORTS[engine].value
+    if install.python is None or install.model is None:
+        return (f"needs {python_option} and {model_option} ({worker.VENV_PEERS[engine]} runs in a venv of its own "
+                "and from its own export; `make bench` makes both)")
+    if not install.python.is_file():
+        return f"{python_option} {install.python}: no such file (a venv with {worker.VENV_PEERS[engine]}; `make bench` builds it)"
+    if not install.model.is_dir():
+        return (f"{model_option} {install.model}: no such directory (export it with `optimum-cli export {export_format} "
+                f"--model CHECKPOINT --task text-to-image {install.model}`, or `python -m sdrt.benchmarks.peer_export`)")
     return None
 
 
@@ -100,9 +137,10 @@ def _sdrt_run(engine: str, plan: BenchPlan) -> worker.SdrtEngine:
 
 
 def _run_once(engine: str, plan: BenchPlan, config: RunConfig, images_out: Path) -> dict[str, Any]:
-    if engine == "optimum-ort":
+    if engine in worker.VENV_PEERS:
         # Its venv does not have sdrt installed: run the worker by path (it imports nothing from sdrt at module level).
-        return run_worker(engine, plan.optimum_model, config, images_out, launcher=(str(plan.optimum_python), worker.__file__))
+        install = plan.peers[engine]
+        return run_worker(engine, install.model, config, images_out, launcher=(str(install.python), worker.__file__))
     return run_worker(engine, plan.bundle if engine in SDRT_ENGINES else plan.checkpoint, config, images_out)
 
 
@@ -137,6 +175,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     unet_calls = runs[0]["unet_calls"]
     summary = {
         "backend": runs[0].get("backend"),
+        "unet_precision": runs[0].get("unet_precision"),  # what its U-Net's products run in: fp32, bf16, int8 or None
         "runs": len(runs),
         "e2e_s": stat([r["e2e_s"] for r in runs]),
         "images_per_s": stat([r["images_per_s"] for r in runs]),
@@ -163,7 +202,31 @@ def _ratios(engines: dict[str, dict[str, Any]], metric: str) -> dict[str, dict[s
     }
 
 
-def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path, skipped: dict[str, str]) -> dict[str, Any]:
+def unet_call_gflop(bundle: Path, manifest: Manifest, size: int, batch: int, guidance_scale: float) -> float:
+    """GFLOP of one U-Net call of a size × size, `batch`-image request on the bundle's U-Net: guidance's two halves
+    in one call (as every engine here runs it), one text-encoder window; the peers run the same architecture."""
+    entry = manifest.components[Component.UNET]
+    latent = size // manifest.model.vae_scale_factor
+    axes = {"batch": batch * (2 if guidance_scale > 1 else 1), "latent_height": latent, "latent_width": latent,
+            "context_length": manifest.tokenizer.model_max_length}
+    shapes = {tensor.name: [axes[axis] if isinstance(axis, str) else axis for axis in tensor.shape] for tensor in entry.inputs}
+    return matmul_peak.count_flops(bundle / entry.file, shapes) / 1e9
+
+
+def _add_floor(summaries: dict[str, dict[str, Any]], gflop_per_call: float, peaks: dict[str, dict[str, Any]]) -> None:
+    """Each engine's U-Net call in GFLOP/s and as a fraction of the measured peak of the precision it runs in (where
+    its U-Net time, its precision and that peak are known, and the peak ran in that precision)."""
+    for summary in summaries.values():
+        if "unet_per_call_s" not in summary:
+            continue
+        summary["unet_gflops"] = gflop_per_call / summary["unet_per_call_s"]
+        peak = peaks.get(summary["unet_precision"])
+        if peak is not None and peak["verified"]:
+            summary["unet_peak_fraction"] = summary["unet_gflops"] / peak["gflops"]
+
+
+def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path, skipped: dict[str, str],
+                 peaks: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     manifest = read_manifest(plan.bundle)
     f = manifest.model.vae_scale_factor
     latents = np.random.default_rng(plan.seed).standard_normal((batch, manifest.model.latent_channels, size // f, size // f), dtype=np.float32)
@@ -188,12 +251,16 @@ def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path, skipped: di
                 continue
             images[engine] = np.load(images_file)
     summaries = {e: summarize(r) for e, r in runs.items() if e not in skipped}
+    gflop_per_call = None
+    if peaks is not None:
+        gflop_per_call = unet_call_gflop(plan.bundle, manifest, size, batch, plan.guidance_scale)
+        _add_floor(summaries, gflop_per_call, peaks)
     if REFERENCE_ENGINE in images:
         for engine, summary in summaries.items():
             summary["psnr_vs_fp32_db"] = psnr(images[engine], images[REFERENCE_ENGINE].astype(np.float64))
             summary["max_abs_diff_vs_fp32"] = float(np.abs(images[engine] - images[REFERENCE_ENGINE]).max())
     return {
-        "size": size, "batch": batch, "engines": summaries, "skipped": skipped,
+        "size": size, "batch": batch, "unet_gflop_per_call": gflop_per_call, "engines": summaries, "skipped": skipped,
         "ratios": {metric: _ratios(summaries, metric) for metric in ("e2e_s", "peak_rss_gb", "cold_start_s", "load_s")},
     }
 
@@ -212,9 +279,10 @@ def _prime_bundle_caches(plan: BenchPlan, work: Path, skipped: dict[str, str]) -
     (verified hashes, converted and compiled models) as a deployment does after its first load: cold start then
     means a new process on a prepared bundle, and the first load's one-off work is not charged to one run."""
     model = read_manifest(plan.bundle).model
-    side = model.vae_scale_factor * 8
+    side = model.image_sides.minimum  # e.g. 128 px for SD 1.5: the cheapest image the bundle accepts
     latents_file = work / "prime-latents.npy"
-    np.save(latents_file, np.zeros((1, model.latent_channels, 8, 8), np.float32))
+    latent = side // model.vae_scale_factor
+    np.save(latents_file, np.zeros((1, model.latent_channels, latent, latent), np.float32))
     config = RunConfig(plan.prompt, 1, plan.guidance_scale, side, side, 1, str(latents_file))
     for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES and e not in skipped):
         logger.info("priming the bundle's caches for %s", engine)
@@ -225,16 +293,26 @@ def run_bench(plan: BenchPlan, command_line: Sequence[str]) -> dict[str, Any]:
     """Run every engine at every (size, batch) point; write results.json, results.md and chart.png to plan.out_dir."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
+    machine = _machine()
     with tempfile.TemporaryDirectory(prefix="sdrt-bench-") as work:
         skipped = _skip_reasons(plan)
+        peaks = None
+        if plan.floor and importlib.util.find_spec("openvino") is None:
+            logger.warning("no floor: the matrix-product peaks are measured with OpenVINO (pip install 'sdrt[openvino]')")
+        elif plan.floor:  # measured first, while no worker runs beside it
+            logger.info("measuring this machine's matrix-product peaks")
+            peaks = machine["matmul_peaks"] = matmul_peak.measure_peaks()
         _prime_bundle_caches(plan, Path(work), skipped)
-        points = [_bench_point(plan, size, batch, Path(work), skipped) for size in plan.sizes for batch in plan.batches]
+        points = [_bench_point(plan, size, batch, Path(work), skipped, peaks) for size in plan.sizes for batch in plan.batches]
+    exports = {engine: peer_export.read_measurement(install.model) for engine, install in plan.peers.items()
+               if engine in plan.engines and engine not in skipped and install.model is not None}
     results = {
         "started_utc": started.isoformat(timespec="seconds"),
         "command": shlex.join(command_line),
-        "machine": _machine(),
-        "plan": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(plan).items()},
+        "machine": machine,
+        "plan": json.loads(json.dumps(dataclasses.asdict(plan), default=str)),
         "points": points,
+        "peer_exports": {engine: measurement for engine, measurement in exports.items() if measurement is not None},
     }
     (plan.out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, plan.out_dir / "results.md")

@@ -15,55 +15,19 @@ import dataclasses
 import datetime
 import json
 import logging
-import re
 import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sdrt.benchmarks.bench import _machine
+from sdrt.benchmarks.peer_export import ExportFormat, export_command
+from sdrt.benchmarks.timed_process import GNU_TIME, Measurement, measure
 from sdrt.engine.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
-
-GNU_TIME = "/usr/bin/time"
-
-
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """One build step: what ran, its wall-clock seconds and peak resident memory (of the process and its children)."""
-
-    name: str
-    command: list[str]
-    wall_s: float
-    peak_rss_gb: float
-    exit_status: int
-
-
-def _wall_seconds(text: str) -> float:
-    """GNU time's "h:mm:ss" or "m:ss.ss" in seconds."""
-    seconds = 0.0
-    for part in text.split(":"):
-        seconds = seconds * 60 + float(part)
-    return seconds
-
-
-def measure(name: str, command: Sequence[str], log_path: Path) -> Measurement:
-    """Run `command` under GNU time, its output to `log_path`; raise RuntimeError if it fails."""
-    logger.info("%s: %s", name, shlex.join(command))
-    with open(log_path, "w") as log:
-        status = subprocess.run([GNU_TIME, "-v", *command], stdout=log, stderr=subprocess.STDOUT).returncode
-    text = log_path.read_text(errors="replace")
-    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
-    if status != 0 or peak_kb is None or wall is None:
-        raise RuntimeError(f"{name} failed (exit {status}); its output is in {log_path}")
-    result = Measurement(name, list(command), _wall_seconds(wall.group(1)), int(peak_kb.group(1)) * 1024 / 1e9, status)
-    logger.info("%s: %.0f s, peak RSS %.2f GB", name, result.wall_s, result.peak_rss_gb)
-    return result
 
 
 def _fresh(path: Path) -> Path:
@@ -79,12 +43,11 @@ def run(checkpoint: Path, workdir: Path, quantize_size: int | None, optimum_inte
     steps = [("sdrt export", [*sdrt, "export", str(checkpoint), str(bundle)])]
     if quantize_size is not None:
         steps.append((f"sdrt quantize --size {quantize_size}", [*sdrt, "quantize", str(bundle), "--size", str(quantize_size)]))
-    for label, python, kind in (("optimum-intel (OpenVINO IR)", optimum_intel_python, "openvino"),
-                                ("optimum (ONNX)", optimum_python, "onnx")):
+    for label, python, export_format in (("optimum-intel (OpenVINO IR)", optimum_intel_python, ExportFormat.OPENVINO),
+                                         ("optimum (ONNX)", optimum_python, ExportFormat.ONNX)):
         if python is not None:
-            cli = str(Path(python).parent / "optimum-cli")
-            steps.append((label, [cli, "export", kind, "--model", str(checkpoint), "--task", "text-to-image",
-                                  str(_fresh(workdir / f"optimum-{kind}"))]))
+            out = _fresh(workdir / f"optimum-{export_format.value}")
+            steps.append((label, export_command(python, export_format, checkpoint, out)))
     return [measure(name, command, workdir / f"{index}.log") for index, (name, command) in enumerate(steps)]
 
 

@@ -25,13 +25,24 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
+def _gflops(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
+def peak_share(summary: dict[str, Any]) -> str:
+    """An engine's U-Net call as a share of the measured peak of the precision it runs in, e.g. "62 % of int8";
+    "—" where its U-Net time, its precision or that peak is unknown."""
+    fraction = summary.get("unet_peak_fraction")
+    return "—" if fraction is None else f"{fraction:.0%} of {summary['unet_precision']}".replace("%", " %")
+
+
 def _engine_rows(point: dict[str, Any]) -> list[list[str]]:
     rows = []
     for engine, s in point["engines"].items():
         stages = s["stages_s"]
         rows.append([
             engine, str(s["backend"]), _seconds(s["e2e_s"]["median"]), _seconds(s["e2e_s"]["p95"]),
-            f"{s['images_per_s']['median']:.3f}", _seconds(s.get("unet_per_call_s")),
+            f"{s['images_per_s']['median']:.3f}", _seconds(s.get("unet_per_call_s")), _gflops(s.get("unet_gflops")), peak_share(s),
             _seconds(stages.get("text_encode")), _seconds(stages.get("guidance_and_scheduler")),
             _seconds(stages.get("decode")), _seconds(stages.get("safety_check")),
             _seconds(s["load_s"]["median"]), _seconds(s["cold_start_s"]["median"]), f"{s['peak_rss_gb']:.2f}",
@@ -73,12 +84,17 @@ def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
         "against sdrt's fp32 engine (sdrt-exact) on the same initial latents.",
         "- Serving (`sdrt serve` under load, micro-batching on and off): [SERVING.md](SERVING.md), written by "
         "`python -m sdrt.benchmarks.serve_load`.",
+        *_floor_lines(machine),
         "",
     ]
-    header = ["engine", "backend", "e2e", "e2e p95", "images/s", "U-Net/call", "text enc.", "guidance+sched.",
-              "VAE decode", "safety", "load", "cold start", "peak RSS GB", "PSNR dB"]
+    header = ["engine", "backend", "e2e", "e2e p95", "images/s", "U-Net/call", "U-Net GFLOP/s", "U-Net ÷ peak", "text enc.",
+              "guidance+sched.", "VAE decode", "safety", "load", "cold start", "peak RSS GB", "PSNR dB"]
     for point in results["points"]:
-        lines += [f"## {point['size']}×{point['size']}, batch {point['batch']}", "", *_table(header, _engine_rows(point)), ""]
+        work = point.get("unet_gflop_per_call")
+        lines += [f"## {point['size']}×{point['size']}, batch {point['batch']}", "",
+                  *([f"One U-Net call: {work:.1f} GFLOP (convolutions and matrix products, guidance's two halves in one call).", ""]
+                    if work is not None else []),
+                  *_table(header, _engine_rows(point)), ""]
         for metric, label in (("e2e_s", "end-to-end"), ("peak_rss_gb", "peak RSS"), ("cold_start_s", "cold start")):
             ratios = point["ratios"][metric]
             peers = sorted({peer for by_peer in ratios.values() for peer in by_peer})
@@ -88,12 +104,29 @@ def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
         for engine, reason in point["skipped"].items():
             lines.append(f"- {engine} skipped: {reason}")
         lines.append("")
+    exports = results.get("peer_exports") or {}
+    if exports:
+        rows = [[engine, f"{m['wall_s']:.0f} s", f"{m['peak_rss_gb']:.2f}", f"`{' '.join(m['command'])}`"] for engine, m in exports.items()]
+        lines += ["## The peers' exports", "", "Each peer's own export of the checkpoint, under `/usr/bin/time -v` "
+                  "(`python -m sdrt.benchmarks.peer_export`, run by `make bench`):", "",
+                  *_table(["engine", "export wall time", "export peak RSS GB", "command"], rows), ""]
     if len(results["points"]) > 1:
         engines = list(results["points"][0]["engines"])
         rows = [[f"{p['size']}² × {p['batch']}", *(_seconds(p["engines"][e]["e2e_s"]["median"]) if e in p["engines"] else "—" for e in engines)]
                 for p in results["points"]]
         lines += ["## Scaling: end-to-end seconds by size and batch", "", *_table(["point", *engines], rows), ""]
     return "\n".join(lines)
+
+
+def _floor_lines(machine: dict[str, Any]) -> list[str]:
+    peaks = machine.get("matmul_peaks")
+    if not peaks:
+        return []
+    measured = ", ".join(f"{name} {p['gflops']:.0f} GFLOP/s" + ("" if p["verified"] else f" (ran in {p['runtime_precision']}: no {name} peak)")
+                         for name, p in peaks.items())
+    return [f"- The floor: this machine's matrix-product peaks, {measured} (`python -m sdrt.benchmarks.matmul_peak`: one "
+            "U-Net-sized product in OpenVINO). U-Net GFLOP/s = one call's convolution and matrix-product work ÷ its median "
+            "time; U-Net ÷ peak = that ÷ the peak of the precision the engine's U-Net runs in."]
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -123,14 +156,14 @@ def peers_table(results: dict[str, Any], source: str) -> str:
     point, machine, plan = results["points"][0], results["machine"], results["plan"]
     ratios = point["ratios"]
     peers = sorted({peer for by_peer in ratios["e2e_s"].values() for peer in by_peer})
-    header = ["sdrt engine", "backend", "PSNR vs fp32", *(f"time ÷ {p}" for p in peers), *(f"peak RSS ÷ {p}" for p in peers)]
+    header = ["sdrt engine", "backend", "PSNR vs fp32", "U-Net ÷ peak", *(f"time ÷ {p}" for p in peers), *(f"peak RSS ÷ {p}" for p in peers)]
     rows = []
     for engine, by_peer in ratios["e2e_s"].items():
         summary = point["engines"][engine]
         psnr = summary.get("psnr_vs_fp32_db")
         rows.append([
             engine, str(summary["backend"]),
-            "—" if psnr is None else ("exact (reference)" if psnr == float("inf") else f"{psnr:.1f} dB"),
+            "—" if psnr is None else ("exact (reference)" if psnr == float("inf") else f"{psnr:.1f} dB"), peak_share(summary),
             *(_ratio(by_peer[p]) for p in peers), *(_ratio(ratios["peak_rss_gb"][engine][p]) for p in peers),
         ])
     flags = f"AVX-512 BF16: {'yes' if machine['avx512_bf16'] else 'no'}, AMX: {'yes' if machine.get('amx') else 'no'}"

@@ -22,11 +22,13 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class SdrtEngine:
     """How an sdrt engine loads its bundle: sdrt.engine.load's backend and memory policy (strings, as this module
-    imports nothing from sdrt at module level), and whether TensorRT may use CUDA graphs."""
+    imports nothing from sdrt at module level), whether TensorRT may use CUDA graphs, and DeepCache's interval (None:
+    off; on, at the branch the bundle was exported for)."""
 
     backend: str
     memory: str = "keep-loaded"
     cuda_graphs: bool = True
+    deepcache_interval: int | None = None
 
 
 SDRT_ENGINES = {
@@ -37,6 +39,9 @@ SDRT_ENGINES = {
     # "sdrt" on a bundle quantized by `sdrt quantize` runs int8; these name the CPU fast modes explicitly
     "sdrt-int8": SdrtEngine("openvino-int8"),
     "sdrt-bf16": SdrtEngine("openvino-bf16"),
+    # DeepCache (bundles exported with --deepcache-branch): `sdrt generate --preset fast`, and a sparser schedule
+    "sdrt-deepcache": SdrtEngine("auto", deepcache_interval=3),
+    "sdrt-deepcache-5": SdrtEngine("auto", deepcache_interval=5),
     # one backend each, for the GPU validation (sdrt.benchmarks.gpu_validate); "exact" would take cuda on a GPU
     "sdrt-onnxruntime-cpu": SdrtEngine("onnxruntime-cpu"),
     "sdrt-tensorrt": SdrtEngine("tensorrt"),
@@ -50,7 +55,23 @@ DIFFUSERS_ENGINES = {
     "diffusers-bf16": ("bf16", "cpu"),
     "diffusers-fp16-cuda": ("fp16", "cuda"),
 }
-ENGINES = (*SDRT_ENGINES, *DIFFUSERS_ENGINES, "optimum-ort")
+# peers that run in a virtual environment of their own (optimum's two need transformers 4.x; GenAI needs neither torch
+# nor transformers), from their own export of the checkpoint, by the worker's path (sdrt is not installed there):
+# engine -> what the venv holds
+VENV_PEERS = {
+    "optimum-ort": "optimum-onnx[onnxruntime]",
+    "optimum-intel": "optimum-intel[openvino]",
+    "openvino-genai": "openvino-genai",
+}
+ENGINES = (*SDRT_ENGINES, *DIFFUSERS_ENGINES, *VENV_PEERS)
+# sdrt backend -> the precision its U-Net's matrix products run in, for the floor (sdrt.benchmarks.matmul_peak:
+# measured on this machine's CPU, so the GPU backends have none)
+BACKEND_UNET_PRECISIONS = {"openvino-int8": "int8", "openvino-bf16": "bf16", "openvino-fp32": "fp32", "onnxruntime-cpu": "fp32"}
+
+
+def _openvino_precision(hint: Any) -> str | None:
+    """An OpenVINO INFERENCE_PRECISION_HINT (an openvino.Type) in BACKEND_UNET_PRECISIONS' names."""
+    return {"bf16": "bf16", "f32": "fp32"}.get(hint.to_string())
 
 
 def diffusers_unavailable_reason(engine: str) -> str | None:
@@ -114,15 +135,20 @@ def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[in
     pipe = sdrt.engine.load(bundle, backend=spec.backend, memory=spec.memory)
     pipe.set_progress_bar_config(disable=True)
     latents = np.load(config.latents_file)
+    deepcache = None
+    if spec.deepcache_interval is not None:  # the bench skips this engine for a bundle without DeepCache's passes
+        deepcache = sdrt.engine.DeepCache(spec.deepcache_interval, pipe.manifest.deepcache.branch)
 
     def generate(steps: int):
         out = pipe(config.prompt, num_inference_steps=steps, guidance_scale=config.guidance_scale, height=config.height,
-                   width=config.width, num_images_per_prompt=config.batch, latents=latents, output_type="np")
+                   width=config.width, num_images_per_prompt=config.batch, latents=latents, output_type="np",
+                   deepcache=deepcache)
         return out.images, dict(out.timings), out.unet_calls
 
     notes = [spec.memory] if spec.memory != "keep-loaded" else []
     notes += [] if spec.cuda_graphs else ["no CUDA graphs"]
-    return generate, {"backend": ", ".join([pipe.backend.name, *notes])}
+    notes += [] if deepcache is None else [f"DeepCache every {deepcache.cache_interval}, branch {deepcache.cache_branch}"]
+    return generate, {"backend": ", ".join([pipe.backend.name, *notes]), "unet_precision": BACKEND_UNET_PRECISIONS.get(pipe.backend.name)}
 
 
 def _diffusers_style(pipe: Any, config: RunConfig, latents: Any, synchronize: Callable[[], None] | None = None) -> Callable[[int], Any]:
@@ -164,7 +190,8 @@ def _run_diffusers(config: RunConfig, checkpoint: str, engine: str) -> tuple[Cal
     # the pipeline class model_index.json names: StableDiffusionPipeline, StableDiffusionXLPipeline
     pipe = DiffusionPipeline.from_pretrained(checkpoint, torch_dtype=dtype).to(device)
     latents = torch.from_numpy(np.load(config.latents_file)).to(device=device, dtype=dtype)
-    info = {"backend": f"torch {torch.__version__} {dtype_name} on {device}", "threads": torch.get_num_threads()}
+    info = {"backend": f"torch {torch.__version__} {dtype_name} on {device}", "threads": torch.get_num_threads(),
+            "unet_precision": dtype_name if device == "cpu" else None}
     synchronize = torch.cuda.synchronize if device == "cuda" else None
     return _diffusers_style(pipe, config, latents, synchronize), info
 
@@ -176,14 +203,83 @@ def _run_optimum(config: RunConfig, onnx_dir: str) -> tuple[Callable[[int], Any]
     pipe = ORTStableDiffusionPipeline.from_pretrained(onnx_dir)
     latents = torch.from_numpy(np.load(config.latents_file))  # optimum 2 builds on diffusers' pipeline: torch latents
     # optimum's export has no safety checker: say so in the results rather than compare unlike work silently.
-    info = {"backend": "optimum-onnxruntime fp32" + (" (no safety checker)" if pipe.safety_checker is None else "")}
+    info = {"backend": "optimum-onnxruntime fp32" + (" (no safety checker)" if pipe.safety_checker is None else ""),
+            "unet_precision": "fp32"}
     return _diffusers_style(pipe, config, latents), info
+
+
+def _run_optimum_intel(config: RunConfig, openvino_dir: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
+    import openvino
+    import torch
+    from optimum.intel import OVStableDiffusionPipeline
+
+    pipe = OVStableDiffusionPipeline.from_pretrained(openvino_dir)  # compiled for dynamic shapes, its default
+    pipe.safety_checker = None  # the export carries the torch checker: the peers run without one
+    latents = torch.from_numpy(np.load(config.latents_file))  # built on diffusers' pipeline: torch latents
+    pipe.compile()  # compiled by from_pretrained already unless told otherwise; its precision is read from it
+    precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")
+    info = {"backend": f"optimum-intel OpenVINO {openvino.__version__.split('-')[0]} {precision.to_string()} (no safety checker)",
+            "unet_precision": _openvino_precision(precision)}
+    return _diffusers_style(pipe, config, latents), info
+
+
+def _fixed_noise_generator(latents: np.ndarray) -> Any:
+    """An openvino_genai.Generator whose normal draws are `latents`: GenAI draws a pipeline's initial latents with
+    one randn_tensor call of their shape (scaled by the scheduler's initial sigma, 1 for PNDM), so every engine
+    starts from the same noise."""
+    import openvino
+    import openvino_genai
+
+    class FixedNoise(openvino_genai.Generator):
+        draws = 0
+
+        def next(self) -> float:
+            raise NotImplementedError("the benchmark's generator hands out whole latents only")
+
+        def randn_tensor(self, shape) -> openvino.Tensor:
+            if tuple(shape) != latents.shape:
+                raise ValueError(f"GenAI asked for noise of shape {tuple(shape)}, the benchmark's latents are {latents.shape}")
+            self.draws += 1
+            return openvino.Tensor(latents)
+
+    return FixedNoise()
+
+
+def _run_genai(config: RunConfig, openvino_dir: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
+    import openvino
+    import openvino_genai
+
+    pipe = openvino_genai.Text2ImagePipeline(openvino_dir, "CPU")  # no safety checker in GenAI's pipeline
+    latents = np.ascontiguousarray(np.load(config.latents_file))  # (B, 4, H/8, W/8)
+    generator = _fixed_noise_generator(latents)
+
+    def generate(steps: int):
+        draws = generator.draws
+        start = time.perf_counter()
+        images = pipe.generate(config.prompt, num_inference_steps=steps, guidance_scale=config.guidance_scale,
+                               height=config.height, width=config.width, num_images_per_prompt=config.batch, generator=generator)
+        total = time.perf_counter() - start
+        if generator.draws == draws:  # its images would start from other noise than every other engine's
+            raise RuntimeError("OpenVINO GenAI drew no initial latents from the generator it was given")
+        metrics = pipe.get_performance_metrics()
+        unet_us = metrics.raw_metrics.unet_inference_durations  # one entry per U-Net call, microseconds
+        timings = {"text_encode": sum(metrics.get_text_encoder_infer_duration().values()) / 1e3,
+                   "unet": sum(unet_us) / 1e6, "decode": metrics.get_vae_decoder_infer_duration() / 1e3}
+        timings["guidance_and_scheduler"] = total - sum(timings.values())
+        return images.data.astype(np.float32) / 255, timings, len(unet_us)  # (B, H, W, 3) uint8 -> [0, 1]
+
+    # GenAI compiles with the CPU plugin's defaults: its U-Net runs in the default inference precision
+    precision = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    info = {"backend": f"OpenVINO GenAI {openvino_genai.__version__.split('-')[0]} {precision.to_string()} (no safety checker)",
+            "unet_precision": _openvino_precision(precision)}
+    return generate, info
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdrt.benchmarks.worker")
     parser.add_argument("--engine", choices=ENGINES, required=True)
-    parser.add_argument("--model", required=True, help="bundle (sdrt), checkpoint (diffusers) or ONNX dir (optimum)")
+    parser.add_argument("--model", required=True, help="bundle (sdrt), checkpoint (diffusers), or the peer's own export "
+                        "(optimum-ort: ONNX; optimum-intel and openvino-genai: OpenVINO IR)")
     parser.add_argument("--config", required=True, help="RunConfig as JSON")
     parser.add_argument("--launched-at", type=float, required=True, help="time.time() just before this process started")
     parser.add_argument("--images-out", required=True, help=".npy path for the final images")
@@ -195,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         generate, info = _run_sdrt(config, args.model, args.engine)
     elif args.engine in DIFFUSERS_ENGINES:
         generate, info = _run_diffusers(config, args.model, args.engine)
+    elif args.engine == "optimum-intel":
+        generate, info = _run_optimum_intel(config, args.model)
+    elif args.engine == "openvino-genai":
+        generate, info = _run_genai(config, args.model)
     else:
         generate, info = _run_optimum(config, args.model)
     load_s = time.perf_counter() - load_start

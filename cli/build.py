@@ -52,7 +52,8 @@ def _export(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{', '.join(given)}: engine options need --tensorrt")
     bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or (),
-                                  loras=args.lora, config=args.config, scheduler=args.scheduler, tiny_vae=args.tiny_vae)
+                                  loras=args.lora, config=args.config, scheduler=args.scheduler, tiny_vae=args.tiny_vae,
+                                  deepcache_branch=args.deepcache_branch)
     print(bundle)
     if args.tensorrt:
         print(_build_engines_for(bundle, args))
@@ -198,6 +199,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         metavar="COMPONENTS", help="also write fp16 variants (fp32 inputs and outputs) for --backend "
                         f"cuda-fp16: of {' and '.join(c.value for c in FP16_DEFAULT_COMPONENTS)}, or of the "
                         "comma-separated COMPONENTS (--fp16-onnx=unet,vae_decoder); SD 1.x's VAE overflows in fp16")
+    export.add_argument("--deepcache-branch", type=int, default=None, metavar="N",
+                        help="add DeepCache's U-Net passes for cache branch N (0: shallowest, fastest; SD 1.x has "
+                        "0..11), for `sdrt generate --deepcache INTERVAL`. Costs two more U-Net traces at export "
+                        "(minutes for SD 1.5, and its 3.4 GB trace on disk meanwhile), a full-pass graph of a few MB "
+                        "that reads the U-Net's weights (a U-Net small enough to hold them in its graph gets "
+                        "model.onnx.data instead), and the shallow blocks' weights (branch 0: a few percent of the "
+                        "U-Net's); a process running requests with and without DeepCache holds the U-Net's weights twice")
     export.add_argument("--tensorrt", action="store_true",
                         help="then build TensorRT engines for it on this GPU (gpu extra), as build-engines does with "
                         "the options below; checked before exporting")

@@ -3,6 +3,7 @@ record its parameters. BUNDLE defaults to the embedded default model (sdrt.demo 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import secrets
 import shlex
@@ -16,7 +17,7 @@ from sdrt.cli.common import EXIT_BLOCKED, HelpFormatter, UsageError, add_backend
 from sdrt.cli.outputs import check_output, output_paths, write_all
 from sdrt.demo import scenes
 from sdrt.demo.default_model import default_bundle_dir
-from sdrt.engine import GenerationRequest, PipelineOutput, PromptOptions, load
+from sdrt.engine import DeepCache, GenerationRequest, PipelineOutput, PromptOptions, load
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.image_io import save_png
 from sdrt.engine.safety_checker import SafetyPolicy
@@ -114,6 +115,7 @@ def _generate(args: argparse.Namespace) -> int:
     def run() -> tuple[SafetyPolicy, GenerationRequest, PipelineOutput]:
         pipe = load(bundle_dir, backend=args.backend, safety_checker=safety_checker, memory=args.memory)
         pipe.set_progress_bar_config(disable=args.quiet)
+        common["deepcache"] = _deepcache(args, pipe)
         # Validated before any model runs: a bad argument ends here as `sdrt: error: <parameter>: <allowed range>`.
         if args.command == "outpaint":
             margins = {name: value for name, value in extra.items() if name != "image"}
@@ -138,6 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
         "decoder": request.decoder.value,
         **({"latents": str(args.latents) if args.latents is not None else None} if args.command == "generate" else {}),
         "long_prompts": args.long_prompts,
+        "deepcache": None if request.deepcache is None else dataclasses.asdict(request.deepcache),
         "prompt_weighting": args.prompt_weighting,
         **{name: str(value) if isinstance(value, Path) else value for name, value in extra.items()},
         "command": args.command,
@@ -164,6 +167,29 @@ def _generate(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return EXIT_BLOCKED if len(written) < len(out.images) else 0
+
+
+#: `--preset`: named settings, each filling in what the command line leaves unset
+PRESETS = {"fast": "DeepCache every 3 U-Net calls (where the bundle has its passes) on the auto backend"}
+FAST_DEEPCACHE_INTERVAL = 3
+
+
+def _deepcache(args: argparse.Namespace, pipe) -> DeepCache | None:
+    """--deepcache INTERVAL [--deepcache-branch N] (default: the branch the bundle was exported for), or --preset fast's."""
+    exported = pipe.manifest.deepcache
+    interval = args.deepcache
+    if interval is None and args.preset == "fast":
+        if exported is None:
+            print(f"sdrt: note: --preset fast runs without DeepCache: {pipe.bundle_dir} has no DeepCache passes "
+                  "(export it with --deepcache-branch N)", file=sys.stderr)
+            return None
+        interval = FAST_DEEPCACHE_INTERVAL
+    if interval is None:
+        if args.deepcache_branch is not None:
+            raise UsageError("--deepcache-branch: applies with --deepcache INTERVAL (or --preset fast)")
+        return None
+    branch = args.deepcache_branch if args.deepcache_branch is not None else (exported.branch if exported is not None else 0)
+    return DeepCache(cache_interval=interval, cache_branch=branch)
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -212,6 +238,14 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
                         help="encode prompts longer than the text encoder's window in chunks instead of truncating them")
     parser.add_argument("--prompt-weighting", action="store_true",
                         help="read (word:1.3), (word) = x1.1, [word] = /1.1 as weights; \\( for a literal bracket")
+    parser.add_argument("--deepcache", type=int, default=None, metavar="INTERVAL",
+                        help="DeepCache: a full U-Net pass every INTERVAL calls, shallow passes reusing its deep features "
+                        "between (faster, less exact: 3 is DeepCache's usual setting); needs a bundle exported with "
+                        "--deepcache-branch; default: off")
+    parser.add_argument("--deepcache-branch", type=int, default=None, metavar="N",
+                        help="DeepCache's cache branch (default: the one the bundle was exported for)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="; ".join(f"{name}: {text}" for name, text in PRESETS.items()))
     add_backend_argument(parser)
     parser.add_argument("--memory", choices=[m.value for m in MemoryPolicy], default=MemoryPolicy.KEEP_LOADED.value,
                         help="one-at-a-time keeps only the model in use loaded: lowest peak memory")

@@ -1,4 +1,4 @@
-"""The tools beside generation: `bench` (sdrt against diffusers), `doctor` (what this machine runs; --gpu validates
+"""The tools beside generation: `bench` (sdrt against its peers), `doctor` (what this machine runs; --gpu validates
 the NVIDIA path) and `sweep` (the chapter's experiments on the demo model)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sdrt.benchmarks import gpu_validate
-from sdrt.benchmarks.bench import BenchPlan, run_bench
+from sdrt.benchmarks.bench import BenchPlan, PeerInstall, run_bench
 from sdrt.benchmarks.report import (
     README_PEERS_BEGIN,
     README_PEERS_END,
@@ -38,7 +38,10 @@ def _bench(args: argparse.Namespace) -> int:
     plan = BenchPlan(
         checkpoint=args.checkpoint, bundle=args.bundle, engines=tuple(args.engines), runs=args.runs, sizes=tuple(args.sizes),
         batches=tuple(args.batches), prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        seed=args.seed, optimum_python=args.optimum_python, optimum_model=args.optimum_model, out_dir=args.out,
+        seed=args.seed, out_dir=args.out, floor=args.floor,
+        peers={"optimum-ort": PeerInstall(args.optimum_python, args.optimum_model),
+               "optimum-intel": PeerInstall(args.optimum_intel_python, args.openvino_model),
+               "openvino-genai": PeerInstall(args.genai_python, args.openvino_model)},
     )
     if args.readme is not None and args.results is None:
         raise UsageError("--readme: the peer table links to the results file, so it needs --results")
@@ -102,12 +105,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """bench, doctor and sweep."""
-    bench = commands.add_parser("bench", help="sdrt against diffusers (and optimum-onnxruntime) side by side",
+    bench = commands.add_parser("bench", help="sdrt against diffusers, optimum-onnxruntime, optimum-intel and OpenVINO GenAI side by side",
                                 description="Each engine runs in a fresh process, interleaved; reports medians and p95, "
-                                "a per-stage breakdown, load, cold start, peak RSS, PSNR against fp32, and ratios.")
+                                "a per-stage breakdown, load, cold start, peak RSS, PSNR against fp32, the U-Net against "
+                                "this machine's matrix-product peak, and ratios.")
     bench.add_argument("bundle", type=Path)
     bench.add_argument("--checkpoint", type=Path, default=None, help="the diffusers checkpoint the bundle came from")
-    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-bf16", "sdrt-exact", "sdrt-low-memory", "diffusers-fp32", "diffusers-bf16", "optimum-ort"])
+    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-bf16", "sdrt-exact", "sdrt-low-memory", "diffusers-fp32", "diffusers-bf16", "optimum-ort", "optimum-intel", "openvino-genai"])
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--sizes", type=int, nargs="+", default=[512])
     bench.add_argument("--batches", type=int, nargs="+", default=[1])
@@ -117,6 +121,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--optimum-python", type=Path, default=None, help="python of a venv with optimum-onnx")
     bench.add_argument("--optimum-model", type=Path, default=None, help="the checkpoint exported with optimum")
+    bench.add_argument("--optimum-intel-python", type=Path, default=None, help="python of a venv with optimum-intel[openvino]")
+    bench.add_argument("--genai-python", type=Path, default=None, help="python of a venv with openvino-genai")
+    bench.add_argument("--openvino-model", type=Path, default=None,
+                       help="the checkpoint exported by `optimum-cli export openvino` (optimum-intel and GenAI run it)")
+    bench.add_argument("--no-floor", dest="floor", action="store_false",
+                       help="skip measuring the matrix-product peaks and the U-Net's GFLOP/s against them")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="results.json, results.md, chart.png")
     bench.add_argument("--results", type=Path, default=None,
                        help="also write the markdown here (benchmarks/RESULTS.md), with its chart and JSON beside it")

@@ -46,6 +46,7 @@ from sdrt.engine.version import SDRT_VERSION
 if TYPE_CHECKING:
     from PIL import Image
 
+    from sdrt.engine.deepcache import DeepCache
     from sdrt.engine.manifest import ModelConfig
     from sdrt.engine.pipeline import StableDiffusionPipeline
 
@@ -179,6 +180,7 @@ class Call:
     height: int
     width: int
     num_images_per_prompt: int
+    deepcache: DeepCache | None = None
 
     @property
     def num_images(self) -> int:
@@ -193,6 +195,7 @@ class Call:
             "num_images_per_prompt": self.num_images_per_prompt,
             "height": self.height,
             "width": self.width,
+            "deepcache": self.deepcache,
         }
 
     def wanted(self) -> list[dict[Attribute, str]]:

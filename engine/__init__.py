@@ -6,6 +6,7 @@
 """
 import importlib
 
+from sdrt.engine.deepcache import DeepCache
 from sdrt.engine.errors import (
     BackendUnavailableError,
     BundleError,
@@ -43,6 +44,7 @@ __all__ = [
     "StableDiffusionPipeline",
     "PipelineOutput",
     "PromptOptions",
+    "DeepCache",
     "GenerationRequest",
     "RequestLimits",
     "SdrtError",

@@ -18,10 +18,10 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from sdrt.engine.array_namespace import namespace_of
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import UNET_PASSES, Component
 
 #: the inputs whose two halves hold the same values in a guided batch, per component
-REPEATED_INPUTS: dict[Component, tuple[str, ...]] = {Component.UNET: ("sample", "timestep")}
+REPEATED_INPUTS: dict[Component, tuple[str, ...]] = {unet: ("sample", "timestep") for unet in UNET_PASSES}
 
 
 def is_guided(guidance_scale: float) -> bool:

@@ -57,6 +57,11 @@ class LoraWeights:
             base.update(read_initializers(self._bundle_dir / self._manifest.components[component].file, missing))
         return {name: base[name] for name in names}
 
+    @property
+    def active(self) -> bool:
+        """Whether some component runs with LoRA weights now."""
+        return bool(self._patched)
+
     def apply(self, path: str | os.PathLike | None, scale: float) -> None:
         """Patch the backend with the LoRA at `path` times `scale` (None: no LoRA, the bundle's weights). Every
         delta is computed and checked before the backend is changed, so a failing file leaves the weights as they

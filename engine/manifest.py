@@ -168,6 +168,15 @@ class GenerationDefaults:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeepCacheEntry:
+    """The DeepCache branch a bundle's DeepCache passes were exported for (`sdrt export --deepcache-branch N`; its
+    components: specs.OPTIONAL_COMPONENTS), and how many branches the U-Net has (sdrt.engine.deepcache)."""
+
+    branch: int
+    branches: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     format_version: int
     sdrt_version: str
@@ -183,6 +192,7 @@ class Manifest:
     source_sha256: str | None = None
     loras: tuple[FusedLoraEntry, ...] = ()  # fused at export, in the order given; absent from older bundles: none
     defaults: GenerationDefaults = GenerationDefaults()  # absent from older bundles: diffusers' defaults
+    deepcache: DeepCacheEntry | None = None  # None: exported without DeepCache's passes (and in older bundles)
     sdxl: SdxlConfig | None = None  # None: an SD 1.x/2.x bundle (one text encoder)
 
     def to_json(self) -> str:
@@ -283,6 +293,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             source_sha256=data.get("source_sha256"),
             loras=tuple(FusedLoraEntry(**entry) for entry in data.get("loras", ())),
             defaults=GenerationDefaults(**data.get("defaults", {})),
+            deepcache=DeepCacheEntry(**data["deepcache"]) if data.get("deepcache") is not None else None,
             sdxl=_sdxl(data["sdxl"]) if data.get("sdxl") is not None else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

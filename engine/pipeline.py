@@ -25,6 +25,7 @@ from sdrt.engine import guidance_batch
 from sdrt.engine.backends import Backend
 from sdrt.engine.checks import is_finite_number
 from sdrt.engine.device_loop import DenoiseJob, StepObserver
+from sdrt.engine.deepcache import DeepCache, DeepCacheSupport
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.guidance_embedding import guidance_scale_embedding
 from sdrt.engine.guidance_embedding import INPUT_NAME as GUIDANCE_EMBEDDING_INPUT
@@ -60,7 +61,8 @@ class PipelineOutput:
     checker ran. `backend`: the backend that ran. `timings`: seconds per stage (tokenize, text_encode, vae_encode
     when starting from an image, denoise = unet + guidance_and_scheduler, decode, safety_check), nothing else; on a
     backend's device loop, unet is the whole loop (its graphs hold guidance and the scheduler update).
-    `unet_calls`: how many times the U-Net ran (one batch per call)."""
+    `unet_calls`: how many times the U-Net ran (one batch per call); `unet_shallow_calls`: how many of them were
+    DeepCache's shallow passes."""
 
     images: list[Image.Image] | np.ndarray
     nsfw_content_detected: list[bool] | None
@@ -68,6 +70,7 @@ class PipelineOutput:
     safety_scores: list[SafetyScores] | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     unet_calls: int = 0
+    unet_shallow_calls: int = 0
 
 
 class StableDiffusionPipeline:
@@ -116,6 +119,7 @@ class StableDiffusionPipeline:
             check_images=self._check_images, defaults=manifest.defaults,
             decoders=tuple(d for d in Decoder if d.component in manifest.components),
             guidance_embedding_dim=_input_size(manifest, Component.UNET, GUIDANCE_EMBEDDING_INPUT),
+            deepcache=self._deepcache_support(), bundle=str(bundle_dir),
             sdxl=self.sdxl_text_encoders is not None,
         )
 
@@ -163,6 +167,12 @@ class StableDiffusionPipeline:
         return self._named_schedulers[name]
 
     # ---- request bounds ----------------------------------------------------------------------------------------
+    def _deepcache_support(self) -> DeepCacheSupport:
+        entry = self.manifest.deepcache
+        if entry is None:
+            return DeepCacheSupport()
+        return DeepCacheSupport(entry.branch, entry.branches, type(self.backend).deepcache_refusal)
+
     def _check_images(self, prompts: int, num_images_per_prompt: int, height: int, width: int, guided: bool) -> None:
         """RequestLimits.check_images: the backend's bounds, then the memory budget's (where the backend's memory is
         modelled): refused when the estimate of the request's peak is over it."""
@@ -312,27 +322,34 @@ class StableDiffusionPipeline:
                  noise_source: RequestNoise, timings: dict[str, float],
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
-        guided = request.guided
+        guided, deepcache = request.guided, request.deepcache
         context = conditions["encoder_hidden_states"]  # ((2)BN, KL, D)
         extra_inputs = {name: value for name, value in conditions.items() if name != "encoder_hidden_states"}  # SDXL's
         if (embedding_dim := self.limits.guidance_embedding_dim) is not None:
             # an LCM-distilled U-Net: guidance enters as an input, every call the same
             extra_inputs[GUIDANCE_EMBEDDING_INPUT] = guidance_scale_embedding(request.guidance_scale, len(latents), embedding_dim)  # (BN, D)
-        # the device loop feeds the U-Net sample, timestep and context only (not SDXL's added conditions)
-        device_loop = self.backend.device_loop() if hooks is TEXT_TO_IMAGE and not extra_inputs else None
+        # the device loop runs the plain U-Net on its sample, timestep and context only (not SDXL's added conditions)
+        plain = hooks is TEXT_TO_IMAGE and not extra_inputs and deepcache is None
+        device_loop = self.backend.device_loop() if plain else None
         if device_loop is not None:
             with _timed(timings, "unet"):  # one graph per step: the U-Net with guidance and the update
                 return device_loop.denoise(DenoiseJob(
                     scheduler, state, latents, context, request.guidance_scale, guided,
                     noise_source.draw if scheduler.needs_noise else None, self._step_observer(callback_on_step_end)))
+        # DeepCache decides per U-Net call (sdrt.engine.deepcache): step_index counts calls, PNDM's warm-up included
         for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
+            feeds = {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context, **extra_inputs}
             with _timed(timings, "unet"):
-                noise_pred = self.backend.run(
-                    Component.UNET, {"sample": model_input, "timestep": timesteps, "encoder_hidden_states": context, **extra_inputs}
-                )[0]  # (2BN or BN, C, h, w)
+                if deepcache is None:
+                    noise_pred = self.backend.run(Component.UNET, feeds)[0]  # (2BN or BN, C, h, w)
+                elif deepcache.is_full_pass(step_index):
+                    # (2BN or BN, C, h, w), and the feature to reuse (2BN or BN, F, h / 2^block, w / 2^block)
+                    noise_pred, deep_feature = self.backend.run(Component.UNET_DEEPCACHE_FULL, feeds)
+                else:
+                    noise_pred = self.backend.run(Component.UNET_DEEPCACHE_SHALLOW, {**feeds, "deep_feature": deep_feature})[0]
             if guided:
                 noise_pred = guidance_batch.combine(noise_pred, request.guidance_scale)  # (BN, C, h, w)
             # Stochastic samplers draw their step noise from the request's generator, after every other draw.
@@ -386,6 +403,7 @@ class StableDiffusionPipeline:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         decoder: Decoder | str = Decoder.FULL,
+        deepcache: DeepCache | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
@@ -428,6 +446,9 @@ class StableDiffusionPipeline:
         `callback_on_step_end(pipe, step_index, timestep, {"latents": latents})` runs after each denoising step, as in
         diffusers (only "latents" is passed; `pipe.decode(latents, decoder="tiny")` previews them); an exception it
         raises, such as GenerationCancelled, ends the call there.
+        `deepcache=DeepCache(cache_interval=3, cache_branch=0)` runs a full U-Net pass every `cache_interval` calls and
+        shallow passes reusing its deep features between (sdrt.engine.deepcache), as the DeepCache package does in
+        diffusers: faster, at some loss of fidelity; the bundle must be exported with `--deepcache-branch`. Off by default.
         SDXL bundles run as StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline (with `image`; `strength`
         defaults to 0.3 there) and StableDiffusionXLInpaintPipeline (with `mask_image` too; `strength` defaults to
         0.9999), and take their size conditions: `original_size` and
@@ -446,9 +467,9 @@ class StableDiffusionPipeline:
         request = GenerationRequest.create(
             self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
             width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
-            decoder, original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-            negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
-            negative_target_size=negative_target_size)
+            decoder, deepcache, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -459,6 +480,9 @@ class StableDiffusionPipeline:
                                        "(GenerationRequest.create(pipe.limits, ...))")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise InvalidArgumentError("callback_on_step_end", f"must be callable or None, got {type(callback_on_step_end).__name__}")
+        if request.deepcache is not None and self._lora.active:
+            raise InvalidArgumentError("deepcache", "cannot run with a LoRA loaded: DeepCache's passes hold the bundle's "
+                                       "own weights (call unload_lora() first, or fuse the LoRA at export with --lora)")
         return self._run(request, callback_on_step_end)
 
     def outpaint(self, image: ImageInput, prompt: str | Sequence[str], left: int = 0, right: int = 0, top: int = 0,
@@ -487,10 +511,11 @@ class StableDiffusionPipeline:
             latents = self._denoise(request, conditions, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         unet_calls = len(request.schedule.timesteps)
+        shallow = 0 if request.deepcache is None else sum(not request.deepcache.is_full_pass(i) for i in range(unet_calls))
         if request.output_type == "latent":
             # As diffusers: latents are not images, so nothing is checked.
             return PipelineOutput(images=latents, nsfw_content_detected=None, backend=self.backend.name, timings=timings,
-                                  unet_calls=unet_calls)
+                                  unet_calls=unet_calls, unet_shallow_calls=shallow)
         with _timed(timings, "decode"):
             images = self.decode(latents, request.decoder)  # (N, H, W, 3)
         if request.outpainting is not None:
@@ -509,6 +534,7 @@ class StableDiffusionPipeline:
             safety_scores=scores if request.return_safety_scores else None,
             timings=timings,
             unet_calls=unet_calls,
+            unet_shallow_calls=shallow,
         )
 
     def _apply_safety_policy(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdrt.engine import guidance_batch
 from sdrt.engine.checks import is_finite_number, is_int
+from sdrt.engine.deepcache import DeepCache, DeepCacheSupport
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.image_io import ImageInput, floor_to_multiple, load_image, load_mask, preprocess_image, preprocess_mask
 from sdrt.engine.image_to_image import ImageInit, denoising_steps, first_call
@@ -62,6 +63,8 @@ class RequestLimits:
     guidance_embedding_dim: int | None = None
     #: the decoders the bundle holds (the tiny one where exported with --tiny-vae)
     decoders: tuple[Decoder, ...] = (Decoder.FULL,)
+    deepcache: DeepCacheSupport = DeepCacheSupport()  # the bundle's DeepCache passes and whether the backend runs them
+    bundle: str = "this bundle"  # how errors name the bundle
     sdxl: bool = False  # an SDXL bundle: its U-Net takes size conditions (SizeConditions)
 
     def check_decoder(self, decoder: Any) -> Decoder:
@@ -117,6 +120,7 @@ class GenerationRequest:
     init: ImageInit | None  # image to image and inpainting: the image to start from
     outpainting: Outpainting | None
     decoder: Decoder  # what turns the final latents into images
+    deepcache: DeepCache | None  # None: every U-Net call a full pass
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
@@ -152,6 +156,7 @@ class GenerationRequest:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         decoder: Decoder | str = Decoder.FULL,
+        deepcache: DeepCache | None = None,
         *,
         binarize_mask: bool = True,
         original_size: tuple[int, int] | None = None,
@@ -165,6 +170,7 @@ class GenerationRequest:
         checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
         `num_inference_steps`, `guidance_scale` and `scheduler` left None are the model's (`limits.defaults`: a
         Turbo or LCM bundle's few steps, diffusers' 50 and 7.5 otherwise).
+        `deepcache` (sdrt.engine.deepcache) needs a bundle exported with DeepCache's passes for its branch.
         `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam). The size conditions
         (original_size ... negative_target_size) apply to SDXL bundles only (sdrt.engine.sdxl_conditions)."""
         size_arguments = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
@@ -220,6 +226,7 @@ class GenerationRequest:
         if not isinstance(prompt_options, PromptOptions):
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
         decoder = limits.check_decoder(decoder)
+        deepcache = limits.deepcache.check(deepcache, limits.bundle)
         size_conditions = None
         if limits.sdxl:
             if prompt_options.long_prompts:
@@ -237,7 +244,7 @@ class GenerationRequest:
             guidance_scale=float(guidance_scale), num_images_per_prompt=int(num_images_per_prompt), height=height,
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
-            outpainting=None, decoder=decoder, limits=limits, sampler=sampler, schedule=schedule,
+            outpainting=None, decoder=decoder, deepcache=deepcache, limits=limits, sampler=sampler, schedule=schedule,
             size_conditions=size_conditions,
         )
 

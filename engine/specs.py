@@ -23,6 +23,12 @@ class Component(str, enum.Enum):
     #: the tiny autoencoder's decoder (diffusers' AutoencoderTiny, TAESD), exported beside the VAE on request
     TINY_VAE_DECODER = "tiny_vae_decoder"
 
+    #: DeepCache's passes (sdrt.engine.deepcache), in bundles exported with `sdrt export --deepcache-branch N` only:
+    #: the U-Net's graph with the cached feature as a second output, reading the U-Net's own weights file
+    UNET_DEEPCACHE_FULL = "unet_deepcache_full"
+    #: the U-Net's shallow blocks only, taking the cached feature in place of the deep ones
+    UNET_DEEPCACHE_SHALLOW = "unet_deepcache_shallow"
+
 
 class Decoder(str, enum.Enum):
     """The latent decoders a request chooses from (`decoder=`): the checkpoint's VAE, or the tiny autoencoder
@@ -36,7 +42,15 @@ class Decoder(str, enum.Enum):
         return Component.VAE_DECODER if self is Decoder.FULL else Component.TINY_VAE_DECODER
 
 
-DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "height", "width", "context_length"})
+#: the components only some bundles have, exported on request
+OPTIONAL_COMPONENTS = frozenset({Component.TINY_VAE_DECODER, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW})
+#: the components that run (part of) the U-Net once per denoising step, which backends treat alike
+UNET_PASSES = (Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW)
+
+
+DYNAMIC_AXES = frozenset({
+    "batch", "latent_height", "latent_width", "height", "width", "context_length", "feature_height", "feature_width",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +79,12 @@ class ComponentSpec:
     optional_inputs: tuple[TensorSpec, ...] = ()
     #: outputs only some checkpoints' models give (SDXL's text encoder's penultimate layer), after `outputs`
     optional_outputs: tuple[TensorSpec, ...] = ()
+    #: the .onnx file in the bundle where it is not `<component>/model.onnx`
+    file: str | None = None
 
     @property
     def filename(self) -> str:
-        return f"{self.component.value}/model.onnx"
+        return self.file or f"{self.component.value}/model.onnx"
 
     @property
     def fp16_filename(self) -> str:
@@ -83,6 +99,28 @@ FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
 _LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
 _IMAGE = ("batch", "rgb", "height", "width")
+_UNET_INPUTS = (
+    # An inpainting U-Net's sample has 2 * latent_channels + 1 channels (latents, mask, masked-image latents):
+    # fixed axes are recorded in the manifest as the exported graph declares them, and model.unet_in_channels.
+    TensorSpec("sample", "float32", _LATENT),
+    # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
+    TensorSpec("timestep", "float32", ("batch",)),
+    # Text-encoder windows concatenated: one for a plain prompt, several for a long prompt.
+    TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
+)
+#: inputs only some checkpoints' U-Nets take
+_UNET_OPTIONAL_INPUTS = (
+    # An LCM-distilled U-Net's guidance-scale embedding (its config's time_cond_proj_dim): guidance is an input,
+    # not a second batch half (sdrt.engine.guidance_embedding).
+    TensorSpec("timestep_cond", "float32", ("batch", "time_cond_proj_dim")),
+    # SDXL's added conditions (its config's addition_embed_type "text_time"): the second text encoder's pooled
+    # embedding, and the size conditions (original size, crop's top left, target size).
+    TensorSpec("text_embeds", "float32", ("batch", "pooled")),
+    TensorSpec("time_ids", "float32", ("batch", "time_ids")),
+)
+_NOISE_PRED = TensorSpec("noise_pred", "float32", _LATENT)
+#: DeepCache's cached feature: the hidden state entering the cache branch's up-block layer, at that level's size
+_DEEP_FEATURE = TensorSpec("deep_feature", "float32", ("batch", "feature_channels", "feature_height", "feature_width"))
 
 SPECS: dict[Component, ComponentSpec] = {
     Component.TEXT_ENCODER: ComponentSpec(
@@ -101,28 +139,8 @@ SPECS: dict[Component, ComponentSpec] = {
             TensorSpec("text_embeds", "float32", ("batch", "projection")),
         ),
     ),
-    Component.UNET: ComponentSpec(
-        Component.UNET,
-        inputs=(
-            # An inpainting U-Net's sample has 2 * latent_channels + 1 channels (latents, mask, masked-image latents):
-            # fixed axes are recorded in the manifest as the exported graph declares them, and model.unet_in_channels.
-            TensorSpec("sample", "float32", _LATENT),
-            # One timestep per sample, so a batch may mix denoising steps (request batching in serving).
-            TensorSpec("timestep", "float32", ("batch",)),
-            # Text-encoder windows concatenated: one for a plain prompt, several for a long prompt.
-            TensorSpec("encoder_hidden_states", "float32", ("batch", "context_length", "hidden")),
-        ),
-        outputs=(TensorSpec("noise_pred", "float32", _LATENT),),
-        optional_inputs=(
-            # An LCM-distilled U-Net's guidance-scale embedding (its config's time_cond_proj_dim): guidance is an input,
-            # not a second batch half (sdrt.engine.guidance_embedding).
-            TensorSpec("timestep_cond", "float32", ("batch", "time_cond_proj_dim")),
-            # SDXL's added conditions (its config's addition_embed_type "text_time"): the second text encoder's pooled
-            # embedding, and the size conditions (original size, crop's top left, target size).
-            TensorSpec("text_embeds", "float32", ("batch", "pooled")),
-            TensorSpec("time_ids", "float32", ("batch", "time_ids")),
-        ),
-    ),
+    Component.UNET: ComponentSpec(Component.UNET, inputs=_UNET_INPUTS, outputs=(_NOISE_PRED,),
+                                  optional_inputs=_UNET_OPTIONAL_INPUTS),
     Component.VAE_DECODER: ComponentSpec(
         Component.VAE_DECODER,
         inputs=(TensorSpec("latent_sample", "float32", _LATENT),),
@@ -147,5 +165,12 @@ SPECS: dict[Component, ComponentSpec] = {
         # CLIP-preprocessed images (crop size fixed by the feature extractor); the concept scoring runs in numpy.
         inputs=(TensorSpec("clip_input", "float32", ("batch", "rgb", "clip_height", "clip_width")),),
         outputs=(TensorSpec("image_embeds", "float32", ("batch", "projection")),),
+    ),
+    # Its graph is the U-Net's with one more output: it reads the U-Net's weights file, so it costs no disk space
+    Component.UNET_DEEPCACHE_FULL: ComponentSpec(
+        Component.UNET_DEEPCACHE_FULL, inputs=_UNET_INPUTS, outputs=(_NOISE_PRED, _DEEP_FEATURE), file="unet/deepcache_full.onnx",
+    ),
+    Component.UNET_DEEPCACHE_SHALLOW: ComponentSpec(
+        Component.UNET_DEEPCACHE_SHALLOW, inputs=(*_UNET_INPUTS, _DEEP_FEATURE), outputs=(_NOISE_PRED,),
     ),
 }

@@ -20,6 +20,7 @@ from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.manifest import (
     FORMAT_VERSION,
     ComponentEntry,
+    DeepCacheEntry,
     Fp16Entry,
     FusedLoraEntry,
     Manifest,
@@ -44,12 +45,15 @@ from sdrt.export.source_checkpoint import (
     pad_token_of,
     with_tiny_vae,
 )
+from sdrt.export.deepcache import CacheBranch, FullPass, ShallowPass, add_feature_output, check_unet, feature_node
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
-from sdrt.export.graph_cleanup import clean_onnx
+from sdrt.export.graph_cleanup import clean_onnx, move_weights_to_data_file
 from sdrt.export.lora_fusion import LoraSpec, fused_deltas
 from sdrt.export.model_defaults import model_defaults
-from sdrt.export.onnx_export import OPSET, export_component, run_torch, traceable_model, validation_inputs
+from sdrt.export.onnx_export import (
+    OPSET, export_component, exported_inputs, run_torch, trace_inputs, traceable_model, validation_inputs,
+)
 from sdrt.export.refit_map import match_refit_map, parameter_fingerprints
 from sdrt.export.single_file import convert_single_file, is_single_file, open_single_file
 
@@ -162,6 +166,55 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
                           fp16=fp16_entry, refit_map=refit_map)
 
 
+def _cache_branch(source: SourceCheckpoint, branch: int) -> CacheBranch:
+    """DeepCache's `branch` of the checkpoint's U-Net; InvalidArgumentError if it has none such."""
+    extra = exported_inputs(source, Component.UNET)[len(SPECS[Component.UNET].inputs):]
+    if extra:
+        raise InvalidArgumentError("deepcache_branch", "DeepCache's passes take the U-Net's sample, timestep and text context "
+                                   f"only; this U-Net also takes {', '.join(t.name for t in extra)}")
+    config = source.unet_config
+    layers = config.get("layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise InvalidArgumentError("deepcache_branch", f"needs a U-Net with one layers_per_block for every level, not {layers!r}")
+    return CacheBranch.of(branch, len(config["block_out_channels"]), layers)
+
+
+def _export_deepcache(source: SourceCheckpoint, branch: CacheBranch, staging: Path, opset: int) -> dict[Component, ComponentEntry]:
+    """DeepCache's passes for `branch` (export/deepcache.py), after the U-Net: the full pass is the U-Net's graph with
+    one more output, reading the U-Net's weights (moved to a data file where the graph held them); the shallow
+    pass a trace of its own. Each is validated against torch, as every component is."""
+    full, shallow = Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW
+    unet = source.load_model(Component.UNET)
+    check_unet(unet)
+    full_model, shallow_model = FullPass(unet, branch).eval(), ShallowPass(unet, branch).eval()
+    traced, check = trace_inputs(source, Component.UNET), validation_inputs(source, Component.UNET)
+    references = {full: run_torch(full_model, check)}  # (noise_pred, deep_feature)
+    shallow_check = {**check, "deep_feature": references[full][1]}
+    references[shallow] = run_torch(shallow_model, shallow_check)
+    raw = staging / "_traced"
+    export_component(source, full, full_model, raw / SPECS[full].filename, opset, inputs=traced)
+    node = feature_node(raw / SPECS[full].filename)
+    shutil.rmtree(raw)
+    traced["deep_feature"] = run_torch(full_model, traced)[1]
+    export_component(source, shallow, shallow_model, raw / SPECS[shallow].filename, opset, inputs=traced)
+    del unet, full_model, shallow_model
+    gc.collect()
+    clean_onnx(raw / SPECS[shallow].filename, staging / SPECS[shallow].filename)
+    shutil.rmtree(raw)
+    unet_path = staging / SPECS[Component.UNET].filename
+    move_weights_to_data_file(unet_path)
+    add_feature_output(unet_path, node, references[full][1].shape[1], staging / SPECS[full].filename)
+    entries = {}
+    for component, inputs in ((full, check), (shallow, shallow_check)):
+        onnx_path = staging / SPECS[component].filename
+        outputs = _onnxruntime_outputs(onnx_path, inputs)
+        max_abs_diff = _compare(component, outputs, references[component])
+        inputs_entries, outputs_entries = _shape_entries(SPECS[component], onnx_path)
+        entries[component] = ComponentEntry(file=SPECS[component].filename, inputs=inputs_entries, outputs=outputs_entries,
+                                            opset=opset, export_max_abs_diff=max_abs_diff)
+    return entries
+
+
 def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
     return ModelConfig(
         latent_channels=source.latent_channels,
@@ -214,6 +267,7 @@ def export_bundle(
     config: str | Path | None = None,
     scheduler: str | None = None,
     tiny_vae: str | Path | None = None,
+    deepcache_branch: int | None = None,
 ) -> Path:
     """Export the checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
 
@@ -236,6 +290,12 @@ def export_bundle(
     variant with fp32 inputs and outputs, for the "cuda-fp16" backend, validated against the fp32 model and recorded
     in the manifest. Raise InvalidArgumentError if one is not a component of this checkpoint.
 
+    `deepcache_branch` adds DeepCache's two U-Net passes for that branch (sdrt.engine.deepcache): the full pass is
+    the U-Net's graph with one more output, reading the U-Net's weights (a U-Net that kept its weights in its graph
+    gets them in a data file instead); the shallow pass holds the blocks above the branch only (branch 0: a few
+    percent of the U-Net's weights). The export traces the U-Net twice more. InvalidArgumentError if the U-Net has
+    no such branch.
+
     The bundle is built in a temporary directory beside `out_dir` and renamed into place only when complete and
     validated, so a failed or interrupted export leaves no partial bundle. An existing `out_dir` is refused unless
     `force` is true (it is then replaced only once the new bundle is complete).
@@ -245,7 +305,8 @@ def export_bundle(
         raise FileExistsError(f"{out_dir} already exists; pass force=True (CLI: --force) to replace it")
     checkpoint = Path(checkpoint)
     options = _ExportOptions(opset=opset, max_image_size=max_image_size, fp16_components=tuple(fp16_components), force=force,
-                             scheduler=scheduler, tiny_vae=None if tiny_vae is None else Path(tiny_vae))
+                             scheduler=scheduler, tiny_vae=None if tiny_vae is None else Path(tiny_vae),
+                             deepcache_branch=deepcache_branch)
     if not is_single_file(checkpoint):
         if config is not None:
             raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
@@ -272,6 +333,7 @@ class _ExportOptions:
     force: bool
     scheduler: str | None = None  # the bundle's default sampler; None: the checkpoint's own
     tiny_vae: Path | None = None  # an AutoencoderTiny directory to export as the tiny decoder
+    deepcache_branch: int | None = None
 
 
 def _export(
@@ -292,6 +354,7 @@ def _export(
         logger.warning("the VAE's config sets force_upcast (it overflows fp16; diffusers runs it in fp32): the fp16 "
                        "variants of %s may give NaN images", ", ".join(sorted(c.value for c in upcast)))
     defaults = model_defaults(source, options.scheduler)
+    branch = _cache_branch(source, options.deepcache_branch) if options.deepcache_branch is not None else None
     if source.safety_checker_config is None:
         logger.warning("%s has no safety checker: the bundle will report nsfw_content_detected = None", source_path or source.path)
     with atomic_directory(out_dir, replace=options.force) as staging:
@@ -299,6 +362,10 @@ def _export(
             component: _export_one(source, component, staging, options.opset, fp16=component in fp16)
             for component in tqdm(source.components, desc="export", unit="model")
         }
+        deepcache = None
+        if branch is not None:
+            components.update(_export_deepcache(source, branch, staging, options.opset))
+            deepcache = DeepCacheEntry(branch=branch.index, branches=branch.count)
         tokenizer = _copy_configs(source, staging)
         safety = None
         if source.safety_checker_config is not None:
@@ -316,6 +383,7 @@ def _export(
             source_sha256=source_sha256,
             loras=loras,
             defaults=defaults,
+            deepcache=deepcache,
             sdxl=_sdxl_config(source),
         ).write(staging)
     logger.info("bundle written to %s", out_dir)

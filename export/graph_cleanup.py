@@ -139,6 +139,16 @@ def save_onnx(model: onnx.ModelProto, out_path: Path, base_dir: Path | None = No
         raise ExportError(f"{out_path.name} fails onnx.checker: {exc}") from exc
 
 
+def move_weights_to_data_file(onnx_path: Path) -> None:
+    """Rewrite the model at `onnx_path` with its weights in `onnx_path.name + ".data"` beside it, as save_onnx writes
+    large models, so that another graph can read them from there; nothing to do where they are there already."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        return
+    _stream_external_data(model.graph.initializer, onnx_path.parent, onnx_path.parent, onnx_path.name + ".data")
+    onnx.save_model(model, str(onnx_path))
+
+
 def _inline(tensor: onnx.TensorProto, base_dir: Path) -> None:
     """Read an external tensor's values into the tensor itself (nothing to do for an inline one)."""
     if external_data_helper.uses_external_data(tensor):

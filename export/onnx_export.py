@@ -199,11 +199,17 @@ def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> list[np.
     return [t.numpy() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
-def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path, opset: int = OPSET) -> ComponentSpec:
-    """Trace the wrapped `model` of `component` to `onnx_path`; returns the spec of the traced graph (its inputs and
-    outputs those the checkpoint calls for)."""
+def trace_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str, np.ndarray]:
+    """The inputs components are traced at: a guided batch of two, odd latent sizes, one text-encoder window."""
+    return probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
+
+
+def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path,
+                     opset: int = OPSET, inputs: dict[str, np.ndarray] | None = None) -> ComponentSpec:
+    """Trace the wrapped `model` of `component` to `onnx_path` at `inputs` (default: `trace_inputs`); returns the
+    spec of the traced graph (its inputs and outputs those the checkpoint calls for)."""
     spec = graph_spec(checkpoint, component)
-    inputs = probe_inputs(checkpoint, component, batch=2, latent_hw=_TRACE_LATENT_HW, context_windows=_TRACE_CONTEXT_WINDOWS)
+    inputs = trace_inputs(checkpoint, component) if inputs is None else inputs
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)
     with warnings.catch_warnings(), torch.inference_mode():

@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import diffusers
 from diffusers import (
@@ -461,6 +462,7 @@ def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: s
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        _prefix_text_model_keys(staging / "text_encoder/model.safetensors")  # text_encoder_2's keys have theirs
         for name, pad_token in (("tokenizer", EOS_TOKEN), ("tokenizer_2", pad_token_2)):
             shutil.rmtree(staging / name, ignore_errors=True)
             write_clip_tokenizer(staging / name, pad_token=pad_token)
@@ -556,6 +558,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        _prefix_text_model_keys(staging / "text_encoder/model.safetensors")
         # transformers 5 would save only tokenizer.json (and its feature extractor as CLIPImageProcessorPil); real SD
         # checkpoints ship vocab.json + merges.txt and a CLIPFeatureExtractor preprocessor_config.json.
         shutil.rmtree(staging / "tokenizer", ignore_errors=True)
@@ -607,6 +610,15 @@ def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> P
     _scheduler(spec.scheduler_config or SD15_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
     write_clip_tokenizer(out_dir / "tokenizer", pad_token=spec.pad_token)
     return out_dir
+
+
+def _prefix_text_model_keys(path: Path) -> None:
+    """Name the text encoder's weights `text_model.*`, as real checkpoints (and transformers 4) do: transformers 5
+    saves CLIPTextModel without the prefix, which transformers 4 (optimum's venvs, the bench's peers) silently
+    replaces with random weights."""
+    tensors = safetensors.torch.load_file(path)
+    prefixed = {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in tensors.items()}
+    safetensors.torch.save_file(prefixed, path, metadata={"format": "pt"})
 
 
 def _scheduler(config: dict):

@@ -29,7 +29,7 @@ from sdrt.engine.backends.tensorrt.runner import EngineRunner
 from sdrt.engine.cuda_device import cuda_device, cuda_device_unavailable_reason
 from sdrt.engine.errors import BackendUnavailableError
 from sdrt.engine.manifest import ModelConfig, read_manifest, verify_files
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import OPTIONAL_COMPONENTS, Component
 from sdrt.export.errors import EngineBuildError
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,9 @@ def build_engines(
                 ", refittable" if refittable else "", compiler.environment.describe())
     engines = {}
     for component, entry in manifest.components.items():
+        if component in OPTIONAL_COMPONENTS:  # DeepCache's passes: the backend refuses DeepCache for now
+            logger.info("%s: not built (DeepCache runs on the other backends only)", component.value)
+            continue
         shapes = component_shapes(component, entry, manifest.model, profile, manifest.tokenizer.model_max_length)
         key = EngineKey(component, manifest.component_digest(component), compiler.environment, profile,
                         tuple(sorted(shapes.items())), precision, refittable)

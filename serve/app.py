@@ -270,6 +270,7 @@ def _to_params(body: ImageRequest, service: ImageService, limits: Limits) -> Gen
         guidance_scale=info.defaults.guidance_scale if body.guidance_scale is None else body.guidance_scale,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         scheduler=body.scheduler if body.scheduler is not None else info.defaults.scheduler,
+        deepcache_interval=body.deepcache_interval,
         encoding=body.encoding(),
         decoder=body.decoder,
     )

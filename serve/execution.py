@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from sdrt.engine import GenerationRequest, StableDiffusionPipeline
+from sdrt.engine import DeepCache, GenerationRequest, StableDiffusionPipeline
 from sdrt.engine.errors import GenerationCancelled, InvalidArgumentError
 from sdrt.engine.memory_return import return_freed_heap
 from sdrt.engine.safety_checker import SafetyPolicy
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 A = TypeVar("A")
 #: the pipeline's parameter names -> the API's, so an error names what the client sent
-API_PARAMETER = {"height": "size", "width": "size", "num_images_per_prompt": "n", "latents": "size"}
+API_PARAMETER = {"height": "size", "width": "size", "num_images_per_prompt": "n", "latents": "size",
+                 "deepcache": "deepcache_interval", "deepcache.cache_interval": "deepcache_interval"}
 
 
 class GenerationFailedError(Exception):
@@ -139,6 +140,7 @@ def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams
             output_type="pil",
             scheduler=first.scheduler,
             decoder=first.decoder,
+            deepcache=_deepcache(pipe, first.deepcache_interval),
         )
     except InvalidArgumentError as exc:
         parameter = API_PARAMETER.get(exc.parameter, exc.parameter)
@@ -152,6 +154,15 @@ def _generate(pipe: StableDiffusionPipeline, requests: Sequence[GenerationParams
                             for image, nsfw in zip(out.images[start:start + r.n], flags[start:start + r.n])])
         start += r.n
     return BatchResult(per_request, dict(out.timings))
+
+
+def _deepcache(pipe: StableDiffusionPipeline, interval: int | None) -> DeepCache | None:
+    """DeepCache every `interval` calls at the branch the bundle was exported for (None: off); a bundle without its
+    passes is refused by the request's validation."""
+    if interval is None:
+        return None
+    exported = pipe.manifest.deepcache
+    return DeepCache(cache_interval=interval, cache_branch=exported.branch if exported is not None else 0)
 
 
 def warm_up(pipe: StableDiffusionPipeline) -> None:

@@ -52,7 +52,7 @@ class Limits:
 
 class ImageRequest(BaseModel):
     """`POST /v1/images/generations`. OpenAI's fields and sdrt's (negative_prompt, num_inference_steps, guidance_scale,
-    seed, scheduler), with diffusers' defaults. Types are strict (`n: true`, `n: "2"` are refused, not coerced), and
+    seed, scheduler, deepcache_interval), with diffusers' defaults. Types are strict (`n: true`, `n: "2"` are refused, not coerced), and
     unknown fields are refused, so a misspelt parameter is named instead of silently ignored.
 
     Of OpenAI's fields, `prompt`, `n`, `size` and `output_format`/`output_compression` are honoured; `model`, `user`,
@@ -82,6 +82,9 @@ class ImageRequest(BaseModel):
     scheduler: str | None = Field(default=None, max_length=32, description="a scheduler name; default: the bundle's")
     decoder: Literal["full", "tiny"] = Field(default="full", description="the VAE, or the tiny autoencoder of a bundle "
                                              "exported with --tiny-vae")
+    deepcache_interval: int | None = Field(default=None, ge=1, description=(
+        "DeepCache: a full U-Net pass every this many calls, shallow ones between (bundles exported with "
+        "--deepcache-branch; faster, less exact); default: off"))
 
     @field_validator("size")
     @classmethod
@@ -132,13 +135,16 @@ class GenerationParams:
     guidance_scale: float
     seed: int
     scheduler: str | None
+    deepcache_interval: int | None = None  # None: DeepCache off
     encoding: ImageEncoding = ImageEncoding()  # of each image, after generation: no part of the batch key
     decoder: str = "full"  # "full" or "tiny": part of the batch key, as one decoder decodes the batch
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one U-Net batch: same latent size, same timesteps, same guidance."""
-        return (self.width, self.height, self.num_inference_steps, self.scheduler, self.guidance_scale, self.decoder)
+        """Requests with equal keys can share one U-Net batch: same latent size, same timesteps, same guidance, same
+        DeepCache schedule, same decoder."""
+        return (self.width, self.height, self.num_inference_steps, self.scheduler, self.guidance_scale, self.deepcache_interval,
+                self.decoder)
 
 
 class ImageData(BaseModel):

@@ -29,6 +29,7 @@ def _synthetic_results() -> dict:
     """A two-engine, one-peer run whose every ratio is a number no default or constant would produce."""
     engines = {"sdrt": _engine("openvino-int8", 37.0, 1.5, 41.37), "sdrt-exact": _engine("openvino-fp32", 81.0, 5.0, float("inf")),
                "diffusers-fp32": _engine("torch fp32", 100.0, 8.0, 117.0)}
+    engines["sdrt"].update(unet_precision="int8", unet_per_call_s=2.5, unet_gflops=541.6, unet_peak_fraction=0.6174)
     ratios = {metric: {ours: {"diffusers-fp32": (engines[ours][metric]["median"] if metric != "peak_rss_gb" else engines[ours][metric])
                               / (engines["diffusers-fp32"][metric]["median"] if metric != "peak_rss_gb" else 8.0)}
                        for ours in ("sdrt", "sdrt-exact")}
@@ -65,8 +66,8 @@ def test_the_readme_peer_table_is_rewritten_from_the_runs_results(tmp_path: Path
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")]
             for line in block.splitlines() if line.startswith("| sdrt")}
     # 37 / 100 and 1.5 / 8; 81 / 100 and 5 / 8; PSNR from the input, the fp32 engine named as the reference
-    assert rows["sdrt"] == ["sdrt", "openvino-int8", "41.4 dB", "0.37×", "0.19×"]
-    assert rows["sdrt-exact"] == ["sdrt-exact", "openvino-fp32", "exact (reference)", "0.81×", "0.62×"]
+    assert rows["sdrt"] == ["sdrt", "openvino-int8", "41.4 dB", "62 % of int8", "0.37×", "0.19×"]
+    assert rows["sdrt-exact"] == ["sdrt-exact", "openvino-fp32", "exact (reference)", "—", "0.81×", "0.62×"]
 
     write_readme_peers(_synthetic_results(), readme, results_file)  # a second run replaces, never appends
     assert readme.read_text() == text
@@ -111,3 +112,31 @@ def test_make_bench_rewrites_the_readme_table() -> None:
 def test_a_results_file_no_target_writes_names_none() -> None:
     assert "regenerate" not in markdown(_synthetic_results(), Path("elsewhere.md"))
     assert "regenerate" not in markdown(_synthetic_results())
+
+
+def test_the_results_show_the_floor_and_the_peers_exports() -> None:
+    results = _synthetic_results()
+    results["machine"]["matmul_peaks"] = {
+        "fp32": {"gflops": 231.4, "verified": True, "runtime_precision": "f32"},
+        "bf16": {"gflops": 77.7, "verified": False, "runtime_precision": "f32"},
+        "int8": {"gflops": 877.2, "verified": True, "runtime_precision": "u8"}}
+    results["points"][0]["unet_gflop_per_call"] = 1354.04
+    results["peer_exports"] = {"openvino-genai": {"wall_s": 167.4, "peak_rss_gb": 9.704,
+                                                  "command": ["optimum-cli", "export", "openvino", "--model", "ckpt", "out"]}}
+    text = markdown(results)
+    assert "fp32 231 GFLOP/s, bf16 78 GFLOP/s (ran in f32: no bf16 peak), int8 877 GFLOP/s" in text
+    assert "One U-Net call: 1354.0 GFLOP" in text
+    header = next(line for line in text.splitlines() if line.startswith("| engine |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| sdrt")]
+    cells = {row[0]: row for row in rows if len(row) == len(columns)}  # the engine table's, not the ratio tables
+    sdrt = dict(zip(columns, cells["sdrt"]))
+    assert (sdrt["U-Net/call"], sdrt["U-Net GFLOP/s"], sdrt["U-Net ÷ peak"]) == ("2.5", "542", "62 % of int8")
+    exact = dict(zip(columns, cells["sdrt-exact"]))
+    assert (exact["U-Net GFLOP/s"], exact["U-Net ÷ peak"]) == ("—", "—")  # not measured: said, not made up
+    assert "| openvino-genai | 167 s | 9.70 | `optimum-cli export openvino --model ckpt out` |" in text
+
+
+def test_results_from_before_the_floor_still_render() -> None:
+    text = markdown(_synthetic_results())  # no peaks, no U-Net work, no exports: the columns say so
+    assert "The floor" not in text and "One U-Net call" not in text and "peers' exports" not in text

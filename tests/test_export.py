@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from sdrt.engine.manifest import read_manifest, verify_files
-from sdrt.engine.specs import SPECS, Component
+from sdrt.engine.specs import OPTIONAL_COMPONENTS, SPECS, Component
 from sdrt.export import CheckpointError, export_bundle
 from sdrt.export import bundle as bundle_module
 
@@ -32,8 +32,8 @@ def test_manifest_records_what_the_runtime_needs(bundles: dict[str, Path], check
         assert manifest.model.sample_size == unet_config["sample_size"]
         assert manifest.tokenizer.model_max_length == 77
         assert manifest.source_checkpoint == str(checkpoints[arch].resolve())
-        # SDXL's second encoder, and the tiny decoder (exported on request only)
-        assert set(manifest.components) == set(Component) - {Component.TEXT_ENCODER_2, Component.TINY_VAE_DECODER}
+        # exported on request only, and SDXL's second encoder
+        assert set(manifest.components) == set(Component) - OPTIONAL_COMPONENTS - {Component.TEXT_ENCODER_2}
         for component, entry in manifest.components.items():
             assert [t.name for t in entry.inputs] == [t.name for t in SPECS[component].inputs]
             assert entry.export_max_abs_diff < 1e-3

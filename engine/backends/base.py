@@ -86,6 +86,8 @@ class Backend(abc.ABC):
     #: the host memory its models and requests take (sdrt.engine.memory_estimate); None where it is not modelled:
     #: the GPU backends, whose weights and activations live in device memory
     memory_profile: ClassVar[MemoryProfile | None] = None
+    #: why it cannot run DeepCache's passes (sdrt.engine.deepcache), one sentence; None: it runs them as any component
+    deepcache_refusal: ClassVar[str | None] = None
 
     def __init__(
         self, bundle_dir: Path, components: Mapping[Component, ComponentFile], memory: MemoryPolicy = MemoryPolicy.KEEP_LOADED

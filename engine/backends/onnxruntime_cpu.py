@@ -20,10 +20,10 @@ import numpy as np
 import onnxruntime as ort
 
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import UNET_PASSES, Component
 
 #: the components run many times per request, whose buffers stay in the arena between their runs
-_REPEATED = frozenset({Component.UNET})
+_REPEATED = frozenset(UNET_PASSES)
 _ARENA_EXTEND_SAME_AS_REQUESTED = 1  # onnxruntime's ArenaExtendStrategy::kSameAsRequested
 
 

@@ -34,7 +34,7 @@ from sdrt.engine.backends.openvino.passes.registry import (
 )
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.guidance_batch import REPEATED_INPUTS, halves_identical
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import UNET_PASSES, Component
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class _OpenVINOBackend(Backend):
     #: A process's first request pays the compilation (not loaded from the cache); the gain repays it within one
     #: 20-step request (measurements: docs/design-notes.md).
     compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
-        Component.VAE_DECODER: CompileShapes.EACH, Component.UNET: CompileShapes.FIRST,
+        Component.VAE_DECODER: CompileShapes.EACH, **{unet: CompileShapes.FIRST for unet in UNET_PASSES},
     }
     #: the static-shape rewrites of each component compiled for static shapes, in order
     #: (passes.registry.STATIC_SHAPE_REWRITES)

@@ -28,7 +28,7 @@ from sdrt.engine.cuda_device import cuda_device_unavailable_reason
 from sdrt.engine.device_loop import DenoiseJob, DeviceDenoiser, DeviceLoop
 from sdrt.engine.errors import EnginesNotBuiltError, GpuError, InvalidArgumentError, WeightsNotReplaceableError
 from sdrt.engine.onnx_weights import read_initializers
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import OPTIONAL_COMPONENTS, Component
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     batched_decode = True
     exact = False  # engines are fp16 by default, and their precision is chosen at build time
+    # `sdrt build-engines` builds no engines of DeepCache's passes (specs.OPTIONAL_COMPONENTS) yet
+    deepcache_refusal = ("DeepCache is not supported on the tensorrt backend yet: load the bundle with backend=\"cuda\" "
+                         "(or a CPU backend) to use it")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -129,4 +132,5 @@ class TensorRTBackend(Backend):
 
 
 def _digests(components: Mapping[Component, ComponentFile]) -> dict[Component, str]:
-    return {component: source.digest for component, source in components.items()}
+    """The digests of the components TensorRT runs: every one but DeepCache's passes."""
+    return {component: source.digest for component, source in components.items() if component not in OPTIONAL_COMPONENTS}

@@ -16,7 +16,7 @@ from sdrt.engine.backends.openvino.passes.upsample_phases import rewrite_upsampl
 from sdrt.engine.backends.openvino.passes.winograd import (
     CHUNK_WEIGHT_ELEMENTS, MAX_DECODER_INPUT_ELEMENTS, MAX_WEIGHT_ELEMENTS, MIN_STATIC_INPUT_AREA, REVISION, rewrite_convolutions,
 )
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import UNET_PASSES, Component
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ WINOGRAD_LARGE = StaticShapeRewrite(
 #: transforms would amplify.
 GRAPH_REWRITES: Mapping[str, Mapping[Component, tuple[GraphRewrite, ...]]] = {
     "bf16": {},
-    "f32": {Component.UNET: (WINOGRAD,)},
+    "f32": {unet: (WINOGRAD,) for unet in UNET_PASSES},
 }
 #: by OpenVINO inference precision: the rewrites of each component compiled for static shapes, in order. Each
 #: nearest 2x upsampling's convolution as phases in every precision; the U-Net's GEGLU projections as two products in
@@ -76,6 +76,7 @@ GRAPH_REWRITES: Mapping[str, Mapping[Component, tuple[GraphRewrite, ...]]] = {
 #: once its shapes are known (within 6e-5 of direct convolutions), and the U-Net's larger convolutions
 #: (WINOGRAD_LARGE). Their gains: docs/design-notes.md.
 STATIC_SHAPE_REWRITES: Mapping[str, Mapping[Component, tuple[StaticShapeRewrite, ...]]] = {
-    "bf16": {Component.UNET: (GEGLU_HALVES, UPSAMPLE_PHASES), Component.VAE_DECODER: (UPSAMPLE_PHASES,)},
-    "f32": {Component.UNET: (UPSAMPLE_PHASES, WINOGRAD_LARGE), Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)},
+    "bf16": {**{unet: (GEGLU_HALVES, UPSAMPLE_PHASES) for unet in UNET_PASSES}, Component.VAE_DECODER: (UPSAMPLE_PHASES,)},
+    "f32": {**{unet: (UPSAMPLE_PHASES, WINOGRAD_LARGE) for unet in UNET_PASSES},
+            Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)},
 }

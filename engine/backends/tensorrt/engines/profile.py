@@ -181,6 +181,9 @@ def axis_ranges(component: Component, model: ModelConfig, profile: EngineProfile
         "latent_height": latent(profile.height),
         "latent_width": latent(profile.width),
         "context_length": AxisRange.fixed(text_length),
+        # DeepCache's feature, at most the latents' size (its passes are not built as engines: OPTIONAL_COMPONENTS)
+        "feature_height": latent(profile.height),
+        "feature_width": latent(profile.width),
     }
 
 
