@@ -196,6 +196,9 @@ def _recording_releases(backend, monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(backend, "_load", recording_load)
     monkeypatch.setattr(backend, "_compile", recording_compile)
+    for model in backend._loaded.values():  # loaded at load() from the compiled-model cache
+        loaded.append(weakref.ref(model))
+        model.compiled = _ReleaseRecorder(model.compiled, model.component, released)
     return released, loaded
 
 
