@@ -60,17 +60,20 @@ class MemoryProfile:
 @dataclasses.dataclass(frozen=True)
 class ModelLoad:
     """One model a backend made ready to run: which component, for which input shapes (None: any), whether it was
-    loaded from a compiled-model cache or compiled, and how long that took. Backends without a compiled-model cache
-    report nothing."""
+    loaded from a compiled-model cache or compiled, and how long that took: wall-clock seconds, and the CPU seconds of
+    the whole process meanwhile (all threads; on a busy machine, the wall time's share that is this work). Backends
+    without a compiled-model cache report nothing."""
 
     component: Component
     shapes: Mapping[str, list[int]] | None
     from_cache: bool
     seconds: float
+    cpu_seconds: float
 
     def describe(self) -> str:
         shapes = "any shapes" if self.shapes is None else ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.shapes.items())
-        return f"{self.component.value} ({shapes}) {'loaded from the cache' if self.from_cache else 'compiled'} in {self.seconds:.2f} s"
+        done = "loaded from the cache" if self.from_cache else "compiled"
+        return f"{self.component.value} ({shapes}) {done} in {self.seconds:.2f} s ({self.cpu_seconds:.2f} s of CPU)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,9 @@ int8 U-Net made by `sdrt quantize`.
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). Each component's model is rewritten before it compiles (`passes/`:
 which rewrites, per precision, in `passes/registry.py`), and the U-Net and VAE decoder are compiled for static
-shapes, which more rewrites need. Converted and compiled models are cached in the bundle (`cache.py`), so a later
-process skips most of the compilation; the constants static-shape rewrites make are stored beside the compiled
-models (`constants.py`).
+shapes, which more rewrites need. Converted and compiled models are cached in the bundle (`cache.py`,
+`compiled_models.py`): a later process loads the compiled models at `load()` and compiles nothing for the sizes run
+before; the constants static-shape rewrites make are stored beside the compiled models (`constants.py`).
 """
 from __future__ import annotations
 
@@ -50,9 +50,7 @@ class CompileShapes(enum.Enum):
     #: each call's shapes, compiled again whenever they change: for models quick to compile
     EACH = "each"
     #: the first call's shapes; should they ever change, any shapes from then on (no model compiles twice over,
-    #: however a server's batches vary). For large models: the compiled-model cache is not used for the first
-    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (and it would
-    #: write a blob of gigabytes per shape)
+    #: however a server's batches vary). For large models. A later process loads the shapes used last at `load()`.
     FIRST = "first"
 
 
@@ -95,8 +93,8 @@ class _OpenVINOBackend(Backend):
     #: size pays a compilation (later processes find it in the compiled-model cache). The U-Net for its first shapes
     #: (a request's CFG batch and size): faster calls and less memory in every precision, at the same accuracy, and it
     #: lets the U-Net run its text-independent prefix once for both halves of the batch (passes/guidance_prefix.py).
-    #: A process's first request pays the compilation (not loaded from the cache); the gain repays it within one
-    #: 20-step request (measurements: docs/design-notes.md).
+    #: Compiled models are cached per set of shapes (compiled_models.py), and those of the shapes used last are loaded
+    #: at `load()`: only the first process to run a size compiles for it (measurements: docs/design-notes.md).
     compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
         Component.VAE_DECODER: CompileShapes.EACH, Component.UNET: CompileShapes.FIRST,
     }
@@ -214,7 +212,7 @@ class _OpenVINOBackend(Backend):
         component = model.component
         guided_halves = guided_halves and shapes is not None
         model.compiled = model.request = None  # the previous shapes' model goes before the next one is built
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         from_cache = False
         if self._cache_dir is None:
             source, guided_halves = self._static_model(component, shapes, guided_halves) if shapes is not None else (self._model_file(component), False)
@@ -251,7 +249,7 @@ class _OpenVINOBackend(Backend):
         model.shapes = shapes
         model.guided_halves = guided_halves
         model.weights_repacked = False
-        load = ModelLoad(component, shapes, from_cache, seconds)
+        load = ModelLoad(component, shapes, from_cache, seconds, time.process_time() - cpu_start)
         self._model_loads.append(load)
         logger.info("%s: %s", self.name, load.describe())
 
