@@ -139,3 +139,19 @@ def test_the_least_recently_used_shapes_are_evicted(bundle: Path, monkeypatch) -
     decoder = [entry for entry in _entries(bundle) if entry.parent.parent.name.startswith("vae_decoder")]
     shapes = [json.loads((entry / compiled_models.ENTRY_FILE).read_text())["key"]["shapes"]["latent_sample"] for entry in decoder]
     assert sorted(shapes) == [[1, 4, 12, 12], [1, 4, 16, 16]]
+
+
+def test_a_blob_openvino_cannot_read_is_compiled_again_and_reported_so(bundle: Path) -> None:
+    _generate(bundle)
+    blob = next(path for entry in _entries(bundle) if entry.parent.parent.name.startswith("unet-")
+                for path in (entry / compiled_models.BLOB_SUBDIR).glob("*.blob"))
+    size = blob.stat().st_size
+    blob.chmod(0o644)
+    with blob.open("r+b") as file:
+        file.truncate(size // 2)  # as an interrupted write leaves it
+    _, _, at_load = _generate(bundle)
+    assert {load.component: load.from_cache for load in at_load} == {
+        Component.TEXT_ENCODER: True, Component.UNET: False, Component.VAE_DECODER: True}
+    assert blob.stat().st_size == size  # OpenVINO wrote it again
+    _, _, at_load = _generate(bundle)
+    assert all(load.from_cache for load in at_load)

@@ -220,9 +220,7 @@ class _OpenVINOBackend(Backend):
             key = compiled_models.CompiledKey.create(component, self._compiled_name(component, self.components[component]),
                                                      self.precision, shapes, guided_halves, _environment())
             entry = compiled_models.CompiledEntry.of(self._compiled_dir(component), key)
-            from_cache = entry.complete(key)
-            if not from_cache:
-                entry.clear_blob()
+            complete = entry.complete(key)
             if shapes is None:
                 source = self._model_file(component)
             else:
@@ -232,6 +230,7 @@ class _OpenVINOBackend(Backend):
                     del static_model
                 source, guided_halves = str(entry.model_file), entry.saved_guided_halves()
             entry.blob_dir.mkdir(parents=True, exist_ok=True)
+            blobs = entry.blob_state()
             # Compiling from a path lets OpenVINO key its compiled-model cache on the file, not on a hash of the weights.
             config["CACHE_DIR"] = str(entry.blob_dir)
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
@@ -240,6 +239,7 @@ class _OpenVINOBackend(Backend):
             model.compiled = self._core.compile_model(source, "CPU", config)
         seconds = time.perf_counter() - start
         if self._cache_dir is not None:
+            from_cache = complete and entry.blob_state() == blobs  # else OpenVINO compiled: its blob was unreadable
             if from_cache:
                 entry.touch()
             else:

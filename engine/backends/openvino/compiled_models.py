@@ -8,7 +8,9 @@ version, the CPU's name and optimisation capabilities): a stale or foreign entry
 compiled-model cache (CACHE_DIR) writes and reads the blob, keyed on the file it compiles: the bundle's model (or
 its converted copy) for any shapes, or, for static shapes, an IR of the reshaped and rewritten model saved in the
 entry, so the key costs no hash of the weights. An entry is complete only once its record (ENTRY_FILE) is written,
-atomically, after its model compiled: an interrupted compilation leaves no entry that a later process would read.
+atomically, after its model compiled: an interrupted compilation leaves no entry that a later process would load
+at `load()`. What it may leave in OpenVINO's cache (a partial blob) OpenVINO replaces: it compiles again where it
+cannot read a blob, and so does a process whose compilation overlaps another's.
 """
 from __future__ import annotations
 
@@ -127,9 +129,10 @@ class CompiledEntry:
     def saved_guided_halves(self) -> bool:
         return bool(json.loads((self.directory / "model.json").read_text(encoding="utf-8"))["guided_halves"])
 
-    def clear_blob(self) -> None:
-        """Remove what an interrupted compilation left (a blob without a record)."""
-        shutil.rmtree(self.blob_dir, ignore_errors=True)
+    def blob_state(self) -> frozenset[tuple[str, int, int]]:
+        """The blobs' names, sizes and modification times: OpenVINO rewrites a blob it could not read (one an
+        interrupted or concurrent compilation left partial), and a changed state tells that it compiled."""
+        return frozenset((blob.name, stat.st_size, stat.st_mtime_ns) for blob in self.blob_dir.glob("*.blob") for stat in [blob.stat()])
 
     def mark_complete(self, key: CompiledKey, compile_seconds: float) -> None:
         with atomic_file(self.directory / ENTRY_FILE) as staging:
