@@ -192,8 +192,8 @@ class _OpenVINOBackend(Backend):
             for component in sorted(components & self.components.keys(), key=list(Component).index):
                 if component in self._loaded:
                     continue
-                key = compiled_models.latest_entry(self._compiled_dir(component), component, self._compiled_name(component, self.components[component]),
-                                                   self.precision, _environment())
+                model_name = self._compiled_name(component, self.components[component])
+                key = compiled_models.latest_entry(self._compiled_dir(component), component, model_name, self.precision, _environment())
                 if key is None:
                     continue
                 model = _LoadedModel(component, preloaded=key.shapes is not None)
@@ -215,7 +215,10 @@ class _OpenVINOBackend(Backend):
         start, cpu_start = time.perf_counter(), time.process_time()
         from_cache = False
         if self._cache_dir is None:
-            source, guided_halves = self._static_model(component, shapes, guided_halves) if shapes is not None else (self._model_file(component), False)
+            if shapes is None:
+                source = self._model_file(component)
+            else:
+                source, guided_halves = self._static_model(component, shapes, guided_halves)
         else:
             key = compiled_models.CompiledKey.create(component, self._compiled_name(component, self.components[component]),
                                                      self.precision, shapes, guided_halves, _environment())
