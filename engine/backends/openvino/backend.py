@@ -236,6 +236,10 @@ class _OpenVINOBackend(Backend):
             blobs = entry.blob_state()
             # Compiling from a path lets OpenVINO key its compiled-model cache on the file, not on a hash of the weights.
             config["CACHE_DIR"] = str(entry.blob_dir)
+            if source.endswith(IR_FILE):
+                # Weightless blobs: the compiled graph, its weights read from the IR when loaded. A full blob copies
+                # them (SD 1.5's fp32 U-Net, over 2 GB, got none written at all); from ONNX, none would be written.
+                config["CACHE_MODE"] = "OPTIMIZE_SIZE"
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
         # request's peak in exact mode (the fp32 safety checker loading beside everything else).
         with handing_back_mapped_pages(self.bundle_dir):
