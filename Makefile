@@ -95,7 +95,8 @@ bench-build: $(VENV)/.test-installed $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_
 	    --out $(BENCH_DIR)/build.json --results benchmarks/EXPORT.md
 
 # The SD 1.5-architecture random checkpoint (compute does not depend on weight values) and its bundle, quantized so
-# that `auto` runs the int8 U-Net: what every bench target measures; each step runs once.
+# that `auto` runs the int8 U-Net (by `sdrt export` itself where the quantize extra is installed): what every bench
+# target measures; each step runs once.
 .PHONY: bench-bundle bench-memory bench-scaling
 bench-bundle: $(VENV)/.test-installed
 	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15

@@ -4,7 +4,6 @@ commands work without them."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,9 +50,10 @@ def _export(args: argparse.Namespace) -> int:
         given = [flag for flag, value in _engine_flags(args).items() if value]
         if given:
             raise UsageError(f"{', '.join(given)}: engine options need --tensorrt")
+    # The int8 U-Net is the CPU's fastest mode: made by default, unless the bundle is built for TensorRT.
     bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or (),
                                   loras=args.lora, config=args.config, scheduler=args.scheduler, tiny_vae=args.tiny_vae,
-                                  deepcache_branch=args.deepcache_branch)
+                                  deepcache_branch=args.deepcache_branch, quantize=not (args.no_quantize or args.tensorrt))
     print(bundle)
     if args.tensorrt:
         print(_build_engines_for(bundle, args))
@@ -160,10 +160,11 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    missing = [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]  # now, not after calibrating
-    if missing:
-        raise SdrtError(f"sdrt quantize needs the quantize extra ({', '.join(missing)} missing): pip install 'sdrt[quantize]'")
-    from sdrt.export.int8_unet import Calibration, quantize_unet
+    from sdrt.export.int8_unet import Calibration, quantize_unavailable_reason, quantize_unet
+
+    reason = quantize_unavailable_reason()  # now, not after calibrating
+    if reason is not None:
+        raise SdrtError(f"sdrt quantize: {reason}")
 
     calibration = Calibration(prompts=args.prompts, num_inference_steps=args.num_inference_steps, size=args.size, seed=args.seed)
     print(quantize_unet(args.bundle, calibration))
@@ -206,6 +207,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "that reads the U-Net's weights (a U-Net small enough to hold them in its graph gets "
                         "model.onnx.data instead), and the shallow blocks' weights (branch 0: a few percent of the "
                         "U-Net's); a process running requests with and without DeepCache holds the U-Net's weights twice")
+    export.add_argument("--no-quantize", action="store_true",
+                        help="skip the int8 U-Net (made by default where the quantize extra is installed and it fits "
+                        "the memory budget: the fastest CPU mode, --backend openvino-int8, which auto then runs); the "
+                        "bundle then runs in bf16. `sdrt quantize` makes it later")
     export.add_argument("--tensorrt", action="store_true",
                         help="then build TensorRT engines for it on this GPU (gpu extra), as build-engines does with "
                         "the options below; checked before exporting")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Collection
 from pathlib import Path
 
-from sdrt.engine.backends import ComponentFile, MemoryPolicy, backend_class
+from sdrt.engine.backends import Backend, ComponentFile, MemoryPolicy, backend_class
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.host_memory import MemoryBudget
 from sdrt.engine.manifest import Manifest, read_manifest, verify_files
@@ -38,6 +40,8 @@ def load(
     component in use, for the lowest peak memory at the cost of reloading each stage's model per request.
     `memory_budget`: requests whose estimated peak memory is over it are refused when validated (default: 0.8 of
     the memory available when each request is validated); None: no check.
+    Compiled models the backend's cache holds (OpenVINO: those of the shapes used last) are loaded here, so that
+    the first request only runs them; `pipe.backend.model_loads` lists each model loaded or compiled and its time.
     Every bundle file is checked against its size and sha256 in the manifest first: a missing, truncated or
     modified file raises BundleError (a ValueError) naming it. Hashes are recorded in the bundle's cache, so a
     later load re-hashes only files whose size, modification or change time differ.
@@ -50,6 +54,7 @@ def load(
     components = component_files(bundle_dir, manifest)
     backend_type = backend_class(backend, bundle_dir, components)
     chosen = backend_type(bundle_dir, components, memory_policy)
+    _preload(chosen, components.keys() - ({Component.SAFETY_CHECKER} if policy is SafetyPolicy.OFF else set()))
     logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
     checker = None
     if policy is SafetyPolicy.OFF:
@@ -77,6 +82,16 @@ def load(
         memory_budget=memory_budget,
         tokenizer_2=CLIPTokenizer.from_directory(bundle_dir / manifest.sdxl.tokenizer_2.directory) if manifest.sdxl else None,
     )
+
+
+def _preload(backend: Backend, components: Collection[Component]) -> None:
+    """Load the compiled models the backend's cache holds, so that the first request only runs them; log what was
+    loaded and what took how long (every model's load stays in `backend.model_loads`, later compilations included)."""
+    start = time.perf_counter()
+    loads = backend.preload(frozenset(components))
+    if loads:
+        logger.info("%s: loaded %d compiled models from the cache in %.2f s (%s)", backend.name, sum(l.from_cache for l in loads),
+                    time.perf_counter() - start, "; ".join(load.describe() for load in loads))
 
 
 def component_files(bundle_dir: Path, manifest: Manifest) -> dict[Component, ComponentFile]:

@@ -49,6 +49,7 @@ from sdrt.export.deepcache import CacheBranch, FullPass, ShallowPass, add_featur
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx, move_weights_to_data_file
+from sdrt.export.int8_unet import quantize_after_export
 from sdrt.export.lora_fusion import LoraSpec, fused_deltas
 from sdrt.export.model_defaults import model_defaults
 from sdrt.export.onnx_export import (
@@ -268,6 +269,7 @@ def export_bundle(
     scheduler: str | None = None,
     tiny_vae: str | Path | None = None,
     deepcache_branch: int | None = None,
+    quantize: bool = False,
 ) -> Path:
     """Export the checkpoint at `checkpoint` to an sdrt bundle at `out_dir` and return its path.
 
@@ -299,6 +301,10 @@ def export_bundle(
     The bundle is built in a temporary directory beside `out_dir` and renamed into place only when complete and
     validated, so a failed or interrupted export leaves no partial bundle. An existing `out_dir` is refused unless
     `force` is true (it is then replaced only once the new bundle is complete).
+
+    `quantize` then makes the bundle's int8 U-Net (export/int8_unet.py, `quantize_after_export`), the fastest CPU mode,
+    where the quantize extra is installed and it fits the memory budget; else it says why and leaves bf16. A failed
+    quantization leaves the complete bundle.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -312,7 +318,19 @@ def export_bundle(
             raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
         source = load_checkpoint(checkpoint)
         deltas, fused = fused_deltas(loras, source.path)
-        return _export(dataclasses.replace(source, weight_deltas=deltas), out_dir, options, fused)
+        bundle = _export(dataclasses.replace(source, weight_deltas=deltas), out_dir, options, fused)
+        del source, deltas  # the checkpoint's weights, before quantization loads the bundle
+        gc.collect()
+    else:
+        bundle = _export_single_file(checkpoint, out_dir, options, loras, config)
+    if quantize:
+        quantize_after_export(bundle)
+    return bundle
+
+
+def _export_single_file(checkpoint: Path, out_dir: Path, options: _ExportOptions, loras: Sequence[LoraSpec],
+                        config: str | Path | None) -> Path:
+    """Convert the single-file `checkpoint` to a diffusers checkpoint beside `out_dir`, then export it."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # the converted checkpoint (fp32: 4 GB for SD 1.5) goes beside the bundle, on the disk chosen for it
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.single-file-", dir=out_dir.parent) as workdir:

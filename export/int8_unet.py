@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import sdrt.engine
 from sdrt.engine.atomic import atomic_directory
+from sdrt.engine.backends.openvino.backend import OpenVINOInt8Backend
 from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
 from sdrt.engine.errors import InvalidArgumentError
+from sdrt.engine.host_memory import MemoryBudget, format_bytes
+from sdrt.engine.manifest import read_manifest
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
 
@@ -54,6 +59,62 @@ class Calibration:
             raise InvalidArgumentError("prompts", f"must be in [1, {len(CALIBRATION_PROMPTS)}], got {self.prompts}")
         if self.num_inference_steps < 1:
             raise InvalidArgumentError("num_inference_steps", f"must be at least 1, got {self.num_inference_steps}")
+
+
+#: the smallest calibration side `sdrt export` uses (its calibration runs at half the model's default side, but not
+#: below this nor above the default): SD 1.5 at 256² took 6 min 39 s at a 4.89 GB peak (benchmarks/EXPORT.md), at
+#: 512² about 8 min and 12.6 GB
+EXPORT_CALIBRATION_MIN_SIDE = 256
+#: the peak resident bytes of a quantization calibrated as `sdrt export` does, per byte of the U-Net's fp32 file:
+#: SD 1.5, 4.89 GB for a 3.44 GB U-Net, rounded up
+EXPORT_PEAK_BYTES_PER_UNET_FILE_BYTE = 1.6
+
+
+def quantize_unavailable_reason() -> str | None:
+    """None if the int8 U-Net can be made and run here, else why not (one sentence)."""
+    missing = [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"the quantize extra is not installed ({', '.join(missing)} missing): pip install 'sdrt[quantize]'"
+    reason = OpenVINOInt8Backend.unavailable_reason()
+    return None if reason is None else f"the int8 U-Net cannot run here: {reason}"
+
+
+def export_calibration(bundle_dir: Path) -> Calibration:
+    """The calibration `sdrt export` quantizes with: the default prompts and steps at half the model's default side
+    (but at least EXPORT_CALIBRATION_MIN_SIDE, and at most the default)."""
+    model = read_manifest(Path(bundle_dir)).model
+    default = model.default_image_size
+    side = max(default // 2, min(default, EXPORT_CALIBRATION_MIN_SIDE))
+    multiple = model.vae_scale_factor * 8  # a side every U-Net level divides evenly
+    return Calibration(size=max(multiple, side // multiple * multiple))
+
+
+def export_quantization_peak_bytes(bundle_dir: Path) -> int:
+    """About the peak resident memory of quantizing the bundle's U-Net with `export_calibration`."""
+    manifest = read_manifest(Path(bundle_dir))
+    unet_file = Path(bundle_dir) / manifest.components[Component.UNET].file
+    unet_bytes = sum(path.stat().st_size for path in unet_file.parent.iterdir() if path.is_file())
+    return int(EXPORT_PEAK_BYTES_PER_UNET_FILE_BYTE * unet_bytes)
+
+
+def quantize_after_export(bundle_dir: Path, memory_budget: MemoryBudget = MemoryBudget()) -> Path | None:
+    """The int8 U-Net `sdrt export` makes by default, so that the bundle runs its fastest mode without another
+    command: made with `export_calibration` where the quantize extra is installed, the CPU runs it and the
+    quantization fits `memory_budget`; else say why once and leave the bundle to run in bf16. Return its path, or
+    None where it was skipped."""
+    bundle_dir = Path(bundle_dir)
+    reason = quantize_unavailable_reason()
+    if reason is None:
+        needed, allowed = export_quantization_peak_bytes(bundle_dir), memory_budget.resolve()
+        if needed > allowed:
+            reason = f"it needs about {format_bytes(needed)} and the memory budget ({memory_budget.describe()}) is {format_bytes(allowed)}"
+    if reason is not None:
+        logger.warning("not quantizing the U-Net to int8 (%s): the bundle runs in bf16; `sdrt quantize %s` makes it later",
+                       reason, bundle_dir)
+        return None
+    calibration = export_calibration(bundle_dir)
+    logger.info("quantizing the U-Net to int8, calibrated at %d² (skip with --no-quantize)", calibration.size)
+    return quantize_unet(bundle_dir, calibration)
 
 
 def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration()) -> Path:
@@ -114,9 +175,11 @@ def _unet_inputs(pipe: Any, calibration: Calibration) -> list[dict[str, np.ndarr
         return run(component, feeds)
 
     pipe.backend.run = recording_run
+    pipe.set_progress_bar_config(disable=True)
     try:
-        for index, prompt in enumerate(CALIBRATION_PROMPTS[: calibration.prompts]):
-            logger.info("calibration run %d of %d: %r", index + 1, calibration.prompts, prompt)
+        prompts = CALIBRATION_PROMPTS[: calibration.prompts]
+        for index, prompt in enumerate(tqdm(prompts, desc="calibrate int8", unit="run")):
+            logger.debug("calibration run %d of %d: %r", index + 1, calibration.prompts, prompt)
             pipe(prompt, num_inference_steps=calibration.num_inference_steps, guidance_scale=calibration.guidance_scale,
                  height=calibration.size, width=calibration.size, seed=calibration.seed + index, output_type="latent")
     finally:

@@ -102,10 +102,11 @@ def test_compiled_models_are_cached_per_model_and_stale_entries_removed(tiny_bun
     assert {name.rsplit("-", 1)[1] for name in compiled} == {"f32"} | ({"bf16"} if OpenVINOBF16Backend.unavailable_reason() is None else set())
     current = _cache_listing(bundle)
 
-    # Entries nothing current would read: an earlier export's U-Net, and blobs of the one-directory layout. Hidden
-    # staging directories (a conversion under way) and what is not named after a component stay.
+    # Entries nothing current would read: an earlier export's U-Net, blobs of the one-directory layout and of the
+    # layout that gave each model's directory to OpenVINO's cache. Hidden staging directories (a conversion under
+    # way) and what is not named after a component stay.
     for planted in ("ir/unet-0123456789abcdef/model.xml", "compiled/unet-0123456789abcdef-f32/a.blob", "compiled/b.blob",
-                    "ir/.unet-x.partial/model.xml", "compiled/notes/c.txt"):
+                    f"compiled/{sorted(compiled)[0]}/1234.blob", "ir/.unet-x.partial/model.xml", "compiled/notes/c.txt"):
         (cache / planted).parent.mkdir(parents=True, exist_ok=True)
         (cache / planted).write_text("x")
     _run_openvino_fp32(bundle)  # both modes' entries are current: neither removes the other's
@@ -196,6 +197,9 @@ def _recording_releases(backend, monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(backend, "_load", recording_load)
     monkeypatch.setattr(backend, "_compile", recording_compile)
+    for model in backend._loaded.values():  # loaded at load() from the compiled-model cache
+        loaded.append(weakref.ref(model))
+        model.compiled = _ReleaseRecorder(model.compiled, model.component, released)
     return released, loaded
 
 
@@ -215,12 +219,13 @@ def test_openvino_releases_a_stages_buffers_when_the_request_moves_on(tiny_bundl
 
 
 @needs_openvino
-def test_openvino_releases_the_last_stages_buffers_before_the_next_model_compiles(tiny_bundle: Path, monkeypatch) -> None:
+def test_openvino_releases_the_last_stages_buffers_before_the_next_model_compiles(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # Released only when the next stage first ran, they were held through its compilation: in exact mode at 512², the
     # VAE decoder's 1.3 GB while the safety checker compiled, the first request's peak.
     from sdrt.engine.specs import Component
 
-    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))  # nothing loaded ahead
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     events, _ = _recording_releases(pipe.backend, monkeypatch)
     compile_model = pipe.backend._core.compile_model
@@ -246,7 +251,7 @@ def test_openvino_one_at_a_time_lets_each_dropped_model_go(tiny_bundle: Path, mo
 
 
 @needs_openvino
-def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, monkeypatch) -> None:
+def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # Static shapes let OpenVINO plan buffers ahead and pick kernels for them (SD 1.5 at 512² in fp32: the decoder's
     # buffers 1.21 -> 0.81 GB; the U-Net 0.6 GB less, and 6 % faster). The decoder is recompiled for each new size;
     # exact mode's U-Net for its first shapes, then, once they change, for any shapes, never again. The pixels are
@@ -262,7 +267,8 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
         component: tuple(counted if r is phases else r for r in component_rewrites)
         for component, component_rewrites in openvino_backend.OpenVINOFP32Backend.static_shape_rewrites.items()
     })
-    pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))  # nothing loaded ahead
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     compiled: list = []
     compile_ = pipe.backend._compile
@@ -279,7 +285,8 @@ def test_openvino_compiles_for_the_shapes_it_is_called_with(tiny_bundle: Path, m
     assert len(unet_compiles) == 2 and unet_compiles[1] is None
     assert unet_compiles[0]["sample"] == [2, channels, 64 // f, 64 // f]  # the prompt's and the empty prompt's
     assert all(shapes is None for component, shapes in compiled if component not in (Component.VAE_DECODER, Component.UNET))
-    assert len(rewrites) == len(sizes) + 1 and all(count >= 1 for count in rewrites)  # the decoders', the U-Net's
+    # the decoder's for each new size (a size met again is loaded from the compiled-model cache), the U-Net's
+    assert len(rewrites) == len(set(sizes)) + 1 and all(count >= 1 for count in rewrites)
 
     monkeypatch.setattr(openvino_backend.OpenVINOFP32Backend, "compile_shapes", {})
     any_shape = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)

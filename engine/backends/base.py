@@ -59,6 +59,25 @@ class MemoryProfile:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelLoad:
+    """One model a backend made ready to run: which component, for which input shapes (None: any), whether it was
+    loaded from a compiled-model cache or compiled, and how long that took: wall-clock seconds, and the CPU seconds of
+    the whole process meanwhile (all threads; on a busy machine, the wall time's share that is this work). Backends
+    without a compiled-model cache report nothing."""
+
+    component: Component
+    shapes: Mapping[str, list[int]] | None
+    from_cache: bool
+    seconds: float
+    cpu_seconds: float
+
+    def describe(self) -> str:
+        shapes = "any shapes" if self.shapes is None else ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.shapes.items())
+        done = "loaded from the cache" if self.from_cache else "compiled"
+        return f"{self.component.value} ({shapes}) {done} in {self.seconds:.2f} s ({self.cpu_seconds:.2f} s of CPU)"
+
+
+@dataclasses.dataclass(frozen=True)
 class ComponentFile:
     """A component's model file and the digest of its files in the manifest (`Manifest.component_digest`: the key
     of caches derived from it), and its fp16 variant's file where the bundle has one (`sdrt export --fp16-onnx`)."""
@@ -97,6 +116,7 @@ class Backend(abc.ABC):
         self.memory = memory
         self._loaded: dict[Component, Any] = {}
         self._lock = threading.Lock()
+        self._model_loads: list[ModelLoad] = []
 
     @classmethod
     @abc.abstractmethod
@@ -139,6 +159,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _infer(self, model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run a loaded model; outputs in spec order, owned by the caller."""
+
+    def preload(self, components: frozenset[Component]) -> tuple[ModelLoad, ...]:
+        """Load now those of `components` whose compiled models the backend's cache holds, so that the first request
+        only runs them; return what it loaded. With MemoryPolicy.ONE_AT_A_TIME nothing is loaded ahead. Backends
+        without a compiled-model cache load nothing ahead."""
+        return ()
+
+    @property
+    def model_loads(self) -> tuple[ModelLoad, ...]:
+        """Every model this backend compiled or loaded from its compiled-model cache so far, in order."""
+        return tuple(self._model_loads)
 
     @property
     def loaded_components(self) -> frozenset[Component]:

@@ -4,9 +4,9 @@ int8 U-Net made by `sdrt quantize`.
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). Each component's model is rewritten before it compiles (`passes/`:
 which rewrites, per precision, in `passes/registry.py`), and the U-Net and VAE decoder are compiled for static
-shapes, which more rewrites need. Converted and compiled models are cached in the bundle (`cache.py`), so a later
-process skips most of the compilation; the constants static-shape rewrites make are stored beside the compiled
-models (`constants.py`).
+shapes, which more rewrites need. Converted and compiled models are cached in the bundle (`cache.py`,
+`compiled_models.py`): a later process loads the compiled models at `load()` and compiles nothing for the sizes run
+before; the constants static-shape rewrites make are stored beside the compiled models (`constants.py`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import enum
 import functools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
-from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile
-from sdrt.engine.backends.openvino import cache
+from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile, ModelLoad
+from sdrt.engine.backends.openvino import cache, compiled_models
 from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR, IR_FILE, IR_SUBDIR
 from sdrt.engine.backends.openvino.constants import CONSTANTS_SUBDIR, ConstantStore, mapped_constants
 from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
@@ -49,9 +50,7 @@ class CompileShapes(enum.Enum):
     #: each call's shapes, compiled again whenever they change: for models quick to compile
     EACH = "each"
     #: the first call's shapes; should they ever change, any shapes from then on (no model compiles twice over,
-    #: however a server's batches vary). For large models: the compiled-model cache is not used for the first
-    #: shapes, as keying it would hash the whole reshaped model, which takes as long as compiling it (and it would
-    #: write a blob of gigabytes per shape)
+    #: however a server's batches vary). For large models. A later process loads the shapes used last at `load()`.
     FIRST = "first"
 
 
@@ -61,6 +60,14 @@ def _openvino() -> Any | None:
     except ImportError:
         return None
     return openvino
+
+
+@functools.cache
+def _environment() -> compiled_models.Environment:
+    """What compiled models are keyed on besides the model: OpenVINO's version and this CPU."""
+    openvino = _openvino()
+    name = openvino.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    return compiled_models.Environment(openvino.__version__, name, tuple(sorted(_cpu_capabilities())))
 
 
 @functools.cache
@@ -86,8 +93,8 @@ class _OpenVINOBackend(Backend):
     #: size pays a compilation (later processes find it in the compiled-model cache). The U-Net for its first shapes
     #: (a request's CFG batch and size): faster calls and less memory in every precision, at the same accuracy, and it
     #: lets the U-Net run its text-independent prefix once for both halves of the batch (passes/guidance_prefix.py).
-    #: A process's first request pays the compilation (not loaded from the cache); the gain repays it within one
-    #: 20-step request (measurements: docs/design-notes.md).
+    #: Compiled models are cached per set of shapes (compiled_models.py), and those of the shapes used last are loaded
+    #: at `load()`: only the first process to run a size compiles for it (measurements: docs/design-notes.md).
     compile_shapes: ClassVar[Mapping[Component, CompileShapes]] = {
         Component.VAE_DECODER: CompileShapes.EACH, **{unet: CompileShapes.FIRST for unet in UNET_PASSES},
     }
@@ -175,34 +182,97 @@ class _OpenVINOBackend(Backend):
             self._compile(model, None)
         return model
 
+    def preload(self, components: frozenset[Component]) -> tuple[ModelLoad, ...]:
+        """Load the compiled models the cache holds for these components: for static shapes, those of the shapes
+        used last (a first request of other shapes compiles for its own, as it would have)."""
+        if self._cache_dir is None or self.memory is MemoryPolicy.ONE_AT_A_TIME:
+            return ()
+        loads = len(self._model_loads)
+        with self._lock:
+            for component in sorted(components & self.components.keys(), key=list(Component).index):
+                if component in self._loaded:
+                    continue
+                model_name = self._compiled_name(component, self.components[component])
+                key = compiled_models.latest_entry(self._compiled_dir(component), component, model_name, self.precision, _environment())
+                if key is None:
+                    continue
+                model = _LoadedModel(component, preloaded=key.shapes is not None)
+                self._compile(model, key.shape_dict, key.guided_halves)
+                self._loaded[component] = model
+        return tuple(self._model_loads[loads:])
+
+    def _compiled_dir(self, component: Component) -> Path:
+        return self._cache_dir / COMPILED_SUBDIR / self._compiled_name(component, self.components[component])
+
     def _compile(self, model: _LoadedModel, shapes: dict[str, list[int]] | None, guided_halves: bool = False) -> None:
         """Compile `model`'s component for any input shapes (None) or for exactly `shapes`, replacing what it held;
-        with `guided_halves` (static shapes only), for inputs whose guidance_batch.REPEATED_INPUTS have identical halves."""
+        with `guided_halves` (static shapes only), for inputs whose guidance_batch.REPEATED_INPUTS have identical
+        halves. Loaded from the cache's compiled model where it holds one (compiled_models.py), else compiled into it."""
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-        first_shapes_only = shapes is not None and self.compile_shapes[model.component] is CompileShapes.FIRST
-        if self._cache_dir is not None and not first_shapes_only:
-            config["CACHE_DIR"] = str(self._cache_dir / COMPILED_SUBDIR / self._compiled_name(model.component, self.components[model.component]))
-        # Compiling from a path (not a read model) lets OpenVINO key its compiled-model cache on the file, without
-        # hashing gigabytes of weights on every load; a model reshaped for static shapes is hashed whole.
-        source = self._model_file(model.component)
-        if shapes is not None:
-            source = self._core.read_model(source) if isinstance(source, str) else source
-            if guided_halves:
-                # before reshaping: the rewrite keeps the batch dynamic (half of it runs the prefix)
-                guided_halves = share_guidance_prefix(source, REPEATED_INPUTS[model.component]) > 0
-            source.reshape(shapes)
-            store = self._constant_store(model.component)
-            for rewrite in self.static_shape_rewrites.get(model.component, ()):
-                logger.debug("%s: %s changed %d places", model.component.value, rewrite.name, rewrite.apply(source, store))
+        component = model.component
+        guided_halves = guided_halves and shapes is not None
         model.compiled = model.request = None  # the previous shapes' model goes before the next one is built
+        start, cpu_start = time.perf_counter(), time.process_time()
+        from_cache = False
+        if self._cache_dir is None:
+            if shapes is None:
+                source = self._model_file(component)
+            else:
+                source, guided_halves = self._static_model(component, shapes, guided_halves)
+        else:
+            key = compiled_models.CompiledKey.create(component, self._compiled_name(component, self.components[component]),
+                                                     self.precision, shapes, guided_halves, _environment())
+            entry = compiled_models.CompiledEntry.of(self._compiled_dir(component), key)
+            complete = entry.complete(key)
+            if shapes is None:
+                source = self._model_file(component)
+            else:
+                if not entry.model_file.is_file():
+                    static_model, halves = self._static_model(component, shapes, guided_halves)
+                    entry.save_model(static_model, halves)
+                    del static_model
+                source, guided_halves = str(entry.model_file), entry.saved_guided_halves()
+            entry.blob_dir.mkdir(parents=True, exist_ok=True)
+            blobs = entry.blob_state()
+            # Compiling from a path lets OpenVINO key its compiled-model cache on the file, not on a hash of the weights.
+            config["CACHE_DIR"] = str(entry.blob_dir)
+            if source.endswith(IR_FILE):
+                # Weightless blobs: the compiled graph, its weights read from the IR when loaded. A full blob copies
+                # them (SD 1.5's fp32 U-Net, over 2 GB, got none written at all); from ONNX, none would be written.
+                config["CACHE_MODE"] = "OPTIMIZE_SIZE"
         # Compiling reads the mapped weights too; kept resident until the first inference, they were the first
         # request's peak in exact mode (the fp32 safety checker loading beside everything else).
         with handing_back_mapped_pages(self.bundle_dir):
             model.compiled = self._core.compile_model(source, "CPU", config)
+        seconds = time.perf_counter() - start
+        if self._cache_dir is not None:
+            from_cache = complete and entry.blob_state() == blobs  # else OpenVINO compiled: its blob was unreadable
+            if from_cache:
+                entry.touch()
+            else:
+                entry.mark_complete(key, seconds)
+                compiled_models.evict_least_recent(self._compiled_dir(component), entry)
         model.request = model.compiled.create_infer_request()
         model.shapes = shapes
         model.guided_halves = guided_halves
         model.weights_repacked = False
+        load = ModelLoad(component, shapes, from_cache, seconds, time.process_time() - cpu_start)
+        self._model_loads.append(load)
+        logger.info("%s: %s", self.name, load.describe())
+
+    def _static_model(self, component: Component, shapes: dict[str, list[int]], guided_halves: bool) -> tuple[Any, bool]:
+        """The component's model reshaped to `shapes` after its static-shape rewrites, and whether the guidance-prefix
+        rewrite applied (asked for with `guided_halves`)."""
+        source = self._model_file(component)
+        source = self._core.read_model(source) if isinstance(source, str) else source
+        if guided_halves:
+            # before reshaping: the rewrite keeps the batch dynamic (half of it runs the prefix)
+            guided_halves = share_guidance_prefix(source, REPEATED_INPUTS[component]) > 0
+        source.reshape(shapes)
+        store = self._constant_store(component)
+        for rewrite in self.static_shape_rewrites.get(component, ()):
+            logger.debug("%s: %s changed %d places", component.value, rewrite.name, rewrite.apply(source, store))
+        return source, guided_halves
 
     def _constant_store(self, component: Component) -> ConstantStore | None:
         """Where static-shape rewrites keep their constants: IR files in the component's compiled-model directory,
@@ -234,13 +304,15 @@ class _OpenVINOBackend(Backend):
             repeated = REPEATED_INPUTS.get(model.component)
             guided_halves = repeated is not None and halves_identical(feeds, repeated)
             if shapes != model.shapes or (model.guided_halves and not guided_halves):
-                if model.compiled is not None and self.compile_shapes[model.component] is CompileShapes.FIRST:
+                first_shapes = self.compile_shapes[model.component] is CompileShapes.FIRST
+                if model.compiled is not None and first_shapes and not model.preloaded:
                     change = f"new shapes {shapes}" if shapes != model.shapes else "a batch whose halves differ"
                     logger.info("%s: %s called with %s; compiling it for any shapes from now on",
                                 self.name, model.component.value, change)
                     shapes = None
                 logger.debug("%s: compiling %s for %s", self.name, model.component.value, shapes or "any shapes")
                 self._compile(model, shapes, guided_halves and shapes is not None)
+            model.preloaded = False  # the first call's shapes are now the model's: a change from them compiles for any
         request = model.request
         if model.weights_repacked:
             request.infer(dict(feeds))
@@ -257,9 +329,9 @@ class _OpenVINOBackend(Backend):
 
 @dataclasses.dataclass
 class _LoadedModel:
-    """A component's compiled model (None until the first call of a component compiled for exact shapes), its
-    infer request, the shapes it was compiled for (None: any), whether it was rewritten for classifier-free guidance
-    batches (passes/guidance_prefix.py), and whether it has run once (its weights repacked)."""
+    """A component's compiled model (None until the first call of a component compiled for exact shapes, unless
+    preloaded), its infer request, the shapes it was compiled for (None: any), whether it was rewritten for
+    classifier-free guidance batches (passes/guidance_prefix.py), and whether it has run once (its weights repacked)."""
 
     component: Component
     compiled: Any = None
@@ -267,6 +339,8 @@ class _LoadedModel:
     shapes: dict[str, list[int]] | None = None
     guided_halves: bool = False
     weights_repacked: bool = False
+    #: loaded at `load()` for the shapes used last, before any call: the first call may still pick other shapes
+    preloaded: bool = False
 
 
 class OpenVINOBF16Backend(_OpenVINOBackend):

@@ -1,5 +1,5 @@
 """The OpenVINO backends' cache in a bundle, `<bundle>/.cache/openvino`: converted models (IR with fp16 weights, after
-graph rewrites) and OpenVINO's compiled-model cache, one directory per model, each named after everything its content
+graph rewrites) and compiled models (compiled_models.py), one directory per model, each named after everything its content
 depends on; and the pruning of the entries no current backend would read (a re-exported component, a changed
 rewrite), which nothing else would ever delete."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_SUBDIR = ".cache/openvino"
 IR_SUBDIR = "ir"  # in CACHE_SUBDIR: converted models (fp16 weights, graph rewrites), one directory each
-COMPILED_SUBDIR = "compiled"  # in CACHE_SUBDIR: OpenVINO's compiled-model cache, one directory per model
+COMPILED_SUBDIR = "compiled"  # in CACHE_SUBDIR: compiled models (compiled_models.py), one directory per model
 IR_FILE = "model.xml"  # OpenVINO IR: the weights go beside it in model.bin
 
 
@@ -53,6 +53,11 @@ def remove_stale_entries(cache_dir: Path, components: Collection[Component], cur
         for entry in directory.iterdir():
             # blobs directly in compiled/ were written by versions that shared one cache directory for all models
             shared_layout_blob = subdir == COMPILED_SUBDIR and entry.is_file()
+            if subdir == COMPILED_SUBDIR and entry.is_dir():
+                # blobs directly in a model's directory were written by versions that gave it to OpenVINO's cache
+                for blob in entry.glob("*.blob"):
+                    logger.info("removing stale OpenVINO cache entry %s", blob)
+                    blob.unlink(missing_ok=True)
             if shared_layout_blob or (entry.name.startswith(prefixes) and entry.name not in current):
                 logger.info("removing stale OpenVINO cache entry %s", entry)
                 if entry.is_dir():

@@ -1,0 +1,98 @@
+"""`sdrt export` makes the int8 U-Net by default (the fastest CPU mode without another command), unless told not to,
+and says once why it did not where the quantize extra is missing or the memory budget is too small."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+import sdrt.engine
+from sdrt.engine.backends.openvino.backend import OpenVINOInt8Backend
+from sdrt.engine.backends.openvino.int8_unet_location import INT8_SUBDIR
+from sdrt.engine.host_memory import MemoryBudget
+from sdrt.export import int8_unet
+from sdrt.export.int8_unet import EXPORT_CALIBRATION_MIN_SIDE, export_calibration, quantize_after_export
+
+can_quantize = pytest.mark.skipif(int8_unet.quantize_unavailable_reason() is not None,
+                                  reason=str(int8_unet.quantize_unavailable_reason()))
+
+
+@pytest.fixture
+def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+
+
+@pytest.fixture
+def quick_calibration(monkeypatch) -> None:
+    """Calibrate on one short run: these tests check the export's choices, test_int8.py the quantization."""
+    real = export_calibration
+    monkeypatch.setattr(int8_unet, "export_calibration",
+                        lambda bundle_dir: int8_unet.Calibration(prompts=1, num_inference_steps=1, size=real(bundle_dir).size))
+
+
+@can_quantize
+def test_export_quantizes_by_default_and_auto_runs_int8(tiny_checkpoint: Path, tmp_path: Path, quick_calibration, capsys) -> None:
+    from sdrt.cli.main import main
+
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "bundle")]) == 0
+    assert any((tmp_path / "bundle" / INT8_SUBDIR).glob("unet-*/model.xml"))
+    assert sdrt.engine.load(tmp_path / "bundle", safety_checker=False).backend.name == "openvino-int8"
+
+
+def test_no_quantize_leaves_bf16(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    from sdrt.cli.main import main
+
+    monkeypatch.setattr(int8_unet, "quantize_unet", lambda *args, **kwargs: pytest.fail("quantized despite --no-quantize"))
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "bundle"), "--no-quantize"]) == 0
+    assert not (tmp_path / "bundle" / INT8_SUBDIR).exists()
+
+
+def test_a_missing_quantize_extra_is_said_once_and_the_bundle_stays_bf16(bundle: Path, monkeypatch, caplog) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "nncf" else real_find_spec(name, *args))
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        assert quantize_after_export(bundle) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "nncf missing" in warnings[0] and "pip install 'sdrt[quantize]'" in warnings[0] and "bf16" in warnings[0]
+    assert not (bundle / INT8_SUBDIR).exists()
+
+
+@can_quantize
+def test_a_quantization_over_the_memory_budget_is_skipped_up_front(bundle: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(int8_unet, "_calibration_samples", lambda *args: pytest.fail("calibrated over the budget"))
+    needed = int8_unet.export_quantization_peak_bytes(bundle)
+    with caplog.at_level(logging.WARNING, logger="sdrt"):
+        assert quantize_after_export(bundle, MemoryBudget(bytes=needed - 1)) is None
+    assert "memory budget" in caplog.text
+    assert not (bundle / INT8_SUBDIR).exists()
+
+
+@can_quantize
+def test_quantize_after_export_within_the_budget_writes_the_int8_unet(bundle: Path, quick_calibration) -> None:
+    needed = int8_unet.export_quantization_peak_bytes(bundle)
+    written = quantize_after_export(bundle, MemoryBudget(bytes=needed))
+    assert written is not None and written.is_file()
+    assert OpenVINOInt8Backend.bundle_unavailable_reason(bundle, sdrt.engine.load(bundle, backend="exact").backend.components) is None
+
+
+def test_export_calibrates_at_half_the_default_side_but_not_below_the_minimum(bundle: Path, monkeypatch) -> None:
+    real_read = int8_unet.read_manifest
+    default = real_read(bundle).model.default_image_size
+    assert export_calibration(bundle).size == default  # a small model's side is below the minimum: kept
+
+    def with_sample_size(sample_size: int):
+        def read(path):
+            manifest = real_read(path)
+            return dataclasses.replace(manifest, model=dataclasses.replace(manifest.model, sample_size=sample_size))
+        return read
+
+    factor = real_read(bundle).model.vae_scale_factor
+    monkeypatch.setattr(int8_unet, "read_manifest", with_sample_size(1024 // factor))
+    assert export_calibration(bundle).size == 512
+    monkeypatch.setattr(int8_unet, "read_manifest", with_sample_size(384 // factor))
+    assert export_calibration(bundle).size == EXPORT_CALIBRATION_MIN_SIDE
