@@ -162,7 +162,7 @@ def _diffusers_style(pipe: Any, config: RunConfig, latents: Any, synchronize: Ca
     pipe.encode_prompt = clock.wrap("text_encode", pipe.encode_prompt)
     pipe.unet.forward = clock.wrap("unet", pipe.unet.forward)
     pipe.vae.decode = clock.wrap("decode", pipe.vae.decode)
-    if pipe.safety_checker is not None:
+    if getattr(pipe, "safety_checker", None) is not None:  # SDXL's pipeline has none
         pipe.run_safety_checker = clock.wrap("safety_check", pipe.run_safety_checker)
 
     def generate(steps: int):
@@ -183,11 +183,12 @@ def _diffusers_style(pipe: Any, config: RunConfig, latents: Any, synchronize: Ca
 
 def _run_diffusers(config: RunConfig, checkpoint: str, engine: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     dtype_name, device = DIFFUSERS_ENGINES[engine]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=dtype).to(device)
+    # the pipeline class model_index.json names: StableDiffusionPipeline, StableDiffusionXLPipeline
+    pipe = DiffusionPipeline.from_pretrained(checkpoint, torch_dtype=dtype).to(device)
     latents = torch.from_numpy(np.load(config.latents_file)).to(device=device, dtype=dtype)
     info = {"backend": f"torch {torch.__version__} {dtype_name} on {device}", "threads": torch.get_num_threads(),
             "unet_precision": dtype_name if device == "cpu" else None}

@@ -80,6 +80,7 @@ def load(
         safety_policy=policy,
         scheduler_config=scheduler_config,
         memory_budget=memory_budget,
+        tokenizer_2=CLIPTokenizer.from_directory(bundle_dir / manifest.sdxl.tokenizer_2.directory) if manifest.sdxl else None,
     )
 
 

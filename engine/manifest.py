@@ -127,6 +127,15 @@ class TokenizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SdxlConfig:
+    """What an SDXL bundle adds: its second text encoder's tokenizer, and the unconditional input without a negative
+    prompt (the pipeline's force_zeros_for_empty_prompt: zeros, or the empty prompt's embeddings)."""
+
+    tokenizer_2: TokenizerConfig
+    force_zeros_for_empty_prompt: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class SafetyCheckerConfig:
     concepts_file: str  # .npz: concept and special-care embeddings and their thresholds
     preprocessor_config_file: str  # the checkpoint's feature_extractor/preprocessor_config.json
@@ -184,6 +193,7 @@ class Manifest:
     loras: tuple[FusedLoraEntry, ...] = ()  # fused at export, in the order given; absent from older bundles: none
     defaults: GenerationDefaults = GenerationDefaults()  # absent from older bundles: diffusers' defaults
     deepcache: DeepCacheEntry | None = None  # None: exported without DeepCache's passes (and in older bundles)
+    sdxl: SdxlConfig | None = None  # None: an SD 1.x/2.x bundle (one text encoder)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -240,6 +250,11 @@ def _component(data: dict[str, Any]) -> ComponentEntry:
     )
 
 
+def _sdxl(data: dict[str, Any]) -> SdxlConfig:
+    return SdxlConfig(tokenizer_2=TokenizerConfig(**data["tokenizer_2"]),
+                      force_zeros_for_empty_prompt=bool(data["force_zeros_for_empty_prompt"]))
+
+
 def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
     """Parse `bundle_dir/manifest.json`; raise BundleError if it is absent, malformed or of another format version."""
     path = Path(bundle_dir) / MANIFEST_NAME
@@ -279,6 +294,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             loras=tuple(FusedLoraEntry(**entry) for entry in data.get("loras", ())),
             defaults=GenerationDefaults(**data.get("defaults", {})),
             deepcache=DeepCacheEntry(**data["deepcache"]) if data.get("deepcache") is not None else None,
+            sdxl=_sdxl(data["sdxl"]) if data.get("sdxl") is not None else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, BundleError):

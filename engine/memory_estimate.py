@@ -49,8 +49,9 @@ OUTPUT_BYTES_PER_PIXEL = 3 * 3 * _FP32 + 2 * 3
 SD1_UNET_CHANNELS = (320, 640, 1280, 1280)
 SD1_UNET_ATTENTION_HEADS = (8, 8, 8, 8)
 SD1_VAE_CHANNELS = (128, 256, 512, 512)
-#: the components a text-to-image request runs (the safety checker where the pipeline has one)
-TEXT_TO_IMAGE = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.SAFETY_CHECKER)
+#: the components a text-to-image request runs (SDXL's second text encoder and the safety checker where the bundle
+#: has them)
+TEXT_TO_IMAGE = (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, Component.UNET, Component.VAE_DECODER, Component.SAFETY_CHECKER)
 
 
 @dataclasses.dataclass(frozen=True)

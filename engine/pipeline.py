@@ -2,6 +2,8 @@
 
 Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend; with
 `image` (and `mask_image`) those of StableDiffusionImg2ImgPipeline (StableDiffusionInpaintPipeline), and `outpaint`.
+An SDXL bundle runs as StableDiffusionXLPipeline (and its image-to-image and inpainting pipelines), its text
+conditioning from sdrt.engine.sdxl_conditions.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from sdrt.engine.prompts import PromptOptions, TokenizedPrompt, emphasize, text_
 from sdrt.engine.request import GenerationRequest, OutputType, RequestLimits
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy, SafetyScores
 from sdrt.engine.schedulers import DEFAULT_SCHEDULER, Scheduler, SchedulerConfigError, check_scheduler_name, scheduler_by_name
+from sdrt.engine.sdxl_conditions import SdxlTextEncoders
 from sdrt.engine.specs import Component, Decoder
 from sdrt.engine.tokenizer import CLIPTokenizer
 
@@ -84,11 +87,12 @@ class StableDiffusionPipeline:
         safety_policy: SafetyPolicy,
         scheduler_config: Mapping[str, Any],
         memory_budget: MemoryBudget | None = MemoryBudget(),
+        tokenizer_2: CLIPTokenizer | None = None,
     ) -> None:
         """`scheduler_config`: the bundle's scheduler_config.json, read when its hash was verified at load; named
         samplers are built from it, so a file damaged or removed after load changes nothing. `memory_budget`: what
         a request's estimated peak memory must fit (sdrt.engine.memory_estimate), checked when it is validated;
-        None: no check (a server admitting work by its own budget)."""
+        None: no check (a server admitting work by its own budget). `tokenizer_2`: an SDXL bundle's second tokenizer."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -104,6 +108,8 @@ class StableDiffusionPipeline:
         self.memory_budget = memory_budget
         self._opened_rss_bytes = process_rss_bytes() or 0  # before any of its models ran: the memory estimate's base
         self._memory_model: MemoryModel | None = None
+        #: an SDXL bundle's two text encoders (None for SD 1.x/2.x)
+        self.sdxl_text_encoders = _sdxl_text_encoders(manifest, backend, tokenizer, tokenizer_2)
         model = manifest.model
         #: what requests are validated against (GenerationRequest.create)
         self.limits = RequestLimits(
@@ -114,6 +120,7 @@ class StableDiffusionPipeline:
             decoders=tuple(d for d in Decoder if d.component in manifest.components),
             guidance_embedding_dim=_input_size(manifest, Component.UNET, GUIDANCE_EMBEDDING_INPUT),
             deepcache=self._deepcache_support(), bundle=str(bundle_dir),
+            sdxl=self.sdxl_text_encoders is not None,
         )
 
     # ---- configuration -------------------------------------------------------------------------------------------
@@ -266,6 +273,17 @@ class StableDiffusionPipeline:
             cond = guidance_batch.batch(uncond, cond)  # (2B, KL, D)
         return np.repeat(cond, request.num_images_per_prompt, axis=0)  # ((2)BN, KL, D), images of a prompt adjacent
 
+    def _unet_conditions(self, request: GenerationRequest, timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """The U-Net's inputs besides the latents and timesteps, for the whole (guided) batch: the text context, and
+        an SDXL U-Net's added conditions."""
+        encoders = self.sdxl_text_encoders
+        if encoders is None:
+            return {"encoder_hidden_states": self._text_context(request, timings)}  # ((2)BN, KL, D)
+        with _timed(timings, "tokenize"):
+            tokens = encoders.tokenize(request.prompts, request.negative_prompts, request.guided, request.prompt_options)
+        with _timed(timings, "text_encode"):
+            return encoders.unet_inputs(tokens, request.num_images_per_prompt, request.guided, request.size_conditions)
+
     def encode_image(self, pixels: np.ndarray, noise: RequestNoise, timings: dict[str, float] | None = None) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels in [-1, 1] and sample scaled latents (1, C, H/f, W/f) with the request's noise."""
         with _timed({} if timings is None else timings, "vae_encode"):
@@ -300,16 +318,17 @@ class StableDiffusionPipeline:
         guided = request.guided
         return latents, MaskChannels(guidance_batch.repeat(mask, guided), guidance_batch.repeat(masked_latents, guided))  # (2BN, ...)
 
-    def _denoise(self, request: GenerationRequest, context: np.ndarray, latents: np.ndarray, hooks: DenoiseHooks,
+    def _denoise(self, request: GenerationRequest, conditions: Mapping[str, np.ndarray], latents: np.ndarray, hooks: DenoiseHooks,
                  noise_source: RequestNoise, timings: dict[str, float],
                  callback_on_step_end: StepEndCallback | None = None) -> np.ndarray:
         state, scheduler = request.schedule, request.sampler
         guided, deepcache = request.guided, request.deepcache
-        extra_inputs = {}
+        context = conditions["encoder_hidden_states"]  # ((2)BN, KL, D)
+        extra_inputs = {name: value for name, value in conditions.items() if name != "encoder_hidden_states"}  # SDXL's
         if (embedding_dim := self.limits.guidance_embedding_dim) is not None:
             # an LCM-distilled U-Net: guidance enters as an input, every call the same
             extra_inputs[GUIDANCE_EMBEDDING_INPUT] = guidance_scale_embedding(request.guidance_scale, len(latents), embedding_dim)  # (BN, D)
-        # the device loop runs the plain U-Net on its sample, timestep and context only
+        # the device loop runs the plain U-Net on its sample, timestep and context only (not SDXL's added conditions)
         plain = hooks is TEXT_TO_IMAGE and not extra_inputs and deepcache is None
         device_loop = self.backend.device_loop() if plain else None
         if device_loop is not None:
@@ -386,6 +405,12 @@ class StableDiffusionPipeline:
         decoder: Decoder | str = Decoder.FULL,
         deepcache: DeepCache | None = None,
         callback_on_step_end: StepEndCallback | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -424,6 +449,11 @@ class StableDiffusionPipeline:
         `deepcache=DeepCache(cache_interval=3, cache_branch=0)` runs a full U-Net pass every `cache_interval` calls and
         shallow passes reusing its deep features between (sdrt.engine.deepcache), as the DeepCache package does in
         diffusers: faster, at some loss of fidelity; the bundle must be exported with `--deepcache-branch`. Off by default.
+        SDXL bundles run as StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline (with `image`; `strength`
+        defaults to 0.3 there) and StableDiffusionXLInpaintPipeline (with `mask_image` too; `strength` defaults to
+        0.9999), and take their size conditions: `original_size` and
+        `target_size` ((height, width), default the request's), `crops_coords_top_left` (default (0, 0)) and their
+        `negative_*` counterparts for the unconditional half (sdrt.engine.sdxl_conditions); other bundles refuse them.
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -437,7 +467,9 @@ class StableDiffusionPipeline:
         request = GenerationRequest.create(
             self.limits, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, height,
             width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
-            decoder, deepcache)
+            decoder, deepcache, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -472,11 +504,11 @@ class StableDiffusionPipeline:
 
     def _run(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None) -> PipelineOutput:
         timings: dict[str, float] = {}
-        context = self._text_context(request, timings)
+        conditions = self._unet_conditions(request, timings)
         noise_source = RequestNoise(request.seed)
         latents, hooks = self._initial_latents(request, noise_source, timings)
         with _timed(timings, "denoise"):
-            latents = self._denoise(request, context, latents, hooks, noise_source, timings, callback_on_step_end)
+            latents = self._denoise(request, conditions, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
         unet_calls = len(request.schedule.timesteps)
         shallow = 0 if request.deepcache is None else sum(not request.deepcache.is_full_pass(i) for i in range(unet_calls))
@@ -526,6 +558,17 @@ def _input_size(manifest: Manifest, component: Component, name: str) -> int | No
     entry = manifest.components.get(component)
     shape = next((t.shape for t in entry.inputs if t.name == name), None) if entry is not None else None
     return None if shape is None else int(shape[-1])
+
+
+def _sdxl_text_encoders(manifest: Manifest, backend: Backend, tokenizer: CLIPTokenizer,
+                        tokenizer_2: CLIPTokenizer | None) -> SdxlTextEncoders | None:
+    if manifest.sdxl is None:
+        return None
+    if tokenizer_2 is None:
+        raise ValueError("an SDXL bundle's pipeline needs its second tokenizer (tokenizer_2)")
+    outputs = [t.name for t in manifest.components[Component.TEXT_ENCODER].outputs]
+    return SdxlTextEncoders(backend, tokenizer, tokenizer_2, outputs.index("penultimate_hidden_state"),
+                            manifest.sdxl.force_zeros_for_empty_prompt)
 
 
 #: `__call__`'s request arguments and their defaults: none may be given with a ready GenerationRequest

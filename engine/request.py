@@ -26,13 +26,17 @@ from sdrt.engine.manifest import GenerationDefaults, SideRange
 from sdrt.engine.outpaint import Canvas, feathered_mask, grow, plan_canvas, seam_width
 from sdrt.engine.prompts import PromptOptions
 from sdrt.engine.schedulers import Scheduler, SchedulerState
+from sdrt.engine.sdxl_conditions import SizeConditions
 from sdrt.engine.specs import Decoder
 
 OutputType = Literal["pil", "np", "latent"]
 OUTPUT_TYPES = ("pil", "np", "latent")
-# diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's
+# diffusers' strength defaults: StableDiffusionImg2ImgPipeline's, StableDiffusionInpaintPipeline's,
+# StableDiffusionXLImg2ImgPipeline's, StableDiffusionXLInpaintPipeline's
 IMG2IMG_STRENGTH = 0.8
 INPAINT_STRENGTH = 1.0
+SDXL_IMG2IMG_STRENGTH = 0.3
+SDXL_INPAINT_STRENGTH = 0.9999
 #: the arguments outpainting sets itself (from the canvas), which its caller may not give
 _SET_BY_OUTPAINTING = ("height", "width", "latents", "image", "mask_image")
 
@@ -61,6 +65,7 @@ class RequestLimits:
     decoders: tuple[Decoder, ...] = (Decoder.FULL,)
     deepcache: DeepCacheSupport = DeepCacheSupport()  # the bundle's DeepCache passes and whether the backend runs them
     bundle: str = "this bundle"  # how errors name the bundle
+    sdxl: bool = False  # an SDXL bundle: its U-Net takes size conditions (SizeConditions)
 
     def check_decoder(self, decoder: Any) -> Decoder:
         """`decoder` ("full" or "tiny") as a Decoder; InvalidArgumentError("decoder") for another name or one the
@@ -119,6 +124,7 @@ class GenerationRequest:
     limits: RequestLimits = dataclasses.field(repr=False)  # what it was validated against
     sampler: Scheduler = dataclasses.field(repr=False)  # the sampler `scheduler` names
     schedule: SchedulerState = dataclasses.field(repr=False)  # its planned run
+    size_conditions: SizeConditions | None = None  # SDXL's; None for other models
 
     @property
     def num_images(self) -> int:
@@ -153,13 +159,24 @@ class GenerationRequest:
         deepcache: DeepCache | None = None,
         *,
         binarize_mask: bool = True,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationRequest:
         """The request, its arguments those of `StableDiffusionPipeline.__call__` (diffusers' names and defaults),
         checked in their order; InvalidArgumentError naming the first bad argument and its allowed range.
         `num_inference_steps`, `guidance_scale` and `scheduler` left None are the model's (`limits.defaults`: a
         Turbo or LCM bundle's few steps, diffusers' 50 and 7.5 otherwise).
         `deepcache` (sdrt.engine.deepcache) needs a bundle exported with DeepCache's passes for its branch.
-        `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam)."""
+        `binarize_mask=False` keeps a soft mask's grey levels (outpainting's feathered seam). The size conditions
+        (original_size ... negative_target_size) apply to SDXL bundles only (sdrt.engine.sdxl_conditions)."""
+        size_arguments = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                              target_size=target_size, negative_original_size=negative_original_size,
+                              negative_crops_coords_top_left=negative_crops_coords_top_left,
+                              negative_target_size=negative_target_size)
         prompts = _as_prompt_list("prompt", prompt)
         negative_prompts = _negative_prompts(negative_prompt, prompts)
         defaults = limits.defaults
@@ -210,6 +227,14 @@ class GenerationRequest:
             raise InvalidArgumentError("prompt_options", f"must be a sdrt.engine.PromptOptions, got {prompt_options!r:.80}")
         decoder = limits.check_decoder(decoder)
         deepcache = limits.deepcache.check(deepcache, limits.bundle)
+        size_conditions = None
+        if limits.sdxl:
+            if prompt_options.long_prompts:
+                raise InvalidArgumentError("prompt_options", "long_prompts is not available for SDXL bundles: their "
+                                           "prompts are one 77-token window, as in diffusers")
+            size_conditions = SizeConditions.create(height, width, **size_arguments)
+        elif given := next((name for name, value in size_arguments.items() if value is not None), None):
+            raise InvalidArgumentError(given, "applies to SDXL bundles only (their U-Net takes size conditions)")
         # The backend's and the memory budget's bounds, e.g. a size TensorRT's engines were not built for.
         limits.check_images(len(prompts), int(num_images_per_prompt), height, width, limits.guides_by_batch(guidance_scale))
         if latents is not None:
@@ -220,6 +245,7 @@ class GenerationRequest:
             width=width, seed=None if seed is None else int(seed), latents=latents, output_type=output_type,
             return_safety_scores=return_safety_scores, scheduler=scheduler, prompt_options=prompt_options, init=init,
             outpainting=None, decoder=decoder, deepcache=deepcache, limits=limits, sampler=sampler, schedule=schedule,
+            size_conditions=size_conditions,
         )
 
     @classmethod
@@ -297,7 +323,10 @@ def _image_init(limits: RequestLimits, image: Any, mask_image: Any, strength: An
         raise InvalidArgumentError("mask_image", f"is {mask.width}x{mask.height} but image is "
                                    f"{picture.width}x{picture.height}: give a mask of the image's size")
     if strength is None:
-        strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
+        if limits.sdxl:
+            strength = SDXL_IMG2IMG_STRENGTH if mask is None else SDXL_INPAINT_STRENGTH
+        else:
+            strength = IMG2IMG_STRENGTH if mask is None else INPAINT_STRENGTH
     if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
         raise InvalidArgumentError("strength", f"must be a number in [0, 1], got {strength!r}")
     if mask is None:

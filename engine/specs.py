@@ -15,6 +15,7 @@ class Component(str, enum.Enum):
     """The models a bundle holds, in the order the pipeline uses them."""
 
     TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (OpenCLIP bigG, with a projection)
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
@@ -66,12 +67,18 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ComponentSpec:
+    """A component's tensors. The optional ones are in a graph only where its checkpoint's config calls for them
+    (SDXL's U-Net takes `text_embeds` and `time_ids`): the manifest records the tensors each exported graph has, and
+    the runtime feeds an optional input only where the bundle's graph has it."""
+
     component: Component
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     #: inputs only some checkpoints' models take (the exporter adds those the checkpoint's config calls for, after
     #: `inputs`); the manifest records the inputs a bundle's model has, and the runtime feeds those
     optional_inputs: tuple[TensorSpec, ...] = ()
+    #: outputs only some checkpoints' models give (SDXL's text encoder's penultimate layer), after `outputs`
+    optional_outputs: tuple[TensorSpec, ...] = ()
     #: the .onnx file in the bundle where it is not `<component>/model.onnx`
     file: str | None = None
 
@@ -86,8 +93,8 @@ class ComponentSpec:
         return f"{self.component.value}/fp16/model.onnx"
 
 
-#: the components `sdrt export --fp16-onnx` converts unless told otherwise: SD 1.x's VAE overflows fp16's range
-#: (its decoder's activations pass 65504), and the safety checker runs once per request, so both stay fp32
+#: the components `sdrt export --fp16-onnx` converts unless told otherwise: SD 1.x's and SDXL's VAEs overflow
+#: fp16's range (their decoders' activations pass 65504: diffusers' `force_upcast`), and the safety checker runs once per request, so both stay fp32
 FP16_DEFAULT_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
 
 _LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
@@ -106,6 +113,10 @@ _UNET_OPTIONAL_INPUTS = (
     # An LCM-distilled U-Net's guidance-scale embedding (its config's time_cond_proj_dim): guidance is an input,
     # not a second batch half (sdrt.engine.guidance_embedding).
     TensorSpec("timestep_cond", "float32", ("batch", "time_cond_proj_dim")),
+    # SDXL's added conditions (its config's addition_embed_type "text_time"): the second text encoder's pooled
+    # embedding, and the size conditions (original size, crop's top left, target size).
+    TensorSpec("text_embeds", "float32", ("batch", "pooled")),
+    TensorSpec("time_ids", "float32", ("batch", "time_ids")),
 )
 _NOISE_PRED = TensorSpec("noise_pred", "float32", _LATENT)
 #: DeepCache's cached feature: the hidden state entering the cache branch's up-block layer, at that level's size
@@ -116,6 +127,17 @@ SPECS: dict[Component, ComponentSpec] = {
         Component.TEXT_ENCODER,
         inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden")),),
+        # SDXL conditions its U-Net on the penultimate layer's hidden states
+        optional_outputs=(TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", "hidden")),),
+    ),
+    Component.TEXT_ENCODER_2: ComponentSpec(
+        Component.TEXT_ENCODER_2,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+        outputs=(
+            TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", "hidden")),
+            # the final layer's pooled (end-of-text) state, projected: the U-Net's `text_embeds`
+            TensorSpec("text_embeds", "float32", ("batch", "projection")),
+        ),
     ),
     Component.UNET: ComponentSpec(Component.UNET, inputs=_UNET_INPUTS, outputs=(_NOISE_PRED,),
                                   optional_inputs=_UNET_OPTIONAL_INPUTS),

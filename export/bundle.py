@@ -26,6 +26,7 @@ from sdrt.engine.manifest import (
     Manifest,
     ModelConfig,
     SafetyCheckerConfig,
+    SdxlConfig,
     TensorEntry,
     TokenizerConfig,
     describe_files,
@@ -65,10 +66,6 @@ _VALIDATION_RTOL = 1e-3
 SAFETY_CONCEPTS_FILE = "safety_checker/concepts.npz"
 
 
-def _onnxruntime_output(onnx_path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    return _onnxruntime_outputs(onnx_path, inputs)[0]
-
-
 def _onnxruntime_outputs(onnx_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -80,19 +77,24 @@ def _onnxruntime_outputs(onnx_path: Path, inputs: dict[str, np.ndarray]) -> list
 
 
 def _compare(
-    component: Component, actual: np.ndarray, expected: np.ndarray, rtol: float = _VALIDATION_RTOL, what: tuple[str, str] = ("ONNX", "torch")
+    component: Component, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], rtol: float = _VALIDATION_RTOL,
+    what: tuple[str, str] = ("ONNX", "torch"),
 ) -> float:
-    """Max |actual - expected| at the validation shape, where `what` names the two (by default the exported graph
-    and torch); raise ExportError if they differ in shape or dtype, or by more than `rtol` of the output's magnitude."""
+    """Max |actual - expected| over the outputs at the validation shape, where `what` names the two (by default the
+    exported graph and torch); raise ExportError if they differ in number, shape or dtype, or an output by more than
+    `rtol` of its magnitude."""
     name, reference = what
-    if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        raise ExportError(
-            f"{component.value}: {name} output {actual.dtype} {actual.shape} differs from {reference}'s {expected.dtype} {expected.shape}"
-        )
-    max_abs_diff = float(np.max(np.abs(actual - expected)))
-    tolerance = rtol * max(1.0, float(np.max(np.abs(expected))))
-    if not max_abs_diff <= tolerance:  # NaN fails too
-        raise ExportError(f"{component.value}: {name} output differs from {reference}'s by {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+    if len(actual) != len(expected):
+        raise ExportError(f"{component.value}: {name} has {len(actual)} outputs, {reference} {len(expected)}")
+    max_abs_diff = 0.0
+    for got, want in zip(actual, expected):
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ExportError(f"{component.value}: {name} output {got.dtype} {got.shape} differs from {reference}'s {want.dtype} {want.shape}")
+        diff = float(np.max(np.abs(got - want)))
+        tolerance = rtol * max(1.0, float(np.max(np.abs(want))))
+        if not diff <= tolerance:  # NaN fails too
+            raise ExportError(f"{component.value}: {name} output differs from {reference}'s by {diff:.3g} (tolerance {tolerance:.3g})")
+        max_abs_diff = max(max_abs_diff, diff)
     logger.info("%s validated: max |%s - %s| = %.3g", component.value, name, reference, max_abs_diff)
     return max_abs_diff
 
@@ -144,7 +146,7 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
         _write_safety_concepts(model.model, staging / SAFETY_CONCEPTS_FILE)
     # names as diffusers (and so LoRA files) give them: the wrapper's `model` prefix left out
     fingerprints = parameter_fingerprints(model.model) if component in REFITTABLE_COMPONENTS else None
-    del model  # a full-size U-Net is 3.4 GB: free it before the graph is loaded for cleaning
+    del model  # a full-size U-Net is 3.4 GB (SDXL's 10 GB): free it before the graph is loaded for cleaning
     gc.collect()
     clean_onnx(raw_path, onnx_path)
     shutil.rmtree(staging / "_traced")
@@ -153,12 +155,12 @@ def _export_one(source: SourceCheckpoint, component: Component, staging: Path, o
         refit_map = refit_map_file(component)
         write_refit_map(staging / refit_map, match_refit_map(fingerprints, onnx_path))
     inputs, outputs = _shape_entries(traced, onnx_path)
-    onnx_output = _onnxruntime_output(onnx_path, check_inputs)
+    onnx_output = _onnxruntime_outputs(onnx_path, check_inputs)
     max_abs_diff = _compare(component, onnx_output, reference)
     fp16_entry = None
     if fp16:
         convert_to_fp16(onnx_path, staging / spec.fp16_filename)
-        fp16_output = _onnxruntime_output(staging / spec.fp16_filename, check_inputs)
+        fp16_output = _onnxruntime_outputs(staging / spec.fp16_filename, check_inputs)
         fp16_diff = _compare(component, fp16_output, onnx_output, FP16_VALIDATION_RTOL, ("fp16 variant", "fp32 model"))
         fp16_entry = Fp16Entry(file=spec.fp16_filename, max_abs_diff=fp16_diff)
     return ComponentEntry(file=spec.filename, inputs=inputs, outputs=outputs, opset=opset, export_max_abs_diff=max_abs_diff,
@@ -189,7 +191,7 @@ def _export_deepcache(source: SourceCheckpoint, branch: CacheBranch, staging: Pa
     traced, check = trace_inputs(source, Component.UNET), validation_inputs(source, Component.UNET)
     references = {full: run_torch(full_model, check)}  # (noise_pred, deep_feature)
     shallow_check = {**check, "deep_feature": references[full][1]}
-    references[shallow] = (run_torch(shallow_model, shallow_check),)
+    references[shallow] = run_torch(shallow_model, shallow_check)
     raw = staging / "_traced"
     export_component(source, full, full_model, raw / SPECS[full].filename, opset, inputs=traced)
     node = feature_node(raw / SPECS[full].filename)
@@ -207,7 +209,7 @@ def _export_deepcache(source: SourceCheckpoint, branch: CacheBranch, staging: Pa
     for component, inputs in ((full, check), (shallow, shallow_check)):
         onnx_path = staging / SPECS[component].filename
         outputs = _onnxruntime_outputs(onnx_path, inputs)
-        max_abs_diff = max(_compare(component, actual, expected) for actual, expected in zip(outputs, references[component]))
+        max_abs_diff = _compare(component, outputs, references[component])
         inputs_entries, outputs_entries = _shape_entries(SPECS[component], onnx_path)
         entries[component] = ComponentEntry(file=SPECS[component].filename, inputs=inputs_entries, outputs=outputs_entries,
                                             opset=opset, export_max_abs_diff=max_abs_diff)
@@ -231,8 +233,11 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
 
 
 def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
-    """Tokenizer files, scheduler config and feature-extractor config, as the checkpoint ships them."""
-    names = [f"tokenizer/{name}" for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES] + [SCHEDULER_CONFIG_FILE]
+    """Tokenizer files (both tokenizers' for SDXL), scheduler config and feature-extractor config, as the checkpoint
+    ships them."""
+    tokenizers = ("tokenizer", "tokenizer_2") if source.is_sdxl else ("tokenizer",)
+    names = [f"{tokenizer}/{name}" for tokenizer in tokenizers for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES]
+    names.append(SCHEDULER_CONFIG_FILE)
     if source.safety_checker_config is not None:
         names.append(PREPROCESSOR_CONFIG_FILE)
     for name in names:
@@ -240,6 +245,15 @@ def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.path / name, staging / name)
     return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token_of(source.tokenizer_config))
+
+
+def _sdxl_config(source: SourceCheckpoint) -> SdxlConfig | None:
+    if not source.is_sdxl:
+        return None
+    config = source.tokenizer_2_config
+    max_length = int(config.get("model_max_length", source.text_encoder_2_config.get("max_position_embeddings", 77)))
+    tokenizer_2 = TokenizerConfig(directory="tokenizer_2", model_max_length=max_length, pad_token=pad_token_of(config))
+    return SdxlConfig(tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt)
 
 
 def export_bundle(
@@ -353,6 +367,10 @@ def _export(
     if options.tiny_vae is not None:
         source = with_tiny_vae(source, options.tiny_vae)
     fp16 = _fp16_components(options.fp16_components, source.components)
+    upcast = fp16 & {Component.VAE_DECODER, Component.VAE_ENCODER}
+    if upcast and source.vae_config.get("force_upcast", False):
+        logger.warning("the VAE's config sets force_upcast (it overflows fp16; diffusers runs it in fp32): the fp16 "
+                       "variants of %s may give NaN images", ", ".join(sorted(c.value for c in upcast)))
     defaults = model_defaults(source, options.scheduler)
     branch = _cache_branch(source, options.deepcache_branch) if options.deepcache_branch is not None else None
     if source.safety_checker_config is None:
@@ -384,6 +402,7 @@ def _export(
             loras=loras,
             defaults=defaults,
             deepcache=deepcache,
+            sdxl=_sdxl_config(source),
         ).write(staging)
     logger.info("bundle written to %s", out_dir)
     return out_dir

@@ -10,7 +10,8 @@ The rule, in order (docs/bundle.md states it for users):
 2. Turbo: an EulerDiscrete or EulerAncestralDiscrete scheduler with "trailing" timestep spacing, as SD-Turbo and
    SDXL-Turbo ship theirs (adversarial diffusion distillation; SD 1.x/2.x checkpoints space "leading" or "linspace"):
    1 step, guidance 0.
-3. Otherwise diffusers' StableDiffusionPipeline defaults: 50 steps, guidance 7.5.
+3. SDXL (two text encoders): diffusers' StableDiffusionXLPipeline defaults, 50 steps, guidance 5.
+4. Otherwise diffusers' StableDiffusionPipeline defaults: 50 steps, guidance 7.5.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ LCM_LORA_GUIDANCE = 1.0
 TURBO_STEPS = 1
 TURBO_GUIDANCE = 0.0
 _TURBO_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+#: StableDiffusionXLPipeline's default guidance_scale
+SDXL_GUIDANCE = 5.0
 
 
 def model_defaults(source: SourceCheckpoint, scheduler: str | None = None) -> GenerationDefaults:
@@ -45,4 +48,6 @@ def model_defaults(source: SourceCheckpoint, scheduler: str | None = None) -> Ge
         return GenerationDefaults(LCM_STEPS, LCM_DISTILLED_GUIDANCE if distilled else LCM_LORA_GUIDANCE, scheduler)
     if class_name in _TURBO_SCHEDULERS and source.scheduler_config.get("timestep_spacing") == "trailing":
         return GenerationDefaults(TURBO_STEPS, TURBO_GUIDANCE, scheduler)
+    if source.is_sdxl:
+        return GenerationDefaults(guidance_scale=SDXL_GUIDANCE, scheduler=scheduler)
     return GenerationDefaults(scheduler=scheduler)

@@ -31,16 +31,35 @@ _CHECK_CONTEXT_WINDOWS = 2
 
 
 class _TextEncoder(torch.nn.Module):
+    """The last hidden state; SDXL's first encoder adds the penultimate layer's."""
+
+    def __init__(self, model: torch.nn.Module, penultimate: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.penultimate = penultimate
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(input_ids, output_hidden_states=self.penultimate, return_dict=True)
+        if self.penultimate:
+            return output.last_hidden_state, output.hidden_states[-2]
+        return output.last_hidden_state
+
+
+class _TextEncoder2(torch.nn.Module):
+    """SDXL's second encoder: the penultimate layer's hidden states and the projected pooled embedding."""
+
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        return output.hidden_states[-2], output.text_embeds
 
 
 class _UNet(torch.nn.Module):
-    """The U-Net, its optional inputs (`optional_input_names`, after the three every U-Net takes) passed by name."""
+    """The U-Net, its optional inputs (`optional_input_names`, after the three every U-Net takes) passed by name;
+    SDXL's added conditions (`text_embeds`, `time_ids`) as diffusers takes them, in `added_cond_kwargs`."""
 
     def __init__(self, model: torch.nn.Module, optional_input_names: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -50,7 +69,9 @@ class _UNet(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *optional_inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.optional_input_names, optional_inputs))
-        return self.model(sample, timestep, encoder_hidden_states, **named, return_dict=False)[0]
+        added = {name: named.pop(name) for name in ("text_embeds", "time_ids") if name in named}
+        return self.model(sample, timestep, encoder_hidden_states, **named, added_cond_kwargs=added or None,
+                          return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -83,9 +104,9 @@ class _SafetyChecker(torch.nn.Module):
         return self.model.visual_projection(pooled)  # (B, projection)
 
 
+#: the wrapper of each component whose wrapper takes no options
 _WRAPPERS = {
-    Component.TEXT_ENCODER: _TextEncoder,
-    Component.UNET: _UNet,
+    Component.TEXT_ENCODER_2: _TextEncoder2,
     Component.VAE_DECODER: _VaeDecoder,
     Component.TINY_VAE_DECODER: _VaeDecoder,  # AutoencoderTiny.decode takes and returns the same
     Component.VAE_ENCODER: _VaeEncoder,
@@ -93,9 +114,12 @@ _WRAPPERS = {
 }
 
 
-#: whether a checkpoint's model takes an optional input of its component's spec, by the input's name
-_TAKES_OPTIONAL_INPUT = {
+#: whether a checkpoint's model takes an optional input, or gives an optional output, of its component's spec, by name
+_HAS_OPTIONAL_TENSOR = {
     "timestep_cond": lambda checkpoint: checkpoint.unet_time_cond_proj_dim is not None,
+    "text_embeds": lambda checkpoint: checkpoint.is_sdxl,
+    "time_ids": lambda checkpoint: checkpoint.is_sdxl,
+    "penultimate_hidden_state": lambda checkpoint: checkpoint.is_sdxl,
 }
 
 
@@ -103,15 +127,26 @@ def exported_inputs(checkpoint: SourceCheckpoint, component: Component) -> tuple
     """The inputs `component`'s graph takes for this checkpoint: its spec's inputs, then the optional ones the
     checkpoint's config calls for."""
     spec = SPECS[component]
-    return spec.inputs + tuple(t for t in spec.optional_inputs if _TAKES_OPTIONAL_INPUT[t.name](checkpoint))
+    return spec.inputs + tuple(t for t in spec.optional_inputs if _HAS_OPTIONAL_TENSOR[t.name](checkpoint))
+
+
+def graph_spec(checkpoint: SourceCheckpoint, component: Component) -> ComponentSpec:
+    """The tensors of `component`'s graph for this checkpoint: its spec with the optional inputs and outputs the
+    checkpoint's config calls for (SDXL's, an LCM U-Net's), none left optional."""
+    spec = SPECS[component]
+    outputs = spec.outputs + tuple(t for t in spec.optional_outputs if _HAS_OPTIONAL_TENSOR[t.name](checkpoint))
+    return dataclasses.replace(spec, inputs=exported_inputs(checkpoint, component), outputs=outputs,
+                               optional_inputs=(), optional_outputs=())
 
 
 def traceable_model(checkpoint: SourceCheckpoint, component: Component) -> torch.nn.Module:
-    """Load `component`'s torch model, wrapped to take and return exactly the tensors it is exported with."""
+    """Load `component`'s torch model, wrapped to take and return exactly its graph's tensors (`graph_spec`)."""
     model = checkpoint.load_model(component)
     if component is Component.UNET:
         optional = exported_inputs(checkpoint, component)[len(SPECS[component].inputs):]
         return _UNet(model, tuple(t.name for t in optional)).eval()
+    if component is Component.TEXT_ENCODER:
+        return _TextEncoder(model, penultimate=checkpoint.is_sdxl).eval()
     return _WRAPPERS[component](model).eval()
 
 
@@ -123,8 +158,9 @@ def probe_inputs(
     rng = np.random.default_rng(seed)
     latent_h, latent_w = latent_hw
     latent_shape = (batch, checkpoint.latent_channels, latent_h, latent_w)
-    if component is Component.TEXT_ENCODER:
-        vocab = int(checkpoint.text_encoder_config["vocab_size"])
+    if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
+        config = checkpoint.text_encoder_config if component is Component.TEXT_ENCODER else checkpoint.text_encoder_2_config
+        vocab = int(config["vocab_size"])
         return {"input_ids": rng.integers(0, vocab, size=(batch, checkpoint.text_max_length), dtype=np.int32)}  # (B, 77)
     if component is Component.UNET:
         unet_shape = (batch, checkpoint.unet_in_channels, latent_h, latent_w)
@@ -138,6 +174,10 @@ def probe_inputs(
         if checkpoint.unet_time_cond_proj_dim is not None:
             # a guidance-scale embedding's sines and cosines lie in [-1, 1]
             inputs["timestep_cond"] = rng.uniform(-1.0, 1.0, size=(batch, checkpoint.unet_time_cond_proj_dim)).astype(np.float32)
+        if checkpoint.is_sdxl:
+            inputs["text_embeds"] = rng.standard_normal((batch, checkpoint.pooled_size), dtype=np.float32)  # (B, P)
+            # sizes in pixels and crop offsets, as SDXL's requests give them
+            inputs["time_ids"] = rng.integers(0, 2048, size=(batch, checkpoint.time_ids)).astype(np.float32)  # (B, 6)
         return inputs
     if component in (Component.VAE_DECODER, Component.TINY_VAE_DECODER):
         return {"latent_sample": rng.standard_normal(latent_shape, dtype=np.float32)}  # (B, C, h, w)
@@ -152,11 +192,11 @@ def validation_inputs(checkpoint: SourceCheckpoint, component: Component) -> dic
     return probe_inputs(checkpoint, component, batch=1, latent_hw=_CHECK_LATENT_HW, context_windows=_CHECK_CONTEXT_WINDOWS, seed=1)
 
 
-def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
-    """The wrapped model's output (a tuple where it has several), the reference the exported graph is validated against."""
+def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The wrapped model's outputs, in spec order: the reference the exported graph is validated against."""
     with torch.inference_mode():
-        output = model(*(torch.from_numpy(v) for v in inputs.values()))
-    return tuple(o.numpy() for o in output) if isinstance(output, tuple) else output.numpy()
+        outputs = model(*(torch.from_numpy(v) for v in inputs.values()))
+    return [t.numpy() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
 def trace_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str, np.ndarray]:
@@ -167,8 +207,8 @@ def trace_inputs(checkpoint: SourceCheckpoint, component: Component) -> dict[str
 def export_component(checkpoint: SourceCheckpoint, component: Component, model: torch.nn.Module, onnx_path: Path,
                      opset: int = OPSET, inputs: dict[str, np.ndarray] | None = None) -> ComponentSpec:
     """Trace the wrapped `model` of `component` to `onnx_path` at `inputs` (default: `trace_inputs`); returns the
-    spec of the traced graph (its inputs those the checkpoint calls for)."""
-    spec = dataclasses.replace(SPECS[component], inputs=exported_inputs(checkpoint, component), optional_inputs=())
+    spec of the traced graph (its inputs and outputs those the checkpoint calls for)."""
+    spec = graph_spec(checkpoint, component)
     inputs = trace_inputs(checkpoint, component) if inputs is None else inputs
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to ONNX (opset %d)", component.value, opset)

@@ -1,4 +1,4 @@
-"""Random-weight diffusers checkpoints with Stable Diffusion's architecture.
+"""Random-weight diffusers checkpoints with Stable Diffusion's (1.x/2.x, XL) architecture.
 
 Model hubs are unreachable from our machines, and compute does not depend on weight values, so tests, the embedded
 default model and benchmarks run on checkpoints built here. They are laid out exactly like real SD checkpoints
@@ -17,9 +17,23 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import diffusers
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+)
 
 from sdrt.engine.atomic import atomic_directory
 from sdrt.export.clip_vocab import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, clip_vocab, clip_merges, write_clip_tokenizer
@@ -59,6 +73,23 @@ TURBO_SCHEDULER_CONFIG = {
     "timestep_spacing": "trailing",
 }
 
+# The scheduler SDXL base ships (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
 
 # feature_extractor/preprocessor_config.json exactly as SD 1.x checkpoints ship it (CLIP ViT-L/14 preprocessing).
 SD_PREPROCESSOR_CONFIG = {
@@ -124,7 +155,7 @@ class CheckpointArch:
         return 2 * self.latent_channels + 1 if self.unet_inpainting else self.latent_channels
 
 
-ARCHES: dict[str, CheckpointArch] = {
+ARCHES: dict[str, CheckpointArch | SdxlArch] = {
     # Stable Diffusion 1.5's exact architecture: U-Net 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text encoder 123.1 M.
     "sd15": CheckpointArch(
         unet_block_out_channels=(320, 640, 1280, 1280),
@@ -210,6 +241,91 @@ ARCHES: dict[str, CheckpointArch] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class TextEncoderArch:
+    """A CLIP text encoder (with a projection of its pooled state, which SDXL's second encoder uses)."""
+
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate_size: int
+    hidden_act: str
+    projection_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SdxlArch:
+    """The shape of an SDXL base checkpoint: two text encoders whose penultimate hidden states are concatenated into
+    the U-Net's context, and a U-Net conditioned on the second's pooled embedding and 6 size conditions
+    (addition_embed_type "text_time"). SDXL ships no safety checker."""
+
+    unet_block_out_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    unet_attention_head_dim: tuple[int, ...]  # heads per level (diffusers' legacy name, as SDXL's config has it)
+    unet_transformer_layers_per_block: tuple[int, ...]
+    unet_cross_attention_levels: tuple[bool, ...]  # which levels have cross-attention blocks
+    unet_sample_size: int
+    addition_time_embed_dim: int
+    latent_channels: int
+    vae_block_out_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_scaling_factor: float
+    text_encoder: TextEncoderArch
+    text_encoder_2: TextEncoderArch
+    norm_num_groups: int
+    pad_token_2: str = "!"  # the second tokenizer pads with "!" (id 0), the first with the end-of-text token
+    safety_checker: None = None
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_encoder.hidden_size + self.text_encoder_2.hidden_size
+
+    @property
+    def time_ids(self) -> int:
+        return 6  # original height and width, crop top and left, target height and width
+
+
+SDXL_ARCHES: dict[str, SdxlArch] = {
+    # SDXL base 1.0's exact architecture: U-Net 2567.5 M (2,567,463,684), VAE 83.7 M, CLIP ViT-L text encoder
+    # 123.1 M, OpenCLIP bigG text encoder with projection 694.7 M (tests/test_sdxl.py counts them).
+    "sdxl": SdxlArch(
+        unet_block_out_channels=(320, 640, 1280),
+        unet_layers_per_block=2,
+        unet_attention_head_dim=(5, 10, 20),
+        unet_transformer_layers_per_block=(1, 2, 10),
+        unet_cross_attention_levels=(False, True, True),
+        unet_sample_size=128,
+        addition_time_embed_dim=256,
+        latent_channels=4,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_scaling_factor=0.13025,
+        text_encoder=TextEncoderArch(hidden_size=768, layers=12, heads=12, intermediate_size=3072, hidden_act="quick_gelu", projection_dim=768),
+        text_encoder_2=TextEncoderArch(hidden_size=1280, layers=32, heads=20, intermediate_size=5120, hidden_act="gelu", projection_dim=1280),
+        norm_num_groups=32,
+    ),
+    # SDXL's layout scaled down: no attention at the first level, more transformer layers deeper, encoders of
+    # different widths (a context of 32 + 48) and a pooled projection of yet another (40).
+    "tiny-sdxl": SdxlArch(
+        unet_block_out_channels=(32, 64),
+        unet_layers_per_block=2,
+        unet_attention_head_dim=(2, 4),
+        unet_transformer_layers_per_block=(1, 2),
+        unet_cross_attention_levels=(False, True),
+        unet_sample_size=32,
+        addition_time_embed_dim=8,
+        latent_channels=4,
+        vae_block_out_channels=(32, 32, 32, 32),
+        vae_layers_per_block=1,
+        vae_scaling_factor=0.13025,
+        text_encoder=TextEncoderArch(hidden_size=32, layers=2, heads=4, intermediate_size=37, hidden_act="quick_gelu", projection_dim=32),
+        text_encoder_2=TextEncoderArch(hidden_size=48, layers=3, heads=4, intermediate_size=64, hidden_act="gelu", projection_dim=40),
+        norm_num_groups=16,
+    ),
+}
+ARCHES.update(SDXL_ARCHES)
+
+
 # "tiny" with an inpainting U-Net (9 input channels), as SD inpainting checkpoints have.
 ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=True)
 # "tiny" distilled by latent consistency: its U-Net embeds the guidance scale (as LCM_Dreamshaper_v7's, at 256) and it
@@ -278,6 +394,84 @@ def _text_encoder(arch: CheckpointArch) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
+def _sdxl_unet(arch: SdxlArch) -> UNet2DConditionModel:
+    levels = arch.unet_cross_attention_levels
+    return UNet2DConditionModel(
+        sample_size=arch.unet_sample_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        block_out_channels=arch.unet_block_out_channels,
+        layers_per_block=arch.unet_layers_per_block,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+        cross_attention_dim=arch.cross_attention_dim,
+        attention_head_dim=arch.unet_attention_head_dim,
+        transformer_layers_per_block=arch.unet_transformer_layers_per_block,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=arch.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=arch.text_encoder_2.projection_dim + arch.time_ids * arch.addition_time_embed_dim,
+        norm_num_groups=arch.norm_num_groups,
+    )
+
+
+def _sdxl_text_encoder(arch: TextEncoderArch, with_projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
+    vocab = clip_vocab(clip_merges())
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act=arch.hidden_act,
+        projection_dim=arch.projection_dim,
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class SdxlModels:
+    """The four trainable models of an SDXL checkpoint."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    unet: UNet2DConditionModel
+
+
+def build_sdxl_models(arch: SdxlArch) -> SdxlModels:
+    """Freshly initialised (random) SDXL models with `arch`'s shapes, from torch's current seed."""
+    # AutoencoderKL's config says force_upcast (it overflows fp16) unless told otherwise, as SDXL's does
+    return SdxlModels(vae=_vae(arch).eval(), text_encoder=_sdxl_text_encoder(arch.text_encoder, with_projection=False).eval(),
+                      text_encoder_2=_sdxl_text_encoder(arch.text_encoder_2, with_projection=True).eval(),
+                      unet=_sdxl_unet(arch).eval())
+
+
+def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: str = "!") -> Path:
+    """Save `models` as a diffusers checkpoint laid out like SDXL base (safetensors, Euler scheduler, both tokenizers
+    as vocab.json + merges.txt, force_zeros_for_empty_prompt). The directory appears whole or not at all."""
+    pipe = StableDiffusionXLPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2, tokenizer=None,
+        tokenizer_2=None, unet=models.unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        _prefix_text_model_keys(staging / "text_encoder/model.safetensors")  # text_encoder_2's keys have theirs
+        for name, pad_token in (("tokenizer", EOS_TOKEN), ("tokenizer_2", pad_token_2)):
+            shutil.rmtree(staging / name, ignore_errors=True)
+            write_clip_tokenizer(staging / name, pad_token=pad_token)
+        index = json.loads((staging / "model_index.json").read_text())
+        index["tokenizer"] = index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
 def _safety_checker(arch: SafetyCheckerArch) -> StableDiffusionSafetyChecker:
     vision = CLIPVisionConfig(
         hidden_size=arch.hidden_size,
@@ -300,15 +494,20 @@ def _safety_checker(arch: SafetyCheckerArch) -> StableDiffusionSafetyChecker:
 
 
 def make_random_checkpoint(
-    out_dir: str | Path, arch: str | CheckpointArch = "tiny", seed: int = 0, with_safety_checker: bool = True
+    out_dir: str | Path, arch: str | CheckpointArch | SdxlArch = "tiny", seed: int = 0, with_safety_checker: bool = True
 ) -> Path:
-    """Write a random-weight diffusers StableDiffusionPipeline checkpoint (fp32 safetensors) to `out_dir`.
+    """Write a random-weight diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for an SdxlArch)
+    checkpoint (fp32 safetensors) to `out_dir`.
 
-    With `with_safety_checker` (and an arch that has one), it includes `safety_checker/` and `feature_extractor/`
+    With `with_safety_checker` (and an arch that has one: SDXL has none), it includes `safety_checker/` and `feature_extractor/`
     as SD 1.x checkpoints do. The directory appears whole or not at all. Returns its path.
     """
     spec = ARCHES[arch] if isinstance(arch, str) else arch
     torch.manual_seed(seed)
+    if isinstance(spec, SdxlArch):
+        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2)
+        logger.info("wrote random-weight SDXL checkpoint to %s", out_dir)
+        return Path(out_dir)
     models = build_models(spec)
     checker = _safety_checker(spec.safety_checker) if with_safety_checker and spec.safety_checker else None
     save_checkpoint(out_dir, models, pad_token=spec.pad_token, safety_checker=checker, scheduler_config=spec.scheduler_config)

@@ -1,4 +1,4 @@
-"""Read a diffusers-format Stable Diffusion 1.x/2.x checkpoint directory: its configs up front, its models on demand.
+"""Read a diffusers-format Stable Diffusion 1.x/2.x or SDXL checkpoint directory: its configs up front, its models on demand.
 
 Models are loaded one at a time (`load_model`) so that exporting a full-size checkpoint keeps a single torch model
 in memory next to its ONNX graph.
@@ -35,6 +35,7 @@ _REQUIRED = (
 )
 _MODEL_FOLDERS = {
     Component.TEXT_ENCODER: "text_encoder",
+    Component.TEXT_ENCODER_2: "text_encoder_2",
     Component.UNET: "unet",
     Component.VAE_DECODER: "vae",
     Component.VAE_ENCODER: "vae",
@@ -51,6 +52,11 @@ class SourceCheckpoint:
     safety_checker_config: dict[str, Any] | None  # None: the checkpoint has no (complete) safety checker
     scheduler_config: dict[str, Any]
     tokenizer_config: dict[str, Any]
+    # SDXL's second text encoder and tokenizer (text_encoder_2/, tokenizer_2/); None for SD 1.x/2.x
+    text_encoder_2_config: dict[str, Any] | None = None
+    tokenizer_2_config: dict[str, Any] | None = None
+    # model_index.json: the pipeline's class and options (SDXL's force_zeros_for_empty_prompt)
+    pipeline_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     # LoRA deltas fused into the models as they load (export/lora_fusion.py): component -> parameter -> delta
     weight_deltas: Mapping[Component, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     # a diffusers AutoencoderTiny directory exported beside the VAE (`with_tiny_vae`), and its config; None: none
@@ -94,8 +100,33 @@ class SourceCheckpoint:
         return tuple(h if a else 0 for h, a in zip(heads, attends))
 
     @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a U-Net with SDXL's added conditions ("text_time")."""
+        return self.text_encoder_2_config is not None
+
+    @property
     def text_hidden_size(self) -> int:
-        return int(self.text_encoder_config["hidden_size"])
+        """The width of the U-Net's text context: the text encoder's hidden size, both encoders' for SDXL (their
+        hidden states are concatenated)."""
+        second = int(self.text_encoder_2_config["hidden_size"]) if self.text_encoder_2_config is not None else 0
+        return int(self.text_encoder_config["hidden_size"]) + second
+
+    @property
+    def pooled_size(self) -> int:
+        """SDXL: the width of the second text encoder's projected pooled embedding (the U-Net's `text_embeds`)."""
+        return int(self.text_encoder_2_config["projection_dim"])
+
+    @property
+    def time_ids(self) -> int:
+        """SDXL: how many size conditions the U-Net's `time_ids` holds (6: original size, crop's top left, target size),
+        each embedded in addition_time_embed_dim channels beside the pooled embedding."""
+        config = self.unet_config
+        return (int(config["projection_class_embeddings_input_dim"]) - self.pooled_size) // int(config["addition_time_embed_dim"])
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL's unconditional input without a negative prompt: zeros (diffusers' default) or the empty prompt's."""
+        return bool(self.pipeline_config.get("force_zeros_for_empty_prompt", True))
 
     @property
     def text_max_length(self) -> int:
@@ -104,7 +135,8 @@ class SourceCheckpoint:
     @property
     def components(self) -> tuple[Component, ...]:
         """The components this checkpoint can export, in pipeline order."""
-        models = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
+        encoders = (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2) if self.is_sdxl else (Component.TEXT_ENCODER,)
+        models = (*encoders, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
         models += (Component.TINY_VAE_DECODER,) if self.tiny_vae_config is not None else ()
         return models + ((Component.SAFETY_CHECKER,) if self.safety_checker_config is not None else ())
 
@@ -117,10 +149,11 @@ class SourceCheckpoint:
         """The fp32 torch model behind `component`, freshly loaded on CPU in eval mode, with `weight_deltas` added."""
         from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         model_class = {
             Component.TEXT_ENCODER: CLIPTextModel,
+            Component.TEXT_ENCODER_2: CLIPTextModelWithProjection,
             Component.UNET: UNet2DConditionModel,
             Component.VAE_DECODER: AutoencoderKL,
             Component.VAE_ENCODER: AutoencoderKL,
@@ -179,6 +212,34 @@ def _safety_checker_config(path: Path) -> dict[str, Any] | None:
     return _read_json(path / "safety_checker/config.json") if has_checker else None
 
 
+def _sdxl_configs(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """SDXL's text_encoder_2 and tokenizer_2 configs, or None for an SD 1.x/2.x checkpoint."""
+    index = _read_json(path / "model_index.json")
+    if not (path / "text_encoder_2/config.json").is_file() and index.get("text_encoder_2") is None:
+        return None
+    if index.get("requires_aesthetics_score"):
+        raise CheckpointError(f"{path} is an SDXL refiner (requires_aesthetics_score): sdrt exports SDXL base checkpoints only")
+    missing = [name for name in ("text_encoder_2/config.json", *(f"tokenizer_2/{n}" for n in TOKENIZER_FILES))
+               if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is an SDXL checkpoint ({index.get('_class_name')}) but lacks {', '.join(missing)}")
+    return _read_json(path / "text_encoder_2/config.json"), _read_json(path / "tokenizer_2/tokenizer_config.json")
+
+
+def _check_sdxl_unet(checkpoint: SourceCheckpoint) -> None:
+    config = checkpoint.unet_config
+    if config.get("addition_embed_type") != "text_time":
+        raise CheckpointError(f"{checkpoint.path}: an SDXL checkpoint's U-Net takes addition_embed_type \"text_time\", "
+                              f"this one {config.get('addition_embed_type')!r}")
+    expected = checkpoint.pooled_size + 6 * int(config["addition_time_embed_dim"])
+    if int(config["projection_class_embeddings_input_dim"]) != expected:
+        raise CheckpointError(
+            f"{checkpoint.path}: the U-Net's projection_class_embeddings_input_dim ({config['projection_class_embeddings_input_dim']}) "
+            f"is not the pooled embedding ({checkpoint.pooled_size}) plus 6 size conditions of addition_time_embed_dim "
+            f"({config['addition_time_embed_dim']}) channels"
+        )
+
+
 def load_checkpoint(path: str | Path) -> SourceCheckpoint:
     """Read and check the configs of the checkpoint at `path`; raise CheckpointError saying what is wrong."""
     path = Path(path).resolve()
@@ -193,6 +254,7 @@ def load_checkpoint(path: str | Path) -> SourceCheckpoint:
             f"{path} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)} "
             "(a real SD checkpoint ships tokenizer/vocab.json and tokenizer/merges.txt)"
         )
+    sdxl = _sdxl_configs(path)
     checkpoint = SourceCheckpoint(
         path=path,
         text_encoder_config=_read_json(path / "text_encoder/config.json"),
@@ -201,13 +263,18 @@ def load_checkpoint(path: str | Path) -> SourceCheckpoint:
         safety_checker_config=_safety_checker_config(path),
         scheduler_config=_read_json(path / SCHEDULER_CONFIG_FILE),
         tokenizer_config=_read_json(path / "tokenizer/tokenizer_config.json"),
+        text_encoder_2_config=sdxl[0] if sdxl else None,
+        tokenizer_2_config=sdxl[1] if sdxl else None,
+        pipeline_config=_read_json(path / "model_index.json"),
     )
     cross_attention_dim = checkpoint.unet_config.get("cross_attention_dim")
     if cross_attention_dim != checkpoint.text_hidden_size:
         raise CheckpointError(
             f"{path}: the U-Net's cross_attention_dim ({cross_attention_dim}) differs from the text encoder's "
-            f"hidden_size ({checkpoint.text_hidden_size})"
+            f"hidden_size ({checkpoint.text_hidden_size}{', both encoders together' if sdxl else ''})"
         )
+    if sdxl:
+        _check_sdxl_unet(checkpoint)
     if checkpoint.unet_in_channels not in (checkpoint.latent_channels, 2 * checkpoint.latent_channels + 1):
         raise CheckpointError(
             f"{path}: the U-Net takes {checkpoint.unet_in_channels} input channels; a Stable Diffusion U-Net takes the "

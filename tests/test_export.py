@@ -32,7 +32,8 @@ def test_manifest_records_what_the_runtime_needs(bundles: dict[str, Path], check
         assert manifest.model.sample_size == unet_config["sample_size"]
         assert manifest.tokenizer.model_max_length == 77
         assert manifest.source_checkpoint == str(checkpoints[arch].resolve())
-        assert set(manifest.components) == set(Component) - OPTIONAL_COMPONENTS  # exported on request only
+        # exported on request only, and SDXL's second encoder
+        assert set(manifest.components) == set(Component) - OPTIONAL_COMPONENTS - {Component.TEXT_ENCODER_2}
         for component, entry in manifest.components.items():
             assert [t.name for t in entry.inputs] == [t.name for t in SPECS[component].inputs]
             assert entry.export_max_abs_diff < 1e-3

@@ -140,4 +140,4 @@ def test_cli_fp16_onnx_takes_the_default_components_or_a_list(capsys) -> None:
     assert parser.parse_args(["export", "ckpt", "out", "--fp16-onnx"]).fp16_onnx == FP16_DEFAULT_COMPONENTS
     assert parser.parse_args(["export", "ckpt", "out", "--fp16-onnx=unet,vae_decoder"]).fp16_onnx == (Component.UNET, Component.VAE_DECODER)
     assert main(["export", "ckpt", "out", "--fp16-onnx=unet,vae"]) == 2
-    assert "argument --fp16-onnx: unknown component(s) ['vae']; choose from text_encoder,unet," in capsys.readouterr().err
+    assert "argument --fp16-onnx: unknown component(s) ['vae']; choose from text_encoder,text_encoder_2,unet," in capsys.readouterr().err

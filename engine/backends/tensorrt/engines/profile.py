@@ -159,7 +159,7 @@ def component_batch(component: Component, images: AxisRange) -> AxisRange:
     if component is Component.UNET:
         # guided (guidance_scale > 1, the default) doubles the batch; unguided runs the images alone
         return AxisRange(batch_size(images.min, guided=False), batch_size(images.opt, guided=True), batch_size(images.max, guided=True))
-    if component is Component.TEXT_ENCODER:
+    if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
         # one row per prompt (at most one per image), and the empty prompt of guidance on its own
         return AxisRange(1, images.opt, images.max)
     return images
