@@ -546,7 +546,9 @@ def test_cli_export_tensorrt_exports_then_builds_with_the_engine_flags(tmp_path:
     bundle = tmp_path / "bundle"
     assert main(["export", "ckpt", str(bundle), "--fp16-onnx", "--tensorrt", "--batch", "1:2:4", "--precision", "fp32", "--refittable"]) == 0
     assert calls == [
-        ("export", Path("ckpt"), {"force": False, "fp16_components": FP16_DEFAULT_COMPONENTS, "loras": [], "config": None}),
+        ("export", Path("ckpt"), {"force": False, "fp16_components": FP16_DEFAULT_COMPONENTS, "loras": [], "config": None,
+                                         "scheduler": None, "tiny_vae": None, "deepcache_branch": None,
+                                         "quantize": False}),  # an int8 U-Net is for CPUs
         ("build", (bundle, EngineProfile(AxisRange(1, 2, 4), SD15_PROFILE.height, SD15_PROFILE.width), Precision.FP32), {"refittable": True}),
     ]
     assert capsys.readouterr().out == f"{bundle}\nengines\n"
