@@ -3,6 +3,7 @@ the same noise prediction as the whole model, on half the batch where nothing re
 batch whose halves differ."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,13 @@ def test_a_prefix_tensor_without_a_batch_axis_leaves_the_model_alone() -> None:
     assert len(model.get_ordered_ops()) == before
 
 
-def test_exact_mode_shares_the_prefix_for_guided_batches_only(tiny_bundle: Path, monkeypatch) -> None:
+def test_exact_mode_shares_the_prefix_for_guided_batches_only(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # A guided request's first call compiles the shared-prefix U-Net; an unguided request of the same batch size
     # (its halves differ) compiles the whole model for any shapes, and every image matches a backend that never
-    # shares.
+    # shares. From an empty cache: load() would otherwise load what earlier tests compiled.
     from sdrt.engine.backends.openvino import backend as openvino_backend
 
+    tiny_bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     pipe = sdrt.engine.load(tiny_bundle, backend="openvino-fp32", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     compiled: list = []

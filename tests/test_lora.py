@@ -217,6 +217,9 @@ def fake_refit(fake_gpu, monkeypatch, tmp_path: Path):
             self.weights[name] = np.array(weights)  # a copy: the caller's buffer must only live until the refit
             return name != "not_refittable"
 
+        def get_missing_weights(self) -> list[str]:
+            return []  # a LoRA patches some weights; the others keep the engine's values
+
         def refit_cuda_engine(self) -> bool:
             refits.append(self.weights)
             return True

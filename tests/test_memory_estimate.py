@@ -21,8 +21,10 @@ from sdrt.engine.specs import Component
 
 GiB = 2**30
 #: how far above a measured peak the estimate may be: onnxruntime's allocations follow the model closely; OpenVINO's
-#: compiled kernels and buffers vary with the graph (90-140 MB of kernels for the test bundles), more than with sizes
-MARGINS = {"onnxruntime-cpu": 0.25, "openvino-bf16": 0.6, "openvino-fp32": 0.6}
+#: compiled kernels and buffers vary with the graph (90-140 MB of kernels for the test bundles), more than with sizes,
+#: and its estimate allows for compiling the request's shapes, which a process whose compiled models came from the
+#: cache at load() does not do (the tiny model at 128²: 1.7x)
+MARGINS = {"onnxruntime-cpu": 0.25, "openvino-bf16": 0.8, "openvino-fp32": 0.8}
 #: how far above its resting RSS a process may stay after a request: onnxruntime hands everything back; OpenVINO keeps
 #: the decoder it compiled for the request's shape
 RETURN_TOLERANCE = {"onnxruntime-cpu": 32 << 20, "openvino-bf16": 64 << 20, "openvino-fp32": 64 << 20}
