@@ -30,7 +30,7 @@ demo: $(VENV)/.runtime-installed
 	$(VENV)/bin/sdrt generate "$(PROMPT)" -o image.png
 
 # The tests a change is checked with; test-slow runs those marked slow (Ray Serve, the serving load test, the
-# inpainting U-Net's cases): CI (.ci/run) runs both.
+# inpainting U-Net's cases, the slowest end-to-end exports): CI (.ci/run) runs both.
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -m "not slow"
 

@@ -10,6 +10,7 @@ from PIL import Image
 from sdrt.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_reports_every_engine_with_ratios_and_accuracy(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     results_md = tmp_path / "RESULTS.md"

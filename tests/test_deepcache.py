@@ -243,6 +243,7 @@ def test_reference_matches_the_deepcache_package(checkpoints: dict[str, Path]) -
         assert np.abs(expected - plain).max() > 1e-3  # the helper did cache: 100 times the agreement above
 
 
+@pytest.mark.slow
 def test_three_layer_levels_match_deepcache_on_diffusers(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """SD's layout of 3 skip connections per level (tiny-alt): branch 4 enters the second level's up-block at its
     middle layer and runs part of its down-block, then an upsampler."""

@@ -34,6 +34,7 @@ def quick_calibration(monkeypatch) -> None:
                         lambda bundle_dir: int8_unet.Calibration(prompts=1, num_inference_steps=1, size=real(bundle_dir).size))
 
 
+@pytest.mark.slow
 @can_quantize
 def test_export_quantizes_by_default_and_auto_runs_int8(tiny_checkpoint: Path, tmp_path: Path, quick_calibration, capsys) -> None:
     from sdrt.cli.main import main

@@ -192,6 +192,7 @@ def lcm_lora_bundle(tiny_checkpoint: Path, lcm_lora, tmp_path_factory: pytest.Te
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_lcm_lora_fused_at_export_matches_diffusers_without_flags(monkeypatch, tiny_checkpoint, lcm_lora, lcm_lora_bundle,
                                                                   backend: str) -> None:

@@ -152,6 +152,7 @@ def test_exported_checker_has_dynamic_batch(calibrated) -> None:
         np.testing.assert_allclose(session.run(None, {"clip_input": clip_input})[0], expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoint_without_checker(checkpoints: dict[str, Path], tmp_path: Path, caplog) -> None:
     from sdrt.export.random_checkpoint import make_random_checkpoint
 
