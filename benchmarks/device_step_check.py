@@ -21,7 +21,7 @@ from sdrt.engine.schedulers import Scheduler, scheduler_by_name
 
 #: diffusers' default noise schedule, PLMS warm-up: the check compares the device with the host, any schedule does
 SCHEDULER_CONFIG = {"skip_prk_steps": True}
-CHECKED_SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m-karras", "lms")
+CHECKED_SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "lcm")
 LATENT_SHAPE = (2, 4, 16, 16)  # two images: guidance's halves hold two rows each
 CONTEXT_LENGTH, CONTEXT_WIDTH = 77, 64
 GUIDANCE_SCALE = 7.5

@@ -17,7 +17,7 @@ SHAPE = (2, 4, 3, 3)
 STEPS = 7
 SCHEDULERS = {
     **{name: (lambda name=name: scheduler_by_name(name, CONFIG)) for name in
-       ("pndm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m-karras", "lms")},
+       ("pndm", "ddim", "euler", "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "lcm")},
     "pndm-runge-kutta": lambda: PNDMScheduler({**CONFIG, "skip_prk_steps": False}),
     "ddim-eta": lambda: DDIMScheduler({**CONFIG, "clip_sample": True}, eta=0.5),
     "v-prediction-dpm": lambda: scheduler_by_name("dpm++2m", {**CONFIG, "prediction_type": "v_prediction"}),

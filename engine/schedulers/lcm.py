@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sdrt.engine.array_namespace import namespace_of
 from .base import (
     NoiseScheduleConfig,
     SchedulerConfigError,
@@ -156,8 +157,9 @@ class LCMScheduler:
         last, where the denoised sample is returned and ``noise`` is ignored)."""
         num_calls = len(state.timesteps)
         check_step_index(num_calls, step_index)
-        model_output = np.asarray(model_output, dtype=_F32)  # (B, C, H, W)
-        sample = np.asarray(sample, dtype=_F32)  # (B, C, H, W)
+        xp = namespace_of(model_output, sample)
+        model_output = xp.asarray(model_output, dtype=xp.float32)  # (B, C, H, W)
+        sample = xp.asarray(sample, dtype=xp.float32)  # (B, C, H, W)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
         alpha_prod_t = state.alpha_prod[step_index]
@@ -169,7 +171,7 @@ class LCMScheduler:
             pred_original = alpha_prod_t**half * sample - beta_prod_t**half * model_output  # (B, C, H, W)
         if self.config.clip_sample:
             limit = _F32(self.config.clip_sample_range)
-            pred_original = np.clip(pred_original, -limit, limit)  # (B, C, H, W)
+            pred_original = xp.clip(pred_original, -limit, limit)  # (B, C, H, W)
         denoised = state.c_out[step_index] * pred_original + state.c_skip[step_index] * sample  # (B, C, H, W)
         if step_index == num_calls - 1:
             return denoised.astype(_F32), state
