@@ -83,6 +83,7 @@ def test_manifests_without_the_new_fields_read_as_before(tiny_bundle: Path, tmp_
     assert manifest.components == read_manifest(tiny_bundle).components
 
 
+@pytest.mark.slow
 def test_several_loras_add_up(tiny_checkpoint: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
     first_deltas = _make_lora(tiny_checkpoint, "peft", first, seed=1)

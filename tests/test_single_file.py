@@ -49,7 +49,7 @@ def test_the_fixture_layout_is_the_one_diffusers_converts(single_files: dict[str
         assert all(torch.equal(converted[name], original[name]) for name in original), folder
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize("suffix", [".safetensors", pytest.param(".ckpt", marks=pytest.mark.slow)])
 def test_a_single_file_exports_to_the_bundle_of_its_diffusers_directory(
     single_files: dict[str, Path], tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, suffix: str
 ) -> None:

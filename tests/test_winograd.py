@@ -300,6 +300,7 @@ def test_exact_mode_converts_its_unet_once_into_the_bundle_cache(tiny_bundle: Pa
     np.testing.assert_array_equal(again, first)
 
 
+@pytest.mark.slow
 def test_read_only_bundle_rewrites_in_memory_on_each_load(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     from sdrt.engine.backends.openvino import backend as openvino_backend, cache
 
