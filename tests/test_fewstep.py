@@ -16,9 +16,7 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 
-import sdrt.engine
 from sdrt.cli.main import main
-from sdrt.engine.backends import BACKENDS
 from sdrt.engine.guidance_embedding import guidance_scale_embedding
 from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.manifest import MANIFEST_NAME, GenerationDefaults, read_manifest
@@ -30,6 +28,7 @@ from sdrt.export.lora_fusion import LoraSpec
 from sdrt.export.model_defaults import model_defaults
 from sdrt.export.random_checkpoint import make_random_checkpoint
 from sdrt.export.source_checkpoint import load_checkpoint
+from tests.pipes import pipe_or_skip
 from tests.same_noise import record_our_noise, replay_to_diffusers
 from tests.test_parity import MAX_PIXEL_DIFF
 
@@ -81,15 +80,6 @@ def lcm_lora(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     path = tmp_path_factory.mktemp("lcm-lora") / "pytorch_lora_weights.safetensors"
     save_file(tensors, str(path))
     return path, deltas
-
-
-def _pipe(bundle: Path, backend: str = "onnxruntime-cpu"):
-    reason = next(b for b in BACKENDS if b.name == backend).unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"{backend} unavailable: {reason}")
-    pipe = sdrt.engine.load(bundle, backend=backend, safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _reference(checkpoint: Path, unet_deltas: dict[str, torch.Tensor] | None = None, lcm: bool = False):
@@ -153,7 +143,7 @@ def test_lcm_distilled_matches_diffusers(monkeypatch, fewstep_checkpoints, fewst
                                          guidance_scale: float) -> None:
     """StableDiffusionPipeline on an LCM-distilled checkpoint: LCMScheduler (its own), w = guidance_scale - 1 as the
     U-Net's timestep_cond, no unconditional batch (a negative prompt changes nothing)."""
-    ours = _pipe(fewstep_bundles["tiny-lcm"], backend)
+    ours = pipe_or_skip(fewstep_bundles["tiny-lcm"], backend)
     reference = _reference(fewstep_checkpoints["tiny-lcm"])
     args = dict(prompt="a red circle", negative_prompt="blur", num_inference_steps=steps, guidance_scale=guidance_scale,
                 height=SIZE, width=SIZE)
@@ -163,7 +153,7 @@ def test_lcm_distilled_matches_diffusers(monkeypatch, fewstep_checkpoints, fewst
 
 
 def test_lcm_distilled_defaults_and_guidance_embedding_matter(monkeypatch, fewstep_checkpoints, fewstep_bundles) -> None:
-    ours = _pipe(fewstep_bundles["tiny-lcm"])
+    ours = pipe_or_skip(fewstep_bundles["tiny-lcm"])
     reference = _reference(fewstep_checkpoints["tiny-lcm"])
     args = dict(prompt="a boat", height=SIZE, width=SIZE)
     _compare(monkeypatch, ours, reference, lcm_module, args, dict(args, num_inference_steps=4, guidance_scale=8.5))
@@ -196,7 +186,7 @@ def lcm_lora_bundle(tiny_checkpoint: Path, lcm_lora, tmp_path_factory: pytest.Te
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_lcm_lora_fused_at_export_matches_diffusers_without_flags(monkeypatch, tiny_checkpoint, lcm_lora, lcm_lora_bundle,
                                                                   backend: str) -> None:
-    ours = _pipe(lcm_lora_bundle, backend)
+    ours = pipe_or_skip(lcm_lora_bundle, backend)
     assert ours.manifest.defaults == GenerationDefaults(num_inference_steps=4, guidance_scale=1.0, scheduler="lcm")
     reference = _reference(tiny_checkpoint, lcm_lora[1], lcm=True)
     args = dict(prompt="a red circle", height=SIZE, width=SIZE)
@@ -204,7 +194,7 @@ def test_lcm_lora_fused_at_export_matches_diffusers_without_flags(monkeypatch, t
 
 
 def test_lcm_lora_loaded_at_run_time_matches_diffusers(monkeypatch, tiny_checkpoint, tiny_bundle, lcm_lora) -> None:
-    ours = _pipe(tiny_bundle)
+    ours = pipe_or_skip(tiny_bundle)
     ours.load_lora(lcm_lora[0])
     reference = _reference(tiny_checkpoint, lcm_lora[1], lcm=True)
     args = dict(prompt="a red circle", height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0)
@@ -218,7 +208,7 @@ def test_lcm_lora_loaded_at_run_time_matches_diffusers(monkeypatch, tiny_checkpo
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_turbo_matches_diffusers(monkeypatch, fewstep_checkpoints, fewstep_bundles, backend: str, steps: int) -> None:
     """SD-Turbo's setup: Euler ancestral over trailing timesteps (the checkpoint's own), guidance 0."""
-    ours = _pipe(fewstep_bundles["tiny-turbo"], backend)
+    ours = pipe_or_skip(fewstep_bundles["tiny-turbo"], backend)
     reference = _reference(fewstep_checkpoints["tiny-turbo"])
     assert reference.scheduler.config.timestep_spacing == "trailing"
     args = dict(prompt="a red circle", height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=0.0)
@@ -226,7 +216,7 @@ def test_turbo_matches_diffusers(monkeypatch, fewstep_checkpoints, fewstep_bundl
 
 
 def test_turbo_bundle_runs_one_unguided_step_without_flags(monkeypatch, fewstep_checkpoints, fewstep_bundles) -> None:
-    ours = _pipe(fewstep_bundles["tiny-turbo"])
+    ours = pipe_or_skip(fewstep_bundles["tiny-turbo"])
     assert ours.manifest.defaults == GenerationDefaults(num_inference_steps=1, guidance_scale=0.0, scheduler=None)
     request = GenerationRequest.create(ours.limits, "a boat")
     assert (request.num_inference_steps, request.guidance_scale, request.guided) == (1, 0.0, False)
@@ -259,7 +249,7 @@ def test_sd_bundles_and_bundles_exported_before_keep_diffusers_defaults(tiny_bun
     del data["defaults"]
     (old / MANIFEST_NAME).write_text(json.dumps(data))
     assert read_manifest(old).defaults == GenerationDefaults(num_inference_steps=50, guidance_scale=7.5, scheduler=None)
-    request = GenerationRequest.create(_pipe(tiny_bundle).limits, "a boat")
+    request = GenerationRequest.create(pipe_or_skip(tiny_bundle).limits, "a boat")
     assert (request.num_inference_steps, request.guidance_scale, request.scheduler, request.guided) == (50, 7.5, None, True)
 
 
@@ -282,7 +272,7 @@ def test_export_refuses_an_unknown_scheduler_before_any_work(tiny_checkpoint: Pa
 
 
 def test_lcm_steps_beyond_the_distillation_schedule_are_refused(fewstep_bundles) -> None:
-    ours = _pipe(fewstep_bundles["tiny-lcm"])
+    ours = pipe_or_skip(fewstep_bundles["tiny-lcm"])
     with pytest.raises(ValueError, match=r"num_inference_steps: must be an integer in 1\.\.50 .*LCMScheduler"):
         ours("a boat", num_inference_steps=51, height=SIZE, width=SIZE)
 
@@ -291,7 +281,7 @@ def test_server_runs_the_bundles_defaults(fewstep_bundles) -> None:
     pytest.importorskip("fastapi")
     from tests.test_serve import GENERATE, SpyPipe, _client, _wait_ready
 
-    spy = SpyPipe(_pipe(fewstep_bundles["tiny-turbo"]))
+    spy = SpyPipe(pipe_or_skip(fewstep_bundles["tiny-turbo"]))
     with _client(spy) as client:
         _wait_ready(client)
         response = client.post(GENERATE, json={"prompt": "a red circle", "size": "64x64", "seed": 1})

@@ -10,15 +10,14 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
-import sdrt.engine
 from sdrt.cli.main import main
-from sdrt.engine.backends import BACKENDS
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
 from sdrt.export.errors import CheckpointError
 from sdrt.export.random_checkpoint import make_tiny_autoencoder
+from tests.pipes import pipe_or_skip
 from tests.test_fewstep import CPU_BACKENDS
 from tests.test_parity import MAX_PIXEL_DIFF
 
@@ -37,15 +36,6 @@ def taesd_bundle(tiny_checkpoint: Path, tiny_autoencoder: Path, tmp_path_factory
     return out
 
 
-def _pipe(bundle: Path, backend: str = "onnxruntime-cpu"):
-    reason = next(b for b in BACKENDS if b.name == backend).unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"{backend} unavailable: {reason}")
-    pipe = sdrt.engine.load(bundle, backend=backend, safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _latents() -> np.ndarray:
     return np.random.default_rng(7).standard_normal((1, 4, 8, 8), dtype=np.float32)
 
@@ -61,7 +51,7 @@ def _reference(checkpoint: Path, tiny_autoencoder: Path | None) -> StableDiffusi
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tiny_decoder_matches_diffusers_with_autoencoder_tiny_as_its_vae(tiny_checkpoint, tiny_autoencoder, taesd_bundle,
                                                                         backend: str) -> None:
-    ours = _pipe(taesd_bundle, backend)
+    ours = pipe_or_skip(taesd_bundle, backend)
     entry = ours.manifest.components[Component.TINY_VAE_DECODER]
     assert entry.file in ours.manifest.files and ours.manifest.model.tiny_vae_scaling_factor == 1.0
     expected = _reference(tiny_checkpoint, tiny_autoencoder)(**ARGS, latents=torch.from_numpy(_latents()), output_type="np").images
@@ -78,7 +68,7 @@ def test_tiny_decoder_matches_diffusers_with_autoencoder_tiny_as_its_vae(tiny_ch
 def test_previews_in_the_step_callback(taesd_bundle: Path) -> None:
     """`pipe.decode(latents, decoder="tiny")` in callback_on_step_end: one preview per step, the last one the image
     a tiny-decoded call returns."""
-    ours = _pipe(taesd_bundle)
+    ours = pipe_or_skip(taesd_bundle)
     previews = []
 
     def preview(pipe, step_index: int, timestep: float, tensors: dict) -> dict:
@@ -102,7 +92,7 @@ def test_cli_decoder_flag(taesd_bundle: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("decoder", ["small", "", None, 1])
 def test_unknown_decoder_names_the_choices(taesd_bundle: Path, decoder: object) -> None:
-    ours = _pipe(taesd_bundle)
+    ours = pipe_or_skip(taesd_bundle)
     with pytest.raises(InvalidArgumentError, match=r"decoder: must be one of full, tiny") as error:
         ours(**ARGS, decoder=decoder)
     assert error.value.parameter == "decoder"
@@ -111,7 +101,7 @@ def test_unknown_decoder_names_the_choices(taesd_bundle: Path, decoder: object) 
 
 
 def test_tiny_decoder_of_a_bundle_without_one_names_the_export_flag(tiny_bundle: Path) -> None:
-    ours = _pipe(tiny_bundle)
+    ours = pipe_or_skip(tiny_bundle)
     with pytest.raises(InvalidArgumentError, match=r"decoder: 'tiny': this bundle has no tiny decoder.*--tiny-vae"):
         ours(**ARGS, decoder="tiny")
     with pytest.raises(InvalidArgumentError, match=r"--tiny-vae"):
@@ -132,7 +122,7 @@ def test_server_decoder_field(taesd_bundle: Path) -> None:
     pytest.importorskip("fastapi")
     from tests.test_serve import GENERATE, _client, _decode, _wait_ready
 
-    ours = _pipe(taesd_bundle)
+    ours = pipe_or_skip(taesd_bundle)
     with _client(ours) as client:
         _wait_ready(client)
         body = {"prompt": "a red circle", "size": "64x64", "seed": 5, "num_inference_steps": 2}
