@@ -333,6 +333,9 @@ ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=Tru
 ARCHES["tiny-lcm"] = dataclasses.replace(ARCHES["tiny"], unet_time_cond_proj_dim=32, scheduler_config=LCM_SCHEDULER_CONFIG)
 # "tiny" as a Turbo checkpoint ships it: the same U-Net, Euler ancestral over trailing timesteps.
 ARCHES["tiny-turbo"] = dataclasses.replace(ARCHES["tiny"], scheduler_config=TURBO_SCHEDULER_CONFIG)
+# SD 1.5's architecture as a Turbo checkpoint ships it, to measure few-step latency at full size (SD-Turbo itself
+# is SD 2.1's: a U-Net of about the same compute, a larger text encoder that runs once per prompt).
+ARCHES["sd15-turbo"] = dataclasses.replace(ARCHES["sd15"], scheduler_config=TURBO_SCHEDULER_CONFIG)
 # SD 1.5's layout (cross-attention with 8 heads at the first three of four levels, 2 layers per block, a 4-level VAE)
 # at 0.3x its U-Net's channels and half its VAE's: a 0.3 GB U-Net that exports in a minute in 2.5 GB, to calibrate the
 # memory estimate (benchmarks/memory_estimate.py) on SD 1.5's proportions where the full model does not fit.
