@@ -183,7 +183,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     export.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
                         help="fuse this LoRA .safetensors (diffusers/PEFT or kohya keys) into the U-Net and text "
-                        "encoder, its deltas times SCALE (default 1.0); repeat for several, which add up. Checked "
+                        "encoders (SDXL: both), its deltas times SCALE (default 1.0); repeat for several, which add up. Checked "
                         "before exporting; recorded in the manifest")
     export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                         help="the sampler the bundle runs by default instead of the checkpoint's own, e.g. lcm with an "
