@@ -20,7 +20,8 @@ from sdrt.engine.lora import lora_deltas
 from sdrt.engine.manifest import MANIFEST_NAME, describe_files
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
-from sdrt.export.random_checkpoint import make_random_checkpoint
+from sdrt.export.lora_fusion import LoraSpec, fused_deltas
+from sdrt.export.random_checkpoint import make_random_checkpoint, write_config_directory
 from tests.test_lora import _make_lora
 from tests.test_parity import MAX_PIXEL_DIFF
 
@@ -64,8 +65,8 @@ def _diffusers_with(checkpoint: Path, deltas: dict[str, dict[str, torch.Tensor]]
 
 
 def test_sdxl_lora_keys_of_both_formats_name_the_second_encoders_weights(sdxl_checkpoint: Path, tmp_path: Path) -> None:
-    """Without exporting: both formats' keys resolve to the parameters of all three models, with the deltas the
-    test computed with torch."""
+    """Without exporting: both formats' keys resolve to the parameters of all three models, at run time and at
+    export, with the deltas the test computed with torch."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -80,9 +81,13 @@ def test_sdxl_lora_keys_of_both_formats_name_the_second_encoders_weights(sdxl_ch
         assert set(expected) == {"unet", "text_encoder", "text_encoder_2"}
         actual = lora_deltas(path, SCALE, parameters)
         assert {c.value: set(d) for c, d in actual.items()} == {c: set(d) for c, d in expected.items()}, key_format
-        for component, component_deltas in expected.items():
-            for name, delta in component_deltas.items():
-                np.testing.assert_allclose(actual[Component(component)][name], SCALE * delta.numpy(), rtol=1e-5, atol=1e-6)
+        # the exporter reads them the same way, against the names and shapes of the configs alone
+        fused, _ = fused_deltas([LoraSpec(path, SCALE)], write_config_directory("tiny-sdxl", tmp_path / "configs"))
+        for deltas in (actual, fused):
+            for component, component_deltas in expected.items():
+                assert set(deltas[Component(component)]) == set(component_deltas)
+                for name, delta in component_deltas.items():
+                    np.testing.assert_allclose(deltas[Component(component)][name], SCALE * delta.numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
