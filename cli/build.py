@@ -175,15 +175,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """export, build-engines, make-checkpoint and quantize."""
     export = commands.add_parser("export", help="diffusers checkpoint -> sdrt bundle (export extra)", description=(
         "Export CHECKPOINT to an sdrt bundle in OUT_DIR. CHECKPOINT is a diffusers checkpoint directory, or a "
-        "single-file Stable Diffusion 1.x checkpoint (.safetensors, or .ckpt: read with torch's weights-only loader "
-        "only, never unpickled otherwise) in the original LDM layout, as model sites share them; it is read offline "
-        "with the configs sdrt ships for its architecture, or with --config DIR."))
+        "single-file Stable Diffusion 1.x or SDXL base checkpoint (.safetensors, or .ckpt: read with torch's "
+        "weights-only loader only, never unpickled otherwise) in the original LDM/SGM layout, as model sites share "
+        "them; it is read offline with the configs sdrt ships for its architecture, or with --config DIR."))
     export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     export.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
                         help="fuse this LoRA .safetensors (diffusers/PEFT or kohya keys) into the U-Net and text "
-                        "encoder, its deltas times SCALE (default 1.0); repeat for several, which add up. Checked "
+                        "encoders (SDXL: both), its deltas times SCALE (default 1.0); repeat for several, which add up. Checked "
                         "before exporting; recorded in the manifest")
     export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                         help="the sampler the bundle runs by default instead of the checkpoint's own, e.g. lcm with an "
@@ -194,8 +194,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "second, fast decoder, chosen per request with --decoder tiny")
     export.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="single-file CHECKPOINT only: the diffusers configs to read it with (a diffusers "
-                        "checkpoint or config directory: unet/, vae/, text_encoder/; scheduler/ and tokenizer/ "
-                        "optional), for SD 1.x layouts of other sizes; default: those of the detected architecture")
+                        "checkpoint or config directory: unet/, vae/, text_encoder/, and text_encoder_2/ for SDXL; "
+                        "scheduler/ and tokenizer/ (SDXL: tokenizer_2/) optional), for SD 1.x and SDXL layouts of "
+                        "other sizes or schedulers (SDXL-Turbo); default: those of the detected architecture (SD 1.5, "
+                        "SDXL base)")
     export.add_argument("--fp16-onnx", nargs="?", type=_fp16_components, const=FP16_DEFAULT_COMPONENTS, default=None,
                         metavar="COMPONENTS", help="also write fp16 variants (fp32 inputs and outputs) for --backend "
                         f"cuda-fp16: of {' and '.join(c.value for c in FP16_DEFAULT_COMPONENTS)}, or of the "

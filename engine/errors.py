@@ -47,7 +47,7 @@ class LoraError(SdrtError, ValueError):
 
 
 class UnknownLoraKeysError(LoraError):
-    """A LoRA file names modules that match no weight of the bundle's U-Net or text encoder; `.keys` lists them."""
+    """A LoRA file names modules that match no weight of the bundle's U-Net or text encoders; `.keys` lists them."""
 
     def __init__(self, path: str, keys: list[str]) -> None:
         shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")

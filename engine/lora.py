@@ -2,9 +2,9 @@
 
 Two key formats are read (others raise UnknownLoraKeysError naming the keys):
   diffusers/PEFT  `unet.<module>.lora_A.weight` (down), `.lora_B.weight` (up), optional `.alpha`;
-                  `text_encoder.<module>...` for the text encoder
+                  `text_encoder.<module>...` for the text encoder, `text_encoder_2.<module>...` for SDXL's second
   kohya           `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
-                  `lora_te_<module>...` for the text encoder
+                  `lora_te_<module>...` for the text encoder; SDXL LoRAs name theirs `lora_te1_` and `lora_te2_`
 Each module's delta is scale * (alpha / rank) * up @ down (alpha defaults to the rank), in the weight's shape
 (Linear (out, in), Conv (out, in, kh, kw)). Kohya names lose the dots of the module path; they are resolved against
 the model's known parameter names, never guessed.
@@ -53,8 +53,11 @@ _KOHYA_SUFFIXES = {".lora_down.weight": _Role.DOWN, ".lora_up.weight": _Role.UP,
 _KEY_FORMATS = (
     _KeyFormat(Component.UNET, "unet.", _PEFT_SUFFIXES, dotted=True),
     _KeyFormat(Component.TEXT_ENCODER, "text_encoder.", _PEFT_SUFFIXES, dotted=True, optional_root="text_model."),
+    _KeyFormat(Component.TEXT_ENCODER_2, "text_encoder_2.", _PEFT_SUFFIXES, dotted=True, optional_root="text_model."),
     _KeyFormat(Component.UNET, "lora_unet_", _KOHYA_SUFFIXES, dotted=False),
     _KeyFormat(Component.TEXT_ENCODER, "lora_te_", _KOHYA_SUFFIXES, dotted=False, optional_root="text_model."),
+    _KeyFormat(Component.TEXT_ENCODER, "lora_te1_", _KOHYA_SUFFIXES, dotted=False, optional_root="text_model."),
+    _KeyFormat(Component.TEXT_ENCODER_2, "lora_te2_", _KOHYA_SUFFIXES, dotted=False, optional_root="text_model."),
 )
 
 #: component -> diffusers parameter name -> delta, float32 in the parameter's shape
@@ -100,6 +103,24 @@ def _delta(parts: Mapping[_Role, np.ndarray], scale: float) -> np.ndarray:
     return (np.float32(scale * alpha / rank) * product).reshape(up.shape[0], *down.shape[1:])  # (out, in[, kh, kw])
 
 
+def _unreadable(path: Path, exc: Exception) -> LoraError:
+    return LoraError(f"{path}: cannot read as a .safetensors LoRA file: {exc}")
+
+
+def lora_components(path: str | os.PathLike) -> set[Component]:
+    """The components whose key prefixes the LoRA file at `path` uses (read from its header: no tensor is loaded).
+    Raise LoraError for a file that is not safetensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as tensors:
+            keys = list(tensors.keys())
+    except Exception as exc:  # OSError, or safetensors' SafetensorError, which derives from Exception only
+        raise _unreadable(path, exc) from exc
+    return {fmt.component for key in keys for fmt in _KEY_FORMATS if key.startswith(fmt.prefix)}
+
+
 def lora_deltas(path: str | os.PathLike, scale: float, parameters: Mapping[Component, Collection[str]]) -> WeightDeltas:
     """The weight deltas of the LoRA file at `path` times `scale`, for the components in `parameters` (each's known
     parameter names). Raise UnknownLoraKeysError for keys naming no known module, LoraError for a module missing its
@@ -110,7 +131,7 @@ def lora_deltas(path: str | os.PathLike, scale: float, parameters: Mapping[Compo
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # OSError, or safetensors' SafetensorError, which derives from Exception only
-        raise LoraError(f"{path}: cannot read as a .safetensors LoRA file: {exc}") from exc
+        raise _unreadable(path, exc) from exc
     modules = {
         (fmt.component, fmt.dotted): _module_index(parameters.get(fmt.component, ()), fmt.dotted, fmt.optional_root)
         for fmt in _KEY_FORMATS

@@ -16,7 +16,7 @@ import numpy as np
 
 from sdrt.engine.backends import Backend
 from sdrt.engine.errors import LoraError, NoRefitMapError
-from sdrt.engine.lora import lora_deltas
+from sdrt.engine.lora import lora_components, lora_deltas
 from sdrt.engine.manifest import Manifest
 from sdrt.engine.onnx_weights import read_initializers
 from sdrt.engine.refit_map import REFITTABLE_COMPONENTS, RefitEntry, read_refit_map
@@ -69,8 +69,11 @@ class LoraWeights:
         if path is None and not self._patched:
             return  # nothing to restore (and an old bundle without refit maps needs none)
         components = self._components()
-        maps = {component: self._refit_map(component) for component in components}
-        deltas = lora_deltas(path, scale, {c: maps[c].keys() for c in components}) if path is not None else {}
+        # only the components the file names need a refit map: an SDXL bundle exported before its second text
+        # encoder had one still takes U-Net and first-encoder LoRAs
+        named = lora_components(path) if path is not None else set()
+        maps = {component: self._refit_map(component) for component in components if component in named}
+        deltas = lora_deltas(path, scale, {c: m.keys() for c, m in maps.items()}) if path is not None else {}
         if scale == 0:
             deltas = {}
         overrides: dict[Component, dict[str, np.ndarray]] = {}

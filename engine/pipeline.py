@@ -134,7 +134,7 @@ class StableDiffusionPipeline:
 
     # ---- LoRA ------------------------------------------------------------------------------------------------------
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> None:
-        """Apply the LoRA .safetensors file at `path` to the U-Net and text encoder, its deltas times `scale`,
+        """Apply the LoRA .safetensors file at `path` to the U-Net and text encoders, its deltas times `scale`,
         replacing any LoRA loaded before (one LoRA at a time, always on the bundle's own weights; scale 0 gives the
         base weights). Both diffusers/PEFT (`unet.<module>.lora_A.weight`) and kohya (`lora_unet_<module>.lora_down.weight`)
         keys are read. Backends: onnxruntime-cpu (its sessions are re-created) and tensorrt (engines refitted in place;

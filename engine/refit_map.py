@@ -18,7 +18,7 @@ from sdrt.engine.specs import SPECS, Component
 REFIT_MAP_FILE = "refit_map.json"
 REFIT_MAP_FORMAT = 1
 #: the components LoRA files patch, and so the ones the exporter records a refit map for
-REFITTABLE_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET)
+REFITTABLE_COMPONENTS = (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, Component.UNET)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""LoRA files fused into the U-Net and text encoder at export (`sdrt export --lora FILE:SCALE`, several allowed):
+"""LoRA files fused into the U-Net and text encoders at export (`sdrt export --lora FILE:SCALE`, several allowed):
 the bundle's weights are the checkpoint's plus every LoRA's deltas times its scale, summed.
 
 The deltas come from the runtime's LoRA reader (engine/lora.py), so export and `pipe.load_lora` read the same key
@@ -53,18 +53,20 @@ class LoraSpec:
 
 
 def _parameter_shapes(config_dir: Path) -> dict[Component, dict[str, tuple[int, ...]]]:
-    """Parameter name -> shape of the U-Net and text encoder that the configs in `config_dir` describe."""
+    """Parameter name -> shape of the U-Net and text encoders (SDXL: both) that the configs in `config_dir`
+    describe."""
     import torch
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):  # names and shapes only: no weights allocated
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
-    return {
-        Component.UNET: {name: tuple(p.shape) for name, p in unet.named_parameters()},
-        Component.TEXT_ENCODER: {name: tuple(p.shape) for name, p in text_encoder.named_parameters()},
-    }
+        models = {
+            Component.UNET: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")),
+            Component.TEXT_ENCODER: CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+        }
+        if (config_dir / "text_encoder_2/config.json").is_file():
+            models[Component.TEXT_ENCODER_2] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2"))
+    return {component: {name: tuple(p.shape) for name, p in model.named_parameters()} for component, model in models.items()}
 
 
 def fused_deltas(loras: Sequence[LoraSpec], config_dir: Path) -> tuple[WeightDeltas, tuple[FusedLoraEntry, ...]]:

@@ -19,7 +19,6 @@ import torch
 import diffusers
 from diffusers import (
     AutoencoderKL,
-    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -75,6 +74,7 @@ TURBO_SCHEDULER_CONFIG = {
 
 # The scheduler SDXL base ships (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
 SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -454,12 +454,14 @@ def build_sdxl_models(arch: SdxlArch) -> SdxlModels:
                       unet=_sdxl_unet(arch).eval())
 
 
-def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: str = "!") -> Path:
-    """Save `models` as a diffusers checkpoint laid out like SDXL base (safetensors, Euler scheduler, both tokenizers
-    as vocab.json + merges.txt, force_zeros_for_empty_prompt). The directory appears whole or not at all."""
+def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: str = "!",
+                         scheduler_config: dict | None = None) -> Path:
+    """Save `models` as a diffusers checkpoint laid out like SDXL base (safetensors, the scheduler of
+    `scheduler_config` (default SDXL base's Euler), both tokenizers as vocab.json + merges.txt,
+    force_zeros_for_empty_prompt). The directory appears whole or not at all."""
     pipe = StableDiffusionXLPipeline(
         vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2, tokenizer=None,
-        tokenizer_2=None, unet=models.unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        tokenizer_2=None, unet=models.unet, scheduler=_scheduler(scheduler_config or SDXL_SCHEDULER_CONFIG),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     out_dir = Path(out_dir)
@@ -595,10 +597,11 @@ def make_tiny_autoencoder(out_dir: str | Path, latent_channels: int = 4, seed: i
     return Path(out_dir)
 
 
-def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> Path:
-    """Write the configs of a checkpoint of `arch`, without weights: `unet/`, `vae/` and `text_encoder/config.json`,
-    its scheduler (SD 1.5's unless the arch ships another) and the CLIP tokenizer, laid out as in a diffusers checkpoint. The exporter reads single-file
-    checkpoints with them, offline, where diffusers would fetch the configs from the Hub.
+def write_config_directory(arch: str | CheckpointArch | SdxlArch, out_dir: str | Path) -> Path:
+    """Write the configs of a checkpoint of `arch`, without weights: `unet/`, `vae/` and `text_encoder/config.json`
+    (SDXL: and `text_encoder_2/`), its scheduler (SD 1.5's, SDXL base's, unless the arch ships another) and the CLIP
+    tokenizer (SDXL: both), laid out as in a diffusers checkpoint. The exporter reads single-file checkpoints with
+    them, offline, where diffusers would fetch the configs from the Hub.
 
     The models are built on the meta device: their configs come from the same code as a random checkpoint's, and
     no weights are allocated.
@@ -606,10 +609,16 @@ def write_config_directory(arch: str | CheckpointArch, out_dir: str | Path) -> P
     spec = ARCHES[arch] if isinstance(arch, str) else arch
     out_dir = Path(out_dir)
     with torch.device("meta"):
-        models = build_models(spec)
+        models = build_sdxl_models(spec) if isinstance(spec, SdxlArch) else build_models(spec)
     models.unet.save_config(out_dir / "unet")
     models.vae.save_config(out_dir / "vae")
     models.text_encoder.config.save_pretrained(out_dir / "text_encoder")
+    if isinstance(spec, SdxlArch):
+        models.text_encoder_2.config.save_pretrained(out_dir / "text_encoder_2")
+        _scheduler(SDXL_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
+        write_clip_tokenizer(out_dir / "tokenizer", pad_token=EOS_TOKEN)
+        write_clip_tokenizer(out_dir / "tokenizer_2", pad_token=spec.pad_token_2)
+        return out_dir
     _scheduler(spec.scheduler_config or SD15_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
     write_clip_tokenizer(out_dir / "tokenizer", pad_token=spec.pad_token)
     return out_dir

@@ -55,21 +55,29 @@ def _composed(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, kh, kw)
 
 
-def _make_lora(checkpoint: Path, key_format: str, path: Path, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Write a random LoRA for the checkpoint's U-Net and text encoder in `key_format` ("peft" or "kohya"); return
-    the reference deltas at scale 1 (component -> parameter -> delta), computed here with torch, independently."""
+def _make_lora(checkpoint: Path, key_format: str, path: Path, seed: int = 0,
+               components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> dict[str, dict[str, torch.Tensor]]:
+    """Write a random LoRA for those of `components` the checkpoint has (its U-Net and text encoders: SDXL's second
+    too) in `key_format` ("peft" or "kohya", which names SDXL's encoders lora_te1_ and lora_te2_); return the
+    reference deltas at scale 1 (component -> parameter -> delta), computed here with torch, independently."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     generator = torch.Generator().manual_seed(seed)
-    models = {"unet": (UNet2DConditionModel.from_pretrained(checkpoint / "unet"), UNET_TARGETS),
-              "text_encoder": (CLIPTextModel.from_pretrained(checkpoint / "text_encoder"), TEXT_TARGETS)}
+    sdxl = (checkpoint / "text_encoder_2").is_dir()
+    loaders = {"unet": lambda: (UNet2DConditionModel.from_pretrained(checkpoint / "unet"), UNET_TARGETS),
+               "text_encoder": lambda: (CLIPTextModel.from_pretrained(checkpoint / "text_encoder"), TEXT_TARGETS),
+               "text_encoder_2": lambda: (CLIPTextModelWithProjection.from_pretrained(checkpoint / "text_encoder_2"), TEXT_TARGETS)}
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
     tensors, deltas = {}, {}
-    for component, (model, suffixes) in models.items():
+    for component in components:
+        if not (checkpoint / component).is_dir():
+            continue
+        model, suffixes = loaders[component]()
         deltas[component] = {}
         for name, module in _targets(model, suffixes).items():
-            # LoRA files name the text encoder's modules as transformers 4 did, under `text_model`
-            file_name = f"text_model.{name.removeprefix('text_model.')}" if component == "text_encoder" else name
+            # LoRA files name the text encoders' modules as transformers 4 did, under `text_model`
+            file_name = name if component == "unet" else f"text_model.{name.removeprefix('text_model.')}"
             weight = module.weight  # (out, in) or (out, in, kh, kw)
             kernel = weight.shape[2:]
             down = 0.2 * torch.randn((RANK, weight.shape[1], *kernel), generator=generator)  # (r, in[, kh, kw])
@@ -78,7 +86,7 @@ def _make_lora(checkpoint: Path, key_format: str, path: Path, seed: int = 0) -> 
                 prefix = f"{component}.{file_name}"
                 names = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", f"{prefix}.alpha")
             else:
-                prefix = ("lora_unet_" if component == "unet" else "lora_te_") + file_name.replace(".", "_")
+                prefix = kohya_prefixes[component] + file_name.replace(".", "_")
                 names = (f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight", f"{prefix}.alpha")
                 down, up = down.half(), up.half()  # kohya files are usually fp16
             tensors |= dict(zip(names, (down, up, torch.tensor(ALPHA))))
