@@ -18,11 +18,14 @@ _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageInit:
     """The image a request starts from, preprocessed: `pixels` (1, 3, H, W) in [-1, 1]; `mask` (1, 1, H, W) in
-    [0, 1] with 1 = repaint, or None for image to image; `strength` in [0, 1]."""
+    [0, 1] with 1 = repaint, or None for image to image; `strength` in [0, 1]. Or, for image to image only,
+    `latents` (1 or BN, C, H/f, W/f): scaled latents (another pipeline's output_type="latent", as diffusers' SDXL
+    image-to-image pipeline takes a 4-channel `image`), used as the image's latents without the VAE; pixels None."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     strength: float
     mask: np.ndarray | None = None
+    latents: np.ndarray | None = None
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
