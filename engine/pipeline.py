@@ -307,6 +307,8 @@ class StableDiffusionPipeline:
             image_latents = np.broadcast_to(init.latents, shape).astype(np.float32)  # (BN, C, h, w)
         elif init.mask is None or not self.limits.unet_takes_mask or init.strength < 1.0:
             image_latents = np.repeat(self.encode_image(init.pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
+        if request.denoising_start is not None:  # the previous expert's latents, already at this level of noise
+            return image_latents, TEXT_TO_IMAGE
         noise = noise_source.draw(shape)  # (BN, C, h, w)
         if init.mask is not None and init.strength == 1.0:
             latents = (noise * sigma).astype(np.float32)  # as text to image: the image enters through the mask
@@ -333,7 +335,8 @@ class StableDiffusionPipeline:
             # an LCM-distilled U-Net: guidance enters as an input, every call the same
             extra_inputs[GUIDANCE_EMBEDDING_INPUT] = guidance_scale_embedding(request.guidance_scale, len(latents), embedding_dim)  # (BN, D)
         # the device loop runs the plain U-Net on its sample, timestep and context only (not SDXL's added conditions)
-        plain = hooks is TEXT_TO_IMAGE and not extra_inputs and deepcache is None
+        timesteps = state.timesteps[:request.unet_calls]  # (calls,): all but those denoising_end leaves to another model
+        plain = hooks is TEXT_TO_IMAGE and not extra_inputs and deepcache is None and len(timesteps) == len(state.timesteps)
         device_loop = self.backend.device_loop() if plain else None
         if device_loop is not None:
             with _timed(timings, "unet"):  # one graph per step: the U-Net with guidance and the update
@@ -341,7 +344,7 @@ class StableDiffusionPipeline:
                     scheduler, state, latents, context, request.guidance_scale, guided,
                     noise_source.draw if scheduler.needs_noise else None, self._step_observer(callback_on_step_end)))
         # DeepCache decides per U-Net call (sdrt.engine.deepcache): step_index counts calls, PNDM's warm-up included
-        for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
+        for step_index, timestep in enumerate(tqdm(timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
@@ -417,6 +420,8 @@ class StableDiffusionPipeline:
         negative_target_size: tuple[int, int] | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -466,6 +471,9 @@ class StableDiffusionPipeline:
         target sizes, which it refuses. `image` may be latents (float32 (1 or N, C, H/f, W/f)), e.g. the SDXL base
         bundle's output_type="latent" images, used without the VAE as diffusers does with a 4-channel `image`:
         `refiner(prompt, image=base(prompt, output_type="latent").images)` (strength 0.3 by default).
+        SDXL's ensemble of experts, as diffusers: `base(prompt, denoising_end=0.8, output_type="latent")` stops with
+        a fifth of the denoising left, `refiner(prompt, image=those latents, denoising_start=0.8)` does it, starting
+        from them as they are (GenerationRequest.create).
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -482,7 +490,8 @@ class StableDiffusionPipeline:
             decoder, deepcache, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
-            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            denoising_start=denoising_start, denoising_end=denoising_end)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -523,7 +532,7 @@ class StableDiffusionPipeline:
         with _timed(timings, "denoise"):
             latents = self._denoise(request, conditions, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
-        unet_calls = len(request.schedule.timesteps)
+        unet_calls = request.unet_calls
         shallow = 0 if request.deepcache is None else sum(not request.deepcache.is_full_pass(i) for i in range(unet_calls))
         if request.output_type == "latent":
             # As diffusers: latents are not images, so nothing is checked.

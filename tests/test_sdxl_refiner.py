@@ -4,6 +4,7 @@ its inpainting pipeline) on the same noise (fp32, <= 5e-3) on the exact CPU back
 against diffusers' chain; SDXL refiner 1.0's parameter counts; bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import sdrt.engine
 from sdrt.cli.main import main
 from sdrt.engine.errors import InvalidArgumentError
 from sdrt.engine.manifest import read_manifest
+from sdrt.engine.request import GenerationRequest
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
 from sdrt.export.errors import CheckpointError
@@ -273,3 +275,51 @@ def test_server_refuses_a_refiner_bundle_clearly(refiner) -> None:
     service.start()
     service._loader.join(30)
     assert len(failures) == 1 and "SDXL refiner" in failures[0] and "img2img" in failures[0]
+
+
+@pytest.mark.slow
+def test_ensemble_of_experts_matches_diffusers(base_checkpoint: Path, base, reference, refiner, monkeypatch) -> None:
+    """diffusers' ensemble of experts: the base denoises until denoising_end=0.8 and hands over its latents, the
+    refiner finishes from denoising_start=0.8 without noising them again; on the same initial latents as diffusers."""
+    base_reference = diffusers.StableDiffusionXLPipeline.from_pretrained(base_checkpoint)
+    base_reference.set_progress_bar_config(disable=True)
+    prompt, common = "a lighthouse at dusk", dict(num_inference_steps=10, guidance_scale=7.5)
+    latents = np.random.default_rng(6).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    handed = base(prompt, **common, height=64, width=64, latents=latents, denoising_end=0.8, output_type="latent")
+    theirs = base_reference(prompt, **common, height=64, width=64, latents=torch.from_numpy(latents.copy()),
+                            denoising_end=0.8, output_type="latent").images
+    np.testing.assert_allclose(handed.images, theirs.numpy(), atol=1e-3)
+    draws = record_our_noise(monkeypatch)
+    refined = refiner(prompt, **common, image=handed.images, denoising_start=0.8, seed=1, output_type="np")
+    left = replay_to_diffusers(monkeypatch, diffusers_xl_img2img, draws)
+    expected = reference(prompt, **common, image=theirs, denoising_start=0.8, output_type="np").images
+    assert draws == [] and left == []  # latents handed over as they are: nothing drawn
+    # 10 "leading" steps visit 901, 801, ..., 1: the base those at or above 1000 - 0.8 * 1000, the refiner the rest
+    assert (handed.unet_calls, refined.unet_calls) == (8, 2)
+    assert np.abs(refined.images - expected).max() <= MAX_PIXEL_DIFF
+    assert refined.images.std() > 1e-3
+
+
+EXPERTS_BAD = {
+    "denoising_end": dict(denoising_end=1.0),
+    "denoising_start": dict(denoising_start=0.0, image=make_image()),
+    "strength": dict(denoising_start=0.8, image=make_image(), strength=0.5),
+    "image": dict(denoising_start=0.8),  # as the parameter it needs: raised as denoising_start's
+    "mask_image": dict(denoising_end=0.5, image=make_image(), mask_image=_mask()),
+    "order": dict(denoising_start=0.8, denoising_end=0.5, image=make_image()),
+}
+EXPERTS_BAD_PARAMETER = {"image": "denoising_start", "mask_image": "denoising_end", "order": "denoising_start"}
+
+
+@pytest.mark.parametrize("case", EXPERTS_BAD)
+def test_bad_expert_fractions_are_named(base, case: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        base("a cat", num_inference_steps=4, height=64, width=64, **EXPERTS_BAD[case])
+    assert caught.value.parameter == EXPERTS_BAD_PARAMETER.get(case, case)
+
+
+def test_expert_fractions_are_refused_for_other_models(base) -> None:
+    sd_limits = dataclasses.replace(base.limits, sdxl=False)  # an SD 1.x/2.x bundle's
+    with pytest.raises(InvalidArgumentError, match="SDXL") as caught:
+        GenerationRequest.create(sd_limits, "a cat", num_inference_steps=4, height=64, width=64, denoising_end=0.5)
+    assert caught.value.parameter == "denoising_end"
