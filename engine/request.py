@@ -432,8 +432,9 @@ def _latent_init(limits: RequestLimits, latents: np.ndarray, mask_image: Any, st
         raise InvalidArgumentError("mask_image", "needs `image` as a picture: latents cannot be masked (decode them first)")
     f, channels = limits.vae_scale_factor, limits.latent_channels
     if latents.dtype != np.float32 or latents.shape[1] != channels or latents.shape[0] not in (1, num_images):
-        raise InvalidArgumentError("image", f"as latents must be a float32 array of shape (1 or {num_images}, {channels}, "
-                                   f"height / {f}, width / {f}), got a {latents.dtype} array of shape {latents.shape}")
+        raise InvalidArgumentError("image", f"as latents (a 4-dimensional array) must be float32 of shape (1 or "
+                                   f"{num_images}, {channels}, height / {f}, width / {f}), got a {latents.dtype} array of "
+                                   f"shape {latents.shape}; give a picture as a PIL image, a path or an (H, W, C) array")
     if not np.isfinite(latents).all():
         raise InvalidArgumentError("image", "as latents contains NaN or infinity")
     own = {"height": latents.shape[2] * f, "width": latents.shape[3] * f}

@@ -319,6 +319,9 @@ def export_bundle(
         if config is not None:
             raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
         source = load_checkpoint(checkpoint)
+        if loras and not source.has_text_encoder:
+            raise InvalidArgumentError("lora", f"{source.path} is an SDXL refiner (no first text encoder): fusing LoRA "
+                                       "into a refiner is not supported yet")
         deltas, fused = fused_deltas(loras, source.path)
         bundle = _export(dataclasses.replace(source, weight_deltas=deltas), out_dir, options, fused)
         del source, deltas  # the checkpoint's weights, before quantization loads the bundle

@@ -24,6 +24,7 @@ from sdrt.engine.request import GenerationRequest
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
 from sdrt.export.errors import CheckpointError
+from sdrt.export.lora_fusion import LoraSpec
 from sdrt.export.random_checkpoint import ARCHES, build_sdxl_models, make_random_checkpoint
 from sdrt.export.source_checkpoint import load_checkpoint
 from sdrt.serve.batcher import BatcherConfig
@@ -106,9 +107,11 @@ IMG2IMG_CASES = {
     "crop-without-negative": dict(strength=0.6, crops_coords_top_left=(16, 8)),  # the negative half's crop stays (0, 0)
     "non-square-n2": dict(image=(96, 64), num_images_per_prompt=2, strength=0.6),
 }
+#: the cases left to `make test-slow`, so that `make test` stays within its time
+_SLOW_IMG2IMG = ("unguided", "size-conditions", "non-square-n2")
 
 
-@pytest.mark.parametrize("case", IMG2IMG_CASES)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_IMG2IMG else c for c in IMG2IMG_CASES])
 def test_image_to_image_matches_diffusers(reference, refiner, monkeypatch, case: str) -> None:
     """As StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score on the same noise."""
     args = {"prompt": "a red circle", "num_inference_steps": 4, "guidance_scale": 7.5, **IMG2IMG_CASES[case]}
@@ -229,9 +232,10 @@ def test_bad_latent_images_are_named(refiner, parameter: str) -> None:
 
 
 @pytest.mark.parametrize("parameter", ["aesthetic_score", "negative_aesthetic_score"])
-def test_aesthetic_scores_are_refused_on_the_base(base, parameter: str) -> None:
+def test_aesthetic_scores_are_refused_on_the_base(refiner, parameter: str) -> None:
+    base_limits = dataclasses.replace(refiner.limits, aesthetics=False)  # an SDXL base bundle's
     with pytest.raises(InvalidArgumentError, match="refiner") as caught:
-        base("a cat", num_inference_steps=1, height=64, width=64, **{parameter: 6.0})
+        GenerationRequest.create(base_limits, "a cat", num_inference_steps=1, height=64, width=64, **{parameter: 6.0})
     assert caught.value.parameter == parameter
 
 
@@ -312,14 +316,21 @@ EXPERTS_BAD_PARAMETER = {"image": "denoising_start", "mask_image": "denoising_en
 
 
 @pytest.mark.parametrize("case", EXPERTS_BAD)
-def test_bad_expert_fractions_are_named(base, case: str) -> None:
+def test_bad_expert_fractions_are_named(refiner, case: str) -> None:
+    """Checked before the refiner's own need of an image: the same on a base bundle."""
     with pytest.raises(InvalidArgumentError) as caught:
-        base("a cat", num_inference_steps=4, height=64, width=64, **EXPERTS_BAD[case])
+        refiner("a cat", num_inference_steps=4, height=64, width=64, **EXPERTS_BAD[case])
     assert caught.value.parameter == EXPERTS_BAD_PARAMETER.get(case, case)
 
 
-def test_expert_fractions_are_refused_for_other_models(base) -> None:
-    sd_limits = dataclasses.replace(base.limits, sdxl=False)  # an SD 1.x/2.x bundle's
+def test_expert_fractions_are_refused_for_other_models(refiner) -> None:
+    sd_limits = dataclasses.replace(refiner.limits, sdxl=False, aesthetics=False)  # an SD 1.x/2.x bundle's
     with pytest.raises(InvalidArgumentError, match="SDXL") as caught:
         GenerationRequest.create(sd_limits, "a cat", num_inference_steps=4, height=64, width=64, denoising_end=0.5)
     assert caught.value.parameter == "denoising_end"
+
+
+def test_lora_fusion_into_a_refiner_is_refused_before_any_work(refiner_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="refiner") as caught:
+        export_bundle(refiner_checkpoint, tmp_path / "bundle", loras=[LoraSpec(tmp_path / "any.safetensors", 1.0)])
+    assert caught.value.parameter == "lora" and not (tmp_path / "bundle").exists()
