@@ -30,7 +30,8 @@ _COMMAND_ARGUMENTS = {
     "generate": (),
     "img2img": ("image", "strength", "aesthetic_score", "negative_aesthetic_score"),
     "inpaint": ("image", "mask_image", "strength", "aesthetic_score", "negative_aesthetic_score"),
-    "outpaint": ("image", "left", "right", "top", "bottom", "feather", "strength", "aesthetic_score", "negative_aesthetic_score"),
+    "outpaint": ("image", "left", "right", "top", "bottom", "feather", "strength", "aesthetic_score",
+                 "negative_aesthetic_score"),
 }
 
 # img2img, inpaint and outpaint: (help, description), the description ending before the sentence on BUNDLE.

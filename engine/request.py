@@ -385,7 +385,8 @@ def _check_experts(limits: RequestLimits, denoising_start: Any, denoising_end: A
         if value is None:
             continue
         if not limits.sdxl:
-            raise InvalidArgumentError(name, "applies to SDXL bundles only (diffusers' ensemble of experts: base, then refiner)")
+            raise InvalidArgumentError(name, "applies to SDXL bundles only (diffusers' ensemble of experts: base, then "
+                                       "refiner)")
         if not is_finite_number(value) or not 0.0 < value < 1.0:
             raise InvalidArgumentError(name, f"must be a number strictly between 0 and 1 (the fraction of the denoising "
                                        f"done), got {value!r:.80}")
@@ -398,10 +399,12 @@ def _check_experts(limits: RequestLimits, denoising_start: Any, denoising_end: A
     if strength is not None:
         raise InvalidArgumentError("strength", "cannot be given with denoising_start, which sets where the denoising starts")
     if denoising_end is not None and denoising_start >= denoising_end:
-        raise InvalidArgumentError("denoising_start", f"({denoising_start}) must be smaller than denoising_end ({denoising_end})")
+        raise InvalidArgumentError("denoising_start", f"({denoising_start}) must be smaller than denoising_end "
+                                   f"({denoising_end})")
 
 
-def _start_part_way(sampler: Scheduler, num_inference_steps: int, strength: float, denoising_start: float | None) -> SchedulerState:
+def _start_part_way(sampler: Scheduler, num_inference_steps: int, strength: float,
+                    denoising_start: float | None) -> SchedulerState:
     """Image to image's run: from the call `strength` picks (diffusers' get_timesteps), or `denoising_start`'s."""
     if denoising_start is None:
         if denoising_steps(num_inference_steps, strength) < 1:

@@ -110,7 +110,8 @@ class AestheticConditions:
         for name, value in (("target_size", target_size), ("negative_target_size", negative_target_size)):
             if value is not None:
                 raise InvalidArgumentError(name, "does not apply to an SDXL refiner: its U-Net is conditioned on an "
-                                           "aesthetic score in place of the target size (aesthetic_score, negative_aesthetic_score)")
+                                           "aesthetic score in place of the target size (aesthetic_score, "
+                                           "negative_aesthetic_score)")
         original = _pair("original_size", _default(original_size, (height, width)), 1)
         return cls(
             original_size=original,
@@ -119,7 +120,8 @@ class AestheticConditions:
             negative_original_size=_pair("negative_original_size", _default(negative_original_size, original), 1),
             negative_crops_coords_top_left=_pair("negative_crops_coords_top_left",
                                                  _default(negative_crops_coords_top_left, (0, 0)), 0),
-            negative_aesthetic_score=_score("negative_aesthetic_score", _default(negative_aesthetic_score, NEGATIVE_AESTHETIC_SCORE)),
+            negative_aesthetic_score=_score("negative_aesthetic_score",
+                                            _default(negative_aesthetic_score, NEGATIVE_AESTHETIC_SCORE)),
         )
 
     def time_ids(self, rows: int, guided: bool) -> np.ndarray:
@@ -134,7 +136,8 @@ class AestheticConditions:
 def _score(name: str, value: Any) -> float:
     if not is_finite_number(value):
         raise InvalidArgumentError(name, f"must be a finite number (the refiner was trained on scores of 0 to 10; "
-                                   f"diffusers' defaults are {AESTHETIC_SCORE} and {NEGATIVE_AESTHETIC_SCORE}), got {value!r:.80}")
+                                   f"diffusers' defaults are {AESTHETIC_SCORE} and {NEGATIVE_AESTHETIC_SCORE}), "
+                                   f"got {value!r:.80}")
     return float(value)
 
 
@@ -211,7 +214,8 @@ class SdxlTextEncoders:
         ids = [np.concatenate([t.input_ids for t in prompts]).astype(np.int32) for prompts in tokenized]  # (B, L) each
         hidden_states = []
         if len(tokenized) == 2:
-            hidden_states.append(self.backend.run(Component.TEXT_ENCODER, {"input_ids": ids[0]})[self.penultimate_output])  # (B, L, D1)
+            first = self.backend.run(Component.TEXT_ENCODER, {"input_ids": ids[0]})
+            hidden_states.append(first[self.penultimate_output])  # (B, L, D1)
         hidden_2, pooled = self.backend.run(Component.TEXT_ENCODER_2, {"input_ids": ids[-1]})  # (B, L, D2), (B, P)
         hidden_states.append(hidden_2)
         weighted = [np.stack([emphasize(h[None], t.weights)[0] for h, t in zip(hidden, prompts)])  # (B, L, D) each

@@ -245,7 +245,8 @@ def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
         if (source.path / name).is_file():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.path / name, staging / name)
-    return TokenizerConfig(directory=first, model_max_length=source.text_max_length, pad_token=pad_token_of(source.tokenizer_config))
+    return TokenizerConfig(directory=first, model_max_length=source.text_max_length,
+                           pad_token=pad_token_of(source.tokenizer_config))
 
 
 def _sdxl_config(source: SourceCheckpoint) -> SdxlConfig | None:

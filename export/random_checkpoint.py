@@ -493,7 +493,8 @@ def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: s
     models_kwargs = dict(vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2,
                          tokenizer=None, tokenizer_2=None, unet=models.unet, scheduler=scheduler, add_watermarker=False)
     if requires_aesthetics_score:
-        pipe = StableDiffusionXLImg2ImgPipeline(**models_kwargs, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        pipe = StableDiffusionXLImg2ImgPipeline(**models_kwargs, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False)
     else:
         pipe = StableDiffusionXLPipeline(**models_kwargs, force_zeros_for_empty_prompt=True)
     tokenizers = (("tokenizer", EOS_TOKEN),) if models.text_encoder is not None else ()

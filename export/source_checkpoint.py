@@ -144,7 +144,8 @@ class SourceCheckpoint:
     @property
     def components(self) -> tuple[Component, ...]:
         """The components this checkpoint can export, in pipeline order."""
-        encoders = ((Component.TEXT_ENCODER,) if self.has_text_encoder else ()) + ((Component.TEXT_ENCODER_2,) if self.is_sdxl else ())
+        encoders = (((Component.TEXT_ENCODER,) if self.has_text_encoder else ())
+                    + ((Component.TEXT_ENCODER_2,) if self.is_sdxl else ()))
         models = (*encoders, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
         models += (Component.TINY_VAE_DECODER,) if self.tiny_vae_config is not None else ()
         return models + ((Component.SAFETY_CHECKER,) if self.safety_checker_config is not None else ())
