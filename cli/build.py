@@ -236,7 +236,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     make = commands.add_parser("make-checkpoint", help="random-weight SD checkpoint of a given architecture (export extra)",
                                description="Write a random-weight diffusers checkpoint: compute does not depend on weight "
-                               "values, so it measures like the real model. sd15 is Stable Diffusion 1.5's exact architecture, sdxl SDXL base 1.0's.")
+                               "values, so it measures like the real model. sd15 is Stable Diffusion 1.5's exact "
+                               "architecture, sdxl SDXL base 1.0's, sdxl-refiner SDXL refiner 1.0's.")
     make.add_argument("out_dir", type=Path)
     make.add_argument("--arch", choices=ARCH_NAMES, default="sd15")
     make.add_argument("--seed", type=int, default=0)
