@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from sdrt.export.lora_fusion import LoraSpec
 
 # The architectures of sdrt.export.random_checkpoint.ARCHES, named here so `sdrt --help` works without the export extra.
-ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "sdxl", "tiny-sdxl", "tiny-inpaint", "tiny-lcm", "tiny-turbo", "sd15-small", "sd15-turbo")
+ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "sdxl", "tiny-sdxl", "sdxl-refiner", "tiny-sdxl-refiner", "tiny-inpaint",
+              "tiny-lcm", "tiny-turbo", "sd15-small", "sd15-turbo")
 
 
 def _import_export_extra(command: str):
@@ -237,7 +238,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     make = commands.add_parser("make-checkpoint", help="random-weight SD checkpoint of a given architecture (export extra)",
                                description="Write a random-weight diffusers checkpoint: compute does not depend on weight "
-                               "values, so it measures like the real model. sd15 is Stable Diffusion 1.5's exact architecture, sdxl SDXL base 1.0's.")
+                               "values, so it measures like the real model. sd15 is Stable Diffusion 1.5's exact "
+                               "architecture, sdxl SDXL base 1.0's, sdxl-refiner SDXL refiner 1.0's.")
     make.add_argument("out_dir", type=Path)
     make.add_argument("--arch", choices=ARCH_NAMES, default="sd15")
     make.add_argument("--seed", type=int, default=0)

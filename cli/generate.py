@@ -28,9 +28,10 @@ from sdrt.engine.version import SDRT_VERSION
 # The request arguments each command adds to generate's (attribute names are the pipeline's argument names).
 _COMMAND_ARGUMENTS = {
     "generate": (),
-    "img2img": ("image", "strength"),
-    "inpaint": ("image", "mask_image", "strength"),
-    "outpaint": ("image", "left", "right", "top", "bottom", "feather", "strength"),
+    "img2img": ("image", "strength", "aesthetic_score", "negative_aesthetic_score"),
+    "inpaint": ("image", "mask_image", "strength", "aesthetic_score", "negative_aesthetic_score"),
+    "outpaint": ("image", "left", "right", "top", "bottom", "feather", "strength", "aesthetic_score",
+                 "negative_aesthetic_score"),
 }
 
 # img2img, inpaint and outpaint: (help, description), the description ending before the sentence on BUNDLE.
@@ -220,6 +221,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
         default = "0.8" if command == "img2img" else "1.0"
         parser.add_argument("--strength", type=float, default=None,
                             help=f"how far from the image to start, in [0, 1] (default {default}): the share of the steps that run")
+        parser.add_argument("--aesthetic-score", type=float, default=None,
+                            help="an SDXL refiner bundle's aesthetic score for the prompt (default 6.0, as diffusers)")
+        parser.add_argument("--negative-aesthetic-score", type=float, default=None,
+                            help="an SDXL refiner bundle's aesthetic score for the unconditional half (default 2.5)")
     if command != "outpaint":
         size_help = {"generate": "default: the model's", "img2img": "default: the image's, rounded down to a multiple of "
                      "the VAE scale factor", "inpaint": "default: the model's (as diffusers)"}[command]

@@ -1,6 +1,6 @@
-"""Starting from an image: how strength picks the first denoising step, sampling latents from the VAE encoder's
-distribution, and the two ways inpainting conditions the denoising loop — as diffusers' StableDiffusionImg2ImgPipeline
-and StableDiffusionInpaintPipeline do, in numpy.
+"""Starting from an image: how strength (or SDXL's denoising_start) picks the first denoising step and denoising_end
+the last, sampling latents from the VAE encoder's distribution, and the two ways inpainting conditions the denoising
+loop — as diffusers' StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline and the SDXL pipelines do, in numpy.
 """
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageInit:
     """The image a request starts from, preprocessed: `pixels` (1, 3, H, W) in [-1, 1]; `mask` (1, 1, H, W) in
-    [0, 1] with 1 = repaint, or None for image to image; `strength` in [0, 1]."""
+    [0, 1] with 1 = repaint, or None for image to image; `strength` in [0, 1]. Or, for image to image only,
+    `latents` (1 or BN, C, H/f, W/f): scaled latents (another pipeline's output_type="latent", as diffusers' SDXL
+    image-to-image pipeline takes a 4-channel `image`), used as the image's latents without the VAE; pixels None."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     strength: float
     mask: np.ndarray | None = None
+    latents: np.ndarray | None = None
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
@@ -34,6 +37,27 @@ def denoising_steps(num_inference_steps: int, strength: float) -> int:
 def first_call(num_inference_steps: int, strength: float, order: int) -> int:
     """The U-Net call of the full run that image to image starts from (diffusers' `t_start * scheduler.order`)."""
     return max(num_inference_steps - denoising_steps(num_inference_steps, strength), 0) * order
+
+
+def _timestep_cutoff(fraction: float, num_train_timesteps: int) -> int:
+    """diffusers' `discrete_timestep_cutoff`: the training timestep where `fraction` of the denoising is done."""
+    return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+
+def calls_until(timesteps: np.ndarray, denoising_end: float, num_train_timesteps: int) -> int:
+    """How many of the run's U-Net calls (`timesteps`, in call order) `denoising_end` keeps, as diffusers' SDXL
+    pipelines: those at timesteps at or above its cutoff. The rest are left to the next expert (the refiner)."""
+    return int(np.sum(timesteps >= _timestep_cutoff(denoising_end, num_train_timesteps)))
+
+
+def first_call_at(timesteps: np.ndarray, denoising_start: float, num_train_timesteps: int, order: int) -> int:
+    """The call of the full run (`timesteps`) that `denoising_start` starts from, as diffusers' SDXL image-to-image
+    `get_timesteps`: the calls below its cutoff run (one more for a second-order sampler, so as not to stop between
+    its two calls); `strength` plays no part."""
+    calls = int(np.sum(timesteps < _timestep_cutoff(denoising_start, num_train_timesteps)))
+    if order == 2 and calls % 2 == 0:
+        calls += 1
+    return len(timesteps) - calls
 
 
 def sample_posterior(moments: np.ndarray, noise: np.ndarray, scaling_factor: float) -> np.ndarray:

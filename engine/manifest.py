@@ -129,10 +129,16 @@ class TokenizerConfig:
 @dataclasses.dataclass(frozen=True)
 class SdxlConfig:
     """What an SDXL bundle adds: its second text encoder's tokenizer, and the unconditional input without a negative
-    prompt (the pipeline's force_zeros_for_empty_prompt: zeros, or the empty prompt's embeddings)."""
+    prompt (the pipeline's force_zeros_for_empty_prompt: zeros, or the empty prompt's embeddings).
+
+    An SDXL refiner's (diffusers' StableDiffusionXLImg2ImgPipeline layout) has requires_aesthetics_score: its U-Net's
+    time_ids end with an aesthetic score in place of the target size, and it runs image to image only. A refiner has
+    no first text encoder: its components lack text_encoder, and the manifest's `tokenizer` is tokenizer_2 too."""
 
     tokenizer_2: TokenizerConfig
     force_zeros_for_empty_prompt: bool
+    #: model_index.json's, as diffusers reads it; absent from bundles exported before refiners: False
+    requires_aesthetics_score: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +188,7 @@ class Manifest:
     sdrt_version: str
     source_checkpoint: str
     model: ModelConfig
-    tokenizer: TokenizerConfig
+    tokenizer: TokenizerConfig  # the first text encoder's (an SDXL refiner's only one: tokenizer_2)
     scheduler_config_file: str
     safety_checker: SafetyCheckerConfig | None  # None: exported from a checkpoint without one
     components: dict[Component, ComponentEntry]
@@ -252,7 +258,8 @@ def _component(data: dict[str, Any]) -> ComponentEntry:
 
 def _sdxl(data: dict[str, Any]) -> SdxlConfig:
     return SdxlConfig(tokenizer_2=TokenizerConfig(**data["tokenizer_2"]),
-                      force_zeros_for_empty_prompt=bool(data["force_zeros_for_empty_prompt"]))
+                      force_zeros_for_empty_prompt=bool(data["force_zeros_for_empty_prompt"]),
+                      requires_aesthetics_score=bool(data.get("requires_aesthetics_score", False)))
 
 
 def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:

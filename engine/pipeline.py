@@ -3,7 +3,8 @@
 Same arguments, defaults and numerics as diffusers' StableDiffusionPipeline, on numpy and one inference backend; with
 `image` (and `mask_image`) those of StableDiffusionImg2ImgPipeline (StableDiffusionInpaintPipeline), and `outpaint`.
 An SDXL bundle runs as StableDiffusionXLPipeline (and its image-to-image and inpainting pipelines), its text
-conditioning from sdrt.engine.sdxl_conditions.
+conditioning from sdrt.engine.sdxl_conditions; an SDXL refiner bundle as StableDiffusionXLImg2ImgPipeline (and the
+inpainting one) with requires_aesthetics_score.
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ class StableDiffusionPipeline:
             guidance_embedding_dim=_input_size(manifest, Component.UNET, GUIDANCE_EMBEDDING_INPUT),
             deepcache=self._deepcache_support(), bundle=str(bundle_dir),
             sdxl=self.sdxl_text_encoders is not None,
+            aesthetics=manifest.sdxl is not None and manifest.sdxl.requires_aesthetics_score,
         )
 
     # ---- configuration -------------------------------------------------------------------------------------------
@@ -301,8 +303,12 @@ class StableDiffusionPipeline:
             return (latents * sigma).astype(np.float32), TEXT_TO_IMAGE  # (BN, C, H/f, W/f)
         # An inpainting U-Net started from pure noise (strength 1) never sees the unmasked image's latents.
         image_latents = None
-        if init.mask is None or not self.limits.unet_takes_mask or init.strength < 1.0:
+        if init.latents is not None:  # given as latents: no VAE, no sample drawn (as diffusers)
+            image_latents = np.broadcast_to(init.latents, shape).astype(np.float32)  # (BN, C, h, w)
+        elif init.mask is None or not self.limits.unet_takes_mask or init.strength < 1.0:
             image_latents = np.repeat(self.encode_image(init.pixels, noise_source, timings), request.num_images, axis=0)  # (BN, C, h, w)
+        if request.denoising_start is not None:  # the previous expert's latents, already at this level of noise
+            return image_latents, TEXT_TO_IMAGE
         noise = noise_source.draw(shape)  # (BN, C, h, w)
         if init.mask is not None and init.strength == 1.0:
             latents = (noise * sigma).astype(np.float32)  # as text to image: the image enters through the mask
@@ -329,7 +335,8 @@ class StableDiffusionPipeline:
             # an LCM-distilled U-Net: guidance enters as an input, every call the same
             extra_inputs[GUIDANCE_EMBEDDING_INPUT] = guidance_scale_embedding(request.guidance_scale, len(latents), embedding_dim)  # (BN, D)
         # the device loop runs the plain U-Net on its sample, timestep and context only (not SDXL's added conditions)
-        plain = hooks is TEXT_TO_IMAGE and not extra_inputs and deepcache is None
+        timesteps = state.timesteps[:request.unet_calls]  # (calls,): all but those denoising_end leaves to another model
+        plain = hooks is TEXT_TO_IMAGE and not extra_inputs and deepcache is None and len(timesteps) == len(state.timesteps)
         device_loop = self.backend.device_loop() if plain else None
         if device_loop is not None:
             with _timed(timings, "unet"):  # one graph per step: the U-Net with guidance and the update
@@ -337,7 +344,7 @@ class StableDiffusionPipeline:
                     scheduler, state, latents, context, request.guidance_scale, guided,
                     noise_source.draw if scheduler.needs_noise else None, self._step_observer(callback_on_step_end)))
         # DeepCache decides per U-Net call (sdrt.engine.deepcache): step_index counts calls, PNDM's warm-up included
-        for step_index, timestep in enumerate(tqdm(state.timesteps, **{"desc": "denoise", **self._progress_bar_config})):
+        for step_index, timestep in enumerate(tqdm(timesteps, **{"desc": "denoise", **self._progress_bar_config})):
             model_input = guidance_batch.repeat(latents, guided)  # (2BN or BN, C, h, w)
             model_input = hooks.unet_input(scheduler.scale_model_input(state, model_input, step_index))  # (2BN, C', h, w)
             timesteps = np.full(len(model_input), timestep, dtype=np.float32)  # (2BN,)
@@ -411,6 +418,10 @@ class StableDiffusionPipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt`, with diffusers' argument meanings and defaults.
 
@@ -454,6 +465,15 @@ class StableDiffusionPipeline:
         0.9999), and take their size conditions: `original_size` and
         `target_size` ((height, width), default the request's), `crops_coords_top_left` (default (0, 0)) and their
         `negative_*` counterparts for the unconditional half (sdrt.engine.sdxl_conditions); other bundles refuse them.
+        An SDXL refiner bundle (exported from a StableDiffusionXLImg2ImgPipeline checkpoint with
+        requires_aesthetics_score) runs image to image and inpainting only, as that pipeline: `aesthetic_score`
+        (default 6.0) and `negative_aesthetic_score` (default 2.5) condition the two guidance halves in place of the
+        target sizes, which it refuses. `image` may be latents (float32 (1 or N, C, H/f, W/f)), e.g. the SDXL base
+        bundle's output_type="latent" images, used without the VAE as diffusers does with a 4-channel `image`:
+        `refiner(prompt, image=base(prompt, output_type="latent").images)` (strength 0.3 by default).
+        SDXL's ensemble of experts, as diffusers: `base(prompt, denoising_end=0.8, output_type="latent")` stops with
+        a fifth of the denoising left, `refiner(prompt, image=those latents, denoising_start=0.8)` does it, starting
+        from them as they are (GenerationRequest.create).
         Raises InvalidArgumentError (a ValueError) naming the first bad argument and its allowed range, before any
         model runs (GenerationRequest.create). A ready GenerationRequest (built with this pipeline's `limits`) may be
         passed as `prompt`, with no other argument but `callback_on_step_end`.
@@ -469,7 +489,9 @@ class StableDiffusionPipeline:
             width, seed, latents, output_type, return_safety_scores, scheduler, prompt_options, image, mask_image, strength,
             decoder, deepcache, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, negative_original_size=negative_original_size,
-            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            denoising_start=denoising_start, denoising_end=denoising_end)
         return self.generate(request, callback_on_step_end)
 
     def generate(self, request: GenerationRequest, callback_on_step_end: StepEndCallback | None = None) -> PipelineOutput:
@@ -510,7 +532,7 @@ class StableDiffusionPipeline:
         with _timed(timings, "denoise"):
             latents = self._denoise(request, conditions, latents, hooks, noise_source, timings, callback_on_step_end)
         timings["guidance_and_scheduler"] = timings["denoise"] - timings["unet"]
-        unet_calls = len(request.schedule.timesteps)
+        unet_calls = request.unet_calls
         shallow = 0 if request.deepcache is None else sum(not request.deepcache.is_full_pass(i) for i in range(unet_calls))
         if request.output_type == "latent":
             # As diffusers: latents are not images, so nothing is checked.
@@ -566,8 +588,9 @@ def _sdxl_text_encoders(manifest: Manifest, backend: Backend, tokenizer: CLIPTok
         return None
     if tokenizer_2 is None:
         raise ValueError("an SDXL bundle's pipeline needs its second tokenizer (tokenizer_2)")
-    outputs = [t.name for t in manifest.components[Component.TEXT_ENCODER].outputs]
-    return SdxlTextEncoders(backend, tokenizer, tokenizer_2, outputs.index("penultimate_hidden_state"),
+    first = manifest.components.get(Component.TEXT_ENCODER)  # None: a refiner's, which has the second only
+    penultimate = [t.name for t in first.outputs].index("penultimate_hidden_state") if first is not None else None
+    return SdxlTextEncoders(backend, tokenizer if first is not None else None, tokenizer_2, penultimate,
                             manifest.sdxl.force_zeros_for_empty_prompt)
 
 

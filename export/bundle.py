@@ -233,9 +233,10 @@ def _model_config(source: SourceCheckpoint, max_image_size: int) -> ModelConfig:
 
 
 def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
-    """Tokenizer files (both tokenizers' for SDXL), scheduler config and feature-extractor config, as the checkpoint
-    ships them."""
-    tokenizers = ("tokenizer", "tokenizer_2") if source.is_sdxl else ("tokenizer",)
+    """Tokenizer files (both tokenizers' for SDXL, the second's alone for a refiner), scheduler config and
+    feature-extractor config, as the checkpoint ships them. Returns the first tokenizer's entry (a refiner's: the second's)."""
+    first = "tokenizer" if source.has_text_encoder else "tokenizer_2"
+    tokenizers = tuple(dict.fromkeys((first, *(("tokenizer_2",) if source.is_sdxl else ()))))
     names = [f"{tokenizer}/{name}" for tokenizer in tokenizers for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES]
     names.append(SCHEDULER_CONFIG_FILE)
     if source.safety_checker_config is not None:
@@ -244,7 +245,8 @@ def _copy_configs(source: SourceCheckpoint, staging: Path) -> TokenizerConfig:
         if (source.path / name).is_file():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.path / name, staging / name)
-    return TokenizerConfig(directory="tokenizer", model_max_length=source.text_max_length, pad_token=pad_token_of(source.tokenizer_config))
+    return TokenizerConfig(directory=first, model_max_length=source.text_max_length,
+                           pad_token=pad_token_of(source.tokenizer_config))
 
 
 def _sdxl_config(source: SourceCheckpoint) -> SdxlConfig | None:
@@ -253,7 +255,8 @@ def _sdxl_config(source: SourceCheckpoint) -> SdxlConfig | None:
     config = source.tokenizer_2_config
     max_length = int(config.get("model_max_length", source.text_encoder_2_config.get("max_position_embeddings", 77)))
     tokenizer_2 = TokenizerConfig(directory="tokenizer_2", model_max_length=max_length, pad_token=pad_token_of(config))
-    return SdxlConfig(tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt)
+    return SdxlConfig(tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt,
+                      requires_aesthetics_score=source.requires_aesthetics_score)
 
 
 def export_bundle(
@@ -317,6 +320,9 @@ def export_bundle(
         if config is not None:
             raise InvalidArgumentError("config", f"applies to single-file checkpoints (.safetensors, .ckpt) only, not {checkpoint}")
         source = load_checkpoint(checkpoint)
+        if loras and not source.has_text_encoder:
+            raise InvalidArgumentError("lora", f"{source.path} is an SDXL refiner (no first text encoder): fusing LoRA "
+                                       "into a refiner is not supported yet")
         deltas, fused = fused_deltas(loras, source.path)
         bundle = _export(dataclasses.replace(source, weight_deltas=deltas), out_dir, options, fused)
         del source, deltas  # the checkpoint's weights, before quantization loads the bundle

@@ -21,6 +21,7 @@ from diffusers import (
     AutoencoderKL,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -257,7 +258,11 @@ class TextEncoderArch:
 class SdxlArch:
     """The shape of an SDXL base checkpoint: two text encoders whose penultimate hidden states are concatenated into
     the U-Net's context, and a U-Net conditioned on the second's pooled embedding and 6 size conditions
-    (addition_embed_type "text_time"). SDXL ships no safety checker."""
+    (addition_embed_type "text_time"). SDXL ships no safety checker.
+
+    An SDXL refiner's (`requires_aesthetics_score`): the second text encoder only (`text_encoder` None), and 5
+    conditions, an aesthetic score in place of the target size, as diffusers' StableDiffusionXLImg2ImgPipeline
+    saves stabilityai/stable-diffusion-xl-refiner-1.0."""
 
     unet_block_out_channels: tuple[int, ...]
     unet_layers_per_block: int
@@ -270,19 +275,21 @@ class SdxlArch:
     vae_block_out_channels: tuple[int, ...]
     vae_layers_per_block: int
     vae_scaling_factor: float
-    text_encoder: TextEncoderArch
+    text_encoder: TextEncoderArch | None  # None: a refiner's, which has the second only
     text_encoder_2: TextEncoderArch
     norm_num_groups: int
     pad_token_2: str = "!"  # the second tokenizer pads with "!" (id 0), the first with the end-of-text token
     safety_checker: None = None
+    requires_aesthetics_score: bool = False  # a refiner: model_index.json says so, its U-Net takes 5 conditions
 
     @property
     def cross_attention_dim(self) -> int:
-        return self.text_encoder.hidden_size + self.text_encoder_2.hidden_size
+        return (self.text_encoder.hidden_size if self.text_encoder else 0) + self.text_encoder_2.hidden_size
 
     @property
     def time_ids(self) -> int:
-        return 6  # original height and width, crop top and left, target height and width
+        # original height and width, crop top and left, then target height and width, or a refiner's aesthetic score
+        return 5 if self.requires_aesthetics_score else 6
 
 
 SDXL_ARCHES: dict[str, SdxlArch] = {
@@ -323,6 +330,30 @@ SDXL_ARCHES: dict[str, SdxlArch] = {
         norm_num_groups=16,
     ),
 }
+# SDXL refiner 1.0's exact architecture (stabilityai/stable-diffusion-xl-refiner-1.0, as sgm's sd_xl_refiner.yaml:
+# model_channels 384, channel_mult (1, 2, 4, 4), attention at the middle two levels, transformer depth 4, 64-channel
+# heads, context 1280, adm_in_channels 2560): U-Net 2,259,526,660 parameters, SDXL base's VAE and OpenCLIP bigG
+# second text encoder, no first one (tests/test_sdxl_refiner.py counts them).
+SDXL_ARCHES["sdxl-refiner"] = dataclasses.replace(
+    SDXL_ARCHES["sdxl"],
+    unet_block_out_channels=(384, 768, 1536, 1536),
+    unet_attention_head_dim=(6, 12, 24, 24),
+    unet_transformer_layers_per_block=(4, 4, 4, 4),
+    unet_cross_attention_levels=(False, True, True, False),
+    text_encoder=None,
+    requires_aesthetics_score=True,
+)
+# The refiner's layout scaled down, beside "tiny-sdxl" (the same second text encoder and VAE shapes, as the real
+# pair shares them): no attention at the first and last levels, the second encoder's context alone.
+SDXL_ARCHES["tiny-sdxl-refiner"] = dataclasses.replace(
+    SDXL_ARCHES["tiny-sdxl"],
+    unet_block_out_channels=(32, 64, 64),
+    unet_attention_head_dim=(2, 4, 4),
+    unet_transformer_layers_per_block=(2, 2, 2),
+    unet_cross_attention_levels=(False, True, False),
+    text_encoder=None,
+    requires_aesthetics_score=True,
+)
 ARCHES.update(SDXL_ARCHES)
 
 
@@ -438,10 +469,10 @@ def _sdxl_text_encoder(arch: TextEncoderArch, with_projection: bool) -> CLIPText
 
 @dataclasses.dataclass(frozen=True)
 class SdxlModels:
-    """The four trainable models of an SDXL checkpoint."""
+    """The trainable models of an SDXL checkpoint (a refiner's without the first text encoder)."""
 
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | None
     text_encoder_2: CLIPTextModelWithProjection
     unet: UNet2DConditionModel
 
@@ -449,30 +480,39 @@ class SdxlModels:
 def build_sdxl_models(arch: SdxlArch) -> SdxlModels:
     """Freshly initialised (random) SDXL models with `arch`'s shapes, from torch's current seed."""
     # AutoencoderKL's config says force_upcast (it overflows fp16) unless told otherwise, as SDXL's does
-    return SdxlModels(vae=_vae(arch).eval(), text_encoder=_sdxl_text_encoder(arch.text_encoder, with_projection=False).eval(),
+    text_encoder = _sdxl_text_encoder(arch.text_encoder, with_projection=False).eval() if arch.text_encoder else None
+    return SdxlModels(vae=_vae(arch).eval(), text_encoder=text_encoder,
                       text_encoder_2=_sdxl_text_encoder(arch.text_encoder_2, with_projection=True).eval(),
                       unet=_sdxl_unet(arch).eval())
 
 
 def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: str = "!",
-                         scheduler_config: dict | None = None) -> Path:
+                         scheduler_config: dict | None = None, requires_aesthetics_score: bool = False) -> Path:
     """Save `models` as a diffusers checkpoint laid out like SDXL base (safetensors, the scheduler of
     `scheduler_config` (default SDXL base's Euler), both tokenizers as vocab.json + merges.txt,
-    force_zeros_for_empty_prompt). The directory appears whole or not at all."""
-    pipe = StableDiffusionXLPipeline(
-        vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2, tokenizer=None,
-        tokenizer_2=None, unet=models.unet, scheduler=_scheduler(scheduler_config or SDXL_SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
-    )
+    force_zeros_for_empty_prompt), or with `requires_aesthetics_score` like SDXL's refiner
+    (StableDiffusionXLImg2ImgPipeline, text_encoder and tokenizer null, force_zeros_for_empty_prompt false).
+    The directory appears whole or not at all."""
+    scheduler = _scheduler(scheduler_config or SDXL_SCHEDULER_CONFIG)
+    models_kwargs = dict(vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2,
+                         tokenizer=None, tokenizer_2=None, unet=models.unet, scheduler=scheduler, add_watermarker=False)
+    if requires_aesthetics_score:
+        pipe = StableDiffusionXLImg2ImgPipeline(**models_kwargs, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**models_kwargs, force_zeros_for_empty_prompt=True)
+    tokenizers = (("tokenizer", EOS_TOKEN),) if models.text_encoder is not None else ()
+    tokenizers += (("tokenizer_2", pad_token_2),)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        _prefix_text_model_keys(staging / "text_encoder/model.safetensors")  # text_encoder_2's keys have theirs
-        for name, pad_token in (("tokenizer", EOS_TOKEN), ("tokenizer_2", pad_token_2)):
+        if models.text_encoder is not None:
+            _prefix_text_model_keys(staging / "text_encoder/model.safetensors")  # text_encoder_2's keys have theirs
+        index = json.loads((staging / "model_index.json").read_text())
+        for name, pad_token in tokenizers:
             shutil.rmtree(staging / name, ignore_errors=True)
             write_clip_tokenizer(staging / name, pad_token=pad_token)
-        index = json.loads((staging / "model_index.json").read_text())
-        index["tokenizer"] = index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+            index[name] = ["transformers", "CLIPTokenizer"]
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
     return out_dir
 
@@ -501,8 +541,8 @@ def _safety_checker(arch: SafetyCheckerArch) -> StableDiffusionSafetyChecker:
 def make_random_checkpoint(
     out_dir: str | Path, arch: str | CheckpointArch | SdxlArch = "tiny", seed: int = 0, with_safety_checker: bool = True
 ) -> Path:
-    """Write a random-weight diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for an SdxlArch)
-    checkpoint (fp32 safetensors) to `out_dir`.
+    """Write a random-weight diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for an SdxlArch, its
+    Img2Img pipeline for a refiner's) checkpoint (fp32 safetensors) to `out_dir`.
 
     With `with_safety_checker` (and an arch that has one: SDXL has none), it includes `safety_checker/` and `feature_extractor/`
     as SD 1.x checkpoints do. The directory appears whole or not at all. Returns its path.
@@ -510,7 +550,8 @@ def make_random_checkpoint(
     spec = ARCHES[arch] if isinstance(arch, str) else arch
     torch.manual_seed(seed)
     if isinstance(spec, SdxlArch):
-        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2)
+        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2,
+                             requires_aesthetics_score=spec.requires_aesthetics_score)
         logger.info("wrote random-weight SDXL checkpoint to %s", out_dir)
         return Path(out_dir)
     models = build_models(spec)

@@ -1,4 +1,5 @@
-"""Read a diffusers-format Stable Diffusion 1.x/2.x or SDXL checkpoint directory: its configs up front, its models on demand.
+"""Read a diffusers-format Stable Diffusion 1.x/2.x or SDXL (base or refiner) checkpoint directory: its configs up front,
+its models on demand.
 
 Models are loaded one at a time (`load_model`) so that exporting a full-size checkpoint keeps a single torch model
 in memory next to its ONNX graph.
@@ -25,14 +26,9 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json",)
 PREPROCESSOR_CONFIG_FILE = "feature_extractor/preprocessor_config.json"
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
-_REQUIRED = (
-    "model_index.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    SCHEDULER_CONFIG_FILE,
-    *(f"tokenizer/{name}" for name in TOKENIZER_FILES),
-)
+_REQUIRED = ("model_index.json", "unet/config.json", "vae/config.json", SCHEDULER_CONFIG_FILE)
+#: the first text encoder and its tokenizer: every checkpoint's but an SDXL refiner's, which has the second only
+_FIRST_TEXT_ENCODER = ("text_encoder/config.json", *(f"tokenizer/{name}" for name in TOKENIZER_FILES))
 _MODEL_FOLDERS = {
     Component.TEXT_ENCODER: "text_encoder",
     Component.TEXT_ENCODER_2: "text_encoder_2",
@@ -46,16 +42,16 @@ _MODEL_FOLDERS = {
 @dataclasses.dataclass(frozen=True)
 class SourceCheckpoint:
     path: Path
-    text_encoder_config: dict[str, Any]
+    text_encoder_config: dict[str, Any] | None  # None: an SDXL refiner, whose only text encoder is text_encoder_2
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
     safety_checker_config: dict[str, Any] | None  # None: the checkpoint has no (complete) safety checker
     scheduler_config: dict[str, Any]
-    tokenizer_config: dict[str, Any]
+    tokenizer_config: dict[str, Any]  # the first text encoder's tokenizer's (a refiner's: tokenizer_2's)
     # SDXL's second text encoder and tokenizer (text_encoder_2/, tokenizer_2/); None for SD 1.x/2.x
     text_encoder_2_config: dict[str, Any] | None = None
     tokenizer_2_config: dict[str, Any] | None = None
-    # model_index.json: the pipeline's class and options (SDXL's force_zeros_for_empty_prompt)
+    # model_index.json: the pipeline's class and options (SDXL's force_zeros_for_empty_prompt, requires_aesthetics_score)
     pipeline_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     # LoRA deltas fused into the models as they load (export/lora_fusion.py): component -> parameter -> delta
     weight_deltas: Mapping[Component, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
@@ -105,11 +101,22 @@ class SourceCheckpoint:
         return self.text_encoder_2_config is not None
 
     @property
+    def has_text_encoder(self) -> bool:
+        """Whether it has the first text encoder (text_encoder/): all but an SDXL refiner do."""
+        return self.text_encoder_config is not None
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """An SDXL refiner's U-Net: its size conditions end with an aesthetic score in place of the target size
+        (model_index.json's requires_aesthetics_score, as diffusers' StableDiffusionXLImg2ImgPipeline reads it)."""
+        return bool(self.pipeline_config.get("requires_aesthetics_score", False))
+
+    @property
     def text_hidden_size(self) -> int:
         """The width of the U-Net's text context: the text encoder's hidden size, both encoders' for SDXL (their
-        hidden states are concatenated)."""
-        second = int(self.text_encoder_2_config["hidden_size"]) if self.text_encoder_2_config is not None else 0
-        return int(self.text_encoder_config["hidden_size"]) + second
+        hidden states are concatenated), the second's alone for a refiner."""
+        configs = (self.text_encoder_config, self.text_encoder_2_config)
+        return sum(int(config["hidden_size"]) for config in configs if config is not None)
 
     @property
     def pooled_size(self) -> int:
@@ -118,8 +125,9 @@ class SourceCheckpoint:
 
     @property
     def time_ids(self) -> int:
-        """SDXL: how many size conditions the U-Net's `time_ids` holds (6: original size, crop's top left, target size),
-        each embedded in addition_time_embed_dim channels beside the pooled embedding."""
+        """SDXL: how many size conditions the U-Net's `time_ids` holds (6: original size, crop's top left, target size;
+        a refiner's 5: original size, crop's top left, aesthetic score), each embedded in addition_time_embed_dim
+        channels beside the pooled embedding."""
         config = self.unet_config
         return (int(config["projection_class_embeddings_input_dim"]) - self.pooled_size) // int(config["addition_time_embed_dim"])
 
@@ -130,12 +138,14 @@ class SourceCheckpoint:
 
     @property
     def text_max_length(self) -> int:
-        return int(self.tokenizer_config.get("model_max_length", self.text_encoder_config.get("max_position_embeddings", 77)))
+        encoder = self.text_encoder_config if self.has_text_encoder else self.text_encoder_2_config
+        return int(self.tokenizer_config.get("model_max_length", encoder.get("max_position_embeddings", 77)))
 
     @property
     def components(self) -> tuple[Component, ...]:
         """The components this checkpoint can export, in pipeline order."""
-        encoders = (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2) if self.is_sdxl else (Component.TEXT_ENCODER,)
+        encoders = (((Component.TEXT_ENCODER,) if self.has_text_encoder else ())
+                    + ((Component.TEXT_ENCODER_2,) if self.is_sdxl else ()))
         models = (*encoders, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
         models += (Component.TINY_VAE_DECODER,) if self.tiny_vae_config is not None else ()
         return models + ((Component.SAFETY_CHECKER,) if self.safety_checker_config is not None else ())
@@ -212,13 +222,10 @@ def _safety_checker_config(path: Path) -> dict[str, Any] | None:
     return _read_json(path / "safety_checker/config.json") if has_checker else None
 
 
-def _sdxl_configs(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def _sdxl_configs(path: Path, index: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """SDXL's text_encoder_2 and tokenizer_2 configs, or None for an SD 1.x/2.x checkpoint."""
-    index = _read_json(path / "model_index.json")
     if not (path / "text_encoder_2/config.json").is_file() and index.get("text_encoder_2") is None:
         return None
-    if index.get("requires_aesthetics_score"):
-        raise CheckpointError(f"{path} is an SDXL refiner (requires_aesthetics_score): sdrt exports SDXL base checkpoints only")
     missing = [name for name in ("text_encoder_2/config.json", *(f"tokenizer_2/{n}" for n in TOKENIZER_FILES))
                if not (path / name).is_file()]
     if missing:
@@ -231,13 +238,34 @@ def _check_sdxl_unet(checkpoint: SourceCheckpoint) -> None:
     if config.get("addition_embed_type") != "text_time":
         raise CheckpointError(f"{checkpoint.path}: an SDXL checkpoint's U-Net takes addition_embed_type \"text_time\", "
                               f"this one {config.get('addition_embed_type')!r}")
-    expected = checkpoint.pooled_size + 6 * int(config["addition_time_embed_dim"])
+    # diffusers' _get_add_time_ids: original size, crop and target size (6), or a refiner's aesthetic score in
+    # place of the target size (5)
+    conditions = 5 if checkpoint.requires_aesthetics_score else 6
+    expected = checkpoint.pooled_size + conditions * int(config["addition_time_embed_dim"])
     if int(config["projection_class_embeddings_input_dim"]) != expected:
+        refiner = "an aesthetic score" if checkpoint.requires_aesthetics_score else "a target size"
         raise CheckpointError(
             f"{checkpoint.path}: the U-Net's projection_class_embeddings_input_dim ({config['projection_class_embeddings_input_dim']}) "
-            f"is not the pooled embedding ({checkpoint.pooled_size}) plus 6 size conditions of addition_time_embed_dim "
-            f"({config['addition_time_embed_dim']}) channels"
+            f"is not the pooled embedding ({checkpoint.pooled_size}) plus {conditions} size conditions of "
+            f"addition_time_embed_dim ({config['addition_time_embed_dim']}) channels: model_index.json's "
+            f"requires_aesthetics_score ({checkpoint.requires_aesthetics_score}) says the last one is {refiner}"
         )
+
+
+def _has_first_text_encoder(path: Path, index: dict[str, Any], sdxl: bool) -> bool:
+    """Whether the checkpoint has text_encoder/ and tokenizer/; raise CheckpointError where it lacks them but is not
+    an SDXL checkpoint whose model_index.json says so (a refiner: `"text_encoder": [null, null]`)."""
+    missing = [name for name in _FIRST_TEXT_ENCODER if not (path / name).is_file()]
+    if not missing:
+        return True
+    declared_absent = "text_encoder" in index and not any(index["text_encoder"] or ())
+    if sdxl and declared_absent:
+        return False
+    raise CheckpointError(
+        f"{path} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)} "
+        "(a real SD checkpoint ships tokenizer/vocab.json and tokenizer/merges.txt; only an SDXL refiner, whose "
+        "model_index.json declares text_encoder null, has none)"
+    )
 
 
 def load_checkpoint(path: str | Path) -> SourceCheckpoint:
@@ -254,24 +282,26 @@ def load_checkpoint(path: str | Path) -> SourceCheckpoint:
             f"{path} is not a diffusers Stable Diffusion checkpoint: missing {', '.join(missing)} "
             "(a real SD checkpoint ships tokenizer/vocab.json and tokenizer/merges.txt)"
         )
-    sdxl = _sdxl_configs(path)
+    index = _read_json(path / "model_index.json")
+    sdxl = _sdxl_configs(path, index)
+    has_text_encoder = _has_first_text_encoder(path, index, sdxl is not None)
     checkpoint = SourceCheckpoint(
         path=path,
-        text_encoder_config=_read_json(path / "text_encoder/config.json"),
+        text_encoder_config=_read_json(path / "text_encoder/config.json") if has_text_encoder else None,
         unet_config=_read_json(path / "unet/config.json"),
         vae_config=_read_json(path / "vae/config.json"),
         safety_checker_config=_safety_checker_config(path),
         scheduler_config=_read_json(path / SCHEDULER_CONFIG_FILE),
-        tokenizer_config=_read_json(path / "tokenizer/tokenizer_config.json"),
+        tokenizer_config=_read_json(path / ("tokenizer" if has_text_encoder else "tokenizer_2") / "tokenizer_config.json"),
         text_encoder_2_config=sdxl[0] if sdxl else None,
         tokenizer_2_config=sdxl[1] if sdxl else None,
-        pipeline_config=_read_json(path / "model_index.json"),
+        pipeline_config=index,
     )
     cross_attention_dim = checkpoint.unet_config.get("cross_attention_dim")
     if cross_attention_dim != checkpoint.text_hidden_size:
         raise CheckpointError(
             f"{path}: the U-Net's cross_attention_dim ({cross_attention_dim}) differs from the text encoder's "
-            f"hidden_size ({checkpoint.text_hidden_size}{', both encoders together' if sdxl else ''})"
+            f"hidden_size ({checkpoint.text_hidden_size}{', both encoders together' if sdxl and has_text_encoder else ''})"
         )
     if sdxl:
         _check_sdxl_unet(checkpoint)

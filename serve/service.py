@@ -103,6 +103,10 @@ class LocalImageService:
             pipe = self._load_when_present()
             if pipe is None:  # stopped while waiting for the bundle
                 return
+            if pipe.limits.aesthetics:
+                raise SdrtError(f"{pipe.bundle_dir} is an SDXL refiner, which runs image to image only; the server "
+                                  "generates images from text: serve the SDXL base bundle, and refine its images with "
+                                  "`sdrt img2img REFINER_BUNDLE` or the Python API")
             pipe.set_progress_bar_config(disable=True)
             base = process_rss_bytes() or 0  # the pipeline opened, none of its models run yet
             if self._warm:
