@@ -122,8 +122,9 @@ bench-scaling: bench-bundle
 
 # Regenerates benchmarks/SDXL.md and SDXL-1024.md (and EXPORT-SDXL.md): the SDXL base-architecture random checkpoint,
 # sdrt's export of it and optimum-intel's (time and peak memory of each; the peer's in SDXL.md), then sdrt against diffusers bf16,
-# optimum-intel and OpenVINO GenAI at 512² (with sdrt's fp32 engine, the PSNR reference) and 1024², 4 Euler steps,
-# guidance 5 (SDXL's default), one run each as the figures are minutes long. About 90 minutes on 2 cores.
+# optimum-intel and OpenVINO GenAI at 512² (with diffusers fp32 as the PSNR reference: sdrt's fp32 engine needs about
+# 20 GiB for SDXL, over a 24 GB machine's budget) and 1024², 4 Euler steps, guidance 5 (SDXL's default), one run each
+# as the figures are minutes long. About 90 minutes on 2 cores.
 SDXL_BENCH_ARGS ?= --runs 1 -s 4 -g 5
 SDXL_PEERS = --optimum-intel-python $(OPTIMUM_INTEL_VENV)/bin/python --genai-python $(GENAI_VENV)/bin/python \
     --openvino-model $(BENCH_DIR)/sdxl-build/optimum-openvino --checkpoint $(BENCH_DIR)/sdxl
@@ -135,7 +136,7 @@ bench-sdxl: $(VENV)/.test-installed $(OPTIMUM_INTEL_VENV)/.installed $(GENAI_VEN
 	test -d $(BENCH_DIR)/sdxl-build/optimum-openvino || $(PY) -m sdrt.benchmarks.peer_export openvino $(BENCH_DIR)/sdxl \
 	    $(BENCH_DIR)/sdxl-build/optimum-openvino --python $(OPTIMUM_INTEL_VENV)/bin/python
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sdxl-build/bundle $(SDXL_PEERS) $(SDXL_BENCH_ARGS) --sizes 512 \
-	    --engines sdrt sdrt-exact diffusers-bf16 optimum-intel openvino-genai \
+	    --engines sdrt diffusers-fp32 diffusers-bf16 optimum-intel openvino-genai --reference diffusers-fp32 \
 	    --out $(BENCH_DIR)/sdxl-512 --results benchmarks/SDXL.md
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sdxl-build/bundle $(SDXL_PEERS) $(SDXL_BENCH_ARGS) --sizes 1024 \
 	    --engines sdrt diffusers-bf16 optimum-intel openvino-genai --out $(BENCH_DIR)/sdxl-1024 --results benchmarks/SDXL-1024.md

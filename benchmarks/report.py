@@ -81,7 +81,7 @@ def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
         "engine in fresh processes, interleaved; medians (p95 beside). Times in seconds.",
         "- Cold start = process launch to first image (a 1-step generation at the benchmark's size), on a bundle whose caches "
         "were filled by one unmeasured run at the smallest size, as after a deployment's first load. PSNR: final images "
-        "against sdrt's fp32 engine (sdrt-exact) on the same initial latents.",
+        f"against the fp32 engine {plan.get('reference', 'sdrt-exact')} on the same initial latents.",
         "- Serving (`sdrt serve` under load, micro-batching on and off): [SERVING.md](SERVING.md), written by "
         "`python -m sdrt.benchmarks.serve_load`.",
         *_floor_lines(machine),

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sdrt.benchmarks import gpu_validate
-from sdrt.benchmarks.bench import BenchPlan, PeerInstall, run_bench
+from sdrt.benchmarks.bench import REFERENCE_ENGINES, BenchPlan, PeerInstall, run_bench
 from sdrt.benchmarks.report import (
     README_PEERS_BEGIN,
     README_PEERS_END,
@@ -38,11 +38,13 @@ def _bench(args: argparse.Namespace) -> int:
     plan = BenchPlan(
         checkpoint=args.checkpoint, bundle=args.bundle, engines=tuple(args.engines), runs=args.runs, sizes=tuple(args.sizes),
         batches=tuple(args.batches), prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        seed=args.seed, out_dir=args.out, floor=args.floor,
+        seed=args.seed, out_dir=args.out, floor=args.floor, reference=args.reference or REFERENCE_ENGINES[0],
         peers={"optimum-ort": PeerInstall(args.optimum_python, args.optimum_model),
                "optimum-intel": PeerInstall(args.optimum_intel_python, args.openvino_model),
                "openvino-genai": PeerInstall(args.genai_python, args.openvino_model)},
     )
+    if args.reference is not None and args.reference not in args.engines:
+        raise UsageError(f"--reference {args.reference}: not among --engines, so PSNR would have nothing to compare with")
     if args.readme is not None and args.results is None:
         raise UsageError("--readme: the peer table links to the results file, so it needs --results")
     if args.readme is not None and not has_peers_block(args.readme):  # checked before an hour of benchmarking
@@ -125,6 +127,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--genai-python", type=Path, default=None, help="python of a venv with openvino-genai")
     bench.add_argument("--openvino-model", type=Path, default=None,
                        help="the checkpoint exported by `optimum-cli export openvino` (optimum-intel and GenAI run it)")
+    bench.add_argument("--reference", choices=REFERENCE_ENGINES, default=None,
+                       help=f"the fp32 engine PSNR is measured against, which must then be among --engines (default "
+                       f"{REFERENCE_ENGINES[0]}, where it runs); diffusers-fp32 where sdrt-exact does not fit the memory budget")
     bench.add_argument("--no-floor", dest="floor", action="store_false",
                        help="skip measuring the matrix-product peaks and the U-Net's GFLOP/s against them")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="results.json, results.md, chart.png")

@@ -1,5 +1,6 @@
 """The int8 U-Net for the `openvino-int8` backend: NNCF post-training quantization of the bundle's U-Net, calibrated on
-the U-Net inputs of the bundle's own denoising runs (fp32), written into the bundle.
+the U-Net inputs of the bundle's own denoising runs (fp32 where they fit the memory budget, else bf16), written into
+the bundle.
 
 Needs openvino and nncf (`pip install 'sdrt[quantize]'`), not torch: it reads the bundle's ONNX.
 """
@@ -18,13 +19,18 @@ from tqdm.auto import tqdm
 
 import sdrt.engine
 from sdrt.engine.atomic import atomic_directory
+from sdrt.engine.backends import backend_class
+from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.backends.openvino.backend import OpenVINOInt8Backend
 from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
-from sdrt.engine.errors import InvalidArgumentError
-from sdrt.engine.host_memory import MemoryBudget, format_bytes
+from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError
+from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
+from sdrt.engine.loading import component_files
 from sdrt.engine.manifest import read_manifest
+from sdrt.engine.memory_estimate import MemoryModel
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.specs import Component
+from sdrt.export.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,49 @@ EXPORT_CALIBRATION_MIN_SIDE = 256
 EXPORT_PEAK_BYTES_PER_UNET_FILE_BYTE = 1.6
 
 
+@dataclasses.dataclass(frozen=True)
+class CalibrationPipeline:
+    """How the calibration runs load the bundle: a backend name and its memory policy."""
+
+    backend: str
+    memory: MemoryPolicy
+
+
+#: in order of preference: fp32 (the numerics the fp32 model quantized from sees), all models kept loaded, then one at
+#: a time; then bf16, half the weights' memory, whose U-Net inputs differ from fp32's by bf16's rounding only, which
+#: activation ranges do not see (SDXL's fp32 runs need about 20 GiB even one model at a time)
+CALIBRATION_PIPELINES = tuple(CalibrationPipeline(backend, memory) for backend in ("openvino-fp32", "openvino-bf16")
+                              for memory in (MemoryPolicy.KEEP_LOADED, MemoryPolicy.ONE_AT_A_TIME))
+
+
+def calibration_peak_bytes(bundle_dir: Path, calibration: Calibration, pipeline: CalibrationPipeline) -> int:
+    """About this process's peak resident memory while `pipeline` runs `calibration`'s denoising runs (text encoders
+    and U-Net: the runs end at latents). Raise BackendUnavailableError where its backend cannot run here."""
+    manifest = read_manifest(Path(bundle_dir))
+    backend = backend_class(pipeline.backend, Path(bundle_dir), component_files(Path(bundle_dir), manifest))
+    components = [c for c in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, Component.UNET) if c in manifest.components]
+    model = MemoryModel.for_bundle(manifest, backend, process_rss_bytes() or 0, components, pipeline.memory)
+    side = calibration.size or manifest.model.default_image_size
+    return model.peak_bytes(side, side, 1, calibration.guidance_scale > 1)
+
+
+def calibration_pipeline(bundle_dir: Path, calibration: Calibration, memory_budget: MemoryBudget = MemoryBudget()) -> CalibrationPipeline:
+    """The first of CALIBRATION_PIPELINES that runs here and whose calibration runs fit `memory_budget`; raise
+    ExportError saying what each needs where none does."""
+    allowed, needs = memory_budget.resolve(), []
+    for pipeline in CALIBRATION_PIPELINES:
+        try:
+            needed = calibration_peak_bytes(bundle_dir, calibration, pipeline)
+        except BackendUnavailableError as exc:
+            needs.append(f"{pipeline.backend} cannot run here ({exc})")
+            continue
+        if needed <= allowed:
+            return pipeline
+        needs.append(f"{pipeline.backend} {pipeline.memory.value} needs about {format_bytes(needed)}")
+    raise ExportError(f"the int8 calibration runs at {calibration.size or 'the default size'} do not fit the memory budget "
+                      f"({memory_budget.describe()}: {format_bytes(allowed)}): {'; '.join(needs)}")
+
+
 def quantize_unavailable_reason() -> str | None:
     """None if the int8 U-Net can be made and run here, else why not (one sentence)."""
     missing = [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]
@@ -104,26 +153,34 @@ def quantize_after_export(bundle_dir: Path, memory_budget: MemoryBudget = Memory
     None where it was skipped."""
     bundle_dir = Path(bundle_dir)
     reason = quantize_unavailable_reason()
+    calibration = export_calibration(bundle_dir)
     if reason is None:
         needed, allowed = export_quantization_peak_bytes(bundle_dir), memory_budget.resolve()
         if needed > allowed:
             reason = f"it needs about {format_bytes(needed)} and the memory budget ({memory_budget.describe()}) is {format_bytes(allowed)}"
+    if reason is None:
+        try:
+            pipeline = calibration_pipeline(bundle_dir, calibration, memory_budget)
+        except ExportError as exc:
+            reason = str(exc)
     if reason is not None:
         logger.warning("not quantizing the U-Net to int8 (%s): the bundle runs in bf16; `sdrt quantize %s` makes it later",
                        reason, bundle_dir)
         return None
-    calibration = export_calibration(bundle_dir)
-    logger.info("quantizing the U-Net to int8, calibrated at %d² (skip with --no-quantize)", calibration.size)
-    return quantize_unet(bundle_dir, calibration)
+    logger.info("quantizing the U-Net to int8, calibrated at %d² on %s (skip with --no-quantize)", calibration.size,
+                pipeline.backend)
+    return quantize_unet(bundle_dir, calibration, memory_budget)
 
 
-def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration()) -> Path:
+def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration(), memory_budget: MemoryBudget = MemoryBudget()) -> Path:
     """Quantize the bundle's U-Net to int8 and store it in the bundle (atomically, replacing an earlier one);
-    return its path. The openvino-int8 backend then runs it."""
+    return its path. The openvino-int8 backend then runs it. The calibration runs load the bundle as
+    `calibration_pipeline` chooses for `memory_budget`."""
     import openvino
 
     bundle_dir = Path(bundle_dir)
-    unet_path, unet_digest, samples = _calibration_samples(bundle_dir, calibration)
+    pipeline = calibration_pipeline(bundle_dir, calibration, memory_budget)
+    unet_path, unet_digest, samples = _calibration_samples(bundle_dir, calibration, pipeline)
     logger.info("quantizing the U-Net on %d calibration samples", len(samples))
     # OpenVINO maps the U-Net's weights from the bundle and NNCF compiles a copy of them: hand the mapped pages back
     # as they are read, so the two copies are not resident together.
@@ -151,10 +208,10 @@ def _quantize(model: Any, samples: list[dict[str, np.ndarray]]) -> Any:
     )
 
 
-def _calibration_samples(bundle_dir: Path, calibration: Calibration) -> tuple[Path, str, list[dict[str, np.ndarray]]]:
-    """The U-Net's file and digest, and its inputs in the calibration runs of the bundle's fp32 pipeline. The pipeline
-    is released (its compiled models and their heap) before this returns: NNCF then compiles a copy of its own."""
-    pipe = sdrt.engine.load(bundle_dir, backend="exact", safety_checker=False)
+def _calibration_samples(bundle_dir: Path, calibration: Calibration, pipeline: CalibrationPipeline) -> tuple[Path, str, list[dict[str, np.ndarray]]]:
+    """The U-Net's file and digest, and its inputs in the calibration runs of the bundle loaded as `pipeline`. The
+    pipeline is released (its compiled models and their heap) before this returns: NNCF then compiles a copy of its own."""
+    pipe = sdrt.engine.load(bundle_dir, backend=pipeline.backend, safety_checker=False, memory=pipeline.memory)
     samples = _unet_inputs(pipe, calibration)
     unet = pipe.backend.components[Component.UNET]
     unet_path, unet_digest = unet.path, unet.digest

@@ -217,3 +217,9 @@ def test_a_peak_is_measured_in_the_precision_it_names(precision: str) -> None:
     # read back from the compiled model's execution graph: fp32 runs f32, FakeQuantize'd inputs an int8 GEMM
     assert peak.verified and peak.runtime_precision in {"fp32": {"f32"}, "int8": {"u8", "i8"}}[precision]
     assert peak.gflops > 0
+
+
+def test_a_reference_not_among_the_engines_is_refused_before_running(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    assert main(["bench", str(tiny_bundle), "--engines", "sdrt", "--reference", "diffusers-fp32", "--out", str(tmp_path)]) == 2
+    assert "--reference diffusers-fp32: not among --engines" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()

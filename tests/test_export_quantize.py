@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 import sdrt.engine
-from sdrt.engine.backends.openvino.backend import OpenVINOInt8Backend
+from sdrt.engine.backends.openvino.backend import OpenVINOBF16Backend, OpenVINOInt8Backend
 from sdrt.engine.backends.openvino.int8_unet_location import INT8_SUBDIR
 from sdrt.engine.host_memory import MemoryBudget
 from sdrt.export import int8_unet
+from sdrt.export.errors import ExportError
 from sdrt.export.int8_unet import EXPORT_CALIBRATION_MIN_SIDE, export_calibration, quantize_after_export
 
 can_quantize = pytest.mark.skipif(int8_unet.quantize_unavailable_reason() is not None,
@@ -74,8 +75,9 @@ def test_a_quantization_over_the_memory_budget_is_skipped_up_front(bundle: Path,
 
 
 @can_quantize
-def test_quantize_after_export_within_the_budget_writes_the_int8_unet(bundle: Path, quick_calibration) -> None:
-    needed = int8_unet.export_quantization_peak_bytes(bundle)
+def test_quantize_after_export_within_the_budget_writes_the_int8_unet(bundle: Path, quick_calibration, steady_rss) -> None:
+    calibration_peak = int8_unet.calibration_peak_bytes(bundle, export_calibration(bundle), int8_unet.CALIBRATION_PIPELINES[0])
+    needed = max(int8_unet.export_quantization_peak_bytes(bundle), calibration_peak)
     written = quantize_after_export(bundle, MemoryBudget(bytes=needed))
     assert written is not None and written.is_file()
     assert OpenVINOInt8Backend.bundle_unavailable_reason(bundle, sdrt.engine.load(bundle, backend="exact").backend.components) is None
@@ -97,3 +99,38 @@ def test_export_calibrates_at_half_the_default_side_but_not_below_the_minimum(bu
     assert export_calibration(bundle).size == 512
     monkeypatch.setattr(int8_unet, "read_manifest", with_sample_size(384 // factor))
     assert export_calibration(bundle).size == EXPORT_CALIBRATION_MIN_SIDE
+
+
+@pytest.fixture
+def steady_rss(monkeypatch) -> None:
+    """The calibration estimates start from this process's RSS: held still, so that two estimates compare."""
+    monkeypatch.setattr(int8_unet, "process_rss_bytes", lambda: 500 * 2**20)
+
+
+@can_quantize
+def test_calibration_prefers_fp32_kept_loaded_then_one_at_a_time_then_bf16(bundle: Path, steady_rss) -> None:
+    calibration = export_calibration(bundle)
+    peaks = {p: int8_unet.calibration_peak_bytes(bundle, calibration, p) for p in int8_unet.CALIBRATION_PIPELINES
+             if OpenVINOBF16Backend.unavailable_reason() is None or p.backend != "openvino-bf16"}
+    fp32_kept, fp32_one, *bf16 = int8_unet.CALIBRATION_PIPELINES
+    assert peaks[fp32_one] < peaks[fp32_kept]
+    assert int8_unet.calibration_pipeline(bundle, calibration, MemoryBudget(bytes=peaks[fp32_kept])) == fp32_kept
+    assert int8_unet.calibration_pipeline(bundle, calibration, MemoryBudget(bytes=peaks[fp32_kept] - 1)) == fp32_one
+    smallest = min(peaks.values())
+    with pytest.raises(ExportError, match=r"do not fit the memory budget .*openvino-fp32 one-at-a-time needs about"):
+        int8_unet.calibration_pipeline(bundle, calibration, MemoryBudget(bytes=smallest - 1))
+
+
+@can_quantize
+@pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not None, reason=str(OpenVINOBF16Backend.unavailable_reason()))
+def test_a_budget_that_fp32_calibration_does_not_fit_calibrates_in_bf16(bundle: Path, quick_calibration, steady_rss, monkeypatch) -> None:
+    calibration = export_calibration(bundle)
+    fp32_one = int8_unet.CALIBRATION_PIPELINES[1]
+    budget = MemoryBudget(bytes=int8_unet.calibration_peak_bytes(bundle, calibration, fp32_one) - 1)
+    loaded = []
+    real_load = sdrt.engine.load
+    monkeypatch.setattr(sdrt.engine, "load", lambda *args, **kwargs: loaded.append(kwargs["backend"]) or real_load(*args, **kwargs))
+    monkeypatch.setattr(int8_unet, "export_quantization_peak_bytes", lambda bundle_dir: 0)  # NNCF's step is not the question here
+    written = quantize_after_export(bundle, budget)
+    assert loaded == ["openvino-bf16"]
+    assert written is not None and written.is_file()
