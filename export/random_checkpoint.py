@@ -19,7 +19,6 @@ import torch
 import diffusers
 from diffusers import (
     AutoencoderKL,
-    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -75,6 +74,7 @@ TURBO_SCHEDULER_CONFIG = {
 
 # The scheduler SDXL base ships (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
 SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -90,6 +90,9 @@ SDXL_SCHEDULER_CONFIG = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+# SDXL-Turbo's: SDXL base's with Euler ancestral over trailing timesteps (stabilityai/sdxl-turbo scheduler_config.json).
+SDXL_TURBO_SCHEDULER_CONFIG = {**SDXL_SCHEDULER_CONFIG, "_class_name": "EulerAncestralDiscreteScheduler",
+                               "timestep_spacing": "trailing"}
 
 # feature_extractor/preprocessor_config.json exactly as SD 1.x checkpoints ship it (CLIP ViT-L/14 preprocessing).
 SD_PREPROCESSOR_CONFIG = {
@@ -275,6 +278,8 @@ class SdxlArch:
     norm_num_groups: int
     pad_token_2: str = "!"  # the second tokenizer pads with "!" (id 0), the first with the end-of-text token
     safety_checker: None = None
+    #: the scheduler_config.json it ships ("_class_name" picks the class); None: SDXL base's Euler
+    scheduler_config: dict | None = None
 
     @property
     def cross_attention_dim(self) -> int:
@@ -333,6 +338,11 @@ ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=Tru
 ARCHES["tiny-lcm"] = dataclasses.replace(ARCHES["tiny"], unet_time_cond_proj_dim=32, scheduler_config=LCM_SCHEDULER_CONFIG)
 # "tiny" as a Turbo checkpoint ships it: the same U-Net, Euler ancestral over trailing timesteps.
 ARCHES["tiny-turbo"] = dataclasses.replace(ARCHES["tiny"], scheduler_config=TURBO_SCHEDULER_CONFIG)
+# SDXL-Turbo: SDXL base's architecture trained at 512x512 (its U-Net's sample_size is 64), Euler ancestral over
+# trailing timesteps. The tiny one halves tiny-sdxl's sample size likewise (128x128 by default).
+ARCHES["sdxl-turbo"] = dataclasses.replace(SDXL_ARCHES["sdxl"], unet_sample_size=64, scheduler_config=SDXL_TURBO_SCHEDULER_CONFIG)
+ARCHES["tiny-sdxl-turbo"] = dataclasses.replace(SDXL_ARCHES["tiny-sdxl"], unet_sample_size=16,
+                                                scheduler_config=SDXL_TURBO_SCHEDULER_CONFIG)
 # SD 1.5's layout (cross-attention with 8 heads at the first three of four levels, 2 layers per block, a 4-level VAE)
 # at 0.3x its U-Net's channels and half its VAE's: a 0.3 GB U-Net that exports in a minute in 2.5 GB, to calibrate the
 # memory estimate (benchmarks/memory_estimate.py) on SD 1.5's proportions where the full model does not fit.
@@ -451,12 +461,14 @@ def build_sdxl_models(arch: SdxlArch) -> SdxlModels:
                       unet=_sdxl_unet(arch).eval())
 
 
-def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: str = "!") -> Path:
-    """Save `models` as a diffusers checkpoint laid out like SDXL base (safetensors, Euler scheduler, both tokenizers
-    as vocab.json + merges.txt, force_zeros_for_empty_prompt). The directory appears whole or not at all."""
+def save_sdxl_checkpoint(out_dir: str | Path, models: SdxlModels, pad_token_2: str = "!",
+                         scheduler_config: dict | None = None) -> Path:
+    """Save `models` as a diffusers checkpoint laid out like SDXL base (safetensors, the scheduler of
+    `scheduler_config` (default SDXL base's Euler), both tokenizers as vocab.json + merges.txt,
+    force_zeros_for_empty_prompt). The directory appears whole or not at all."""
     pipe = StableDiffusionXLPipeline(
         vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2, tokenizer=None,
-        tokenizer_2=None, unet=models.unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        tokenizer_2=None, unet=models.unet, scheduler=_scheduler(scheduler_config or SDXL_SCHEDULER_CONFIG),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     out_dir = Path(out_dir)
@@ -505,7 +517,7 @@ def make_random_checkpoint(
     spec = ARCHES[arch] if isinstance(arch, str) else arch
     torch.manual_seed(seed)
     if isinstance(spec, SdxlArch):
-        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2)
+        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2, scheduler_config=spec.scheduler_config)
         logger.info("wrote random-weight SDXL checkpoint to %s", out_dir)
         return Path(out_dir)
     models = build_models(spec)
