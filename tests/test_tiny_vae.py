@@ -4,9 +4,8 @@
 choices name the parameter and the export flag."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral_module
 import numpy as np
