@@ -9,6 +9,9 @@ PROMPT ?= a red circle on a blue background
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # torch alone (--no-deps: only torch is looked up on its index); its dependencies come from PyPI with the next install
 INSTALL_TORCH = -m pip install --quiet --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
+# The peers' venvs also take torchvision (optimum-intel requires it): the one built for this torch, from the same
+# index, or PyPI's newest would replace the CPU torch with the CUDA build it pins.
+INSTALL_TORCH_AND_VISION = $(INSTALL_TORCH) torchvision==0.28.0
 
 .PHONY: demo test test-slow demo-bundle
 
@@ -55,7 +58,7 @@ GENAI_VENV ?= .venv-genai
 
 $(OPTIMUM_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/python $(INSTALL_TORCH)
+	$(OPTIMUM_VENV)/bin/python $(INSTALL_TORCH_AND_VISION)
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet 'optimum-onnx[onnxruntime]' 'transformers<5' diffusers
 	touch $@
 
@@ -82,7 +85,7 @@ $(GENAI_VENV)/.installed:
 
 $(OPTIMUM_INTEL_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_INTEL_VENV)
-	$(OPTIMUM_INTEL_VENV)/bin/python $(INSTALL_TORCH)
+	$(OPTIMUM_INTEL_VENV)/bin/python $(INSTALL_TORCH_AND_VISION)
 	$(OPTIMUM_INTEL_VENV)/bin/python -m pip install --quiet 'optimum-intel[openvino]' 'transformers<5' diffusers
 	touch $@
 
@@ -116,3 +119,33 @@ bench-scaling: bench-bundle
 	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-bundle --checkpoint $(BENCH_DIR)/sd15 \
 	    --engines sdrt diffusers-bf16 --runs 1 --sizes 256 512 768 --batches 1 2 4 -s 2 \
 	    --out $(BENCH_DIR)/scaling --results benchmarks/SCALING.md
+
+# Regenerates benchmarks/SDXL.md and SDXL-1024.md (and EXPORT-SDXL.md): the SDXL base-architecture random checkpoint,
+# sdrt's export of it and optimum-intel's (time and peak memory of each; the peer's in SDXL.md), then sdrt against diffusers bf16,
+# optimum-intel and OpenVINO GenAI at 512² (with sdrt's fp32 engine, the PSNR reference) and 1024², 4 Euler steps,
+# guidance 5 (SDXL's default), one run each as the figures are minutes long. About 90 minutes on 2 cores.
+SDXL_BENCH_ARGS ?= --runs 1 -s 4 -g 5
+SDXL_PEERS = --optimum-intel-python $(OPTIMUM_INTEL_VENV)/bin/python --genai-python $(GENAI_VENV)/bin/python \
+    --openvino-model $(BENCH_DIR)/sdxl-build/optimum-openvino --checkpoint $(BENCH_DIR)/sdxl
+.PHONY: bench-sdxl bench-turbo
+bench-sdxl: $(VENV)/.test-installed $(OPTIMUM_INTEL_VENV)/.installed $(GENAI_VENV)/.installed
+	test -d $(BENCH_DIR)/sdxl || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sdxl --arch sdxl
+	test -d $(BENCH_DIR)/sdxl-build/bundle || $(PY) -m sdrt.benchmarks.build_memory $(BENCH_DIR)/sdxl \
+	    $(BENCH_DIR)/sdxl-build --quantize-size 0 --results benchmarks/EXPORT-SDXL.md
+	test -d $(BENCH_DIR)/sdxl-build/optimum-openvino || $(PY) -m sdrt.benchmarks.peer_export openvino $(BENCH_DIR)/sdxl \
+	    $(BENCH_DIR)/sdxl-build/optimum-openvino --python $(OPTIMUM_INTEL_VENV)/bin/python
+	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sdxl-build/bundle $(SDXL_PEERS) $(SDXL_BENCH_ARGS) --sizes 512 \
+	    --engines sdrt sdrt-exact diffusers-bf16 optimum-intel openvino-genai \
+	    --out $(BENCH_DIR)/sdxl-512 --results benchmarks/SDXL.md
+	$(VENV)/bin/sdrt bench $(BENCH_DIR)/sdxl-build/bundle $(SDXL_PEERS) $(SDXL_BENCH_ARGS) --sizes 1024 \
+	    --engines sdrt diffusers-bf16 optimum-intel openvino-genai --out $(BENCH_DIR)/sdxl-1024 --results benchmarks/SDXL-1024.md
+
+# Regenerates benchmarks/TURBO-{1,2,4}.md: one-, two- and four-step latency at 512², guidance 0, on SD 1.5's
+# architecture with SD-Turbo's scheduler, exported as a user does (`sdrt export`: the int8 U-Net where it fits),
+# against sdrt's fp32 engine and diffusers bf16. About 30 minutes on 2 cores.
+bench-turbo: $(VENV)/.test-installed
+	test -d $(BENCH_DIR)/sd15-turbo || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15-turbo --arch sd15-turbo
+	test -d $(BENCH_DIR)/sd15-turbo-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15-turbo $(BENCH_DIR)/sd15-turbo-bundle
+	for steps in 1 2 4; do $(VENV)/bin/sdrt bench $(BENCH_DIR)/sd15-turbo-bundle --checkpoint $(BENCH_DIR)/sd15-turbo \
+	    --engines sdrt sdrt-exact diffusers-bf16 --runs 3 --sizes 512 -s $$steps -g 0 \
+	    --out $(BENCH_DIR)/turbo-$$steps --results benchmarks/TURBO-$$steps.md || exit 1; done

@@ -211,9 +211,11 @@ def _run_optimum(config: RunConfig, onnx_dir: str) -> tuple[Callable[[int], Any]
 def _run_optimum_intel(config: RunConfig, openvino_dir: str) -> tuple[Callable[[int], Any], dict[str, Any]]:
     import openvino
     import torch
-    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel import OVDiffusionPipeline
 
-    pipe = OVStableDiffusionPipeline.from_pretrained(openvino_dir)  # compiled for dynamic shapes, its default
+    # the class the export's model_index.json names (OVStableDiffusionPipeline, OVStableDiffusionXLPipeline), compiled
+    # for dynamic shapes, its default
+    pipe = OVDiffusionPipeline.from_pretrained(openvino_dir)
     pipe.safety_checker = None  # the export carries the torch checker: the peers run without one
     latents = torch.from_numpy(np.load(config.latents_file))  # built on diffusers' pipeline: torch latents
     pipe.compile()  # compiled by from_pretrained already unless told otherwise; its precision is read from it

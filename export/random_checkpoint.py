@@ -338,6 +338,9 @@ ARCHES["tiny-inpaint"] = dataclasses.replace(ARCHES["tiny"], unet_inpainting=Tru
 ARCHES["tiny-lcm"] = dataclasses.replace(ARCHES["tiny"], unet_time_cond_proj_dim=32, scheduler_config=LCM_SCHEDULER_CONFIG)
 # "tiny" as a Turbo checkpoint ships it: the same U-Net, Euler ancestral over trailing timesteps.
 ARCHES["tiny-turbo"] = dataclasses.replace(ARCHES["tiny"], scheduler_config=TURBO_SCHEDULER_CONFIG)
+# SD 1.5's architecture as a Turbo checkpoint ships it, to measure few-step latency at full size (SD-Turbo itself
+# is SD 2.1's: a U-Net of about the same compute, a larger text encoder that runs once per prompt).
+ARCHES["sd15-turbo"] = dataclasses.replace(ARCHES["sd15"], scheduler_config=TURBO_SCHEDULER_CONFIG)
 # SDXL-Turbo: SDXL base's architecture trained at 512x512 (its U-Net's sample_size is 64), Euler ancestral over
 # trailing timesteps. The tiny one halves tiny-sdxl's sample size likewise (128x128 by default).
 ARCHES["sdxl-turbo"] = dataclasses.replace(SDXL_ARCHES["sdxl"], unet_sample_size=64, scheduler_config=SDXL_TURBO_SCHEDULER_CONFIG)
