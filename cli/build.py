@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # The architectures of sdrt.export.random_checkpoint.ARCHES, named here so `sdrt --help` works without the export extra.
 ARCH_NAMES = ("sd15", "tiny", "tiny-alt", "demo", "sdxl", "tiny-sdxl", "sdxl-refiner", "tiny-sdxl-refiner", "tiny-inpaint",
-              "tiny-lcm", "tiny-turbo", "sd15-small", "sd15-turbo")
+              "tiny-lcm", "tiny-turbo", "sd15-small", "sd15-turbo", "sdxl-turbo", "tiny-sdxl-turbo")
 
 
 def _import_export_extra(command: str):

@@ -91,6 +91,9 @@ SDXL_SCHEDULER_CONFIG = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+# SDXL-Turbo's: SDXL base's with Euler ancestral over trailing timesteps (stabilityai/sdxl-turbo scheduler_config.json).
+SDXL_TURBO_SCHEDULER_CONFIG = {**SDXL_SCHEDULER_CONFIG, "_class_name": "EulerAncestralDiscreteScheduler",
+                               "timestep_spacing": "trailing"}
 
 # feature_extractor/preprocessor_config.json exactly as SD 1.x checkpoints ship it (CLIP ViT-L/14 preprocessing).
 SD_PREPROCESSOR_CONFIG = {
@@ -281,6 +284,8 @@ class SdxlArch:
     pad_token_2: str = "!"  # the second tokenizer pads with "!" (id 0), the first with the end-of-text token
     safety_checker: None = None
     requires_aesthetics_score: bool = False  # a refiner: model_index.json says so, its U-Net takes 5 conditions
+    #: the scheduler_config.json it ships ("_class_name" picks the class); None: SDXL base's Euler
+    scheduler_config: dict | None = None
 
     @property
     def cross_attention_dim(self) -> int:
@@ -367,6 +372,11 @@ ARCHES["tiny-turbo"] = dataclasses.replace(ARCHES["tiny"], scheduler_config=TURB
 # SD 1.5's architecture as a Turbo checkpoint ships it, to measure few-step latency at full size (SD-Turbo itself
 # is SD 2.1's: a U-Net of about the same compute, a larger text encoder that runs once per prompt).
 ARCHES["sd15-turbo"] = dataclasses.replace(ARCHES["sd15"], scheduler_config=TURBO_SCHEDULER_CONFIG)
+# SDXL-Turbo: SDXL base's architecture trained at 512x512 (its U-Net's sample_size is 64), Euler ancestral over
+# trailing timesteps. The tiny one halves tiny-sdxl's sample size likewise (128x128 by default).
+ARCHES["sdxl-turbo"] = dataclasses.replace(SDXL_ARCHES["sdxl"], unet_sample_size=64, scheduler_config=SDXL_TURBO_SCHEDULER_CONFIG)
+ARCHES["tiny-sdxl-turbo"] = dataclasses.replace(SDXL_ARCHES["tiny-sdxl"], unet_sample_size=16,
+                                                scheduler_config=SDXL_TURBO_SCHEDULER_CONFIG)
 # SD 1.5's layout (cross-attention with 8 heads at the first three of four levels, 2 layers per block, a 4-level VAE)
 # at 0.3x its U-Net's channels and half its VAE's: a 0.3 GB U-Net that exports in a minute in 2.5 GB, to calibrate the
 # memory estimate (benchmarks/memory_estimate.py) on SD 1.5's proportions where the full model does not fit.
@@ -550,7 +560,7 @@ def make_random_checkpoint(
     spec = ARCHES[arch] if isinstance(arch, str) else arch
     torch.manual_seed(seed)
     if isinstance(spec, SdxlArch):
-        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2,
+        save_sdxl_checkpoint(out_dir, build_sdxl_models(spec), pad_token_2=spec.pad_token_2, scheduler_config=spec.scheduler_config,
                              requires_aesthetics_score=spec.requires_aesthetics_score)
         logger.info("wrote random-weight SDXL checkpoint to %s", out_dir)
         return Path(out_dir)
@@ -656,7 +666,7 @@ def write_config_directory(arch: str | CheckpointArch | SdxlArch, out_dir: str |
     models.text_encoder.config.save_pretrained(out_dir / "text_encoder")
     if isinstance(spec, SdxlArch):
         models.text_encoder_2.config.save_pretrained(out_dir / "text_encoder_2")
-        _scheduler(SDXL_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
+        _scheduler(spec.scheduler_config or SDXL_SCHEDULER_CONFIG).save_config(out_dir / "scheduler")
         write_clip_tokenizer(out_dir / "tokenizer", pad_token=EOS_TOKEN)
         write_clip_tokenizer(out_dir / "tokenizer_2", pad_token=spec.pad_token_2)
         return out_dir

@@ -180,8 +180,9 @@ class SourceCheckpoint:
 
 
 def with_tiny_vae(source: SourceCheckpoint, path: str | Path) -> SourceCheckpoint:
-    """`source` with the diffusers AutoencoderTiny at `path` (TAESD for SD 1.x/2.x, as madebyollin/taesd ships it) to
-    export as its tiny decoder; raise CheckpointError unless it is one that decodes this checkpoint's latents."""
+    """`source` with the diffusers AutoencoderTiny at `path` (TAESD for SD 1.x/2.x, TAESDXL for SDXL, as
+    madebyollin/taesd and madebyollin/taesdxl ship them) to export as its tiny decoder; raise CheckpointError unless it
+    is one that decodes this checkpoint's latents."""
     path = Path(path).resolve()
     config = _read_json(path / "config.json")
     if config.get("_class_name") != "AutoencoderTiny":
@@ -194,7 +195,7 @@ def with_tiny_vae(source: SourceCheckpoint, path: str | Path) -> SourceCheckpoin
         raise CheckpointError(
             f"--tiny-vae {path} decodes {channels}-channel latents upscaled {scale_factor}x, but {source.path}'s VAE "
             f"makes {source.latent_channels}-channel latents at 1/{source.vae_scale_factor} of the image: pick the tiny "
-            "autoencoder of this model family (TAESD for SD 1.x/2.x)")
+            "autoencoder of this model family (TAESD for SD 1.x/2.x, TAESDXL for SDXL)")
     return dataclasses.replace(source, tiny_vae_path=path, tiny_vae_config=config)
 
 

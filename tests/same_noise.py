@@ -27,8 +27,10 @@ def record_our_noise(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     return draws
 
 
-def replay_to_diffusers(monkeypatch: pytest.MonkeyPatch, pipeline_module, draws: list[np.ndarray]) -> list[np.ndarray]:
-    """Make diffusers' randn_tensor (in its VAE and in `pipeline_module`) return `draws` in order; once they run out,
+def replay_to_diffusers(monkeypatch: pytest.MonkeyPatch, pipeline_module, draws: list[np.ndarray],
+                        scheduler_module=None) -> list[np.ndarray]:
+    """Make diffusers' randn_tensor (in its VAE, in `pipeline_module` and in `scheduler_module`, a stochastic
+    sampler's module where the pipeline draws too, for its step noise) return `draws` in order; once they run out,
     NaN arrays, so a draw diffusers uses but we never made poisons its output instead of passing silently. Returns
     the list of draws left over (empty when diffusers consumed all of ours)."""
     queue = [d.copy() for d in draws]
@@ -42,4 +44,6 @@ def replay_to_diffusers(monkeypatch: pytest.MonkeyPatch, pipeline_module, draws:
 
     monkeypatch.setattr(diffusers_vae, "randn_tensor", replay)
     monkeypatch.setattr(pipeline_module, "randn_tensor", replay)
+    if scheduler_module is not None:
+        monkeypatch.setattr(scheduler_module, "randn_tensor", replay)
     return queue

@@ -1,19 +1,22 @@
 """Few-step models against diffusers' own pipelines on every exact CPU backend (fp32, <= 5e-3), on the same initial
 latents and step noise (tests/same_noise.py): an LCM-distilled U-Net (guidance as a `timestep_cond` embedding, no
 unconditional batch, LCMScheduler), LCM-LoRA fused at export and loaded at run time (a plain U-Net, LCMScheduler,
-guidance 1), and a Turbo checkpoint (Euler ancestral over trailing timesteps, guidance 0, 1, 2 and 4 steps). Each
-bundle runs its model's own defaults when the caller gives none, recorded in the manifest at export."""
+guidance 1), and Turbo checkpoints, SD-Turbo's and SDXL-Turbo's (Euler ancestral over trailing timesteps, guidance 0,
+1, 2 and 4 steps; SDXL-Turbo's image-to-image as its model card runs it). Each bundle runs its model's own defaults
+when the caller gives none, recorded in the manifest at export."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as diffusers_xl_img2img
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral_module
 import diffusers.schedulers.scheduling_lcm as lcm_module
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import save_file
 
 from sdrt.cli.main import main
@@ -26,10 +29,11 @@ from sdrt.export import export_bundle
 from sdrt.export.errors import ExportError
 from sdrt.export.lora_fusion import LoraSpec
 from sdrt.export.model_defaults import model_defaults
-from sdrt.export.random_checkpoint import make_random_checkpoint
-from sdrt.export.source_checkpoint import load_checkpoint
+from sdrt.export.random_checkpoint import ARCHES, build_sdxl_models, make_random_checkpoint
+from sdrt.export.source_checkpoint import SourceCheckpoint, load_checkpoint
 from tests.pipes import pipe_or_skip
 from tests.same_noise import record_our_noise, replay_to_diffusers
+from tests.test_img2img import make_image
 from tests.test_parity import MAX_PIXEL_DIFF
 
 CPU_BACKENDS = ["onnxruntime-cpu", "openvino-fp32"]  # the exact backends of the CPU
@@ -238,6 +242,94 @@ def test_cli_generate_uses_and_records_the_bundles_defaults(fewstep_bundles, tmp
     assert (parameters["num_inference_steps"], parameters["guidance_scale"], parameters["scheduler"]) == (3, 2.0, "lcm")
 
 
+# --- SDXL-Turbo -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_turbo_reference(sdxl_turbo_checkpoint: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_turbo_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_turbo_architecture_is_sdxl_bases_at_512() -> None:
+    """`make-checkpoint --arch sdxl-turbo` is stabilityai/sdxl-turbo's shape: SDXL base's U-Net (2,567,463,684
+    parameters) whose sample_size 64 makes 512x512 images, Euler ancestral over trailing timesteps; its configs give
+    the Turbo defaults (counted on the meta device, no weights)."""
+    spec = ARCHES["sdxl-turbo"]
+    with torch.device("meta"):
+        models = build_sdxl_models(spec)
+    assert sum(p.numel() for p in models.unet.parameters()) == 2_567_463_684
+    source = SourceCheckpoint(path=Path("."), text_encoder_config=models.text_encoder.config.to_dict(),
+                              unet_config=dict(models.unet.config), vae_config=dict(models.vae.config),
+                              safety_checker_config=None, scheduler_config=spec.scheduler_config, tokenizer_config={},
+                              text_encoder_2_config=models.text_encoder_2.config.to_dict())
+    assert source.unet_config["sample_size"] * source.vae_scale_factor == 512
+    assert model_defaults(source) == GenerationDefaults(num_inference_steps=1, guidance_scale=0.0, scheduler=None)
+
+
+def test_sdxl_turbo_bundle_records_turbo_defaults_and_its_trained_size(sdxl_turbo_bundle: Path) -> None:
+    manifest = read_manifest(sdxl_turbo_bundle)
+    assert manifest.sdxl is not None and manifest.sdxl.force_zeros_for_empty_prompt is True
+    assert manifest.defaults == GenerationDefaults(num_inference_steps=1, guidance_scale=0.0, scheduler=None)
+    assert manifest.model.default_image_size == 128  # its U-Net's sample_size (16) x the VAE's scale factor (8)
+
+
+SDXL_TURBO_CASES = {
+    "a-prompt": dict(prompt="a red circle"),
+    # guidance 0 runs no unconditional batch: diffusers encodes "" as any prompt (force_zeros_for_empty_prompt zeroes
+    # only the unconditional half) and never reads the negative prompt
+    "empty-prompt-negative-ignored": dict(prompt="", negative_prompt="blur"),
+    "size-conditions": dict(prompt="a boat", original_size=(512, 512), target_size=(64, 64), crops_coords_top_left=(8, 0)),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("steps", "case"), [(1, "a-prompt"), (2, "a-prompt"), (4, "a-prompt"), (2, "empty-prompt-negative-ignored"),
+                                             pytest.param(2, "size-conditions", marks=pytest.mark.slow)])
+def test_sdxl_turbo_matches_diffusers(monkeypatch, sdxl_turbo_reference, sdxl_turbo_bundle, backend: str, steps: int,
+                                      case: str) -> None:
+    """SDXL-Turbo's model card: StableDiffusionXLPipeline, its own Euler ancestral over trailing timesteps, guidance 0."""
+    ours = pipe_or_skip(sdxl_turbo_bundle, backend)
+    assert sdxl_turbo_reference.scheduler.config.timestep_spacing == "trailing"
+    args = dict(SDXL_TURBO_CASES[case], height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=0.0)
+    _compare(monkeypatch, ours, sdxl_turbo_reference, euler_ancestral_module, args)
+
+
+@pytest.fixture(scope="module")
+def sdxl_turbo_img2img_reference(sdxl_turbo_reference):
+    pipe = diffusers_xl_img2img.StableDiffusionXLImg2ImgPipeline(**sdxl_turbo_reference.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("steps", "strength"), [(2, 0.5), pytest.param(4, 0.5, marks=pytest.mark.slow)])
+def test_sdxl_turbo_image_to_image_matches_diffusers(monkeypatch, sdxl_turbo_img2img_reference, sdxl_turbo_bundle,
+                                                     backend: str, steps: int, strength: float) -> None:
+    """The SDXL-Turbo model card's image-to-image: 2 steps at strength 0.5 (steps * strength >= 1, as diffusers
+    requires), guidance 0, Euler ancestral drawing step noise after the image's latent sample and the initial noise."""
+    ours = pipe_or_skip(sdxl_turbo_bundle, backend)
+    args = dict(prompt="a cat wizard", image=make_image(SIZE, SIZE), num_inference_steps=steps, strength=strength,
+                guidance_scale=0.0)
+    draws = record_our_noise(monkeypatch)
+    out = ours(**args, seed=3, output_type="np")
+    left = replay_to_diffusers(monkeypatch, diffusers_xl_img2img, draws, euler_ancestral_module)
+    expected = sdxl_turbo_img2img_reference(**args, output_type="np").images
+    assert left == [] and out.unet_calls == int(steps * strength)
+    assert out.images.shape == expected.shape == (1, SIZE, SIZE, 3)
+    assert np.abs(out.images - expected).max() <= MAX_PIXEL_DIFF
+    assert out.images.std() > 1e-3
+
+
+def test_sdxl_turbo_cli_generate_needs_no_flags(sdxl_turbo_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "xl-turbo.png"
+    assert main(["generate", str(sdxl_turbo_bundle), "a cat", "-o", str(out), "--seed", "1", "-q"]) == 0
+    parameters = read_png_parameters(out)
+    assert (parameters["num_inference_steps"], parameters["guidance_scale"], parameters["scheduler"]) == (1, 0.0, "default")
+    assert Image.open(out).size == (128, 128)  # the manifest's default size, from the U-Net's sample_size
+
+
 # --- defaults of other models, older bundles, bad input ------------------------------------------------------------
 
 
@@ -261,6 +353,13 @@ def test_model_defaults_rule(tiny_checkpoint: Path, fewstep_checkpoints) -> None
     assert model_defaults(turbo, "ddim") == GenerationDefaults(50, 7.5, "ddim")
     with pytest.raises(ExportError, match="scheduler 'heun'"):
         model_defaults(plain, "heun")
+
+
+def test_model_defaults_rule_for_sdxl_turbo(sdxl_turbo_checkpoint: Path) -> None:
+    sdxl_turbo = load_checkpoint(sdxl_turbo_checkpoint)
+    assert model_defaults(sdxl_turbo) == GenerationDefaults(1, 0.0, None)
+    assert model_defaults(sdxl_turbo, "euler") == GenerationDefaults(1, 0.0, "euler")
+    assert model_defaults(sdxl_turbo, "ddim") == GenerationDefaults(50, 5.0, "ddim")  # StableDiffusionXLPipeline's
 
 
 def test_export_refuses_an_unknown_scheduler_before_any_work(tiny_checkpoint: Path, tmp_path: Path) -> None:

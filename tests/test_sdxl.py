@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import diffusers
@@ -111,6 +112,9 @@ def test_second_tokenizer_pads_with_exclamation_mark_as_transformers(sdxl_checkp
     assert ours.pad_token_id == 0
 
 
+# 12 x 11 words: 136 CLIP tokens, beyond the 77 of both text encoders
+LONG_PROMPT = " ".join(f"a red circle number {i} beside a blue square," for i in range(12))
+
 CASES = {
     "guided": dict(prompt="a red circle"),
     "unguided": dict(prompt="a red circle", guidance_scale=1.0),
@@ -122,6 +126,8 @@ CASES = {
     "negative-size-conditions": dict(prompt="a boat", negative_original_size=(128, 128), negative_crops_coords_top_left=(4, 0),
                                      negative_target_size=(64, 96)),
     "non-square": dict(prompt="a wide landscape", height=64, width=96),
+    # diffusers truncates both encoders' ids to 77 (EOS last, the second padded with "!"), the negative prompt's too
+    "long-prompts-truncated": dict(prompt=LONG_PROMPT, negative_prompt=LONG_PROMPT[::-1]),
 }
 
 
@@ -142,6 +148,18 @@ def _parity(reference, ours, args: dict, scheduler: str | None = None) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_pixels_match_diffusers(reference, pipe, case: str) -> None:
     _parity(reference, pipe, CASES[case])
+
+
+def test_long_prompt_is_truncated_with_a_warning_per_encoder(pipe, caplog) -> None:
+    """As StableDiffusionXLPipeline.encode_prompt: each tokenizer warns about the tail it drops (the parity case
+    above checks the images); the tail changes nothing, the part that fits does."""
+    args = dict(num_inference_steps=1, height=64, width=64, output_type="np", seed=3)
+    with caplog.at_level(logging.WARNING, logger="sdrt"):
+        long = pipe(LONG_PROMPT, **args).images
+    warnings = [r.getMessage() for r in caplog.records if "truncated because CLIP" in r.getMessage()]
+    assert len(warnings) == 2 and all("number 8 beside" in w for w in warnings)
+    np.testing.assert_array_equal(pipe(LONG_PROMPT + " and a green triangle", **args).images, long)
+    assert np.abs(pipe(LONG_PROMPT[len("a red"):], **args).images - long).max() > 1e-4
 
 
 def test_conditions_change_the_image(pipe) -> None:

@@ -1,14 +1,17 @@
-"""The tiny autoencoder (diffusers' AutoencoderTiny, TAESD) exported beside the VAE (`sdrt export --tiny-vae DIR`):
-decoder="tiny" draws what diffusers' StableDiffusionPipeline draws with `pipe.vae = AutoencoderTiny` on every exact
-CPU backend (fp32, <= 5e-3), previews in callback_on_step_end, and bad choices name the parameter and the export flag."""
+"""The tiny autoencoder (diffusers' AutoencoderTiny, TAESD, and TAESDXL for SDXL) exported beside the VAE (`sdrt export
+--tiny-vae DIR`): decoder="tiny" draws what diffusers' StableDiffusionPipeline and StableDiffusionXLPipeline draw with
+`pipe.vae = AutoencoderTiny` on every exact CPU backend (fp32, <= 5e-3), previews in callback_on_step_end, and bad
+choices name the parameter and the export flag."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral_module
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderTiny, StableDiffusionPipeline
+from diffusers import AutoencoderTiny, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdrt.cli.main import main
 from sdrt.engine.errors import InvalidArgumentError
@@ -18,15 +21,11 @@ from sdrt.export import export_bundle
 from sdrt.export.errors import CheckpointError
 from sdrt.export.random_checkpoint import make_tiny_autoencoder
 from tests.pipes import pipe_or_skip
+from tests.same_noise import record_our_noise, replay_to_diffusers
 from tests.test_fewstep import CPU_BACKENDS
 from tests.test_parity import MAX_PIXEL_DIFF
 
 ARGS = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=7.5, height=64, width=64)
-
-
-@pytest.fixture(scope="module")
-def tiny_autoencoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_autoencoder(tmp_path_factory.mktemp("taesd") / "taesd", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +62,35 @@ def test_tiny_decoder_matches_diffusers_with_autoencoder_tiny_as_its_vae(tiny_ch
     full = _reference(tiny_checkpoint, None)(**ARGS, latents=torch.from_numpy(_latents()), output_type="np").images
     assert np.abs(ours(**ARGS, latents=_latents(), output_type="np").images - full).max() <= MAX_PIXEL_DIFF
     assert np.abs(full - expected).max() > 20 * MAX_PIXEL_DIFF  # two different decoders: a mix-up would fail
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_taesdxl_matches_diffusers_with_autoencoder_tiny_as_the_sdxl_vae(monkeypatch, sdxl_turbo_checkpoint, tiny_autoencoder,
+                                                                        sdxl_turbo_bundle, backend: str) -> None:
+    """SDXL-Turbo with TAESDXL, as its demos pair them: the SDXL VAE's latents are scaled by its 0.13025, TAESDXL's
+    by 1 (each config's scaling_factor, which diffusers divides by for whichever VAE is set)."""
+    ours = pipe_or_skip(sdxl_turbo_bundle, backend)
+    vae_config = json.loads((sdxl_turbo_checkpoint / "vae/config.json").read_text())
+    tiny_config = json.loads((tiny_autoencoder / "config.json").read_text())
+    assert (vae_config["scaling_factor"], tiny_config["scaling_factor"]) == (0.13025, 1.0)
+    model = ours.manifest.model
+    assert (model.vae_scaling_factor, model.tiny_vae_scaling_factor) == (0.13025, 1.0)
+    reference = StableDiffusionXLPipeline.from_pretrained(sdxl_turbo_checkpoint)
+    reference.set_progress_bar_config(disable=True)
+    images = {}
+    for decoder in ("full", "tiny"):
+        if decoder == "tiny":
+            reference.vae = AutoencoderTiny.from_pretrained(tiny_autoencoder)
+        args = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=0.0, height=64, width=64)
+        draws = record_our_noise(monkeypatch)
+        actual = ours(**args, latents=_latents(), seed=3, output_type="np", decoder=decoder).images
+        replay_to_diffusers(monkeypatch, euler_ancestral_module, draws)
+        expected = reference(**args, latents=torch.from_numpy(_latents()), output_type="np").images
+        assert actual.shape == expected.shape == (1, 64, 64, 3)
+        assert np.abs(actual - expected).max() <= MAX_PIXEL_DIFF
+        assert actual.std() > 1e-3
+        images[decoder] = actual
+    assert np.abs(images["full"] - images["tiny"]).max() > 20 * MAX_PIXEL_DIFF  # two different decoders: a mix-up would fail
 
 
 def test_previews_in_the_step_callback(taesd_bundle: Path) -> None:
