@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sdrt.engine.backends import Backend, ComponentFile, MemoryPolicy, backend_class
 from sdrt.engine.errors import InvalidArgumentError
-from sdrt.engine.host_memory import MemoryBudget
+from sdrt.engine.host_memory import MemoryBudget, process_rss_bytes
 from sdrt.engine.manifest import Manifest, read_manifest, verify_files
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy
@@ -54,6 +54,7 @@ def load(
     components = component_files(bundle_dir, manifest)
     backend_type = backend_class(backend, bundle_dir, components)
     chosen = backend_type(bundle_dir, components, memory_policy)
+    opened_rss_bytes = process_rss_bytes() or 0  # the memory estimate's base: before the preloaded models, which it counts
     _preload(chosen, components.keys() - ({Component.SAFETY_CHECKER} if policy is SafetyPolicy.OFF else set()))
     logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
     checker = None
@@ -81,6 +82,7 @@ def load(
         scheduler_config=scheduler_config,
         memory_budget=memory_budget,
         tokenizer_2=CLIPTokenizer.from_directory(bundle_dir / manifest.sdxl.tokenizer_2.directory) if manifest.sdxl else None,
+        opened_rss_bytes=opened_rss_bytes,
     )
 
 

@@ -89,11 +89,14 @@ class StableDiffusionPipeline:
         scheduler_config: Mapping[str, Any],
         memory_budget: MemoryBudget | None = MemoryBudget(),
         tokenizer_2: CLIPTokenizer | None = None,
+        opened_rss_bytes: int | None = None,
     ) -> None:
         """`scheduler_config`: the bundle's scheduler_config.json, read when its hash was verified at load; named
         samplers are built from it, so a file damaged or removed after load changes nothing. `memory_budget`: what
         a request's estimated peak memory must fit (sdrt.engine.memory_estimate), checked when it is validated;
-        None: no check (a server admitting work by its own budget). `tokenizer_2`: an SDXL bundle's second tokenizer."""
+        None: no check (a server admitting work by its own budget). `tokenizer_2`: an SDXL bundle's second tokenizer.
+        `opened_rss_bytes`: the process's RSS before any of the backend's models was loaded, the memory estimate's
+        base (default: now; `load` measures it before loading cached compiled models, which the estimate counts)."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -107,7 +110,7 @@ class StableDiffusionPipeline:
         self._lora = LoraWeights(bundle_dir, manifest, backend)
         self._named_schedulers: dict[str, Scheduler] = {}
         self.memory_budget = memory_budget
-        self._opened_rss_bytes = process_rss_bytes() or 0  # before any of its models ran: the memory estimate's base
+        self._opened_rss_bytes = opened_rss_bytes if opened_rss_bytes is not None else process_rss_bytes() or 0
         self._memory_model: MemoryModel | None = None
         #: an SDXL bundle's two text encoders (None for SD 1.x/2.x)
         self.sdxl_text_encoders = _sdxl_text_encoders(manifest, backend, tokenizer, tokenizer_2)

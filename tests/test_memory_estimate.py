@@ -181,3 +181,35 @@ def test_a_fraction_is_of_the_available_memory_and_the_process_own():
     expected = 0.5 * (int(meminfo["MemAvailable"].split()[0]) + int(status["VmRSS"].split()[0])) * 1024
     assert MemoryBudget.parse("0.5").resolve() == pytest.approx(expected, rel=0.05)
     assert MemoryBudget.parse("3G").resolve() == 3 * GiB
+
+
+def test_models_loaded_from_the_cache_at_load_are_not_counted_twice(tiny_bundle, tmp_path, monkeypatch):
+    """load() reads the process's RSS, the estimate's base, before it loads cached compiled models, which the estimate
+    counts as the weights it holds: a base read after them would count them twice and refuse requests that fit."""
+    import shutil
+
+    import numpy as np
+
+    import sdrt.engine
+    from sdrt.engine import loading, pipeline
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    preloaded = 4 * GiB  # as if the cache held an SDXL-sized U-Net
+    loaded = {"preload": False}
+    real_preload = loading._preload
+
+    def preload(backend, components):
+        real_preload(backend, components)
+        loaded["preload"] = True
+
+    monkeypatch.setattr(loading, "_preload", preload)
+    rest = 300 << 20
+    rss = lambda: rest + (preloaded if loaded["preload"] else 0)  # noqa: E731
+    monkeypatch.setattr(loading, "process_rss_bytes", rss, raising=False)
+    monkeypatch.setattr(pipeline, "process_rss_bytes", rss)
+    model = MemoryModel.for_bundle(read_manifest(bundle), OnnxRuntimeCPUBackend, base_bytes=rest)
+    budget = MemoryBudget(bytes=model.peak_bytes(64, 64, 1, True) + (1 << 20))
+    pipe = sdrt.engine.load(bundle, backend="onnxruntime-cpu", safety_checker=False, memory_budget=budget)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a cat", num_inference_steps=1, height=64, width=64, output_type="np").images  # fits: not refused
+    assert np.isfinite(images).all() and loaded["preload"]
