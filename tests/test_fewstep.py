@@ -268,6 +268,7 @@ def test_sdxl_turbo_architecture_is_sdxl_bases_at_512() -> None:
     assert model_defaults(source) == GenerationDefaults(num_inference_steps=1, guidance_scale=0.0, scheduler=None)
 
 
+@pytest.mark.slow
 def test_sdxl_turbo_bundle_records_turbo_defaults_and_its_trained_size(sdxl_turbo_bundle: Path) -> None:
     manifest = read_manifest(sdxl_turbo_bundle)
     assert manifest.sdxl is not None and manifest.sdxl.force_zeros_for_empty_prompt is True
@@ -287,6 +288,7 @@ SDXL_TURBO_CASES = {
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(("steps", "case"), [(1, "a-prompt"), (2, "a-prompt"), (4, "a-prompt"), (2, "empty-prompt-negative-ignored"),
                                              pytest.param(2, "size-conditions", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_sdxl_turbo_matches_diffusers(monkeypatch, sdxl_turbo_reference, sdxl_turbo_bundle, backend: str, steps: int,
                                       case: str) -> None:
     """SDXL-Turbo's model card: StableDiffusionXLPipeline, its own Euler ancestral over trailing timesteps, guidance 0."""
@@ -303,8 +305,9 @@ def sdxl_turbo_img2img_reference(sdxl_turbo_reference):
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize(("steps", "strength"), [(2, 0.5), pytest.param(4, 0.5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("steps", "strength"), [(2, 0.5), (4, 0.5)])
 def test_sdxl_turbo_image_to_image_matches_diffusers(monkeypatch, sdxl_turbo_img2img_reference, sdxl_turbo_bundle,
                                                      backend: str, steps: int, strength: float) -> None:
     """The SDXL-Turbo model card's image-to-image: 2 steps at strength 0.5 (steps * strength >= 1, as diffusers
@@ -322,6 +325,7 @@ def test_sdxl_turbo_image_to_image_matches_diffusers(monkeypatch, sdxl_turbo_img
     assert out.images.std() > 1e-3
 
 
+@pytest.mark.slow
 def test_sdxl_turbo_cli_generate_needs_no_flags(sdxl_turbo_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "xl-turbo.png"
     assert main(["generate", str(sdxl_turbo_bundle), "a cat", "-o", str(out), "--seed", "1", "-q"]) == 0

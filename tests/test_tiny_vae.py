@@ -64,6 +64,7 @@ def test_tiny_decoder_matches_diffusers_with_autoencoder_tiny_as_its_vae(tiny_ch
     assert np.abs(full - expected).max() > 20 * MAX_PIXEL_DIFF  # two different decoders: a mix-up would fail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_taesdxl_matches_diffusers_with_autoencoder_tiny_as_the_sdxl_vae(monkeypatch, sdxl_turbo_checkpoint, tiny_autoencoder,
                                                                         sdxl_turbo_bundle, backend: str) -> None:
