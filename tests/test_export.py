@@ -66,6 +66,7 @@ def test_existing_out_dir_is_refused_without_force(tiny_checkpoint: Path, tmp_pa
     assert _leftovers(out) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_force_replaces_only_when_complete(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()
@@ -103,6 +104,7 @@ def test_not_a_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == ["ckpt"]
 
 
+@pytest.mark.slow
 def test_large_models_use_one_external_data_file(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     # A full-size U-Net (3.4 GB in fp32) exceeds protobuf's 2 GB; shrink the limit so the tiny models take that path.
     import sdrt.engine
