@@ -582,8 +582,12 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_bundle):
         wait_until_ready(base, server, timeout_s=60)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"{base}{GENERATE}", timeout=60,
-                                    json={"prompt": "x", "size": "64x64", "num_inference_steps": 40})
+                                    json={"prompt": "x", "size": "64x64", "num_inference_steps": 150})
+            # bounded: a request that ended before /metrics could show it in flight would otherwise spin here forever
+            deadline = time.monotonic() + 30
             while "sdrt_requests_in_flight 1.0" not in httpx.get(f"{base}/metrics").text:
+                assert not in_flight.done(), "the request ended before /metrics showed it in flight"
+                assert time.monotonic() < deadline, "/metrics never showed the request in flight"
                 time.sleep(0.02)
             server.send_signal(signal.SIGTERM)
             response = in_flight.result()
