@@ -13,7 +13,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-import sdrt.engine
 from sdrt.cli.main import main
 from sdrt.engine.errors import NoRefitMapError
 from sdrt.engine.lora import lora_deltas
@@ -22,6 +21,7 @@ from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
 from sdrt.export.lora_fusion import LoraSpec, fused_deltas
 from sdrt.export.random_checkpoint import make_random_checkpoint, write_config_directory
+from tests.pipes import pipe_or_skip
 from tests.test_lora import _make_lora
 from tests.test_parity import MAX_PIXEL_DIFF
 
@@ -41,12 +41,6 @@ def sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sdxl_bundle(sdxl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_bundle(sdxl_checkpoint, tmp_path_factory.mktemp("sdxl-bundle") / "bundle", quantize=False)
-
-
-def _pipe(bundle: Path):
-    pipe = sdrt.engine.load(bundle, backend="onnxruntime-cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _ours(pipe) -> np.ndarray:
@@ -98,9 +92,9 @@ def test_an_sdxl_lora_fused_at_export_draws_what_the_runtime_lora_and_diffusers_
     deltas = _make_lora(sdxl_checkpoint, "peft", lora)
     fused = tmp_path / "fused"
     assert main(["export", str(sdxl_checkpoint), str(fused), "--lora", f"{lora}:{SCALE}", "--no-quantize"]) == 0
-    actual = _ours(_pipe(fused))
+    actual = _ours(pipe_or_skip(fused))
 
-    base = _pipe(sdxl_bundle)
+    base = pipe_or_skip(sdxl_bundle)
     unfused = _ours(base)
     base.load_lora(lora, scale=SCALE)
     assert np.abs(actual - _ours(base)).max() <= MAX_PIXEL_DIFF
@@ -115,7 +109,7 @@ def test_an_sdxl_lora_fused_at_export_draws_what_the_runtime_lora_and_diffusers_
 def test_a_kohya_sdxl_lora_at_run_time_matches_diffusers(sdxl_checkpoint: Path, sdxl_bundle: Path, tmp_path: Path) -> None:
     lora = tmp_path / "kohya.safetensors"
     deltas = _make_lora(sdxl_checkpoint, "kohya", lora, seed=3)
-    pipe = _pipe(sdxl_bundle)
+    pipe = pipe_or_skip(sdxl_bundle)
     for component in deltas:  # every target is patchable: the export mapped it
         refit_map = pipe.manifest.components[Component(component)].refit_map
         assert refit_map in pipe.manifest.files
@@ -136,7 +130,7 @@ def test_a_bundle_without_the_second_encoders_refit_map_takes_loras_for_the_othe
     (old / entry.pop("refit_map")).unlink()
     data["files"] = {name: vars(entry) for name, entry in describe_files(old).items()}
     (old / MANIFEST_NAME).write_text(json.dumps(data))
-    pipe = _pipe(old)
+    pipe = pipe_or_skip(old)
     first = tmp_path / "first.safetensors"
     deltas = _make_lora(sdxl_checkpoint, "peft", first, components=("unet", "text_encoder"))
     pipe.load_lora(first, scale=SCALE)
