@@ -98,12 +98,12 @@ bench-build: $(VENV)/.test-installed $(OPTIMUM_VENV)/.installed $(OPTIMUM_INTEL_
 	    --out $(BENCH_DIR)/build.json --results benchmarks/EXPORT.md
 
 # The SD 1.5-architecture random checkpoint (compute does not depend on weight values) and its bundle, quantized so
-# that `auto` runs the int8 U-Net (by `sdrt export` itself where the quantize extra is installed): what every bench
-# target measures; each step runs once.
+# that `auto` runs the int8 U-Net (by `sdrt export` itself where the quantize extra is installed), with DeepCache's
+# passes for the fast preset (sdrt-deepcache): what every bench target measures; each step runs once.
 .PHONY: bench-bundle bench-memory bench-scaling
 bench-bundle: $(VENV)/.test-installed
 	test -d $(BENCH_DIR)/sd15 || $(VENV)/bin/sdrt make-checkpoint $(BENCH_DIR)/sd15 --arch sd15
-	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle
+	test -d $(BENCH_DIR)/sd15-bundle || $(VENV)/bin/sdrt export $(BENCH_DIR)/sd15 $(BENCH_DIR)/sd15-bundle --deepcache-branch 0
 	test -d $(BENCH_DIR)/sd15-bundle/int8 || $(VENV)/bin/sdrt quantize $(BENCH_DIR)/sd15-bundle --size 256
 
 # Regenerates benchmarks/MEMORY.md: peak RSS of every sdrt mode kept loaded and one model at a time against diffusers

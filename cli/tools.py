@@ -113,7 +113,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                 "this machine's matrix-product peak, and ratios.")
     bench.add_argument("bundle", type=Path)
     bench.add_argument("--checkpoint", type=Path, default=None, help="the diffusers checkpoint the bundle came from")
-    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-bf16", "sdrt-exact", "sdrt-low-memory", "diffusers-fp32", "diffusers-bf16", "optimum-ort", "optimum-intel", "openvino-genai"])
+    bench.add_argument("--engines", nargs="+", default=["sdrt", "sdrt-bf16", "sdrt-exact", "sdrt-low-memory", "sdrt-deepcache", "diffusers-fp32", "diffusers-bf16", "optimum-ort", "optimum-intel", "openvino-genai"])
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--sizes", type=int, nargs="+", default=[512])
     bench.add_argument("--batches", type=int, nargs="+", default=[1])

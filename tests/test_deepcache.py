@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
+from sdrt.export.int8_unet import Calibration, quantize_unavailable_reason, quantize_unet
 from sdrt.serve.execution import generate_batch
 from sdrt.serve.schemas import GenerationParams, ImageRequest
 from tests.test_lora import _make_lora
@@ -176,6 +178,43 @@ def test_shallow_pass_on_a_fresh_feature_is_the_unet(deepcache_bundles) -> None:
     plain = pipe.backend.run(Component.UNET, feeds)[0]
     np.testing.assert_allclose(noise, plain, rtol=0, atol=1e-5)
     np.testing.assert_allclose(shallow, plain, rtol=0, atol=1e-4)
+
+
+def _unet_feeds(pipe, seed: int = 0) -> dict[str, np.ndarray]:
+    """A guided U-Net batch (identical latent and timestep halves) of the tiny bundle's shapes."""
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    return {"sample": np.concatenate([sample, sample]), "timestep": np.array([500.0, 500.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, pipe.manifest.model.text_hidden_size), dtype=np.float32)}
+
+
+def test_int8_runs_the_full_pass_on_the_int8_unet(deepcache_bundles, tmp_path: Path) -> None:
+    """openvino-int8's full pass is its int8 U-Net with the feature as a second output, not the bf16 pass."""
+    for reason in ({b.name: b for b in BACKENDS}["openvino-bf16"].unavailable_reason(), quantize_unavailable_reason()):
+        if reason is not None:
+            pytest.skip(reason)
+    bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    quantize_unet(bundle, Calibration(prompts=2, num_inference_steps=3, size=64))
+    int8, bf16, exact = (sdrt.engine.load(bundle, backend=name, safety_checker=False)
+                         for name in ("openvino-int8", "openvino-bf16", "openvino-fp32"))
+    feeds = _unet_feeds(int8)
+    noise, feature = int8.backend.run(Component.UNET_DEEPCACHE_FULL, feeds)
+    int8_unet = int8.backend.run(Component.UNET, feeds)[0]
+    bf16_noise = bf16.backend.run(Component.UNET_DEEPCACHE_FULL, feeds)[0]
+    exact_noise, exact_feature = exact.backend.run(Component.UNET_DEEPCACHE_FULL, feeds)
+    # the int8 U-Net's outputs, up to bf16 rounding of what the extra output keeps from being fused; the bf16 pass
+    # is as far from them as int8's own error
+    assert np.abs(noise - int8_unet).mean() < 0.5 * np.abs(bf16_noise - int8_unet).mean()
+    relative = np.abs(feature - exact_feature).max() / np.abs(exact_feature).max()
+    assert relative < 0.1
+    # the shallow pass (bf16) on the int8 feature: DeepCache's images stay as close to exact mode's as int8's are
+    for pipe in (int8, exact):
+        pipe.set_progress_bar_config(disable=True)
+    latents = _latents(exact)
+    images = {name: pipe(**ARGS, latents=latents, output_type="np", deepcache=DeepCache(3, 0)).images
+              for name, pipe in (("int8", int8), ("exact", exact))}
+    int8_error = np.abs(int8(**ARGS, latents=latents, output_type="np").images - exact(**ARGS, latents=latents, output_type="np").images).max()
+    assert np.abs(images["int8"] - images["exact"]).max() <= 2 * int8_error
 
 
 def test_bundle_records_the_passes_without_a_second_unet(deepcache_bundles, tiny_bundle: Path) -> None:

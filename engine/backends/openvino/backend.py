@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
+from sdrt.engine.errors import BundleError
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile, ModelLoad
 from sdrt.engine.backends.openvino import cache, compiled_models
 from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR, IR_FILE, IR_SUBDIR
@@ -35,7 +36,7 @@ from sdrt.engine.backends.openvino.passes.registry import (
 )
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.guidance_batch import REPEATED_INPUTS, halves_identical
-from sdrt.engine.specs import UNET_PASSES, Component
+from sdrt.engine.specs import SPECS, UNET_PASSES, Component
 
 logger = logging.getLogger(__name__)
 
@@ -155,22 +156,24 @@ class _OpenVINOBackend(Backend):
         if name is None:
             return str(source.path)
         if self._cache_dir is None:
-            return self._converted(source, rewrites) if rewrites else str(source.path)
+            return self._converted(component) if rewrites else str(source.path)
         ir_dir = self._cache_dir / IR_SUBDIR / name
         if not (ir_dir / IR_FILE).is_file():
             logger.info("converting %s for OpenVINO (first load only)", component.value)
             try:
                 with atomic_directory(ir_dir) as staging:
-                    _openvino().save_model(self._converted(source, rewrites), str(staging / IR_FILE), compress_to_fp16=self.fp16_weights)
+                    _openvino().save_model(self._converted(component), str(staging / IR_FILE), compress_to_fp16=self.fp16_weights)
             except OSError:  # FileExistsError included: another process published it first
                 if not (ir_dir / IR_FILE).is_file():
                     raise
         return str(ir_dir / IR_FILE)
 
-    def _converted(self, source: ComponentFile, rewrites: tuple[GraphRewrite, ...]) -> Any:
+    def _converted(self, component: Component) -> Any:
+        """The component's model after its graph rewrites, in memory."""
+        source = self.components[component]
         model = self._core.read_model(str(source.path))
-        for rewrite in rewrites:
-            logger.debug("%s: %s changed %d places", source.path.parent.name, rewrite.name, rewrite.apply(model))
+        for rewrite in self.rewrites.get(component, ()):
+            logger.debug("%s: %s changed %d places", component.value, rewrite.name, rewrite.apply(model))
         return model
 
     def _load(self, component: Component) -> _LoadedModel:
@@ -399,18 +402,49 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
         return None
 
     @classmethod
+    def _converted_name(cls, component: Component, source: ComponentFile) -> str | None:
+        # DeepCache's full pass is the int8 U-Net with the feature as a second output (the pass's file shares the
+        # U-Net's directory, hence its digest: the int8 U-Net it reads is keyed on that digest too)
+        if component is Component.UNET_DEEPCACHE_FULL:
+            return f"{cache.model_name(component, source.digest)}-int8"
+        return super()._converted_name(component, source)
+
+    @classmethod
     def _source_name(cls, component: Component, source: ComponentFile) -> str:
         if component is Component.UNET:
             return f"{cache.model_name(component, source.digest)}-int8"
         return super()._source_name(component, source)
 
-    def _model_file(self, component: Component) -> str:
+    def _model_file(self, component: Component) -> Any:
         if component is Component.UNET:
             return str(int8_unet_file(self.bundle_dir, self.components[component].digest))
+        if component is Component.UNET_DEEPCACHE_FULL and self._cache_dir is None:
+            return self._converted(component)
         return super()._model_file(component)
+
+    def _converted(self, component: Component) -> Any:
+        if component is not Component.UNET_DEEPCACHE_FULL:
+            return super()._converted(component)
+        source = self.components[component]
+        model = self._core.read_model(str(int8_unet_file(self.bundle_dir, source.digest)))
+        model.add_outputs([_feature_output(self._core.read_model(str(source.path)), model)])
+        return model
 
 
 _BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
+
+
+def _feature_output(full_pass: Any, unet: Any) -> Any:
+    """The output of `unet` (a model of the same U-Net graph, e.g. quantized) that DeepCache's `full_pass` returns as
+    its feature, named as the spec names it. The full pass's feature output is an Identity of a U-Net tensor
+    (export/deepcache.py), whose name the quantized U-Net keeps."""
+    feature = SPECS[Component.UNET_DEEPCACHE_FULL].outputs[1].name
+    names = full_pass.output(feature).get_node().input_value(0).get_node().input_value(0).get_names()
+    output = next((out for op in unet.get_ordered_ops() for out in op.outputs() if out.get_names() & names), None)
+    if output is None:
+        raise BundleError(f"the int8 U-Net has no tensor {sorted(names)}, which DeepCache's full pass returns as its feature")
+    output.add_names({feature})
+    return output
 
 
 def _remove_stale_cache_entries(cache_dir: Path, components: Mapping[Component, ComponentFile]) -> None:
