@@ -9,7 +9,7 @@ PROMPT ?= a red circle on a blue background
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # torch alone (--no-deps: only torch is looked up on its index); its dependencies come from PyPI with the next install
 INSTALL_TORCH = -m pip install --quiet --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
-# The peers' venvs also take torchvision (optimum-intel requires it): the one built for this torch, from the same
+# optimum-intel's venv also takes torchvision (optimum-intel requires it): the one built for this torch, from the same
 # index, or PyPI's newest would replace the CPU torch with the CUDA build it pins.
 INSTALL_TORCH_AND_VISION = $(INSTALL_TORCH) torchvision==0.28.0
 
@@ -58,7 +58,7 @@ GENAI_VENV ?= .venv-genai
 
 $(OPTIMUM_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/python $(INSTALL_TORCH_AND_VISION)
+	$(OPTIMUM_VENV)/bin/python $(INSTALL_TORCH)
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet 'optimum-onnx[onnxruntime]' 'transformers<5' diffusers
 	touch $@
 
