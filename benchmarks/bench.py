@@ -184,6 +184,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "images_per_s": stat([r["images_per_s"] for r in runs]),
         "load_s": stat([r["load_s"] for r in runs]),
         "cold_start_s": stat([r["cold_start_s"] for r in runs]),
+        # what the first image after launch costs beyond the same image warm: imports, load, first-call work
+        "startup_s": stat([r["cold_start_s"] - r["warm_first_s"] for r in runs]),
         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
         "stages_s": {stage: float(np.median([r["timings"].get(stage, 0.0) for r in runs])) for stage in stages},
         "unet_calls": unet_calls,

@@ -45,7 +45,8 @@ def _engine_rows(point: dict[str, Any]) -> list[list[str]]:
             f"{s['images_per_s']['median']:.3f}", _seconds(s.get("unet_per_call_s")), _gflops(s.get("unet_gflops")), peak_share(s),
             _seconds(stages.get("text_encode")), _seconds(stages.get("guidance_and_scheduler")),
             _seconds(stages.get("decode")), _seconds(stages.get("safety_check")),
-            _seconds(s["load_s"]["median"]), _seconds(s["cold_start_s"]["median"]), f"{s['peak_rss_gb']:.2f}",
+            _seconds(s["load_s"]["median"]), _seconds(s["cold_start_s"]["median"]),
+            _seconds(s["startup_s"]["median"]) if "startup_s" in s else "—", f"{s['peak_rss_gb']:.2f}",
             "—" if "psnr_vs_fp32_db" not in s else ("∞" if s["psnr_vs_fp32_db"] == float("inf") else f"{s['psnr_vs_fp32_db']:.1f}"),
         ])
     return rows
@@ -80,7 +81,8 @@ def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
         f"- Workload: \"{plan['prompt']}\", {plan['steps']} steps, guidance {plan['guidance_scale']}, {plan['runs']} run(s) per "
         "engine in fresh processes, interleaved; medians (p95 beside). Times in seconds.",
         "- Cold start = process launch to first image (a 1-step generation at the benchmark's size), on a bundle whose caches "
-        "were filled by one unmeasured run at the smallest size, as after a deployment's first load. PSNR: final images "
+        "were filled by one unmeasured run at the smallest size, as after a deployment's first load; start-up = cold start "
+        "less the same 1-step image run again warm in that process. PSNR: final images "
         f"against the fp32 engine {plan.get('reference', 'sdrt-exact')} on the same initial latents.",
         "- Serving (`sdrt serve` under load, micro-batching on and off): [SERVING.md](SERVING.md), written by "
         "`python -m sdrt.benchmarks.serve_load`.",
@@ -88,7 +90,7 @@ def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
         "",
     ]
     header = ["engine", "backend", "e2e", "e2e p95", "images/s", "U-Net/call", "U-Net GFLOP/s", "U-Net ÷ peak", "text enc.",
-              "guidance+sched.", "VAE decode", "safety", "load", "cold start", "peak RSS GB", "PSNR dB"]
+              "guidance+sched.", "VAE decode", "safety", "load", "cold start", "start-up", "peak RSS GB", "PSNR dB"]
     for point in results["points"]:
         work = point.get("unet_gflop_per_call")
         lines += [f"## {point['size']}×{point['size']}, batch {point['batch']}", "",
