@@ -221,8 +221,10 @@ def unet_call_gflop(bundle: Path, manifest: Manifest, size: int, batch: int, gui
 def _add_floor(summaries: dict[str, dict[str, Any]], gflop_per_call: float, peaks: dict[str, dict[str, Any]]) -> None:
     """Each engine's U-Net call in GFLOP/s and as a fraction of the measured peak of the precision it runs in (where
     its U-Net time, its precision and that peak are known, and the peak ran in that precision)."""
-    for summary in summaries.values():
-        if "unet_per_call_s" not in summary:
+    for engine, summary in summaries.items():
+        # DeepCache's shallow calls do a fraction of a full call's work: its time per call is no rate of that work
+        deepcache = engine in SDRT_ENGINES and worker.SDRT_ENGINES[engine].deepcache_interval is not None
+        if "unet_per_call_s" not in summary or deepcache:
             continue
         summary["unet_gflops"] = gflop_per_call / summary["unet_per_call_s"]
         peak = peaks.get(summary["unet_precision"])

@@ -209,6 +209,10 @@ def test_each_u_net_is_reported_against_the_peak_of_its_own_precision() -> None:
     assert summaries["b"]["unet_gflops"] == 50.0 and "unet_peak_fraction" not in summaries["b"]
     assert summaries["c"]["unet_gflops"] == 25.0 and "unet_peak_fraction" not in summaries["c"]
     assert summaries["d"] == {"unet_precision": "int8"}  # no U-Net time (a peer that cannot be timed): nothing
+    # DeepCache's calls are mostly shallow passes: no rate of a full call's work
+    deepcache = {"sdrt-deepcache": {"unet_per_call_s": 0.5, "unet_precision": "int8"}}
+    _add_floor(deepcache, 100.0, peaks)
+    assert deepcache == {"sdrt-deepcache": {"unet_per_call_s": 0.5, "unet_precision": "int8"}}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
