@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,41 @@ def test_the_least_recently_used_shapes_are_evicted(bundle: Path, monkeypatch) -
     decoder = [entry for entry in _entries(bundle) if entry.parent.parent.name.startswith("vae_decoder")]
     shapes = [json.loads((entry / compiled_models.ENTRY_FILE).read_text())["key"]["shapes"]["latent_sample"] for entry in decoder]
     assert sorted(shapes) == [[1, 4, 12, 12], [1, 4, 16, 16]]
+
+
+def _fake_entry(compiled: Path, model: str, name: str, size: int, used_at: float) -> compiled_models.CompiledEntry:
+    entry = compiled_models.CompiledEntry(compiled / model / compiled_models.ENTRIES_SUBDIR / name)
+    entry.blob_dir.mkdir(parents=True)
+    (entry.blob_dir / "a.blob").write_bytes(b"\0" * size)
+    (entry.directory / compiled_models.ENTRY_FILE).write_text("{}")
+    os.utime(entry.directory / compiled_models.ENTRY_FILE, (used_at, used_at))
+    return entry
+
+
+def test_entries_of_every_model_go_least_recently_used_first_beyond_the_bytes(tmp_path: Path) -> None:
+    entries = {name: _fake_entry(tmp_path, model, name, size, used_at) for name, model, size, used_at in (
+        ("old-unet", "unet-x-f32", 4000, 100), ("old-decoder", "vae_decoder-y-bf16", 1000, 200),
+        ("recent-unet", "unet-x-bf16", 2000, 300), ("recent-decoder", "vae_decoder-y-bf16", 1000, 400))}
+    new = _fake_entry(tmp_path, "unet-x-bf16", "new", 3000, 500)
+    compiled_models.evict_least_recent(new, max_bytes=7000)
+    # 11000 bytes: the two oldest (of two other models) go, which brings them to 6000; the recent ones stay
+    assert sorted(p.name for p in tmp_path.glob("*/*/*")) == ["new", "recent-decoder", "recent-unet"]
+    compiled_models.evict_least_recent(entries["recent-decoder"], max_bytes=0)
+    assert [p.name for p in tmp_path.glob("*/*/*")] == ["recent-decoder"]  # the entry just used stays, whatever its size
+
+
+def test_the_cache_stays_within_its_bytes_across_precisions(bundle: Path, monkeypatch) -> None:
+    _generate(bundle, backend="openvino-fp32")
+    fp32 = _entries(bundle)
+    used = {entry: (entry / compiled_models.ENTRY_FILE).stat().st_mtime_ns for entry in fp32}
+    budget = sum(compiled_models._directory_bytes(entry) for entry in fp32)
+    monkeypatch.setattr(compiled_models, "MAX_BYTES_PER_BUNDLE_BYTE", budget / openvino_backend._bundle_bytes(bundle))
+    _, pipe, _ = _generate(bundle, backend="openvino-bf16")
+    entries = _entries(bundle)
+    assert sum(compiled_models._directory_bytes(entry) for entry in entries) <= budget
+    assert len([e for e in entries if e.parent.parent.name.endswith("-bf16")]) == 3  # the three just compiled
+    kept = [entry for entry in fp32 if entry in entries]
+    assert len(kept) < 3 and kept == sorted(fp32, key=used.get)[3 - len(kept):]  # the least recently used went
 
 
 def test_a_blob_openvino_cannot_read_is_compiled_again_and_reported_so(bundle: Path) -> None:

@@ -122,6 +122,7 @@ class _OpenVINOBackend(Backend):
         self._cache_dir = self.bundle_dir / CACHE_SUBDIR if os.access(self.bundle_dir, os.W_OK) else None
         if self._cache_dir is not None:
             _remove_stale_cache_entries(self._cache_dir, self.components)
+            self._compiled_budget_bytes = compiled_models.MAX_BYTES_PER_BUNDLE_BYTE * _bundle_bytes(self.bundle_dir)
 
     @classmethod
     def _converted_name(cls, component: Component, source: ComponentFile) -> str | None:
@@ -254,7 +255,7 @@ class _OpenVINOBackend(Backend):
                 entry.touch()
             else:
                 entry.mark_complete(key, seconds)
-                compiled_models.evict_least_recent(self._compiled_dir(component), entry)
+                compiled_models.evict_least_recent(entry, self._compiled_budget_bytes)
         model.request = model.compiled.create_infer_request()
         model.shapes = shapes
         model.guided_halves = guided_halves
@@ -445,6 +446,12 @@ def _feature_output(full_pass: Any, unet: Any) -> Any:
         raise BundleError(f"the int8 U-Net has no tensor {sorted(names)}, which DeepCache's full pass returns as its feature")
     output.add_names({feature})
     return output
+
+
+def _bundle_bytes(bundle_dir: Path) -> int:
+    """The size of the bundle's own files, its caches (hidden directories) aside."""
+    return sum(path.stat().st_size for path in bundle_dir.rglob("*")
+               if path.is_file() and not path.relative_to(bundle_dir).parts[0].startswith("."))
 
 
 def _remove_stale_cache_entries(cache_dir: Path, components: Mapping[Component, ComponentFile]) -> None:

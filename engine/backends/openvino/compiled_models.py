@@ -36,6 +36,10 @@ BLOB_SUBDIR = "blob"  # in an entry: OpenVINO's CACHE_DIR
 #: compiled models kept per model (each set of static shapes is one; a full-size U-Net's is gigabytes): the least
 #: recently used go first
 MAX_ENTRIES_PER_MODEL = 3
+#: a bundle's compiled models take at most this many times the bundle's own files on disk (an entry is about the size
+#: of its IR: 3.5 GB for SD 1.5's fp32 U-Net, per set of shapes), the least recently used of any model going first:
+#: twice holds one set of shapes of every component in each CPU precision
+MAX_BYTES_PER_BUNDLE_BYTE = 2
 
 Shapes = Mapping[str, list[int]]
 
@@ -166,17 +170,40 @@ def latest_entry(model_directory: Path, component: Component, model: str, precis
     return max(candidates, key=lambda candidate: candidate[0])[1] if candidates else None
 
 
-def evict_least_recent(model_directory: Path, keep: CompiledEntry) -> None:
-    """Keep at most MAX_ENTRIES_PER_MODEL entries of this model, `keep` among them: the least recently used go."""
-    entries = [d for d in (model_directory / ENTRIES_SUBDIR).glob("*") if d.is_dir() and not d.name.startswith(".")]
-
-    def last_used(directory: Path) -> float:
-        try:
-            return (directory / ENTRY_FILE).stat().st_mtime
-        except OSError:
-            return 0.0
-
-    others = sorted((d for d in entries if d != keep.directory), key=last_used, reverse=True)
+def evict_least_recent(keep: CompiledEntry, max_bytes: int) -> None:
+    """Keep at most MAX_ENTRIES_PER_MODEL entries of `keep`'s model, and at most `max_bytes` of entries of all the
+    models beside it, `keep` among them: the least recently used go first. A process that still runs a removed
+    entry's model keeps it (its files stay open until it unloads); a later one compiles it again."""
+    model_directory = keep.directory.parent.parent
+    others = sorted((d for d in _entry_directories(model_directory) if d != keep.directory), key=_last_used, reverse=True)
     for directory in others[MAX_ENTRIES_PER_MODEL - 1:]:
-        logger.info("removing least recently used compiled model %s", directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove(directory)
+    every_model = [d for model in model_directory.parent.iterdir() if model.is_dir() for d in _entry_directories(model)]
+    sizes = {directory: _directory_bytes(directory) for directory in every_model}
+    total = sum(sizes.values())
+    for directory in sorted((d for d in every_model if d != keep.directory), key=_last_used):
+        if total <= max_bytes:
+            break
+        _remove(directory)
+        total -= sizes[directory]
+
+
+def _entry_directories(model_directory: Path) -> list[Path]:
+    """A model's entries (staging directories of saves under way excluded)."""
+    return [d for d in (model_directory / ENTRIES_SUBDIR).glob("*") if d.is_dir() and not d.name.startswith(".")]
+
+
+def _last_used(directory: Path) -> float:
+    try:
+        return (directory / ENTRY_FILE).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def _remove(directory: Path) -> None:
+    logger.info("removing least recently used compiled model %s", directory)
+    shutil.rmtree(directory, ignore_errors=True)
