@@ -217,6 +217,26 @@ def test_int8_runs_the_full_pass_on_the_int8_unet(deepcache_bundles, tmp_path: P
     assert np.abs(images["int8"] - images["exact"]).max() <= 2 * int8_error
 
 
+def test_load_loads_the_unet_passes_of_the_kind_run_last(deepcache_bundles, tmp_path: Path) -> None:
+    """A process runs requests with DeepCache or without: load() loads the U-Net, or DeepCache's passes, whichever
+    the last process ran, not both (that would hold the U-Net's weights twice)."""
+    bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    passes = {Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
+
+    def process(deepcache: DeepCache | None) -> set[Component]:
+        pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
+        preloaded = {load.component for load in pipe.backend.model_loads} & passes
+        pipe.set_progress_bar_config(disable=True)
+        pipe(**ARGS, seed=0, deepcache=deepcache)
+        return preloaded
+
+    assert process(None) == set()  # an empty cache
+    assert process(DeepCache(3, 0)) == {Component.UNET}
+    assert process(DeepCache(3, 0)) == {Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
+    assert process(None) == {Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
+    assert process(None) == {Component.UNET}
+
+
 def test_bundle_records_the_passes_without_a_second_unet(deepcache_bundles, tiny_bundle: Path) -> None:
     manifest = read_manifest(deepcache_bundles[0])
     assert (manifest.deepcache.branch, manifest.deepcache.branches) == (0, 4)

@@ -193,13 +193,13 @@ class _OpenVINOBackend(Backend):
             return ()
         loads = len(self._model_loads)
         with self._lock:
-            for component in sorted(components & self.components.keys(), key=list(Component).index):
-                if component in self._loaded:
-                    continue
+            found = {}
+            for component in components & self.components.keys() - self._loaded.keys():
                 model_name = self._compiled_name(component, self.components[component])
-                key = compiled_models.latest_entry(self._compiled_dir(component), component, model_name, self.precision, _environment())
-                if key is None:
-                    continue
+                latest = compiled_models.latest_entry(self._compiled_dir(component), component, model_name, self.precision, _environment())
+                if latest is not None:
+                    found[component] = latest
+            for component, (key, _) in sorted(_used_last(found).items(), key=lambda item: list(Component).index(item[0])):
                 model = _LoadedModel(component, preloaded=key.shapes is not None)
                 self._compile(model, key.shape_dict, key.guided_halves)
                 self._loaded[component] = model
@@ -433,6 +433,19 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
 
 
 _BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
+
+#: the U-Net's passes that serve different requests: the U-Net (requests without DeepCache) and DeepCache's two
+_UNET_ALTERNATIVES = (frozenset({Component.UNET}), frozenset({Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}))
+
+
+def _used_last(found: Mapping[Component, tuple[compiled_models.CompiledKey, float]]) -> dict[Component, tuple[compiled_models.CompiledKey, float]]:
+    """`found` (the latest cache entry of each component, and when it was used) less the U-Net passes of the kind
+    used less recently: a process that loaded both kinds would hold the U-Net's weights twice, mostly for nothing."""
+    kinds = [kind & found.keys() for kind in _UNET_ALTERNATIVES if kind & found.keys()]
+    if len(kinds) < 2:
+        return dict(found)
+    last = max(kinds, key=lambda kind: max(found[component][1] for component in kind))
+    return {component: entry for component, entry in found.items() if component not in UNET_PASSES or component in last}
 
 
 def _feature_output(full_pass: Any, unet: Any) -> Any:

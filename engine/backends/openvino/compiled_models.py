@@ -151,8 +151,9 @@ class CompiledEntry:
 
 
 def latest_entry(model_directory: Path, component: Component, model: str, precision: str,
-                 environment: Environment) -> CompiledKey | None:
-    """The key of the most recently used complete entry of this model in this environment, None if there is none."""
+                 environment: Environment) -> tuple[CompiledKey, float] | None:
+    """The key of the most recently used complete entry of this model in this environment and when it was used
+    (`os.stat`'s mtime), None if there is none."""
     candidates = []
     for directory in (model_directory / ENTRIES_SUBDIR).glob("*"):
         entry = CompiledEntry(directory)
@@ -167,7 +168,7 @@ def latest_entry(model_directory: Path, component: Component, model: str, precis
         key = CompiledKey.create(component, model, precision, data["shapes"], bool(data["guided_halves"]), environment)
         if entry.complete(key) and entry == CompiledEntry.of(model_directory, key):
             candidates.append(((directory / ENTRY_FILE).stat().st_mtime, key))
-    return max(candidates, key=lambda candidate: candidate[0])[1] if candidates else None
+    return max(candidates, key=lambda candidate: candidate[0])[::-1] if candidates else None
 
 
 def evict_least_recent(keep: CompiledEntry, max_bytes: int) -> None:
