@@ -1,8 +1,8 @@
 """One benchmark run of one engine in this (fresh) process; prints one JSON line.
 
 Every engine gets the same prompt, size, steps, guidance and initial latents (a .npy file), and reports the same
-figures: load time, cold start (process launch -> first image) and the same image warm, a warm end-to-end generation with its per-stage
-breakdown, and peak RSS. The final images are saved so the parent can compare accuracy across engines.
+figures: load time, cold start (process launch -> first image) and the same image warm, a warm end-to-end
+generation with its per-stage breakdown, and peak RSS. The final images are saved so the parent can compare accuracy across engines.
 """
 from __future__ import annotations
 

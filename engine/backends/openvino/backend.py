@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sdrt.engine.atomic import atomic_directory
-from sdrt.engine.errors import BundleError
 from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, MemoryProfile, ModelLoad
 from sdrt.engine.backends.openvino import cache, compiled_models
 from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR, IR_FILE, IR_SUBDIR
@@ -34,6 +33,7 @@ from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_
 from sdrt.engine.backends.openvino.passes.registry import (
     GRAPH_REWRITES, STATIC_SHAPE_REWRITES, GraphRewrite, StaticShapeRewrite,
 )
+from sdrt.engine.errors import BundleError
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.guidance_batch import REPEATED_INPUTS, halves_identical
 from sdrt.engine.specs import SPECS, UNET_PASSES, Component
@@ -463,8 +463,8 @@ def _feature_output(full_pass: Any, unet: Any) -> Any:
 
 def _bundle_bytes(bundle_dir: Path) -> int:
     """The size of the bundle's own files, its caches (hidden directories) aside."""
-    return sum(path.stat().st_size for path in bundle_dir.rglob("*")
-               if path.is_file() and not path.relative_to(bundle_dir).parts[0].startswith("."))
+    tops = [top for top in bundle_dir.iterdir() if not top.name.startswith(".")]
+    return sum(path.stat().st_size for top in tops for path in (top.rglob("*") if top.is_dir() else [top]) if path.is_file())
 
 
 def _remove_stale_cache_entries(cache_dir: Path, components: Mapping[Component, ComponentFile]) -> None:

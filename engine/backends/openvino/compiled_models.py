@@ -168,7 +168,10 @@ def latest_entry(model_directory: Path, component: Component, model: str, precis
         key = CompiledKey.create(component, model, precision, data["shapes"], bool(data["guided_halves"]), environment)
         if entry.complete(key) and entry == CompiledEntry.of(model_directory, key):
             candidates.append(((directory / ENTRY_FILE).stat().st_mtime, key))
-    return max(candidates, key=lambda candidate: candidate[0])[::-1] if candidates else None
+    if not candidates:
+        return None
+    used_at, key = max(candidates, key=lambda candidate: candidate[0])
+    return key, used_at
 
 
 def evict_least_recent(keep: CompiledEntry, max_bytes: int) -> None:
