@@ -98,6 +98,7 @@ def test_console_script_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and result.stderr.startswith("sdrt: error:")
 
 
+@pytest.mark.slow
 def test_export_command(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bundle"
     assert main(["export", str(tiny_checkpoint), str(out), "--no-quantize"]) == 0  # quantizing: test_export_quantize.py

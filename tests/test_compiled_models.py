@@ -67,6 +67,7 @@ def test_new_shapes_compile_for_them_and_not_for_any_shapes(bundle: Path) -> Non
     assert pipe.backend.model_loads == at_load
 
 
+@pytest.mark.slow
 def test_another_openvino_or_cpu_compiles_again(bundle: Path, monkeypatch) -> None:
     _generate(bundle)
     environment = openvino_backend._environment()

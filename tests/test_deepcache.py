@@ -188,6 +188,7 @@ def _unet_feeds(pipe, seed: int = 0) -> dict[str, np.ndarray]:
             "encoder_hidden_states": rng.standard_normal((2, 77, pipe.manifest.model.text_hidden_size), dtype=np.float32)}
 
 
+@pytest.mark.slow
 def test_int8_runs_the_full_pass_on_the_int8_unet(deepcache_bundles, tmp_path: Path) -> None:
     """openvino-int8's full pass is its int8 U-Net with the feature as a second output, not the bf16 pass."""
     for reason in ({b.name: b for b in BACKENDS}["openvino-bf16"].unavailable_reason(), quantize_unavailable_reason()):

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not 
                                 reason="needs openvino with bf16, and nncf")
 
 
+@pytest.mark.slow
 def test_the_int8_unet_runs_its_products_in_int8_and_its_norms_in_bf16(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     quantize_unet(bundle, Calibration(prompts=2, num_inference_steps=3, size=64))
