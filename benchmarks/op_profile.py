@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from sdrt.engine.backends.openvino.compiled_models import BLOB_SUBDIR, ENTRY_FILE
+from sdrt.engine.backends.openvino.compiled_models import CompiledEntry
 from sdrt.engine.guidance_batch import REPEATED_INPUTS
 from sdrt.engine.specs import Component
 
 logger = logging.getLogger(__name__)
 
 
-def _inputs(shapes: dict[str, list[int]], repeated: frozenset[str], seed: int = 0) -> dict[str, np.ndarray]:
+def _inputs(shapes: dict[str, list[int]], repeated: tuple[str, ...], seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of these shapes; `repeated` ones with identical halves (timesteps at 500)."""
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -47,14 +47,18 @@ def profile(entry_dir: Path, calls: int = 3) -> dict[str, Any]:
     """The entry's median call time and, for that call, the time per (op kind, runtime precision) and per node."""
     import openvino
 
-    key = json.loads((entry_dir / ENTRY_FILE).read_text(encoding="utf-8"))["key"]
+    entry = CompiledEntry(entry_dir)
+    record = entry.record()
+    if record is None:
+        raise SystemExit(f"{entry_dir} is no complete compiled entry")
+    key = record["key"]
     if key["shapes"] is None:
         raise SystemExit(f"{entry_dir} is compiled for any shapes: profile an entry of static shapes")
     component = Component(key["component"])
     config = {"INFERENCE_PRECISION_HINT": key["precision"], "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True,
-              "CACHE_DIR": str(entry_dir / BLOB_SUBDIR), "CACHE_MODE": "OPTIMIZE_SIZE"}
-    compiled = openvino.Core().compile_model(str(entry_dir / "model.xml"), "CPU", config)
-    repeated = REPEATED_INPUTS.get(component, frozenset()) if key["guided_halves"] else frozenset()
+              "CACHE_DIR": str(entry.blob_dir), "CACHE_MODE": "OPTIMIZE_SIZE"}
+    compiled = openvino.Core().compile_model(str(entry.model_file), "CPU", config)
+    repeated = REPEATED_INPUTS.get(component, ()) if key["guided_halves"] else ()
     feeds = _inputs(key["shapes"], repeated)
     request = compiled.create_infer_request()
     request.infer(feeds)  # the first call repacks the weights
