@@ -51,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
         given = [flag for flag, value in _engine_flags(args).items() if value]
         if given:
             raise UsageError(f"{', '.join(given)}: engine options need --tensorrt")
-    # The int8 U-Net is the CPU's fastest mode: made by default, unless the bundle is built for TensorRT.
+    # The int8 models are the CPU's fastest mode: made by default, unless the bundle is built for TensorRT.
     bundle = export.export_bundle(args.checkpoint, args.out_dir, force=args.force, fp16_components=args.fp16_onnx or (),
                                   loras=args.lora, config=args.config, scheduler=args.scheduler, tiny_vae=args.tiny_vae,
                                   deepcache_branch=args.deepcache_branch, quantize=not (args.no_quantize or args.tensorrt))
@@ -161,14 +161,15 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from sdrt.export.int8_unet import Calibration, quantize_unavailable_reason, quantize_unet
+    from sdrt.export.quantize import Calibration, quantize_models, quantize_unavailable_reason
 
     reason = quantize_unavailable_reason()  # now, not after calibrating
     if reason is not None:
         raise SdrtError(f"sdrt quantize: {reason}")
 
     calibration = Calibration(prompts=args.prompts, num_inference_steps=args.num_inference_steps, size=args.size, seed=args.seed)
-    print(quantize_unet(args.bundle, calibration))
+    for path in quantize_models(args.bundle, calibration).values():
+        print(path)
     return 0
 
 
@@ -211,9 +212,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "model.onnx.data instead), and the shallow blocks' weights (branch 0: a few percent of the "
                         "U-Net's); a process running requests with and without DeepCache holds the U-Net's weights twice")
     export.add_argument("--no-quantize", action="store_true",
-                        help="skip the int8 U-Net (made by default where the quantize extra is installed and it fits "
+                        help="skip the int8 U-Net and VAE decoder (made by default where the quantize extra is installed and it fits "
                         "the memory budget: the fastest CPU mode, --backend openvino-int8, which auto then runs); the "
-                        "bundle then runs in bf16. `sdrt quantize` makes it later")
+                        "bundle then runs in bf16. `sdrt quantize` makes them later")
     export.add_argument("--tensorrt", action="store_true",
                         help="then build TensorRT engines for it on this GPU (gpu extra), as build-engines does with "
                         "the options below; checked before exporting")
@@ -246,12 +247,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     make.add_argument("--no-safety-checker", action="store_true")
     make.set_defaults(handler=_make_checkpoint)
 
-    quantize = commands.add_parser("quantize", help="int8 U-Net for --backend openvino-int8 (quantize extra)",
-                                   description="Quantize BUNDLE's U-Net to int8 with NNCF, calibrated on the U-Net inputs "
-                                   "of the bundle's own fp32 denoising runs, and store it in the bundle (int8/) for "
+    quantize = commands.add_parser("quantize", help="int8 U-Net and VAE decoder for --backend openvino-int8 (quantize extra)",
+                                   description="Quantize BUNDLE's U-Net and VAE decoder to int8 with NNCF, each calibrated on "
+                                   "its inputs in the bundle's own fp32 runs, and store them in the bundle (int8/) for "
                                    "--backend openvino-int8, which --backend auto then prefers on CPUs with bf16: faster than bf16 "
-                                   "(AVX-512 VNNI or AMX), at a larger loss of accuracy (PSNR in sdrt bench). Replaces an "
-                                   "earlier int8 U-Net.")
+                                   "(AVX-512 VNNI or AMX), at a larger loss of accuracy (PSNR in sdrt bench). Replaces "
+                                   "earlier int8 models; prints their paths.")
     quantize.add_argument("bundle", type=Path)
     quantize.add_argument("--prompts", type=positive(int), default=4, help="calibration runs, one prompt each (max 8)")
     quantize.add_argument("-s", "--num-inference-steps", type=positive(int), default=10, help="steps per calibration run")

@@ -49,7 +49,7 @@ from sdrt.export.deepcache import CacheBranch, FullPass, ShallowPass, add_featur
 from sdrt.export.errors import ExportError
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL, convert_to_fp16
 from sdrt.export.graph_cleanup import clean_onnx, move_weights_to_data_file
-from sdrt.export.int8_unet import quantize_after_export
+from sdrt.export.quantize import quantize_after_export
 from sdrt.export.lora_fusion import LoraSpec, fused_deltas
 from sdrt.export.model_defaults import model_defaults
 from sdrt.export.onnx_export import (
@@ -305,9 +305,9 @@ def export_bundle(
     validated, so a failed or interrupted export leaves no partial bundle. An existing `out_dir` is refused unless
     `force` is true (it is then replaced only once the new bundle is complete).
 
-    `quantize` then makes the bundle's int8 U-Net (export/int8_unet.py, `quantize_after_export`), the fastest CPU mode,
-    where the quantize extra is installed and it fits the memory budget; else it says why and leaves bf16. A failed
-    quantization leaves the complete bundle.
+    `quantize` then makes the bundle's int8 U-Net and VAE decoder (export/quantize.py, `quantize_after_export`), the
+    fastest CPU mode, where the quantize extra is installed and it fits the memory budget; else it says why and leaves
+    bf16. A failed quantization leaves the complete bundle.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:

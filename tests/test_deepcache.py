@@ -25,7 +25,7 @@ from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.manifest import read_manifest
 from sdrt.engine.specs import Component
 from sdrt.export import export_bundle
-from sdrt.export.int8_unet import Calibration, quantize_unavailable_reason, quantize_unet
+from sdrt.export.quantize import Calibration, quantize_models, quantize_unavailable_reason
 from sdrt.serve.execution import generate_batch
 from sdrt.serve.schemas import GenerationParams, ImageRequest
 from tests.test_lora import _make_lora
@@ -195,7 +195,7 @@ def test_int8_runs_the_full_pass_on_the_int8_unet(deepcache_bundles, tmp_path: P
         if reason is not None:
             pytest.skip(reason)
     bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
-    quantize_unet(bundle, Calibration(prompts=2, num_inference_steps=3, size=64))
+    quantize_models(bundle, Calibration(prompts=2, num_inference_steps=3, size=64))
     int8, bf16, exact = (sdrt.engine.load(bundle, backend=name, safety_checker=False)
                          for name in ("openvino-int8", "openvino-bf16", "openvino-fp32"))
     feeds = _unet_feeds(int8)

@@ -1,5 +1,5 @@
 """OpenVINO on the CPU, reading the bundle's ONNX directly: bf16 (fast mode), fp32 (exact mode), or bf16 with an
-int8 U-Net made by `sdrt quantize`.
+int8 U-Net and VAE decoder made by `sdrt quantize`.
 
 On CPUs with AVX-512 BF16 or AMX, bf16 inference halves the U-Net's time against fp32 at a small, reported loss
 of accuracy (PSNR against the fp32 engine). Each component's model is rewritten before it compiles (`passes/`:
@@ -28,7 +28,7 @@ from sdrt.engine.backends.base import Backend, ComponentFile, MemoryPolicy, Memo
 from sdrt.engine.backends.openvino import cache, compiled_models
 from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR, IR_FILE, IR_SUBDIR
 from sdrt.engine.backends.openvino.constants import CONSTANTS_SUBDIR, ConstantStore, mapped_constants
-from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
+from sdrt.engine.backends.openvino.int8_location import INT8_COMPONENTS, int8_model_file, int8_source_name
 from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_prefix
 from sdrt.engine.backends.openvino.passes.registry import (
     GRAPH_REWRITES, STATIC_SHAPE_REWRITES, GraphRewrite, StaticShapeRewrite,
@@ -386,20 +386,22 @@ class OpenVINOFP32Backend(_OpenVINOBackend):
 
 
 class OpenVINOInt8Backend(OpenVINOBF16Backend):
-    """The bf16 fast mode with the U-Net's convolutions and matrix products in int8 (AVX-512 VNNI runs twice as many
-    int8 products per instruction as bf16), for faster U-Net calls (docs/design-notes.md). Quantizing
-    activations changes images more than bf16 rounding does (see PSNR in the benchmark results), so it runs only
-    for bundles whose owner made an int8 U-Net with `sdrt quantize`; "auto" then prefers it, as it prefers TensorRT
-    where engines were built."""
+    """The bf16 fast mode with the convolutions and matrix products of the U-Net and the VAE decoder in int8
+    (AVX-512 VNNI runs twice as many int8 products per instruction as bf16), for faster calls
+    (docs/design-notes.md). Quantizing activations changes images more than bf16 rounding does (see PSNR in the
+    benchmark results), so it runs only for bundles whose int8 models were made, by `sdrt export` or `sdrt quantize`;
+    "auto" then prefers it, as it prefers TensorRT where engines were built."""
 
     name = "openvino-int8"
     opt_in = True
 
     @classmethod
     def bundle_unavailable_reason(cls, bundle_dir: Path, components: Mapping[Component, ComponentFile]) -> str | None:
-        unet = components.get(Component.UNET)
-        if unet is None or not int8_unet_file(bundle_dir, unet.digest).is_file():
-            return f"the bundle has no int8 U-Net: run `sdrt quantize {bundle_dir}` (quantize extra) first"
+        missing = [component.value for component in INT8_COMPONENTS
+                   if component not in components
+                   or not int8_model_file(bundle_dir, component, components[component].digest).is_file()]
+        if missing:
+            return f"the bundle has no int8 {' or '.join(missing)}: run `sdrt quantize {bundle_dir}` (quantize extra) first"
         return None
 
     @classmethod
@@ -407,18 +409,18 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
         # DeepCache's full pass is the int8 U-Net with the feature as a second output (the pass's file shares the
         # U-Net's directory, hence its digest: the int8 U-Net it reads is keyed on that digest too)
         if component is Component.UNET_DEEPCACHE_FULL:
-            return f"{cache.model_name(component, source.digest)}-int8"
+            return int8_source_name(component, source.digest)
         return super()._converted_name(component, source)
 
     @classmethod
     def _source_name(cls, component: Component, source: ComponentFile) -> str:
-        if component is Component.UNET:
-            return f"{cache.model_name(component, source.digest)}-int8"
+        if component in INT8_COMPONENTS:
+            return int8_source_name(component, source.digest)
         return super()._source_name(component, source)
 
     def _model_file(self, component: Component) -> Any:
-        if component is Component.UNET:
-            return str(int8_unet_file(self.bundle_dir, self.components[component].digest))
+        if component in INT8_COMPONENTS:
+            return str(int8_model_file(self.bundle_dir, component, self.components[component].digest))
         if component is Component.UNET_DEEPCACHE_FULL and self._cache_dir is None:
             return self._converted(component)
         return super()._model_file(component)
@@ -427,7 +429,7 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
         if component is not Component.UNET_DEEPCACHE_FULL:
             return super()._converted(component)
         source = self.components[component]
-        model = self._core.read_model(str(int8_unet_file(self.bundle_dir, source.digest)))
+        model = self._core.read_model(str(int8_model_file(self.bundle_dir, Component.UNET, source.digest)))
         model.add_outputs([_feature_output(self._core.read_model(str(source.path)), model)])
         return model
 

@@ -64,3 +64,14 @@ def remove_stale_entries(cache_dir: Path, components: Collection[Component], cur
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+
+def remove_entries_containing(cache_dir: Path, fragment: str) -> None:
+    """Remove the cache's converted and compiled models whose names contain `fragment`: for a model file replaced in
+    place (an int8 model quantized again), whose entries' names would not change."""
+    for subdir in (IR_SUBDIR, COMPILED_SUBDIR):
+        directory = cache_dir / subdir
+        for entry in directory.glob(f"*{fragment}*") if directory.is_dir() else ():
+            logger.info("removing OpenVINO cache entry %s of a replaced model", entry)
+            shutil.rmtree(entry, ignore_errors=True)

@@ -1,6 +1,6 @@
-"""The int8 U-Net for the `openvino-int8` backend: NNCF post-training quantization of the bundle's U-Net, calibrated on
-the U-Net inputs of the bundle's own denoising runs (fp32 where they fit the memory budget, else bf16), written into
-the bundle.
+"""The int8 models of the `openvino-int8` backend: NNCF post-training quantization of the bundle's U-Net and VAE
+decoder (int8_location.INT8_COMPONENTS), each calibrated on its inputs in the bundle's own runs (fp32 where they fit
+the memory budget, else bf16), written into the bundle.
 
 Needs openvino and nncf (`pip install 'sdrt[quantize]'`), not torch: it reads the bundle's ONNX.
 """
@@ -22,7 +22,8 @@ from sdrt.engine.atomic import atomic_directory
 from sdrt.engine.backends import backend_class
 from sdrt.engine.backends.base import MemoryPolicy
 from sdrt.engine.backends.openvino.backend import OpenVINOInt8Backend
-from sdrt.engine.backends.openvino.int8_unet_location import int8_unet_file
+from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, remove_entries_containing
+from sdrt.engine.backends.openvino.int8_location import INT8_COMPONENTS, int8_model_file, int8_name_fragment
 from sdrt.engine.errors import BackendUnavailableError, InvalidArgumentError
 from sdrt.engine.host_memory import MemoryBudget, format_bytes, process_rss_bytes
 from sdrt.engine.loading import component_files
@@ -49,10 +50,11 @@ CALIBRATION_PROMPTS = (
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """The denoising runs whose U-Net inputs calibrate the quantization: `prompts` of CALIBRATION_PROMPTS, each for
-    `num_inference_steps` steps at `size`² (None: the model's default size) with guidance as at inference. Each
-    U-Net call is one sample (prompts x (steps + 1) with PNDM): a guided batch of 2, [uncond; cond]
-    (sdrt.engine.guidance_batch), as the U-Net runs at inference."""
+    """The runs whose inputs to the U-Net and the VAE decoder calibrate their quantization: `prompts` of
+    CALIBRATION_PROMPTS, each for `num_inference_steps` steps at `size`² (None: the model's default size) with
+    guidance as at inference. Each U-Net call is one sample (prompts x (steps + 1) with PNDM): a guided batch of 2,
+    [uncond; cond] (sdrt.engine.guidance_batch), as the U-Net runs at inference; each run's final latents are one
+    sample of the decoder's."""
 
     prompts: int = 4
     num_inference_steps: int = 10
@@ -92,11 +94,11 @@ CALIBRATION_PIPELINES = tuple(CalibrationPipeline(backend, memory) for backend i
 
 
 def calibration_peak_bytes(bundle_dir: Path, calibration: Calibration, pipeline: CalibrationPipeline) -> int:
-    """About this process's peak resident memory while `pipeline` runs `calibration`'s denoising runs (text encoders
-    and U-Net: the runs end at latents). Raise BackendUnavailableError where its backend cannot run here."""
+    """About this process's peak resident memory while `pipeline` runs `calibration`'s runs (text encoders, U-Net
+    and VAE decoder). Raise BackendUnavailableError where its backend cannot run here."""
     manifest = read_manifest(Path(bundle_dir))
     backend = backend_class(pipeline.backend, Path(bundle_dir), component_files(Path(bundle_dir), manifest))
-    components = [c for c in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, Component.UNET) if c in manifest.components]
+    components = [c for c in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, *INT8_COMPONENTS) if c in manifest.components]
     model = MemoryModel.for_bundle(manifest, backend, process_rss_bytes() or 0, components, pipeline.memory)
     side = calibration.size or manifest.model.default_image_size
     return model.peak_bytes(side, side, 1, calibration.guidance_scale > 1)
@@ -120,12 +122,12 @@ def calibration_pipeline(bundle_dir: Path, calibration: Calibration, memory_budg
 
 
 def quantize_unavailable_reason() -> str | None:
-    """None if the int8 U-Net can be made and run here, else why not (one sentence)."""
+    """None if the int8 models can be made and run here, else why not (one sentence)."""
     missing = [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]
     if missing:
         return f"the quantize extra is not installed ({', '.join(missing)} missing): pip install 'sdrt[quantize]'"
     reason = OpenVINOInt8Backend.unavailable_reason()
-    return None if reason is None else f"the int8 U-Net cannot run here: {reason}"
+    return None if reason is None else f"the int8 models cannot run here: {reason}"
 
 
 def export_calibration(bundle_dir: Path) -> Calibration:
@@ -139,18 +141,19 @@ def export_calibration(bundle_dir: Path) -> Calibration:
 
 
 def export_quantization_peak_bytes(bundle_dir: Path) -> int:
-    """About the peak resident memory of quantizing the bundle's U-Net with `export_calibration`."""
+    """About the peak resident memory of quantizing the bundle's models with `export_calibration` (the U-Net's: the
+    decoder is quantized after it, and is far smaller)."""
     manifest = read_manifest(Path(bundle_dir))
     unet_file = Path(bundle_dir) / manifest.components[Component.UNET].file
     unet_bytes = sum(path.stat().st_size for path in unet_file.parent.iterdir() if path.is_file())
     return int(EXPORT_PEAK_BYTES_PER_UNET_FILE_BYTE * unet_bytes)
 
 
-def quantize_after_export(bundle_dir: Path, memory_budget: MemoryBudget = MemoryBudget()) -> Path | None:
-    """The int8 U-Net `sdrt export` makes by default, so that the bundle runs its fastest mode without another
-    command: made with `export_calibration` where the quantize extra is installed, the CPU runs it and the
-    quantization fits `memory_budget`; else say why once and leave the bundle to run in bf16. Return its path, or
-    None where it was skipped."""
+def quantize_after_export(bundle_dir: Path, memory_budget: MemoryBudget = MemoryBudget()) -> dict[Component, Path] | None:
+    """The int8 models `sdrt export` makes by default, so that the bundle runs its fastest mode without another
+    command: made with `export_calibration` where the quantize extra is installed, the CPU runs them and the
+    quantization fits `memory_budget`; else say why once and leave the bundle to run in bf16. Return their paths, or
+    None where they were skipped."""
     bundle_dir = Path(bundle_dir)
     reason = quantize_unavailable_reason()
     calibration = export_calibration(bundle_dir)
@@ -164,36 +167,44 @@ def quantize_after_export(bundle_dir: Path, memory_budget: MemoryBudget = Memory
         except ExportError as exc:
             reason = str(exc)
     if reason is not None:
-        logger.warning("not quantizing the U-Net to int8 (%s): the bundle runs in bf16; `sdrt quantize %s` makes it later",
+        logger.warning("not quantizing to int8 (%s): the bundle runs in bf16; `sdrt quantize %s` quantizes it later",
                        reason, bundle_dir)
         return None
-    logger.info("quantizing the U-Net to int8, calibrated at %d² on %s (skip with --no-quantize)", calibration.size,
-                pipeline.backend)
-    return quantize_unet(bundle_dir, calibration, memory_budget)
+    logger.info("quantizing the U-Net and VAE decoder to int8, calibrated at %d² on %s (skip with --no-quantize)",
+                calibration.size, pipeline.backend)
+    return quantize_models(bundle_dir, calibration, memory_budget)
 
 
-def quantize_unet(bundle_dir: Path, calibration: Calibration = Calibration(), memory_budget: MemoryBudget = MemoryBudget()) -> Path:
-    """Quantize the bundle's U-Net to int8 and store it in the bundle (atomically, replacing an earlier one);
-    return its path. The openvino-int8 backend then runs it. The calibration runs load the bundle as
+def quantize_models(bundle_dir: Path, calibration: Calibration = Calibration(),
+                    memory_budget: MemoryBudget = MemoryBudget()) -> dict[Component, Path]:
+    """Quantize the bundle's INT8_COMPONENTS to int8 and store each in the bundle (atomically, replacing an earlier
+    one); return their paths. The openvino-int8 backend then runs them. The calibration runs load the bundle as
     `calibration_pipeline` chooses for `memory_budget`."""
     import openvino
 
     bundle_dir = Path(bundle_dir)
     pipeline = calibration_pipeline(bundle_dir, calibration, memory_budget)
-    unet_path, unet_digest, samples = _calibration_samples(bundle_dir, calibration, pipeline)
-    logger.info("quantizing the U-Net on %d calibration samples", len(samples))
-    # OpenVINO maps the U-Net's weights from the bundle and NNCF compiles a copy of them: hand the mapped pages back
-    # as they are read, so the two copies are not resident together.
-    with handing_back_mapped_pages(bundle_dir):
-        quantized = _quantize(openvino.Core().read_model(str(unet_path)), samples)
-    target = int8_unet_file(bundle_dir, unet_digest)
-    with atomic_directory(target.parent, replace=True) as staging:
-        openvino.save_model(quantized, str(staging / target.name), compress_to_fp16=True)
-    return target
+    sources, samples = _calibration_samples(bundle_dir, calibration, pipeline)
+    written = {}
+    for component in INT8_COMPONENTS:
+        path, digest = sources[component]
+        logger.info("quantizing the %s on %d calibration samples", component.value, len(samples[component]))
+        # OpenVINO maps the model's weights from the bundle and NNCF compiles a copy of them: hand the mapped pages
+        # back as they are read, so the two copies are not resident together.
+        with handing_back_mapped_pages(bundle_dir):
+            quantized = _quantize(openvino.Core().read_model(str(path)), samples.pop(component))
+        target = int8_model_file(bundle_dir, component, digest)
+        with atomic_directory(target.parent, replace=True) as staging:
+            openvino.save_model(quantized, str(staging / target.name), compress_to_fp16=True)
+        # what the backend converted and compiled from the model replaced: its names would not change
+        remove_entries_containing(bundle_dir / CACHE_SUBDIR, int8_name_fragment(digest))
+        del quantized  # before the next model is quantized
+        written[component] = target
+    return written
 
 
 def _quantize(model: Any, samples: list[dict[str, np.ndarray]]) -> Any:
-    """NNCF's post-training int8 quantization of the U-Net `model`, calibrated on `samples`."""
+    """NNCF's post-training int8 quantization of `model` (a U-Net or VAE decoder), calibrated on `samples`."""
     import nncf
 
     return nncf.quantize(
@@ -208,27 +219,29 @@ def _quantize(model: Any, samples: list[dict[str, np.ndarray]]) -> Any:
     )
 
 
-def _calibration_samples(bundle_dir: Path, calibration: Calibration, pipeline: CalibrationPipeline) -> tuple[Path, str, list[dict[str, np.ndarray]]]:
-    """The U-Net's file and digest, and its inputs in the calibration runs of the bundle loaded as `pipeline`. The
-    pipeline is released (its compiled models and their heap) before this returns: NNCF then compiles a copy of its own."""
+def _calibration_samples(bundle_dir: Path, calibration: Calibration, pipeline: CalibrationPipeline
+                         ) -> tuple[dict[Component, tuple[Path, str]], dict[Component, list[dict[str, np.ndarray]]]]:
+    """Each of INT8_COMPONENTS' file and digest, and its inputs in the calibration runs of the bundle loaded as
+    `pipeline`. The pipeline is released (its compiled models and their heap) before this returns: NNCF then
+    compiles a copy of its own."""
     pipe = sdrt.engine.load(bundle_dir, backend=pipeline.backend, safety_checker=False, memory=pipeline.memory)
-    samples = _unet_inputs(pipe, calibration)
-    unet = pipe.backend.components[Component.UNET]
-    unet_path, unet_digest = unet.path, unet.digest
-    del pipe, unet
+    samples = _recorded_inputs(pipe, calibration)
+    sources = {component: (pipe.backend.components[component].path, pipe.backend.components[component].digest)
+               for component in INT8_COMPONENTS}
+    del pipe
     gc.collect()  # the pipeline's reference cycles
     return_freed_heap()
-    return unet_path, unet_digest, samples
+    return sources, samples
 
 
-def _unet_inputs(pipe: Any, calibration: Calibration) -> list[dict[str, np.ndarray]]:
-    """The inputs of every U-Net call of the calibration runs."""
-    samples: list[dict[str, np.ndarray]] = []
+def _recorded_inputs(pipe: Any, calibration: Calibration) -> dict[Component, list[dict[str, np.ndarray]]]:
+    """The inputs of every call of each of INT8_COMPONENTS in the calibration runs."""
+    samples: dict[Component, list[dict[str, np.ndarray]]] = {component: [] for component in INT8_COMPONENTS}
     run = pipe.backend.run
 
     def recording_run(component: Component, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        if component is Component.UNET:
-            samples.append({name: np.array(value) for name, value in feeds.items()})
+        if component in samples:
+            samples[component].append({name: np.array(value) for name, value in feeds.items()})
         return run(component, feeds)
 
     pipe.backend.run = recording_run
@@ -238,7 +251,7 @@ def _unet_inputs(pipe: Any, calibration: Calibration) -> list[dict[str, np.ndarr
         for index, prompt in enumerate(tqdm(prompts, desc="calibrate int8", unit="run")):
             logger.debug("calibration run %d of %d: %r", index + 1, calibration.prompts, prompt)
             pipe(prompt, num_inference_steps=calibration.num_inference_steps, guidance_scale=calibration.guidance_scale,
-                 height=calibration.size, width=calibration.size, seed=calibration.seed + index, output_type="latent")
+                 height=calibration.size, width=calibration.size, seed=calibration.seed + index, output_type="np")
     finally:
         del pipe.backend.run
     return samples
