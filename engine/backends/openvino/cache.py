@@ -66,7 +66,6 @@ def remove_stale_entries(cache_dir: Path, components: Collection[Component], cur
                     entry.unlink(missing_ok=True)
 
 
-
 def remove_entries_containing(cache_dir: Path, fragment: str) -> None:
     """Remove the cache's converted and compiled models whose names contain `fragment`: for a model file replaced in
     place (an int8 model quantized again), whose entries' names would not change."""
