@@ -240,7 +240,9 @@ def test_signal_stops_a_generation_within_a_second(tiny_bundle: Path, tmp_path: 
     process = subprocess.Popen(
         [sys.executable, "-m", "sdrt.cli", "generate", str(tiny_bundle), "a cat", "-o", str(out_dir / "x.png"), "-s", "20",
          "--height", "512", "--width", "512", "--seed", "0", "--backend", "onnxruntime-cpu", "--no-safety-checker"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a test run started in the background by a shell inherits SIGINT ignored, and so would sdrt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
     reader.start()
