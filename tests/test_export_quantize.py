@@ -74,6 +74,7 @@ def test_a_quantization_over_the_memory_budget_is_skipped_up_front(bundle: Path,
     assert not (bundle / INT8_SUBDIR).exists()
 
 
+@pytest.mark.slow  # it quantizes, 7-10 s (CI runs the slow tests too)
 @can_quantize
 def test_quantize_after_export_within_the_budget_writes_the_int8_models(bundle: Path, quick_calibration, steady_rss) -> None:
     calibration_peak = quantize.calibration_peak_bytes(bundle, export_calibration(bundle), quantize.CALIBRATION_PIPELINES[0])
@@ -121,6 +122,7 @@ def test_calibration_prefers_fp32_kept_loaded_then_one_at_a_time_then_bf16(bundl
         quantize.calibration_pipeline(bundle, calibration, MemoryBudget(bytes=smallest - 1))
 
 
+@pytest.mark.slow  # it quantizes, 7-10 s (CI runs the slow tests too)
 @can_quantize
 @pytest.mark.skipif(OpenVINOBF16Backend.unavailable_reason() is not None, reason=str(OpenVINOBF16Backend.unavailable_reason()))
 def test_a_budget_that_fp32_calibration_does_not_fit_calibrates_in_bf16(bundle: Path, quick_calibration, steady_rss, monkeypatch) -> None:

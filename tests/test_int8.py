@@ -125,6 +125,7 @@ def test_calibration_settings_are_checked(field: str, value: int) -> None:
         Calibration(**{field: value})
 
 
+@pytest.mark.slow  # it quantizes, 7-10 s (CI runs the slow tests too)
 def test_the_cli_quantizes_and_prints_where(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
     from sdrt.cli.main import main
 
