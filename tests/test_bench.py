@@ -229,3 +229,15 @@ def test_a_reference_not_among_the_engines_is_refused_before_running(tiny_bundle
     assert main(["bench", str(tiny_bundle), "--engines", "sdrt", "--reference", "diffusers-fp32", "--out", str(tmp_path)]) == 2
     assert "--reference diffusers-fp32: not among --engines" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_int8_load_benchmark_compiles_every_input_quantization_into_int8_convolutions(tmp_path: Path) -> None:
+    from sdrt.benchmarks import int8_load
+
+    out = tmp_path / "load.json"
+    assert int8_load.main(["--convolutions", "2", "--channels", "32", "--side", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    # read back from each compiled stack's execution graph: a fallback to floating point would make the comparison moot
+    assert [row["quantization"] for row in rows] == ["asymmetric", "symmetric", "unsigned"]
+    assert all(row["int8"] and row["runtime_precisions"] for row in rows)
+    assert all(row["weights_mb"] == 2 * 32 * 32 * 9 / 1e6 for row in rows)
