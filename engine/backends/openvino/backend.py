@@ -31,7 +31,7 @@ from sdrt.engine.backends.openvino.constants import CONSTANTS_SUBDIR, ConstantSt
 from sdrt.engine.backends.openvino.int8_location import INT8_COMPONENTS, int8_model_file, int8_source_name
 from sdrt.engine.backends.openvino.passes.guidance_prefix import share_guidance_prefix
 from sdrt.engine.backends.openvino.passes.registry import (
-    GRAPH_REWRITES, STATIC_SHAPE_REWRITES, GraphRewrite, StaticShapeRewrite,
+    GRAPH_REWRITES, INT8_STATIC_SHAPE_REWRITES, STATIC_SHAPE_REWRITES, GraphRewrite, StaticShapeRewrite,
 )
 from sdrt.engine.errors import BundleError
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
@@ -394,6 +394,7 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
 
     name = "openvino-int8"
     opt_in = True
+    static_shape_rewrites = INT8_STATIC_SHAPE_REWRITES
 
     @classmethod
     def bundle_unavailable_reason(cls, bundle_dir: Path, components: Mapping[Component, ComponentFile]) -> str | None:

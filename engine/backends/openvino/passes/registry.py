@@ -12,6 +12,7 @@ from typing import Any
 
 from sdrt.engine.backends.openvino.constants import ConstantStore
 from sdrt.engine.backends.openvino.passes.geglu_halves import rewrite_geglu_projections
+from sdrt.engine.backends.openvino.passes.unsigned_conv_inputs import rewrite_unsigned_convolution_inputs
 from sdrt.engine.backends.openvino.passes.upsample_phases import rewrite_upsampling_convolutions
 from sdrt.engine.backends.openvino.passes.winograd import (
     CHUNK_WEIGHT_ELEMENTS, MAX_DECODER_INPUT_ELEMENTS, MAX_WEIGHT_ELEMENTS, MIN_STATIC_INPUT_AREA, REVISION, rewrite_convolutions,
@@ -63,6 +64,11 @@ WINOGRAD_LARGE = StaticShapeRewrite(
         model, max_weight_elements=None, min_input_area=MIN_STATIC_INPUT_AREA, store=store),
 )
 
+# an int8 convolution's input quantized from zero instead of with a zero point, whose compensation the CPU plugin
+# would compute from the weights on every load (unsigned_conv_inputs.py); its few constants (a bias per
+# convolution) stay in the heap
+UNSIGNED_CONV_INPUTS = StaticShapeRewrite("unsigned-conv-inputs", lambda model, store: rewrite_unsigned_convolution_inputs(model))
+
 #: by OpenVINO inference precision (INFERENCE_PRECISION_HINT): the rewrites of each component's model when it is
 #: converted, in order. Winograd only in fp32 (within 2.3e-5 of direct convolutions), not in bf16, whose rounding the
 #: transforms would amplify.
@@ -79,4 +85,11 @@ STATIC_SHAPE_REWRITES: Mapping[str, Mapping[Component, tuple[StaticShapeRewrite,
     "bf16": {**{unet: (GEGLU_HALVES, UPSAMPLE_PHASES) for unet in UNET_PASSES}, Component.VAE_DECODER: (UPSAMPLE_PHASES,)},
     "f32": {**{unet: (UPSAMPLE_PHASES, WINOGRAD_LARGE) for unet in UNET_PASSES},
             Component.VAE_DECODER: (UPSAMPLE_PHASES, WINOGRAD_DECODER)},
+}
+#: the int8 backend's (bf16 inference of int8 models): bf16's, then the quantized models' convolution inputs from zero
+#: (the U-Net, DeepCache's full pass, which is the int8 U-Net with one more output, and the VAE decoder)
+INT8_STATIC_SHAPE_REWRITES: Mapping[Component, tuple[StaticShapeRewrite, ...]] = {
+    **STATIC_SHAPE_REWRITES["bf16"],
+    **{component: (*STATIC_SHAPE_REWRITES["bf16"].get(component, ()), UNSIGNED_CONV_INPUTS)
+       for component in (Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.VAE_DECODER)},
 }
