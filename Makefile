@@ -92,10 +92,14 @@ $(GENAI_VENV)/.installed:
 	$(GENAI_VENV)/bin/python -m pip install --quiet openvino-genai openvino-tokenizers numpy
 	touch $@
 
+# Without the CPU index (TORCH_INDEX=) torchvision comes from PyPI, built for the CUDA torch: beside a CPU torch it
+# fails to import ("operator torchvision::nms does not exist") and takes transformers down with it; optimum-intel's
+# export and pipeline run without it.
 $(OPTIMUM_INTEL_VENV)/.installed:
 	python3 -m venv $(OPTIMUM_INTEL_VENV)
 	$(OPTIMUM_INTEL_VENV)/bin/python $(INSTALL_TORCH_AND_VISION)
 	$(OPTIMUM_INTEL_VENV)/bin/python -m pip install --quiet 'optimum-intel[openvino]' 'transformers<5' diffusers
+	$(if $(TORCH_INDEX),,$(OPTIMUM_INTEL_VENV)/bin/python -m pip uninstall --quiet --yes torchvision)
 	touch $@
 
 # Regenerates benchmarks/EXPORT.md: peak memory and time of `sdrt export` and `sdrt quantize` on the SD 1.5-architecture
