@@ -112,9 +112,10 @@ def test_rewritten_convolutions_compute_the_quantized_products() -> None:
 
 @pytest.mark.parametrize("options, rewritten", [
     (dict(low=0.0), 0),  # already from zero: no zero point
+    (dict(low=LOW - STEP / 2), 0),  # a zero point of about 20.5: padded zeros would not quantize to zero
     (dict(second_reader="relu"), 1),  # the 1x1's input also feeds a ReLU: only the shared one
     (dict(paddings=(1, 0)), 1),  # the shared input's convolutions pad differently: only the 1x1's
-], ids=["unsigned", "other-reader", "different-padding"])
+], ids=["unsigned", "misaligned", "other-reader", "different-padding"])
 def test_inputs_it_is_not_for_are_left_alone(options, rewritten: int) -> None:
     model, _ = _model(**options)
     assert rewrite_unsigned_convolution_inputs(model) == rewritten

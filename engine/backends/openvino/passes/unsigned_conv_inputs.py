@@ -12,7 +12,7 @@ range may differ from its input range): y = x_q - low, an unsigned input with no
 misses low times the sum of each output channel's weights, added back as a bias. Zero padding would be wrong for
 y (a padded x of 0 is a y of -low), so the padding moves before the FakeQuantize, onto x, and the convolution
 itself pads nothing. NNCF aligns low with the grid (its zero point is an integer), so the padded zeros quantize to
-exactly -low and the products are those of the model rewritten.
+exactly -low and the products are those of the model rewritten; a range not aligned is left as it is.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: an 8-bit FakeQuantize
 _LEVELS = 256
+#: how far from an integer a zero point may be (in grid steps) for the padded zeros to stay zeros: NNCF's are
+#: integers up to float32 rounding
+_ZERO_POINT_TOLERANCE = 1e-3
 #: the operations of an int8 weight's dequantizing expression (convert, subtract the zero point, multiply by the
 #: scale; fp16 scales converted), evaluated with numpy
 _WEIGHT_OPERATIONS = {"Subtract": np.subtract, "Multiply": np.multiply, "Add": np.add}
@@ -58,6 +61,9 @@ def _quantized_convolutions(node: Any) -> tuple[float, float, list[Any], list[np
         return None
     input_low, input_high, output_low, output_high = bounds
     if input_low != output_low or input_high != output_high or not input_low < 0 < input_high:
+        return None
+    zero_point = -input_low / ((input_high - input_low) / (_LEVELS - 1))
+    if abs(zero_point - round(zero_point)) > _ZERO_POINT_TOLERANCE:  # a padded zero would not quantize to zero
         return None
     targets = list(node.output(0).get_target_inputs())
     convolutions = [target.get_node() for target in targets]
