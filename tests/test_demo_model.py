@@ -89,6 +89,7 @@ def _onnx_differences(shipped: Path, exported: Path) -> list[str]:
     return differences
 
 
+@pytest.mark.slow  # exports the demo checkpoint: 10-15 s
 def test_shipped_bundle_is_what_the_exporter_makes_of_the_checkpoint(tmp_path: Path) -> None:
     """If this fails after a change to the exporter or a retrained model: `make demo-bundle`, and commit demo/bundle."""
     shipped_dir = shipped_bundle_dir()

@@ -25,6 +25,10 @@ from tests.same_noise import record_our_noise, replay_to_diffusers
 from tests.test_fewstep import CPU_BACKENDS
 from tests.test_parity import MAX_PIXEL_DIFF
 
+# its bundle's export with the tiny autoencoder takes 30-40 s to set up: in `make test-slow`, to keep `make test` within
+# 10 minutes
+pytestmark = pytest.mark.slow
+
 ARGS = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=7.5, height=64, width=64)
 
 
@@ -64,7 +68,6 @@ def test_tiny_decoder_matches_diffusers_with_autoencoder_tiny_as_its_vae(tiny_ch
     assert np.abs(full - expected).max() > 20 * MAX_PIXEL_DIFF  # two different decoders: a mix-up would fail
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_taesdxl_matches_diffusers_with_autoencoder_tiny_as_the_sdxl_vae(monkeypatch, sdxl_turbo_checkpoint, tiny_autoencoder,
                                                                         sdxl_turbo_bundle, backend: str) -> None:

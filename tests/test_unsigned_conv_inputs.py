@@ -121,6 +121,7 @@ def test_inputs_it_is_not_for_are_left_alone(options, rewritten: int) -> None:
     assert rewrite_unsigned_convolution_inputs(model) == rewritten
 
 
+@pytest.mark.slow  # quantizes a bundle and compiles it three times: 20-30 s
 @pytest.mark.skipif(OpenVINOInt8Backend.unavailable_reason() is not None, reason="no OpenVINO bf16 on this CPU")
 def test_the_int8_backend_rewrites_its_quantized_models_as_close_to_fp32_as_before(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("nncf")
