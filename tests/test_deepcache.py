@@ -30,6 +30,10 @@ from sdrt.serve.execution import generate_batch
 from sdrt.serve.schemas import GenerationParams, ImageRequest
 from tests.test_lora import _make_lora
 
+# its bundles' exports with DeepCache's passes take 30 s to set up, its parity cases 6-11 s each: in `make test-slow`,
+# to keep `make test` within 10 minutes
+pytestmark = pytest.mark.slow
+
 MAX_PIXEL_DIFF = 5e-3
 #: the tiny U-Net has 2 levels of 2 skip connections: branch 0 runs the least (conv_in, the last up-block's last
 #: layer), branch 3 the most (all but the mid-block and the deepest down-block's last layer)
@@ -188,7 +192,6 @@ def _unet_feeds(pipe, seed: int = 0) -> dict[str, np.ndarray]:
             "encoder_hidden_states": rng.standard_normal((2, 77, pipe.manifest.model.text_hidden_size), dtype=np.float32)}
 
 
-@pytest.mark.slow
 def test_int8_runs_the_full_pass_on_the_int8_unet(deepcache_bundles, tmp_path: Path) -> None:
     """openvino-int8's full pass is its int8 U-Net with the feature as a second output, not the bf16 pass."""
     for reason in ({b.name: b for b in BACKENDS}["openvino-bf16"].unavailable_reason(), quantize_unavailable_reason()):
@@ -303,7 +306,6 @@ def test_reference_matches_the_deepcache_package(checkpoints: dict[str, Path]) -
         assert np.abs(expected - plain).max() > 1e-3  # the helper did cache: 100 times the agreement above
 
 
-@pytest.mark.slow
 def test_three_layer_levels_match_deepcache_on_diffusers(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """SD's layout of 3 skip connections per level (tiny-alt): branch 4 enters the second level's up-block at its
     middle layer and runs part of its down-block, then an upsampler."""

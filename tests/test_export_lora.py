@@ -55,6 +55,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # exports, fuses and runs three pipelines: 15 s
 def test_a_fused_lora_draws_what_the_runtime_lora_and_diffusers_draw(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     lora = tmp_path / "style.safetensors"
     deltas = _make_lora(tiny_checkpoint, "peft", lora)

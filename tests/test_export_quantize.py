@@ -45,6 +45,7 @@ def test_export_quantizes_by_default_and_auto_runs_int8(tiny_checkpoint: Path, t
     assert sdrt.engine.load(tmp_path / "bundle", safety_checker=False).backend.name == "openvino-int8"
 
 
+@pytest.mark.slow  # a whole export: 12 s
 def test_no_quantize_leaves_bf16(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     from sdrt.cli.main import main
 

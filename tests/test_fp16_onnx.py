@@ -25,6 +25,9 @@ from sdrt.export import graph_cleanup
 from sdrt.export.fp16_onnx import FP16_VALIDATION_RTOL
 from tests.test_bundle_integrity import _flip_a_bit
 
+# its fp16 variants' export takes 12 s to set up: in `make test-slow`, to keep `make test` within 10 minutes
+pytestmark = pytest.mark.slow
+
 PROBES = {
     Component.TEXT_ENCODER: lambda rng: {"input_ids": rng.integers(0, 49408, size=(2, 77), dtype=np.int32)},
     Component.UNET: lambda rng: {

@@ -99,6 +99,7 @@ def test_the_int8_decoder_is_what_int8_decodes_with_and_it_stays_close_to_fp32(q
     assert 10 * np.log10(1 / mse["openvino-int8"]) > 25  # dB; 27 on this bundle, bf16 55, SD 1.5 42 (design-notes)
 
 
+@pytest.mark.slow  # a calibration run: 10 s
 def test_a_failed_quantization_leaves_no_int8_model(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
 

@@ -33,6 +33,9 @@ from tests.same_noise import record_our_noise, replay_to_diffusers
 from tests.test_img2img import make_image
 from tests.test_sdxl import CPU_EXACT_BACKENDS, MAX_PIXEL_DIFF, _mask
 
+# its refiner bundles take about 20 s to set up: in `make test-slow`, to keep `make test` within 10 minutes
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def refiner_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -107,11 +110,9 @@ IMG2IMG_CASES = {
     "crop-without-negative": dict(strength=0.6, crops_coords_top_left=(16, 8)),  # the negative half's crop stays (0, 0)
     "non-square-n2": dict(image=(96, 64), num_images_per_prompt=2, strength=0.6),
 }
-#: the cases left to `make test-slow`, so that `make test` stays within its time
-_SLOW_IMG2IMG = ("unguided", "size-conditions", "non-square-n2")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_IMG2IMG else c for c in IMG2IMG_CASES])
+@pytest.mark.parametrize("case", IMG2IMG_CASES)
 def test_image_to_image_matches_diffusers(reference, refiner, monkeypatch, case: str) -> None:
     """As StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score on the same noise."""
     args = {"prompt": "a red circle", "num_inference_steps": 4, "guidance_scale": 7.5, **IMG2IMG_CASES[case]}
@@ -166,7 +167,6 @@ def base(base_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     return pipe
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("handoff", ["latent", "np"])
 def test_base_to_refiner_chain_matches_diffusers(base_checkpoint: Path, base, reference, refiner, monkeypatch,
                                                  handoff: str) -> None:
@@ -281,7 +281,6 @@ def test_server_refuses_a_refiner_bundle_clearly(refiner) -> None:
     assert len(failures) == 1 and "SDXL refiner" in failures[0] and "img2img" in failures[0]
 
 
-@pytest.mark.slow
 def test_ensemble_of_experts_matches_diffusers(base_checkpoint: Path, base, reference, refiner, monkeypatch) -> None:
     """diffusers' ensemble of experts: the base denoises until denoising_end=0.8 and hands over its latents, the
     refiner finishes from denoising_start=0.8 without noising them again; on the same initial latents as diffusers."""
