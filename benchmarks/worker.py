@@ -132,7 +132,8 @@ def _run_sdrt(config: RunConfig, bundle: str, engine: str) -> tuple[Callable[[in
     spec = SDRT_ENGINES[engine]
     if not spec.cuda_graphs:
         os.environ[CUDA_GRAPHS_ENV] = "0"  # read when the backend is made; this process runs one engine
-    pipe = sdrt.engine.load(bundle, backend=spec.backend, memory=spec.memory)
+    # the passes of its kind of request loaded at load(), as a deployment of this engine alone would find them
+    pipe = sdrt.engine.load(bundle, backend=spec.backend, memory=spec.memory, deepcache=spec.deepcache_interval is not None)
     pipe.set_progress_bar_config(disable=True)
     latents = np.load(config.latents_file)
     deepcache = None

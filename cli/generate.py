@@ -114,7 +114,8 @@ def _generate(args: argparse.Namespace) -> int:
     extra = {name: getattr(args, name) for name in _COMMAND_ARGUMENTS[args.command] if getattr(args, name) is not None}
 
     def run() -> tuple[SafetyPolicy, GenerationRequest, PipelineOutput]:
-        pipe = load(bundle_dir, backend=args.backend, safety_checker=safety_checker, memory=args.memory)
+        pipe = load(bundle_dir, backend=args.backend, safety_checker=safety_checker, memory=args.memory,
+                    deepcache=args.deepcache is not None or args.preset == "fast")
         pipe.set_progress_bar_config(disable=args.quiet)
         common["deepcache"] = _deepcache(args, pipe)
         # Validated before any model runs: a bad argument ends here as `sdrt: error: <parameter>: <allowed range>`.

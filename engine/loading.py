@@ -15,7 +15,7 @@ from sdrt.engine.manifest import Manifest, read_manifest, verify_files
 from sdrt.engine.pipeline import StableDiffusionPipeline
 from sdrt.engine.safety_checker import SafetyChecker, SafetyPolicy
 from sdrt.engine.schedulers import scheduler_from_config
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import DEEPCACHE_PASSES, Component
 from sdrt.engine.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ def load(
     safety_checker: bool | str = True,
     memory: str | MemoryPolicy = MemoryPolicy.KEEP_LOADED,
     memory_budget: MemoryBudget | None = MemoryBudget(),
+    deepcache: bool | None = None,
 ) -> StableDiffusionPipeline:
     """Load the bundle at `bundle_dir` for inference.
 
@@ -42,11 +43,16 @@ def load(
     the memory available when each request is validated); None: no check.
     Compiled models the backend's cache holds (OpenVINO: those of the shapes used last) are loaded here, so that
     the first request only runs them; `pipe.backend.model_loads` lists each model loaded or compiled and its time.
+    `deepcache`: which U-Net passes are loaded here: True, DeepCache's (for requests with `deepcache=`; the U-Net
+    where the bundle has none); False, the U-Net; None (default), those of the kind of request the bundle ran last.
+    Requests of either kind run whatever was loaded; the other kind's first request loads its passes.
     Every bundle file is checked against its size and sha256 in the manifest first: a missing, truncated or
     modified file raises BundleError (a ValueError) naming it. Hashes are recorded in the bundle's cache, so a
     later load re-hashes only files whose size, modification or change time differ.
     """
     memory_policy = _memory_policy(memory)
+    if deepcache is not None and not isinstance(deepcache, bool):
+        raise InvalidArgumentError("deepcache", f"must be True, False or None, got {deepcache!r:.80}")
     policy = SafetyPolicy.from_argument(safety_checker)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
@@ -55,7 +61,7 @@ def load(
     backend_type = backend_class(backend, bundle_dir, components)
     chosen = backend_type(bundle_dir, components, memory_policy)
     opened_rss_bytes = process_rss_bytes() or 0  # the memory estimate's base: before the preloaded models, which it counts
-    _preload(chosen, components.keys() - ({Component.SAFETY_CHECKER} if policy is SafetyPolicy.OFF else set()))
+    _preload(chosen, _preloaded_components(components.keys(), policy, deepcache))
     logger.info("loaded bundle %s with backend %s, memory policy %s", bundle_dir, chosen.name, memory_policy.value)
     checker = None
     if policy is SafetyPolicy.OFF:
@@ -94,6 +100,15 @@ def _preload(backend: Backend, components: Collection[Component]) -> None:
     if loads:
         logger.info("%s: loaded %d compiled models from the cache in %.2f s (%s)", backend.name, sum(l.from_cache for l in loads),
                     time.perf_counter() - start, "; ".join(load.describe() for load in loads))
+
+
+def _preloaded_components(components: Collection[Component], policy: SafetyPolicy, deepcache: bool | None) -> frozenset[Component]:
+    """What load() loads of the bundle's components: the safety checker where it runs, and the U-Net passes of the
+    kind of request asked for (`deepcache`; None: both kinds, of which the backend loads those used last)."""
+    skipped = {Component.SAFETY_CHECKER} if policy is SafetyPolicy.OFF else set()
+    if deepcache is not None and DEEPCACHE_PASSES <= set(components):
+        skipped |= {Component.UNET} if deepcache else DEEPCACHE_PASSES
+    return frozenset(components) - skipped
 
 
 def component_files(bundle_dir: Path, manifest: Manifest) -> dict[Component, ComponentFile]:

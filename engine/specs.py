@@ -46,6 +46,8 @@ class Decoder(str, enum.Enum):
 OPTIONAL_COMPONENTS = frozenset({Component.TINY_VAE_DECODER, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW})
 #: the components that run (part of) the U-Net once per denoising step, which backends treat alike
 UNET_PASSES = (Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW)
+#: the U-Net passes a request with DeepCache runs instead of the U-Net
+DEEPCACHE_PASSES = frozenset({Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW})
 
 
 DYNAMIC_AXES = frozenset({

@@ -227,8 +227,8 @@ def test_load_loads_the_unet_passes_of_the_kind_run_last(deepcache_bundles, tmp_
     bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     passes = {Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
 
-    def process(deepcache: DeepCache | None) -> set[Component]:
-        pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
+    def process(deepcache: DeepCache | None, hint: bool | None = None) -> set[Component]:
+        pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False, deepcache=hint)
         preloaded = {load.component for load in pipe.backend.model_loads} & passes
         pipe.set_progress_bar_config(disable=True)
         pipe(**ARGS, seed=0, deepcache=deepcache)
@@ -239,6 +239,20 @@ def test_load_loads_the_unet_passes_of_the_kind_run_last(deepcache_bundles, tmp_
     assert process(DeepCache(3, 0)) == {Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
     assert process(None) == {Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
     assert process(None) == {Component.UNET}
+    # told which kind it will run, a process loads that kind's passes whichever ran last
+    assert process(DeepCache(3, 0), hint=True) == {Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
+    assert process(None, hint=False) == {Component.UNET}
+    with pytest.raises(InvalidArgumentError, match="deepcache"):
+        sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False, deepcache="yes")
+
+
+def test_load_told_deepcache_loads_the_unet_where_the_bundle_has_no_passes(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    first = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)  # fills the cache
+    first.set_progress_bar_config(disable=True)
+    first(**ARGS, seed=0)
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False, deepcache=True)
+    assert Component.UNET in {load.component for load in pipe.backend.model_loads if load.from_cache}
 
 
 def test_bundle_records_the_passes_without_a_second_unet(deepcache_bundles, tiny_bundle: Path) -> None:
