@@ -240,6 +240,7 @@ def _bench_point(plan: BenchPlan, size: int, batch: int, work: Path, skipped: di
     latents_file = work / f"latents-{size}-{batch}.npy"
     np.save(latents_file, latents)
     config = RunConfig(plan.prompt, plan.steps, plan.guidance_scale, size, size, batch, str(latents_file))
+    _prime_bundle_caches(plan, config, work, skipped)
     engines = [e for e in plan.engines if e not in skipped]
     skipped = dict(skipped)  # this point's: an engine that fails here is added
     for engine, reason in skipped.items():
@@ -281,18 +282,14 @@ def _machine() -> dict[str, Any]:
             "amx": "amx_bf16" in flags.split(), "python": platform.python_version(), "versions": versions}
 
 
-def _prime_bundle_caches(plan: BenchPlan, work: Path, skipped: dict[str, str]) -> None:
-    """Run each sdrt engine once at the smallest size, unmeasured, so every measured run finds the bundle's caches
-    (verified hashes, converted and compiled models) as a deployment does after its first load: cold start then
-    means a new process on a prepared bundle, and the first load's one-off work is not charged to one run."""
-    model = read_manifest(plan.bundle).model
-    side = model.image_sides.minimum  # e.g. 128 px for SD 1.5: the cheapest image the bundle accepts
-    latents_file = work / "prime-latents.npy"
-    latent = side // model.vae_scale_factor
-    np.save(latents_file, np.zeros((1, model.latent_channels, latent, latent), np.float32))
-    config = RunConfig(plan.prompt, 1, plan.guidance_scale, side, side, 1, str(latents_file))
+def _prime_bundle_caches(plan: BenchPlan, config: RunConfig, work: Path, skipped: dict[str, str]) -> None:
+    """Run each sdrt engine once on `config` (a point's size and batch, 1 step), unmeasured, so that every measured
+    run of that point finds the bundle's caches (verified hashes, converted models, models compiled for its shapes)
+    as a deployment does after its first load at that size: cold start then means a new process on a prepared
+    bundle, and the first load's one-off work is not charged to one run."""
+    config = dataclasses.replace(config, steps=1)
     for engine in dict.fromkeys(e for e in plan.engines if e in SDRT_ENGINES and e not in skipped):
-        logger.info("priming the bundle's caches for %s", engine)
+        logger.info("priming the bundle's caches for %s at %d px, batch %d", engine, config.width, config.batch)
         _run_once(engine, plan, config, work / "prime-images.npy")
 
 
@@ -309,7 +306,6 @@ def run_bench(plan: BenchPlan, command_line: Sequence[str]) -> dict[str, Any]:
         elif plan.floor:  # measured first, while no worker runs beside it
             logger.info("measuring this machine's matrix-product peaks")
             peaks = machine["matmul_peaks"] = matmul_peak.measure_peaks()
-        _prime_bundle_caches(plan, Path(work), skipped)
         points = [_bench_point(plan, size, batch, Path(work), skipped, peaks) for size in plan.sizes for batch in plan.batches]
     exports = {engine: peer_export.read_measurement(install.model) for engine, install in plan.peers.items()
                if engine in plan.engines and engine not in skipped and install.model is not None}

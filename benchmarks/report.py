@@ -81,7 +81,7 @@ def markdown(results: dict[str, Any], results_file: Path | None = None) -> str:
         f"- Workload: \"{plan['prompt']}\", {plan['steps']} steps, guidance {plan['guidance_scale']}, {plan['runs']} run(s) per "
         "engine in fresh processes, interleaved; medians (p95 beside). Times in seconds.",
         "- Cold start = process launch to first image (a 1-step generation at the benchmark's size), on a bundle whose caches "
-        "were filled by one unmeasured run at the smallest size, as after a deployment's first load; start-up = cold start "
+        "were filled by one unmeasured 1-step run at that size and batch, as after a deployment's first load; start-up = cold start "
         "less the same 1-step image run again warm in that process. PSNR: final images "
         f"against the fp32 engine {plan.get('reference', 'sdrt-exact')} on the same initial latents.",
         "- Serving (`sdrt serve` under load, micro-batching on and off): [SERVING.md](SERVING.md), written by "

@@ -241,3 +241,22 @@ def test_the_int8_load_benchmark_compiles_every_input_quantization_into_int8_con
     assert [row["quantization"] for row in rows] == ["asymmetric", "symmetric", "unsigned"]
     assert all(row["int8"] and row["runtime_precisions"] for row in rows)
     assert all(row["weights_mb"] == 2 * 32 * 32 * 9 / 1e6 for row in rows)
+
+
+@pytest.mark.slow
+def test_each_point_is_measured_on_caches_primed_at_its_size(tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled models are cached per input shape: the unmeasured run that fills the caches must run the size it
+    prepares, or every measured start-up pays a compilation."""
+    from sdrt.benchmarks import bench
+
+    calls = []
+    real_run_once = bench._run_once
+
+    def recording_run_once(engine, plan, config, images_out):
+        calls.append((engine, config.width, config.steps))
+        return real_run_once(engine, plan, config, images_out)
+
+    monkeypatch.setattr(bench, "_run_once", recording_run_once)
+    plan = bench.BenchPlan(None, tiny_bundle, ("sdrt-exact",), 1, (64, 128), (1,), "a cat", 2, 7.5, 0, {}, tmp_path / "out", floor=False)
+    bench.run_bench(plan, ["sdrt", "bench"])
+    assert calls == [("sdrt-exact", 64, 1), ("sdrt-exact", 64, 2), ("sdrt-exact", 128, 1), ("sdrt-exact", 128, 2)]
