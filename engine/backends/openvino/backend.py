@@ -36,7 +36,7 @@ from sdrt.engine.backends.openvino.passes.registry import (
 from sdrt.engine.errors import BundleError
 from sdrt.engine.memory_return import handing_back_mapped_pages, return_freed_heap
 from sdrt.engine.guidance_batch import REPEATED_INPUTS, halves_identical
-from sdrt.engine.specs import SPECS, UNET_PASSES, Component
+from sdrt.engine.specs import DEEPCACHE_PASSES, SPECS, UNET_PASSES, Component
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ class OpenVINOInt8Backend(OpenVINOBF16Backend):
 _BACKENDS = (OpenVINOBF16Backend, OpenVINOFP32Backend, OpenVINOInt8Backend)
 
 #: the U-Net's passes that serve different requests: the U-Net (requests without DeepCache) and DeepCache's two
-_UNET_ALTERNATIVES = (frozenset({Component.UNET}), frozenset({Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}))
+_UNET_ALTERNATIVES = (frozenset({Component.UNET}), DEEPCACHE_PASSES)
 
 
 def _used_last(found: Mapping[Component, tuple[compiled_models.CompiledKey, float]]) -> dict[Component, tuple[compiled_models.CompiledKey, float]]:
