@@ -243,6 +243,19 @@ def test_the_int8_load_benchmark_compiles_every_input_quantization_into_int8_con
     assert all(row["weights_mb"] == 2 * 32 * 32 * 9 / 1e6 for row in rows)
 
 
+def test_the_fresh_memory_benchmark_times_page_faults_apart_from_writes_to_mapped_pages(tmp_path: Path) -> None:
+    from sdrt.benchmarks import fresh_memory
+
+    out = tmp_path / "fresh.json"
+    assert fresh_memory.main(["--gib", "0.125", "--pauses", "0", "0.01", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["pause_seconds"] for row in rows] == [0, 0.01]
+    # 32768 page faults (a kernel entry and a cleared page each) against 32768 plain stores to pages already mapped
+    assert all(row["second_touch_seconds"] * 3 < row["first_touch_seconds"] for row in rows)
+    with pytest.raises(SystemExit):
+        fresh_memory.main(["--gib", "0"])
+
+
 @pytest.mark.slow
 def test_each_point_is_measured_on_caches_primed_at_its_size(tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled models are cached per input shape: the unmeasured run that fills the caches must run the size it
