@@ -246,6 +246,21 @@ def test_load_loads_the_unet_passes_of_the_kind_run_last(deepcache_bundles, tmp_
         sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False, deepcache="yes")
 
 
+def test_load_loads_no_kind_of_unet_passes_the_cache_holds_only_part_of(deepcache_bundles, tmp_path: Path) -> None:
+    """DeepCache's shallow pass runs unquantized: an int8 process's DeepCache requests refresh the bf16 backend's
+    entry of it, beside no bf16 full pass. A bf16 process must still load its U-Net, not that lone pass."""
+    bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
+    passes = {Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
+    for deepcache in (None, DeepCache(3, 0)):  # the U-Net's entry, then DeepCache's two, used later
+        pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(**ARGS, seed=0, deepcache=deepcache)
+    (full_pass_dir,) = (bundle / ".cache" / "openvino" / "compiled").glob(f"{Component.UNET_DEEPCACHE_FULL.value}-*")
+    shutil.rmtree(full_pass_dir)
+    pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
+    assert {load.component for load in pipe.backend.model_loads} & passes == {Component.UNET}
+
+
 def test_load_told_deepcache_loads_the_unet_where_the_bundle_has_no_passes(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
     first = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)  # fills the cache

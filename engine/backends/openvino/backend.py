@@ -442,12 +442,13 @@ _UNET_ALTERNATIVES = (frozenset({Component.UNET}), DEEPCACHE_PASSES)
 
 
 def _used_last(found: Mapping[Component, tuple[compiled_models.CompiledKey, float]]) -> dict[Component, tuple[compiled_models.CompiledKey, float]]:
-    """`found` (the latest cache entry of each component, and when it was used) less the U-Net passes of the kind
-    used less recently: a process that loaded both kinds would hold the U-Net's weights twice, mostly for nothing."""
-    kinds = [kind & found.keys() for kind in _UNET_ALTERNATIVES if kind & found.keys()]
-    if len(kinds) < 2:
-        return dict(found)
-    last = max(kinds, key=lambda kind: max(found[component][1] for component in kind))
+    """`found` (the latest cache entry of each component, and when it was used) less the U-Net passes of every kind
+    but the one used last of those the cache holds whole: a process that loaded both kinds would hold the U-Net's
+    weights twice, mostly for nothing, and a kind with a pass missing would still compile it in its first request.
+    (DeepCache's shallow pass runs unquantized, so an int8 process's DeepCache requests also refresh the bf16 backend's
+    entry of it, beside no bf16 full pass.)"""
+    whole = [kind for kind in _UNET_ALTERNATIVES if kind <= found.keys()]
+    last = max(whole, key=lambda kind: max(found[component][1] for component in kind), default=frozenset())
     return {component: entry for component, entry in found.items() if component not in UNET_PASSES or component in last}
 
 
