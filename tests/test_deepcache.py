@@ -20,10 +20,11 @@ from sdrt.benchmarks.bench import BenchPlan, _skip_reasons
 from sdrt.cli.main import main
 from sdrt.engine import DeepCache, InvalidArgumentError
 from sdrt.engine.backends import BACKENDS
+from sdrt.engine.backends.openvino.cache import CACHE_SUBDIR, COMPILED_SUBDIR
 from sdrt.engine.deepcache import DeepCacheSupport
 from sdrt.engine.image_io import read_png_parameters
 from sdrt.engine.manifest import read_manifest
-from sdrt.engine.specs import Component
+from sdrt.engine.specs import UNET_PASSES, Component
 from sdrt.export import export_bundle
 from sdrt.export.quantize import Calibration, quantize_models, quantize_unavailable_reason
 from sdrt.serve.execution import generate_batch
@@ -225,11 +226,10 @@ def test_load_loads_the_unet_passes_of_the_kind_run_last(deepcache_bundles, tmp_
     """A process runs requests with DeepCache or without: load() loads the U-Net, or DeepCache's passes, whichever
     the last process ran, not both (that would hold the U-Net's weights twice)."""
     bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
-    passes = {Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
 
     def process(deepcache: DeepCache | None, hint: bool | None = None) -> set[Component]:
         pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False, deepcache=hint)
-        preloaded = {load.component for load in pipe.backend.model_loads} & passes
+        preloaded = {load.component for load in pipe.backend.model_loads} & set(UNET_PASSES)
         pipe.set_progress_bar_config(disable=True)
         pipe(**ARGS, seed=0, deepcache=deepcache)
         return preloaded
@@ -250,15 +250,14 @@ def test_load_loads_no_kind_of_unet_passes_the_cache_holds_only_part_of(deepcach
     """DeepCache's shallow pass runs unquantized: an int8 process's DeepCache requests refresh the bf16 backend's
     entry of it, beside no bf16 full pass. A bf16 process must still load its U-Net, not that lone pass."""
     bundle = Path(shutil.copytree(deepcache_bundles[0], tmp_path / "bundle", ignore=shutil.ignore_patterns(".cache")))
-    passes = {Component.UNET, Component.UNET_DEEPCACHE_FULL, Component.UNET_DEEPCACHE_SHALLOW}
     for deepcache in (None, DeepCache(3, 0)):  # the U-Net's entry, then DeepCache's two, used later
         pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         pipe(**ARGS, seed=0, deepcache=deepcache)
-    (full_pass_dir,) = (bundle / ".cache" / "openvino" / "compiled").glob(f"{Component.UNET_DEEPCACHE_FULL.value}-*")
+    (full_pass_dir,) = (bundle / CACHE_SUBDIR / COMPILED_SUBDIR).glob(f"{Component.UNET_DEEPCACHE_FULL.value}-*")
     shutil.rmtree(full_pass_dir)
     pipe = sdrt.engine.load(bundle, backend="openvino-fp32", safety_checker=False)
-    assert {load.component for load in pipe.backend.model_loads} & passes == {Component.UNET}
+    assert {load.component for load in pipe.backend.model_loads} & set(UNET_PASSES) == {Component.UNET}
 
 
 def test_load_told_deepcache_loads_the_unet_where_the_bundle_has_no_passes(tiny_bundle: Path, tmp_path: Path) -> None:
