@@ -248,12 +248,54 @@ def test_the_fresh_memory_benchmark_times_page_faults_apart_from_writes_to_mappe
 
     out = tmp_path / "fresh.json"
     assert fresh_memory.main(["--gib", "0.125", "--pauses", "0", "0.01", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rounds"]
     assert [row["pause_seconds"] for row in rows] == [0, 0.01]
     # 32768 page faults (a kernel entry and a cleared page each) against 32768 plain stores to pages already mapped
     assert all(row["second_touch_seconds"] * 3 < row["first_touch_seconds"] for row in rows)
     with pytest.raises(SystemExit):
         fresh_memory.main(["--gib", "0"])
+
+
+def test_the_memory_policy_reads_page_reporting_huge_pages_and_damon_schemes_from_sysfs(tmp_path: Path) -> None:
+    """A Firecracker guest's settings (2026-12-07): a scheme that pages out unmapped file pages idle for 12
+    aggregations of 5 s, 128 MiB per second at most; a second kdamond that is off counts for nothing."""
+    from sdrt.benchmarks import fresh_memory
+
+    def write(relative: str, text: str) -> None:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+    write("module/page_reporting/parameters/page_reporting_order", "9")
+    write("module/page_reporting/parameters/reported_kib", "2000000")
+    write("kernel/mm/transparent_hugepage/enabled", "always [madvise] never")
+    for kdamond, state in (("0", "on"), ("1", "off")):
+        context = f"kernel/mm/damon/admin/kdamonds/{kdamond}/contexts/0"
+        write(f"kernel/mm/damon/admin/kdamonds/{kdamond}/state", state)
+        write(f"{context}/monitoring_attrs/intervals/aggr_us", "5000000")
+        scheme = f"{context}/schemes/0"
+        write(f"{scheme}/action", "pageout")
+        write(f"{scheme}/access_pattern/age/min", "12")
+        write(f"{scheme}/access_pattern/nr_accesses/max", "1")
+        write(f"{scheme}/quotas/bytes", str(128 << 20))
+        write(f"{scheme}/quotas/reset_interval_ms", "1000")
+        write(f"{scheme}/ops_filters/0/type", "anon")
+        write(f"{scheme}/ops_filters/0/allow", "N")
+        write(f"{scheme}/ops_filters/1/type", "unmapped")
+        write(f"{scheme}/ops_filters/1/allow", "Y")
+        write(f"{scheme}/stats/sz_applied", "3000000000")
+
+    policy = fresh_memory.memory_policy(tmp_path)
+    assert policy.page_reporting_order == 9 and policy.reported_gb == pytest.approx(2.048)
+    assert policy.transparent_hugepages == "madvise"
+    assert policy.damon_schemes == (fresh_memory.DamonScheme(
+        action="pageout", min_age_seconds=60.0, max_accesses=1, quota_mb_per_second=pytest.approx(134.217728),
+        filters=("reject anon", "allow unmapped"), applied_gb=3.0),)
+    assert "blocks of 2 MiB (order 9)" in policy.lines()[0]
+
+    bare = fresh_memory.memory_policy(tmp_path / "absent")
+    assert bare == fresh_memory.MemoryPolicy(None, None, None, ())
+    assert bare.lines()[0] == "- free page reporting to the host: none"
 
 
 @pytest.mark.slow
