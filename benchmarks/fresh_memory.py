@@ -11,7 +11,7 @@ page reporting), and each first touch then costs the host a fault as well.
 
 Beside the rounds it prints what the kernel does with memory a process is not using, read from sysfs: free page
 reporting (free blocks handed to the host), transparent huge pages, and DAMON schemes that page out memory not
-accessed for a while (on such a machine a bundle's files leave the page cache a minute or so after their last read,
+accessed for a while (on such a machine a bundle's files may leave the page cache once idle for a minute or more,
 and the next process start reads them from disk).
 """
 from __future__ import annotations
